@@ -1,0 +1,259 @@
+"""Reading and writing checkpoints in the original layout.
+
+The model is built on the meta device and filled shard by shard (`load_state_dict(assign=True)`), so peak
+memory stays near the size of the weights plus one shard. Shards are `pytorch_model-*.bin` or
+`*.safetensors`, found through their `*.index.json`, or single files.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import sys
+
+import torch
+
+from .config import ChatGLMConfig
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+DTYPES = {
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}  # fmt: skip
+
+
+def resolve_dtype(dtype, config: ChatGLMConfig | None = None) -> torch.dtype:
+    """None / "auto" -> the checkpoint's dtype (config torch_dtype), else float16 as the releases ship."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        saved = getattr(config, "dtype", None)
+        if isinstance(saved, torch.dtype):
+            return saved
+        return DTYPES.get(str(saved).replace("torch.", ""), torch.float16)
+    if str(dtype).replace("torch.", "") not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of fp16, bf16, fp32")
+    return DTYPES[str(dtype).replace("torch.", "")]
+
+
+def model_class(config: ChatGLMConfig):
+    if config.arch == 1:
+        from .modeling_glm import ChatGLMForConditionalGeneration
+    else:
+        from .modeling_glm2 import ChatGLMForConditionalGeneration
+    return ChatGLMForConditionalGeneration
+
+
+def weight_files(path: str) -> list[str]:
+    """The checkpoint's shard files, in index order."""
+    for name in INDEX_FILES:
+        index = os.path.join(path, name)
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            files = list(dict.fromkeys(weight_map.values()))
+            missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+            if missing:
+                raise FileNotFoundError(f"{name} in {path!r} lists shards that are missing: {', '.join(missing)}")
+            return [os.path.join(path, f) for f in files]
+    for name in SINGLE_FILES:
+        if os.path.isfile(os.path.join(path, name)):
+            return [os.path.join(path, name)]
+    raise FileNotFoundError(f"no weights in {path!r}: expected one of {', '.join(INDEX_FILES + SINGLE_FILES)}")
+
+
+def read_shard(file: str) -> dict[str, torch.Tensor]:
+    try:
+        if file.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(file)
+        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # a truncated or corrupt download
+        raise RuntimeError(
+            f"could not read weight shard {file!r} ({type(e).__name__}: {e}); the file may be truncated or "
+            "corrupt, download it again"
+        ) from e
+
+
+def _show_progress() -> bool:
+    return sys.stderr.isatty() and os.environ.get("CHATGLM_NO_PROGRESS") is None
+
+
+def load_model(path: str, config: ChatGLMConfig | None = None, dtype=None, device=None, **config_overrides):
+    """Build the model of the right generation for the checkpoint at `path` and load its weights."""
+    path = str(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory {path!r} does not exist (only local checkpoints are loaded)")
+    if config is None:
+        config = ChatGLMConfig.from_checkpoint(path, **config_overrides)
+    else:
+        for k, v in config_overrides.items():
+            setattr(config, k, v)
+    if config.quantization_bit:
+        raise NotImplementedError(
+            f"{path!r} is an INT{config.quantization_bit} checkpoint; loading quantized checkpoints is not "
+            "available in this version of the toolkit yet"
+        )
+    torch_dtype = resolve_dtype(dtype, config)
+    files = weight_files(path)
+    with torch.device("meta"):
+        model = model_class(config)(config, dtype=torch_dtype)
+    expected = set(model.state_dict().keys())
+    loaded: set[str] = set()
+    bar = None
+    if len(files) > 1 and _show_progress():
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(files), desc="Loading checkpoint shards")
+    for file in files:
+        shard = read_shard(file)
+        shard = {k: (v.to(torch_dtype) if v.is_floating_point() else v) for k, v in shard.items() if k in expected}
+        model.load_state_dict(shard, strict=False, assign=True)
+        loaded.update(shard)
+        del shard
+        gc.collect()
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    # Buffers the original recomputes (rotary inv_freq), the tied v1 lm_head, and a fresh prefix encoder.
+    optional = {k for k in expected if k.endswith("inv_freq") or k == "lm_head.weight"}
+    optional |= {k for k in expected if k.startswith("transformer.prefix_encoder.")}
+    missing = sorted(expected - loaded - optional)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise RuntimeError(f"checkpoint {path!r} does not match its config.json: missing weights {shown}")
+    _materialize(model, torch_dtype, init_prefix=not any(k.startswith("transformer.prefix_encoder.") for k in loaded))
+    model.eval()
+    if device is not None:
+        model.to(device)
+    model.name_or_path = path
+    return model
+
+
+def _materialize(model, dtype, init_prefix: bool):
+    """Give real storage to whatever is still on the meta device, then recompute derived buffers."""
+    for module in model.modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf.is_meta:
+                module.register_buffer(name, torch.empty(buf.shape, dtype=buf.dtype), persistent=True)
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.is_meta:
+                module.register_parameter(
+                    name, torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+                )
+    model._reset_buffers()
+    prefix = getattr(model.transformer, "prefix_encoder", None)
+    if prefix is not None and init_prefix:
+        for m in prefix.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+
+
+def save_model(model, save_directory: str, max_shard_size: int | str = "2GB", safe_serialization: bool = True):
+    """Write config.json and the weights (sharded, with an index) in the original layout."""
+    os.makedirs(save_directory, exist_ok=True)
+    limit = _parse_size(max_shard_size)
+    # Clone so tied / shared tensors (v1 lm_head) become separate entries, as the originals store them.
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    shards, current, size = [], {}, 0
+    for k, v in state.items():
+        n = v.numel() * v.element_size()
+        if current and size + n > limit:
+            shards.append(current)
+            current, size = {}, 0
+        current[k] = v
+        size += n
+    shards.append(current)
+    ext, prefix = ("safetensors", "model") if safe_serialization else ("bin", "pytorch_model")
+    names = [f"{prefix}.{ext}"] if len(shards) == 1 else [
+        f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))
+    ]  # fmt: skip
+    for name, shard in zip(names, shards):
+        target = os.path.join(save_directory, name)
+        if safe_serialization:
+            from safetensors.torch import save_file
+
+            save_file(shard, target, metadata={"format": "pt"})
+        else:
+            torch.save(shard, target)
+    if len(shards) > 1:
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        with open(os.path.join(save_directory, f"{prefix}.{ext}.index.json"), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    config = model.config
+    config.architectures = ["ChatGLMModel"]
+    config.dtype = next(model.parameters()).dtype
+    config.save_pretrained(save_directory)
+
+
+def _parse_size(size) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    s = str(size).strip().upper()
+    for unit, mult in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+class ChatGLMLoadingMixin:
+    """from_pretrained / save_pretrained with the transformers signatures, on our loader."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        *args,
+        config=None,
+        torch_dtype=None,
+        dtype=None,
+        device_map=None,
+        trust_remote_code=None,
+        **kwargs,
+    ):
+        for ignored in ("low_cpu_mem_usage", "revision", "local_files_only", "cache_dir", "_from_auto",
+                        "_commit_hash", "adapter_kwargs", "resume_download", "use_safetensors"):  # fmt: skip
+            kwargs.pop(ignored, None)
+        device = kwargs.pop("device", None)
+        if isinstance(device_map, (str, torch.device)) and device_map not in ("auto", "balanced", "sequential"):
+            device = device_map
+        elif device_map is not None:
+            raise NotImplementedError("device_map over several devices: use utils.load_model_on_gpus")
+        return load_model(
+            pretrained_model_name_or_path, config=config, dtype=dtype or torch_dtype, device=device, **kwargs
+        )
+
+    def save_pretrained(self, save_directory, max_shard_size="2GB", safe_serialization=True, **kwargs):
+        save_model(self, save_directory, max_shard_size=max_shard_size, safe_serialization=safe_serialization)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p for p in self.parameters() if p.is_floating_point()).dtype
+
+    def quantize(self, bits: int | None, **kwargs):
+        """Weight-only INT8/INT4 quantization in place; returns the model (chains like `.quantize(4).half()`)."""
+        if not bits:
+            return self
+        if bits not in (4, 8):
+            raise ValueError(f"quantization bits must be 4 or 8, got {bits}")
+        raise NotImplementedError(
+            f"INT{bits} quantization is not available in this version of the toolkit yet; load the model "
+            "in fp16/bf16 (GPU) or fp32/bf16 (CPU) instead"
+        )
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,330 @@
+"""GLM: the architecture of ChatGLM-6B (v1).
+
+Post-LN-style residual (the residual is the layer-norm output scaled by alpha = sqrt(2 * layers)), LayerNorm,
+GeLU MLP, 2D rotary positions (position and block position, each on half of the head), a bidirectional
+context before `<sop>` and causal generation after it, lm_head tied to the word embeddings. Module and
+parameter names are the original ones. Tensors are batch-first here ([b, s, ...]); the original is seq-first.
+
+KV cache: a tuple with one (k, v) per layer, each [b, heads, s, head_dim] (P-Tuning prefix first).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .config import ChatGLMConfig
+from .generation import ChatGLMGenerationMixin
+from .loading import ChatGLMLoadingMixin
+from .prefix_encoder import PrefixEncoder
+
+MAX_LINES = 600  # keep this file small enough to read in one sitting
+
+
+class RotaryEmbedding(nn.Module):
+    """NeoX-style rotary table. The original stores inv_freq rounded to fp16; we keep that rounding."""
+
+    def __init__(self, dim, base=10000.0, device=None, dtype=None):
+        super().__init__()
+        self.dim, self.base = dim, base
+        self.register_buffer("inv_freq", self._inv_freq(device).to(dtype))
+        self._cache = None
+
+    def _inv_freq(self, device=None):
+        inv = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, device=device, dtype=torch.float) / self.dim))
+        return inv.half().float()
+
+    def reset_parameters(self):
+        self.inv_freq.copy_(self._inv_freq(self.inv_freq.device).to(self.inv_freq.dtype))
+
+    def forward(self, position_ids, dtype):
+        # -> cos, sin: [b, 1, s, dim], angles computed in fp32.
+        need = int(position_ids.max()) + 1
+        cache = self._cache
+        if cache is None or cache.shape[1] < need or cache.device != position_ids.device:
+            n = max(need, 2048 if cache is None else 2 * cache.shape[1])
+            t = torch.arange(n, device=position_ids.device, dtype=torch.float)
+            freqs = torch.outer(t, self._inv_freq(position_ids.device))
+            emb = torch.cat([freqs, freqs], dim=-1)
+            cache = self._cache = torch.stack([emb.cos(), emb.sin()])  # [2, n, dim]
+        cos, sin = cache[0][position_ids], cache[1][position_ids]
+        return cos[:, None].to(dtype), sin[:, None].to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x, cos, sin):
+    return x * cos + rotate_half(x) * sin
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ChatGLMConfig, layer_id: int, device=None, dtype=None):
+        super().__init__()
+        self.layer_id = layer_id
+        self.heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.rotary_emb = RotaryEmbedding(self.head_dim // 2, device=device, dtype=dtype)
+        h = config.hidden_size
+        self.query_key_value = nn.Linear(h, 3 * h, device=device, dtype=dtype)
+        self.dense = nn.Linear(h, h, device=device, dtype=dtype)
+
+    def forward(self, x, position_ids, mask, kv_cache):
+        b, s, h = x.shape
+        # Per head the projection holds [q | k | v] (interleaved per head, not three blocks).
+        qkv = self.query_key_value(x).view(b, s, self.heads, 3 * self.head_dim).transpose(1, 2)
+        q, k, v = qkv.chunk(3, dim=-1)  # [b, heads, s, d]
+        # 2D rotary: first half of each head by position, second half by block position.
+        cos1, sin1 = self.rotary_emb(position_ids[:, 0], x.dtype)
+        cos2, sin2 = self.rotary_emb(position_ids[:, 1], x.dtype)
+        q1, q2 = q.chunk(2, dim=-1)
+        k1, k2 = k.chunk(2, dim=-1)
+        q = torch.cat([apply_rotary(q1, cos1, sin1), apply_rotary(q2, cos2, sin2)], dim=-1)
+        k = torch.cat([apply_rotary(k1, cos1, sin1), apply_rotary(k2, cos2, sin2)], dim=-1)
+        if kv_cache is not None:
+            k = torch.cat([kv_cache[0], k], dim=2)
+            v = torch.cat([kv_cache[1], v], dim=2)
+        # The original divides q by sqrt(d) * (layer_id + 1) and multiplies the fp32 scores back by
+        # (layer_id + 1): an fp16 overflow guard that cancels out, so plain SDPA scaling is the same.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(b, s, h)
+        return self.dense(out), (k, v)
+
+
+class GLU(nn.Module):
+    def __init__(self, config: ChatGLMConfig, device=None, dtype=None):
+        super().__init__()
+        inner = config.inner_hidden_size or 4 * config.hidden_size
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, inner, device=device, dtype=dtype)
+        self.dense_4h_to_h = nn.Linear(inner, config.hidden_size, device=device, dtype=dtype)
+
+    def forward(self, x):
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, config: ChatGLMConfig, layer_id: int, device=None, dtype=None):
+        super().__init__()
+        h, eps = config.hidden_size, config.layernorm_epsilon
+        # The original builds every GLMBlock with its default num_layers=28, whatever the config says,
+        # so alpha is sqrt(56) for every model size (checked against THUDM's code on a 2-layer model).
+        self.alpha = (2 * 28) ** 0.5
+        self.input_layernorm = nn.LayerNorm(h, eps=eps, device=device, dtype=dtype)
+        self.attention = SelfAttention(config, layer_id, device=device, dtype=dtype)
+        self.post_attention_layernorm = nn.LayerNorm(h, eps=eps, device=device, dtype=dtype)
+        self.mlp = GLU(config, device=device, dtype=dtype)
+
+    def forward(self, x, position_ids, mask, kv_cache):
+        ln = self.input_layernorm(x)
+        attn, kv = self.attention(ln, position_ids, mask, kv_cache)
+        x = ln * self.alpha + attn  # residual from the normed input, scaled
+        ln = self.post_attention_layernorm(x)
+        return ln * self.alpha + self.mlp(ln), kv
+
+
+class ChatGLMModel(nn.Module):
+    """The GLM trunk, named `transformer` in the checkpoints."""
+
+    def __init__(self, config: ChatGLMConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        h = config.hidden_size
+        self.num_layers, self.heads = config.num_layers, config.num_attention_heads
+        self.head_dim = h // self.heads
+        self.word_embeddings = nn.Embedding(config.vocab_size, h, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(GLMBlock(config, i, device=device, dtype=dtype) for i in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(h, eps=config.layernorm_epsilon, device=device, dtype=dtype)
+        self.pre_seq_len = config.pre_seq_len
+        if self.pre_seq_len is not None:
+            self.prefix_encoder = PrefixEncoder(config, config.num_layers * h * 2, h, device=device, dtype=dtype)
+            self.dropout = nn.Dropout(0.1)
+
+    def get_prompt(self, batch_size, device, dtype):
+        # Prefix KV: [b, pre, 2*layers*hidden] -> per layer (k, v), each [b, heads, pre, d].
+        tokens = torch.arange(self.pre_seq_len, device=device).unsqueeze(0).expand(batch_size, -1)
+        kv = self.prefix_encoder(tokens).to(dtype)
+        kv = kv.view(batch_size, self.pre_seq_len, 2 * self.num_layers, self.heads, self.head_dim)
+        kv = self.dropout(kv).permute(2, 0, 3, 1, 4)  # [2*layers, b, heads, pre, d]
+        return tuple((kv[2 * i], kv[2 * i + 1]) for i in range(self.num_layers))
+
+    def forward(
+        self,
+        input_ids,
+        position_ids=None,
+        attention_mask=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        output_hidden_states=False,
+    ):
+        x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        b, s = x.shape[:2]
+        prefix = self.pre_seq_len or 0
+        if past_key_values is None and prefix:
+            past_key_values = self.get_prompt(b, x.device, x.dtype)
+        cached = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        if position_ids is None:
+            position_ids = glm_position_ids(input_ids, self.config, attention_mask)
+        mask = glm_mask(input_ids, self.config, attention_mask, cached, prefix, x.device)
+        hidden = []
+        presents = []
+        for i, layer in enumerate(self.layers):
+            if output_hidden_states:
+                hidden.append(x)
+            x, kv = layer(x, position_ids, mask, None if past_key_values is None else past_key_values[i])
+            presents.append(kv)
+        x = self.final_layernorm(x)
+        if output_hidden_states:
+            hidden.append(x)
+        return x, tuple(presents), hidden
+
+
+def _left_pads(attention_mask, b, s):
+    """Number of left padding tokens per row, from a 2D keep-mask (1 = token) or a 3D/4D GLM mask."""
+    if attention_mask is None:
+        return [0] * b
+    if attention_mask.dim() == 2:
+        return (attention_mask[:, -s:] == 0).sum(-1).tolist()
+    last_row = attention_mask.reshape(b, -1, attention_mask.shape[-2], attention_mask.shape[-1])[:, 0, -1]
+    return last_row.sum(-1).tolist()  # True = masked: the last query sees every real key
+
+
+def glm_position_ids(input_ids, config, attention_mask=None):
+    """[b, 2, s]: positions (frozen at the mask token after <sop>) and block positions (1, 2, .. after <sop>)."""
+    b, s = input_ids.shape
+    pads = _left_pads(attention_mask, b, s)
+    out = torch.zeros(b, 2, s, dtype=torch.long, device=input_ids.device)
+    for row, (seq, pad) in enumerate(zip(input_ids.tolist(), pads)):
+        seq = seq[pad:]
+        n = len(seq)
+        ctx = seq.index(config.bos_token_id) if config.bos_token_id in seq else n
+        mask_token = config.gmask_token_id if config.gmask_token_id in seq else config.mask_token_id
+        pos = list(range(n))
+        if mask_token in seq:
+            pos[ctx:] = [seq.index(mask_token)] * (n - ctx)
+        block = [0] * ctx + list(range(1, n - ctx + 1))
+        out[row, 0, pad:] = torch.tensor(pos, dtype=torch.long)
+        out[row, 1, pad:] = torch.tensor(block, dtype=torch.long)
+    return out
+
+
+def glm_mask(input_ids, config, attention_mask, cached, prefix, device):
+    """Bool [b, 1, s, cached + s], True = may attend; None when every key is visible to every query."""
+    b, s = input_ids.shape
+    if attention_mask is not None and attention_mask.dim() >= 3:  # the original's mask, True = masked
+        allowed = ~attention_mask.reshape(b, 1, attention_mask.shape[-2], attention_mask.shape[-1]).bool()
+        allowed = allowed[:, :, -s:]
+        if allowed.shape[-1] < cached + s:  # prefix columns are always visible
+            allowed = torch.cat([allowed.new_ones(b, 1, s, cached + s - allowed.shape[-1]), allowed], dim=-1)
+    else:
+        keep = None
+        if attention_mask is not None:
+            keep = attention_mask.bool()
+            if keep.shape[-1] < cached + s:
+                keep = torch.cat([keep.new_ones(b, cached + s - keep.shape[-1]), keep], dim=-1)
+        if s == 1:
+            return None if keep is None or bool(keep.all()) else keep[:, None, None, :]
+        # Bidirectional over the context (everything before <sop>), causal after it.
+        pads = _left_pads(attention_mask, b, s)
+        ctx = []
+        for seq, pad in zip(input_ids.tolist(), pads):
+            ctx.append(seq.index(config.bos_token_id) if config.bos_token_id in seq[pad:] else s)
+        ctx = torch.tensor(ctx, device=device)[:, None, None, None] + cached
+        j = torch.arange(cached + s, device=device)
+        i = torch.arange(s, device=device)[:, None] + cached
+        allowed = (j[None, None, None, :] < ctx) | (j <= i)[None, None]
+        if keep is not None:
+            allowed = allowed & keep[:, None, None, :]
+    diag = torch.arange(s, device=device)
+    allowed[..., diag, cached + diag] = True  # a padded query sees itself: no all-masked row (NaN)
+    return allowed
+
+
+class ChatGLMForConditionalGeneration(ChatGLMGenerationMixin, ChatGLMLoadingMixin, nn.Module):
+    """ChatGLM-6B with the original chat API."""
+
+    _no_split_modules = ["GLMBlock"]
+
+    def __init__(self, config: ChatGLMConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.transformer = ChatGLMModel(config, device=device, dtype=dtype)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
+        self.tie_weights()
+        if config.pre_seq_len is not None:  # P-Tuning v2 trains the prefix only
+            for name, p in self.named_parameters():
+                if not name.startswith("transformer.prefix_encoder."):
+                    p.requires_grad_(False)
+
+    def tie_weights(self):
+        self.lm_head.weight = self.transformer.word_embeddings.weight
+
+    def forward(
+        self,
+        input_ids=None,
+        position_ids=None,
+        attention_mask=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=True,
+        return_last_logit=False,
+        output_hidden_states=False,
+        return_dict=True,
+        **kwargs,
+    ):
+        hidden, presents, all_hidden = self.transformer(
+            input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, output_hidden_states
+        )
+        if return_last_logit:
+            hidden = hidden[:, -1:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=presents if use_cache else None,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+        )
+
+    # --- generation hooks (see generation.py) ---
+    def _init_generation(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None):
+        b, s = input_ids.shape
+        pads = _left_pads(attention_mask, b, s)
+        keep = torch.ones(b, s, dtype=torch.long, device=input_ids.device)
+        for row, pad in enumerate(pads):
+            keep[row, :pad] = 0
+        if position_ids is None:
+            position_ids = glm_position_ids(input_ids, self.config, keep)
+        if attention_mask is None or attention_mask.dim() == 2:
+            attention_mask = keep
+        return dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            keep=keep,
+        )
+
+    def _next_generation_inputs(self, state, next_tokens, past_key_values):
+        keep = state["keep"]
+        keep = torch.cat([keep, keep.new_ones(keep.shape[0], 1)], dim=1)
+        pos = state["position_ids"][..., -1:].clone()
+        pos[:, 1] += 1  # the position stays at the mask token, the block position advances
+        return dict(
+            input_ids=next_tokens[:, None],
+            attention_mask=keep,
+            position_ids=pos,
+            past_key_values=past_key_values,
+            keep=keep,
+        )
+
+    def _reset_buffers(self):
+        for layer in self.transformer.layers:
+            layer.attention.rotary_emb.reset_parameters()
+        self.tie_weights()

@@ -1,0 +1,329 @@
+"""GLM2: the architecture of ChatGLM2-6B and ChatGLM3-6B (v2, v3).
+
+Pre-norm decoder: RMSNorm, multi-query attention (2 KV groups), rotary embedding on the first half of each
+head (pairwise interleaved), SwiGLU MLP, untied output layer. Module and parameter names are the original
+ones, so the original shards load without any remapping. Tensors here are batch-first ([b, s, ...]); the
+original is seq-first, which changes nothing numerically.
+
+KV cache: a tuple with one (k, v) per layer, each [b, groups, s, head_dim] (P-Tuning prefix first).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .config import ChatGLMConfig
+from .generation import ChatGLMGenerationMixin
+from .loading import ChatGLMLoadingMixin
+from .prefix_encoder import PrefixEncoder
+
+MAX_LINES = 600  # keep this file small enough to read in one sitting
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size, eps=1e-5, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(hidden_size, device=device, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x):
+        # Statistics in fp32 whatever the weights are (the original does the same).
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return (self.weight * (x * torch.rsqrt(variance + self.eps))).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin of the 2D rotary positions; `inv_freq` is kept only because the checkpoints carry it."""
+
+    def __init__(self, dim, rope_ratio=1.0, device=None, dtype=None):
+        super().__init__()
+        self.dim = dim  # rotated dims per head (64 of 128 in the 6B models)
+        self.base = 10000.0 * rope_ratio  # the 32K variants stretch theta by rope_ratio
+        self.register_buffer("inv_freq", self._inv_freq(device).to(dtype))
+        self._cache = None
+
+    def _inv_freq(self, device=None):
+        return 1.0 / (self.base ** (torch.arange(0, self.dim, 2, device=device, dtype=torch.float) / self.dim))
+
+    def reset_parameters(self):
+        self.inv_freq.copy_(self._inv_freq(self.inv_freq.device).to(self.inv_freq.dtype))
+
+    def forward(self, position_ids, dtype):
+        # -> [b, s, dim/2, 2] (cos, sin), computed in fp32 then cast like the original's cache.
+        need = int(position_ids.max()) + 1
+        cache = self._cache
+        if cache is None or cache.shape[0] < need or cache.device != position_ids.device:
+            n = max(need, 2048 if cache is None else 2 * cache.shape[0])
+            theta = self._inv_freq(position_ids.device)
+            angles = torch.outer(torch.arange(n, device=position_ids.device, dtype=torch.float), theta)
+            cache = self._cache = torch.stack([angles.cos(), angles.sin()], dim=-1)
+        return cache[position_ids].to(dtype)
+
+
+def apply_rotary(x, rope):
+    # x: [b, heads, s, d]; rope: [b, s, r/2, 2]; rotate pairs (x[2i], x[2i+1]) of the first r dims.
+    r = rope.shape[-2] * 2
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    xs = x_rot.reshape(*x_rot.shape[:-1], r // 2, 2)
+    cos, sin = rope[:, None, :, :, 0], rope[:, None, :, :, 1]  # [b, 1, s, r/2]
+    out = torch.stack([xs[..., 0] * cos - xs[..., 1] * sin, xs[..., 1] * cos + xs[..., 0] * sin], dim=-1)
+    return torch.cat([out.flatten(-2), x_pass], dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ChatGLMConfig, device=None, dtype=None):
+        super().__init__()
+        self.heads = config.num_attention_heads
+        self.head_dim = config.kv_channels
+        self.groups = config.multi_query_group_num if config.multi_query_attention else self.heads
+        qkv_out = (self.heads + 2 * self.groups) * self.head_dim
+        bias = config.add_bias_linear or config.add_qkv_bias
+        self.query_key_value = nn.Linear(config.hidden_size, qkv_out, bias=bias, device=device, dtype=dtype)
+        self.dense = nn.Linear(
+            self.heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear, device=device, dtype=dtype
+        )
+
+    def forward(self, x, rope, mask, kv_cache):
+        b, s, _ = x.shape
+        qkv = self.query_key_value(x)
+        q_size, kv_size = self.heads * self.head_dim, self.groups * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(b, s, self.heads, self.head_dim).transpose(1, 2)  # [b, heads, s, d]
+        k = k.view(b, s, self.groups, self.head_dim).transpose(1, 2)  # [b, groups, s, d]
+        v = v.view(b, s, self.groups, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        if kv_cache is not None:
+            k = torch.cat([kv_cache[0], k], dim=2)
+            v = torch.cat([kv_cache[1], v], dim=2)
+        # Head h reads KV group h // (heads / groups), as the original's expand does.
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, enable_gqa=self.groups != self.heads)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.groups != self.heads)
+        out = out.transpose(1, 2).reshape(b, s, q_size)
+        return self.dense(out), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ChatGLMConfig, device=None, dtype=None):
+        super().__init__()
+        h, f, bias = config.hidden_size, config.ffn_hidden_size, config.add_bias_linear
+        self.dense_h_to_4h = nn.Linear(h, 2 * f, bias=bias, device=device, dtype=dtype)  # [gate | up]
+        self.dense_4h_to_h = nn.Linear(f, h, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x):
+        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)
+        return self.dense_4h_to_h(F.silu(gate) * up)
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, config: ChatGLMConfig, layer_number: int, device=None, dtype=None):
+        super().__init__()
+        self.layer_number = layer_number
+        self.post_ln_residual = config.apply_residual_connection_post_layernorm
+        norm = RMSNorm if config.rmsnorm else nn.LayerNorm
+        self.input_layernorm = norm(config.hidden_size, eps=config.layernorm_epsilon, device=device, dtype=dtype)
+        self.self_attention = SelfAttention(config, device=device, dtype=dtype)
+        self.post_attention_layernorm = norm(
+            config.hidden_size, eps=config.layernorm_epsilon, device=device, dtype=dtype
+        )
+        self.mlp = MLP(config, device=device, dtype=dtype)
+
+    def forward(self, x, rope, mask, kv_cache):
+        ln = self.input_layernorm(x)
+        attn, kv = self.self_attention(ln, rope, mask, kv_cache)
+        x = (ln if self.post_ln_residual else x) + attn
+        ln = self.post_attention_layernorm(x)
+        return (ln if self.post_ln_residual else x) + self.mlp(ln), kv
+
+
+class GLMTransformer(nn.Module):
+    def __init__(self, config: ChatGLMConfig, device=None, dtype=None):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            GLMBlock(config, i + 1, device=device, dtype=dtype) for i in range(config.num_layers)
+        )
+        self.post_layer_norm = config.post_layer_norm
+        if self.post_layer_norm:
+            norm = RMSNorm if config.rmsnorm else nn.LayerNorm
+            self.final_layernorm = norm(config.hidden_size, eps=config.layernorm_epsilon, device=device, dtype=dtype)
+
+    def forward(self, x, rope, mask, past_key_values, output_hidden_states=False):
+        presents, hidden = [], []
+        for i, layer in enumerate(self.layers):
+            if output_hidden_states:
+                hidden.append(x)
+            x, kv = layer(x, rope, mask, None if past_key_values is None else past_key_values[i])
+            presents.append(kv)
+        if self.post_layer_norm:
+            x = self.final_layernorm(x)
+        if output_hidden_states:
+            hidden.append(x)
+        return x, tuple(presents), hidden
+
+
+class Embedding(nn.Module):
+    def __init__(self, config: ChatGLMConfig, device=None, dtype=None):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size, device=device, dtype=dtype)
+
+    def forward(self, input_ids):
+        return self.word_embeddings(input_ids)
+
+
+class ChatGLMModel(nn.Module):
+    """The GLM2 trunk, named `transformer` in the checkpoints."""
+
+    def __init__(self, config: ChatGLMConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.embedding = Embedding(config, device=device, dtype=dtype)
+        self.num_layers = config.num_layers
+        self.groups = config.multi_query_group_num if config.multi_query_attention else config.num_attention_heads
+        self.kv_channels = config.kv_channels
+        self.rotary_pos_emb = RotaryEmbedding(
+            config.kv_channels // 2, rope_ratio=getattr(config, "rope_ratio", 1.0), device=device, dtype=dtype
+        )
+        self.encoder = GLMTransformer(config, device=device, dtype=dtype)
+        self.output_layer = nn.Linear(
+            config.hidden_size, config.padded_vocab_size, bias=False, device=device, dtype=dtype
+        )
+        self.pre_seq_len = config.pre_seq_len
+        if self.pre_seq_len is not None:
+            kv_size = config.num_layers * config.kv_channels * self.groups * 2
+            self.prefix_encoder = PrefixEncoder(config, kv_size, device=device, dtype=dtype)
+            self.dropout = nn.Dropout(0.1)
+
+    def get_prompt(self, batch_size, device, dtype):
+        # Prefix KV: [b, pre, 2*layers*groups*d] -> per layer (k, v), each [b, groups, pre, d].
+        tokens = torch.arange(self.pre_seq_len, device=device).unsqueeze(0).expand(batch_size, -1)
+        kv = self.prefix_encoder(tokens).to(dtype)
+        kv = kv.view(batch_size, self.pre_seq_len, 2 * self.num_layers, self.groups, self.kv_channels)
+        kv = self.dropout(kv).permute(2, 0, 3, 1, 4)  # [2*layers, b, groups, pre, d]
+        return tuple((kv[2 * i], kv[2 * i + 1]) for i in range(self.num_layers))
+
+    def forward(
+        self,
+        input_ids,
+        position_ids=None,
+        attention_mask=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        output_hidden_states=False,
+    ):
+        x = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
+        b, s = x.shape[:2]
+        prefix = self.pre_seq_len or 0
+        if past_key_values is None and prefix:
+            past_key_values = self.get_prompt(b, x.device, x.dtype)
+        cached = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        past = cached - prefix  # tokens of real text already in the cache
+        if attention_mask is not None and attention_mask.shape[-1] == s and past > 0:
+            attention_mask = torch.cat([attention_mask.new_ones(b, past), attention_mask], dim=1)
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -s:]
+            else:
+                position_ids = torch.arange(past, past + s, device=x.device).unsqueeze(0).expand(b, -1)
+        rope = self.rotary_pos_emb(position_ids, x.dtype)
+        mask = build_mask(attention_mask, b, s, cached, prefix, x.device)
+        hidden, presents, all_hidden = self.encoder(x, rope, mask, past_key_values, output_hidden_states)
+        return hidden, presents, all_hidden
+
+
+def build_mask(attention_mask, b, s, cached, prefix, device):
+    """Bool [b, 1, s, cached + s] (True = may attend), or None when plain causal attention is right."""
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not padded and (cached == 0 or s == 1):
+        return None if cached == 0 or s == 1 else _causal(s, cached, device).expand(b, 1, s, cached + s)
+    allowed = _causal(s, cached, device).expand(b, 1, s, cached + s).clone()
+    if padded:
+        keys = attention_mask.bool()
+        if prefix:
+            keys = torch.cat([keys.new_ones(b, prefix), keys], dim=1)
+        allowed &= keys[:, None, None, :]
+        allowed[..., torch.arange(s), cached + torch.arange(s)] = True  # pad rows see themselves: no NaN
+    return allowed
+
+
+def _causal(s, cached, device):
+    # query i (absolute cached + i) sees keys 0 .. cached + i
+    return torch.ones(s, cached + s, dtype=torch.bool, device=device).tril(diagonal=cached)[None, None]
+
+
+class ChatGLMForConditionalGeneration(ChatGLMGenerationMixin, ChatGLMLoadingMixin, nn.Module):
+    """ChatGLM2-6B / ChatGLM3-6B with the original chat API."""
+
+    _no_split_modules = ["GLMBlock"]
+
+    def __init__(self, config: ChatGLMConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.transformer = ChatGLMModel(config, device=device, dtype=dtype)
+        if config.pre_seq_len is not None:  # P-Tuning v2 trains the prefix only
+            for name, p in self.named_parameters():
+                if not name.startswith("transformer.prefix_encoder."):
+                    p.requires_grad_(False)
+
+    def forward(
+        self,
+        input_ids=None,
+        position_ids=None,
+        attention_mask=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=True,
+        return_last_logit=False,
+        output_hidden_states=False,
+        return_dict=True,
+        **kwargs,
+    ):
+        hidden, presents, all_hidden = self.transformer(
+            input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, output_hidden_states
+        )
+        if return_last_logit:
+            hidden = hidden[:, -1:]
+        logits = self.transformer.output_layer(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=presents if use_cache else None,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+        )
+
+    # --- generation hooks (see generation.py) ---
+    def _init_generation(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None):
+        b, s = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(b, s, dtype=torch.long, device=input_ids.device)
+        if past_key_values is not None:
+            past = past_key_values[0][0].shape[2] - (self.config.pre_seq_len or 0)
+            if attention_mask.shape[1] == s:
+                attention_mask = torch.cat([attention_mask.new_ones(b, past), attention_mask], dim=1)
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -s:]
+        return dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+        )
+
+    def _next_generation_inputs(self, state, next_tokens, past_key_values):
+        mask = state["attention_mask"]
+        return dict(
+            input_ids=next_tokens[:, None],
+            attention_mask=torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1),
+            position_ids=state["position_ids"][:, -1:] + 1,
+            past_key_values=past_key_values,
+        )
+
+    def _reset_buffers(self):
+        self.transformer.rotary_pos_emb.reset_parameters()

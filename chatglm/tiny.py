@@ -1,0 +1,147 @@
+"""Write a tiny random ChatGLM checkpoint in the original layout, for tests and as the demos' built-in model.
+
+    python -m chatglm.tiny --version v3 --out DIR [--seed 0] [--format bin|safetensors] [--shards 2]
+
+The directory gets config.json (original field names), sharded weights with their index, the tokenizer file
+(a small SentencePiece model trained on the corpus shipped in chatglm/data) and tokenizer_config.json. The
+same seed gives the same files. Its answers are random: it exists to exercise the real code paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import tempfile
+
+import torch
+
+from .config import ChatGLMConfig
+from .loading import model_class, save_model
+
+CORPUS = os.path.join(os.path.dirname(__file__), "data", "tiny_corpus.txt")
+V1_CONTROL = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]
+V1_USER = ["<n>"] + ["<|tab|>"] + [f"<|blank_{n}|>" for n in range(2, 81)]
+AUTO_MAP_V1 = {
+    "AutoConfig": "configuration_chatglm.ChatGLMConfig",
+    "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+    "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+}
+AUTO_MAP_V2 = dict(AUTO_MAP_V1, AutoModelForCausalLM="modeling_chatglm.ChatGLMForConditionalGeneration")
+
+
+def train_tokenizer(version: str, out_file: str, vocab_size: int = 600) -> None:
+    """A small SentencePiece model with the same kinds of pieces as the real one of that generation."""
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    common = dict(
+        input=CORPUS,
+        model_writer=model,
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        byte_fallback=True,
+        split_digits=True,
+        character_coverage=1.0,
+        num_threads=1,  # deterministic
+        minloglevel=2,
+    )
+    if version == "v1":  # unigram, NFKC, <n>/<|tab|>/<|blank_N|> user symbols, GLM control tokens
+        spm.SentencePieceTrainer.train(
+            model_type="unigram", normalization_rule_name="nmt_nfkc", remove_extra_whitespaces=True,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3, user_defined_symbols=V1_USER, control_symbols=V1_CONTROL,
+            **common,
+        )  # fmt: skip
+    else:  # BPE, identity normalization, whitespace kept; specials are appended by the tokenizer
+        spm.SentencePieceTrainer.train(
+            model_type="bpe", normalization_rule_name="identity", remove_extra_whitespaces=False,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, allow_whitespace_only_pieces=True, **common,
+        )  # fmt: skip
+    with open(out_file, "wb") as f:
+        f.write(model.getvalue())
+
+
+def tiny_config(version: str, vocab: dict[str, int] | None = None, sp_size: int = 0) -> ChatGLMConfig:
+    if version == "v1":
+        return ChatGLMConfig(
+            _name_or_path="tiny-chatglm-6b", architectures=["ChatGLMModel"], auto_map=AUTO_MAP_V1,
+            vocab_size=sp_size, hidden_size=64, num_attention_heads=4, num_layers=2, inner_hidden_size=128,
+            max_sequence_length=2048, layernorm_epsilon=1e-5, position_encoding_2d=True,
+            bos_token_id=vocab["<sop>"], eos_token_id=vocab["<eop>"], mask_token_id=vocab["[MASK]"],
+            gmask_token_id=vocab["[gMASK]"], pad_token_id=vocab["<pad>"], torch_dtype="float32",
+            chatglm_version="v1",
+        )  # fmt: skip
+    padded = (sp_size + 9 + 63) // 64 * 64  # room for the 9 special tokens, rounded like the release
+    return ChatGLMConfig(
+        _name_or_path=f"tiny-chatglm{version[1]}-6b", architectures=["ChatGLMModel"], auto_map=AUTO_MAP_V2,
+        num_layers=2, padded_vocab_size=padded, hidden_size=64, ffn_hidden_size=128, kv_channels=16,
+        num_attention_heads=4, seq_length=8192 if version == "v3" else 32768, multi_query_attention=True,
+        multi_query_group_num=2, eos_token_id=2, pad_token_id=0, torch_dtype="float32", chatglm_version=version,
+    )  # fmt: skip
+
+
+def tokenizer_config(version: str) -> dict:
+    cfg = {"name_or_path": f"tiny-chatglm{'' if version == 'v1' else version[1]}-6b", "remove_space": False,
+           "do_lower_case": False, "tokenizer_class": "ChatGLMTokenizer",
+           "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}}  # fmt: skip
+    if version == "v1":
+        cfg.update(bos_token="<sop>", eos_token="<eop>", end_token="</s>", gmask_token="[gMASK]",
+                   mask_token="[MASK]", pad_token="<pad>", unk_token="<unk>", num_image_tokens=0)  # fmt: skip
+    return cfg
+
+
+def make_tiny_checkpoint(out: str, version: str = "v3", seed: int = 0, fmt: str = "bin", shards: int = 2) -> str:
+    """Write the checkpoint to `out` and return it."""
+    import sentencepiece as spm
+
+    if version not in ("v1", "v2", "v3"):
+        raise ValueError(f"version must be v1, v2 or v3, got {version!r}")
+    os.makedirs(out, exist_ok=True)
+    tok_file = os.path.join(out, "ice_text.model" if version == "v1" else "tokenizer.model")
+    train_tokenizer(version, tok_file)
+    sp = spm.SentencePieceProcessor(model_file=tok_file)
+    vocab = {sp.id_to_piece(i): i for i in range(sp.vocab_size())}
+    config = tiny_config(version, vocab, sp.vocab_size())
+    torch.manual_seed(seed)
+    model = model_class(config)(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(-0.5, 0.5)
+    model._reset_buffers()
+    total = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    save_model(model, out, max_shard_size=total // shards + 1, safe_serialization=fmt == "safetensors")
+    with open(os.path.join(out, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(tokenizer_config(version), f, indent=2, ensure_ascii=False)
+    return out
+
+
+def default_tiny_model(version: str = "v3") -> str:
+    """The built-in model of the demos: built once into the user cache directory."""
+    root = os.environ.get("CHATGLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "chatglm-toolkit")
+    out = os.path.join(root, f"tiny-{version}")
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=root)
+        make_tiny_checkpoint(tmp, version)
+        try:
+            os.replace(tmp, out)  # atomic: a half-written model is never picked up
+        except OSError:  # another process won the race
+            pass
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", choices=["v1", "v2", "v3"], default="v3")
+    parser.add_argument("--out", required=True, help="directory to write")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--format", choices=["bin", "safetensors"], default="bin")
+    parser.add_argument("--shards", type=int, default=2)
+    args = parser.parse_args(argv)
+    make_tiny_checkpoint(args.out, args.version, args.seed, args.format, args.shards)
+    print(f"wrote a tiny random ChatGLM {args.version} checkpoint to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
