@@ -25,6 +25,7 @@ GLM_DEFAULTS = dict(  # ChatGLM-6B (v1)
     quantization_bit=0,
     pre_seq_len=None,
     prefix_projection=False,
+    use_cache=True,
 )
 GLM2_DEFAULTS = dict(  # ChatGLM2-6B / ChatGLM3-6B (v2, v3)
     num_layers=28,
@@ -55,6 +56,7 @@ GLM2_DEFAULTS = dict(  # ChatGLM2-6B / ChatGLM3-6B (v2, v3)
     quantization_bit=0,
     pre_seq_len=None,
     prefix_projection=False,
+    use_cache=True,
 )
 GLM1_ONLY_KEYS = ("position_encoding_2d", "inner_hidden_size", "max_sequence_length", "gmask_token_id")
 GLM2_ONLY_KEYS = ("padded_vocab_size", "multi_query_attention", "ffn_hidden_size", "kv_channels", "seq_length")
@@ -159,6 +161,11 @@ class ChatGLMConfig(PretrainedConfig):
         if "dtype" in out and out["dtype"] is not None:
             out["torch_dtype"] = out["dtype"]  # the name older transformers (and the original code) read
         return out
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        # Always every field: a diff against class defaults would drop the fields that tell the
+        # generations apart (and the original code expects full config.json files).
+        return super().to_json_string(use_diff=False)
 
     @classmethod
     def from_checkpoint(cls, path: str, **overrides) -> ChatGLMConfig:

@@ -305,21 +305,29 @@ class ChatGLMGenerationMixin:
         if version == "v3":
             history = history + [{"role": role, "content": query}]
         n_prompt = input_ids.shape[1]
+        text, past, yielded = "", None, False
         for out in generate_stream(self, input_ids, attention_mask, None, past_key_values=past_key_values,
                                    return_past_key_values=return_past_key_values, **gen):  # fmt: skip
             ids, past = out if return_past_key_values else (out, None)
             new = ids[0, n_prompt:].tolist()
             if version == "v3":
                 new = new[:-1]  # the original always cuts the last token (the stop token at the end)
-            text = decode(new)
-            if not text:
+            piece = decode(new)
+            if not piece:  # nothing printable yet, or a partial UTF-8 character
                 continue
-            if version == "v3":
-                response, new_history = process_response(version, text, history)
-            else:
-                response = process_response(version, text)
-                new_history = history + [(query, response)]
-            yield (response, new_history, past) if return_past_key_values else (response, new_history)
+            text, yielded = piece, True
+            yield self._chat_result(version, text, query, history, past, return_past_key_values)
+        if not yielded:  # always end with the final state, even when nothing printable came out
+            yield self._chat_result(version, text, query, history, past, return_past_key_values)
+
+    @staticmethod
+    def _chat_result(version, text, query, history, past, return_past):
+        if version == "v3":
+            response, new_history = process_response(version, text, history)
+        else:
+            response = process_response(version, text)
+            new_history = history + [(query, response)]
+        return (response, new_history, past) if return_past else (response, new_history)
 
     def chat(
         self,
@@ -338,17 +346,9 @@ class ChatGLMGenerationMixin:
         """One reply: (response, history). Same defaults and formats as `stream_chat`."""
         if num_beams != 1:
             raise ValueError("beam search is not supported; use num_beams=1")
-        version = self._chat_version(tokenizer)
-        history = list(history or [])
-        result = _last(
+        return _last(
             self.stream_chat(
                 tokenizer, query, history, role=role, max_length=max_length, do_sample=do_sample, top_p=top_p,
                 temperature=temperature, logits_processor=logits_processor, **kwargs,
             )
         )  # fmt: skip
-        if result is None:  # nothing printable was generated
-            if version == "v3":
-                return "", history + [{"role": role, "content": query}, {"role": "assistant", "metadata": "",
-                                                                          "content": ""}]  # fmt: skip
-            return "", history + [(query, "")]
-        return result
