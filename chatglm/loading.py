@@ -86,8 +86,13 @@ def _show_progress() -> bool:
     return sys.stderr.isatty() and os.environ.get("CHATGLM_NO_PROGRESS") is None
 
 
-def load_model(path: str, config: ChatGLMConfig | None = None, dtype=None, device=None, **config_overrides):
-    """Build the model of the right generation for the checkpoint at `path` and load its weights."""
+def load_model(path: str, config: ChatGLMConfig | None = None, dtype=None, device=None, quantization_bit=None,
+               **config_overrides):  # fmt: skip
+    """Build the model of the right generation for the checkpoint at `path` and load its weights.
+
+    `quantization_bit` (4 or 8) quantizes a float checkpoint shard by shard while it loads; a checkpoint
+    saved quantized (config.json `quantization_bit`) loads as it is.
+    """
     path = str(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory {path!r} does not exist (only local checkpoints are loaded)")
@@ -96,15 +101,22 @@ def load_model(path: str, config: ChatGLMConfig | None = None, dtype=None, devic
     else:
         for k, v in config_overrides.items():
             setattr(config, k, v)
-    if config.quantization_bit:
-        raise NotImplementedError(
-            f"{path!r} is an INT{config.quantization_bit} checkpoint; loading quantized checkpoints is not "
-            "available in this version of the toolkit yet"
+    saved_bits = config.quantization_bit or 0
+    if quantization_bit and saved_bits and quantization_bit != saved_bits:
+        raise ValueError(
+            f"{path!r} is already an INT{saved_bits} checkpoint; it cannot be loaded as INT{quantization_bit}"
         )
+    bits = quantization_bit or saved_bits
     torch_dtype = resolve_dtype(dtype, config)
     files = weight_files(path)
+    config.quantization_bit = 0  # the model is built float, then its layers are swapped
     with torch.device("meta"):
         model = model_class(config)(config, dtype=torch_dtype)
+    if bits:
+        from quantization import prepare_for_quantized_checkpoint
+
+        prepare_for_quantized_checkpoint(model, bits, getattr(config, "quantization_embeddings", False))
+    quantized = _quantized_modules(model) if bits else {}
     expected = set(model.state_dict().keys())
     loaded: set[str] = set()
     bar = None
@@ -114,7 +126,9 @@ def load_model(path: str, config: ChatGLMConfig | None = None, dtype=None, devic
         bar = tqdm(total=len(files), desc="Loading checkpoint shards")
     for file in files:
         shard = read_shard(file)
-        shard = {k: (v.to(torch_dtype) if v.is_floating_point() else v) for k, v in shard.items() if k in expected}
+        if quantized:  # quantize float weights as they are read: memory stays near the quantized size
+            shard = _quantize_shard(shard, quantized, bits)
+        shard = {k: _cast(k, v, torch_dtype) for k, v in shard.items() if k in expected}
         model.load_state_dict(shard, strict=False, assign=True)
         loaded.update(shard)
         del shard
@@ -131,11 +145,38 @@ def load_model(path: str, config: ChatGLMConfig | None = None, dtype=None, devic
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise RuntimeError(f"checkpoint {path!r} does not match its config.json: missing weights {shown}")
     _materialize(model, torch_dtype, init_prefix=not any(k.startswith("transformer.prefix_encoder.") for k in loaded))
+    config.quantization_bit = bits
     model.eval()
     if device is not None:
         model.to(device)
     model.name_or_path = path
     return model
+
+
+def _quantized_modules(model) -> dict:
+    from quantization import QuantizedEmbedding, QuantizedLinear
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
+
+
+def _quantize_shard(shard: dict, quantized: dict, bits: int) -> dict:
+    from quantization import quantize_weight
+
+    out = {}
+    for key, value in shard.items():
+        module = key.rsplit(".", 1)[0] if key.endswith(".weight") else None
+        if module in quantized and value.is_floating_point():
+            out[key], out[module + ".weight_scale"] = quantize_weight(value, bits)
+        else:
+            out.setdefault(key, value)
+    return out
+
+
+def _cast(key: str, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # int8 weights stay int8 and scales stay fp16 (the THUDM layout); float weights take the model dtype.
+    if not value.is_floating_point() or key.endswith("weight_scale"):
+        return value
+    return value.to(dtype)
 
 
 def _materialize(model, dtype, init_prefix: bool):
@@ -162,7 +203,8 @@ def save_model(model, save_directory: str, max_shard_size: int | str = "2GB", sa
     os.makedirs(save_directory, exist_ok=True)
     limit = _parse_size(max_shard_size)
     # Clone so tied / shared tensors (v1 lm_head) become separate entries, as the originals store them.
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    state = {k: _cast(k, v.detach().to("cpu"), v.dtype).contiguous().clone() for k, v in model.state_dict().items()}
+    state = {k: (v.half() if k.endswith("weight_scale") else v) for k, v in state.items()}
     shards, current, size = [], {}, 0
     for k, v in state.items():
         n = v.numel() * v.element_size()
@@ -248,12 +290,9 @@ class ChatGLMLoadingMixin:
         """Weight-only INT8/INT4 quantization in place; returns the model (chains like `.quantize(4).half()`)."""
         if not bits:
             return self
-        if bits not in (4, 8):
-            raise ValueError(f"quantization bits must be 4 or 8, got {bits}")
-        raise NotImplementedError(
-            f"INT{bits} quantization is not available in this version of the toolkit yet; load the model "
-            "in fp16/bf16 (GPU) or fp32/bf16 (CPU) instead"
-        )
+        from quantization import quantize
+
+        return quantize(self, bits, **kwargs)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

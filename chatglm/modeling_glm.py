@@ -260,7 +260,9 @@ class ChatGLMForConditionalGeneration(ChatGLMGenerationMixin, ChatGLMLoadingMixi
                     p.requires_grad_(False)
 
     def tie_weights(self):
-        self.lm_head.weight = self.transformer.word_embeddings.weight
+        # Tied while both are float; an INT8/INT4 model with quantized embeddings keeps two tensors.
+        if isinstance(self.lm_head, nn.Linear) and isinstance(self.transformer.word_embeddings, nn.Embedding):
+            self.lm_head.weight = self.transformer.word_embeddings.weight
 
     def forward(
         self,

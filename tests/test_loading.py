@@ -135,11 +135,3 @@ def test_checkpoint_not_matching_config(tiny_dirs, tmp_path):
     (broken / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(RuntimeError, match="missing weights"):
         load_model(str(broken))
-
-
-def test_quantize_is_not_faked(tiny):
-    model, _ = tiny["v2"]
-    with pytest.raises(NotImplementedError, match="INT4"):
-        model.quantize(4)
-    with pytest.raises(ValueError):
-        model.quantize(3)

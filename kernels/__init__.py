@@ -1,0 +1,167 @@
+"""Native kernels and their loader. Nothing here imports `quantization` (the dependency is one-way).
+
+`get_cpu_kernel()` compiles quantization_kernels.c on first use with gcc (-O3, OpenMP, and -march=native
+when the compiler accepts it on this CPU), caches the shared library by a hash of the source, flags, compiler
+and CPU, and loads it with ctypes. When gcc or OpenMP is missing it says so once and returns None (or a
+single-threaded build), and callers use the PyTorch reference instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import torch
+
+logger = logging.getLogger(__name__)
+HERE = os.path.dirname(os.path.abspath(__file__))
+CPU_SOURCE = os.path.join(HERE, "quantization_kernels.c")
+_lock = threading.Lock()
+_cpu_kernel = None
+_cpu_tried = False
+
+
+def cache_dir() -> str:
+    root = os.environ.get("CHATGLM_KERNEL_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "chatglm-toolkit", "kernels"
+    )
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+def _cpu_signature() -> str:
+    """What the -march=native code depends on: the CPU model and its feature flags."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _try_compile(cc: str, flags: list[str], out: str) -> str | None:
+    cmd = [cc, *flags, CPU_SOURCE, "-o", out]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return None if proc.returncode == 0 else (proc.stderr.strip() or f"{cc} exited {proc.returncode}")
+
+
+def _build(cc: str) -> str | None:
+    """Compile (or find in the cache) the CPU kernel library; None when no build works."""
+    with open(CPU_SOURCE, "rb") as f:
+        source = f.read()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    attempts = [
+        ["-O3", "-fPIC", "-shared", "-std=c99", "-fopenmp", "-march=native"],
+        ["-O3", "-fPIC", "-shared", "-std=c99", "-fopenmp"],
+        ["-O3", "-fPIC", "-shared", "-std=c99", "-march=native"],  # no OpenMP: one thread
+        ["-O3", "-fPIC", "-shared", "-std=c99"],
+    ]
+    errors = []
+    for flags in attempts:
+        key = hashlib.sha256(source + " ".join(flags).encode() + version.encode() + _cpu_signature().encode())
+        target = os.path.join(cache_dir(), f"quantization_kernels-{key.hexdigest()[:16]}.so")
+        if os.path.isfile(target):
+            return target
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
+        os.close(fd)
+        err = _try_compile(cc, flags, tmp)
+        if err is None:
+            os.replace(tmp, target)  # atomic: a half-written library is never loaded
+            if "-fopenmp" not in flags:
+                logger.warning("OpenMP is not available to %s: the CPU kernels run on one thread", cc)
+            return target
+        os.unlink(tmp)
+        errors.append(f"{' '.join(flags)}: {err.splitlines()[-1] if err else ''}")
+    logger.warning("could not compile the CPU quantization kernels:\n  %s", "\n  ".join(errors))
+    return None
+
+
+class CpuKernel:
+    """ctypes wrapper around the compiled library. Inputs are contiguous CPU tensors."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.lib = ctypes.CDLL(path)
+        p, i = ctypes.c_void_p, ctypes.c_int
+        self.lib.w8_linear.argtypes = [p, p, p, p, p, i, i, i]
+        self.lib.w4_linear.argtypes = [p, p, p, p, p, p, i, i, i]
+        self.lib.unpack_int4.argtypes = [p, p, i, i]
+        self.lib.dequantize.argtypes = [p, p, p, i, i, i]
+        self.lib.set_num_threads.argtypes = [i]
+        self.openmp = bool(self.lib.has_openmp())
+        self._threads = None
+
+    def _sync_threads(self):
+        n = torch.get_num_threads()  # follow torch's thread count (OMP_NUM_THREADS, set_num_threads)
+        if n != self._threads:
+            self.lib.set_num_threads(n)
+            self._threads = n
+
+    @staticmethod
+    def _ptr(t):
+        return ctypes.c_void_p(t.data_ptr()) if t is not None else None
+
+    def linear(self, x, weight, scale_f32, bits, bias=None):
+        """x [m, k] float32, weight int8 [n, k] or [n, k/2], scale_f32 [n] -> [m, n] float32."""
+        self._sync_threads()
+        m, k = x.shape
+        n = weight.shape[0]
+        y = torch.empty(m, n, dtype=torch.float32)
+        bias = bias.float().contiguous() if bias is not None else None
+        if bits == 8:
+            self.lib.w8_linear(self._ptr(x), self._ptr(weight), self._ptr(scale_f32), self._ptr(bias), self._ptr(y),
+                               m, n, k)  # fmt: skip
+        else:
+            xe, xo = x[:, 0::2].contiguous(), x[:, 1::2].contiguous()
+            self.lib.w4_linear(self._ptr(xe), self._ptr(xo), self._ptr(weight), self._ptr(scale_f32),
+                               self._ptr(bias), self._ptr(y), m, n, k)  # fmt: skip
+        return y
+
+    def unpack_int4(self, packed):
+        n, h = packed.shape
+        out = torch.empty(n, 2 * h, dtype=torch.int8)
+        self.lib.unpack_int4(self._ptr(packed.contiguous()), self._ptr(out), n, 2 * h)
+        return out
+
+    def dequantize(self, weight, scale_f32, bits):
+        self._sync_threads()
+        n = weight.shape[0]
+        k = weight.shape[1] * (2 if bits == 4 else 1)
+        out = torch.empty(n, k, dtype=torch.float32)
+        self.lib.dequantize(self._ptr(weight.contiguous()), self._ptr(scale_f32), self._ptr(out), n, k, bits)
+        return out
+
+
+def get_cpu_kernel() -> CpuKernel | None:
+    """The compiled CPU kernels, or None (the PyTorch reference is then used). Set CHATGLM_NO_CPU_KERNEL=1
+    to force the fallback."""
+    global _cpu_kernel, _cpu_tried
+    if _cpu_tried:
+        return _cpu_kernel
+    with _lock:
+        if _cpu_tried:
+            return _cpu_kernel
+        _cpu_tried = True
+        if os.environ.get("CHATGLM_NO_CPU_KERNEL"):
+            return None
+        cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+        if cc is None:
+            logger.warning(
+                "gcc was not found, so the fast CPU INT8/INT4 kernels cannot be built; using the slower PyTorch "
+                "fallback (install gcc, e.g. `apt-get install gcc`, to get them)"
+            )
+            return None
+        try:
+            path = _build(cc)
+            _cpu_kernel = CpuKernel(path) if path else None
+        except OSError as e:
+            logger.warning("could not load the CPU quantization kernels (%s); using the PyTorch fallback", e)
+            _cpu_kernel = None
+        return _cpu_kernel

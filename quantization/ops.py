@@ -1,0 +1,67 @@
+"""What a THUDM-quantized weight is, in plain PyTorch: the reference every kernel is checked against.
+
+Symmetric per-output-row quantization with no zero point (the original quantization.py):
+    weight_scale[o] = max_i |W[o, i]| / (2**(bits-1) - 1)        stored as fp16
+    q[o, i]         = round(W[o, i] / weight_scale[o])            int8 in [-127, 127] or [-7, 7]
+INT4 packs two values per byte, the even column in the HIGH nibble: byte = (q[2j] << 4) | (q[2j+1] & 0xF).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float [out, in] -> (int8 [out, in] or packed int8 [out, in/2], fp16 scale [out])."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if bits == 4 and weight.shape[-1] % 2:
+        raise ValueError(f"INT4 needs an even number of input features, got {weight.shape[-1]}")
+    w = weight.float()
+    scale = (w.abs().amax(dim=-1) / (2 ** (bits - 1) - 1)).half()
+    safe = scale.float().clamp_min(torch.finfo(torch.float16).tiny)  # an all-zero row stays zero
+    q = torch.round(w / safe[:, None]).clamp_(-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1).to(torch.int8)
+    return (pack_int4(q) if bits == 4 else q), scale
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int8 values in [-8, 7], [out, in] -> [out, in/2]: even column in the high nibble."""
+    q = q.to(torch.int8)
+    return ((q[:, 0::2] << 4) | (q[:, 1::2] & 0x0F)).to(torch.int8)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[out, in/2] packed int8 -> [out, in] int8 in [-8, 7] (sign-extended nibbles)."""
+    high = packed >> 4  # arithmetic shift keeps the sign
+    low = (packed << 4) >> 4
+    return torch.stack([high, low], dim=-1).flatten(-2)
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, bits: int, dtype=torch.float32) -> torch.Tensor:
+    q = unpack_int4(weight) if bits == 4 else weight
+    return (q.to(torch.float32) * scale.to(torch.float32)[:, None]).to(dtype)
+
+
+def quantized_linear_reference(x, weight, scale, bits, bias=None):
+    """y = x @ dequantize(W)^T + b, in x's dtype: the original's 'dequantize then matmul'."""
+    w = dequantize(weight, scale, bits, dtype=x.dtype)
+    y = x @ w.t()
+    return y + bias.to(y.dtype) if bias is not None else y
+
+
+def quantized_linear(x, weight, scale, bits, bias=None):
+    """The forward of QuantizedLinear: the fused CPU kernel for decode and small batches, else the reference."""
+    if x.device.type == "cpu" and x.shape[:-1].numel() <= CPU_KERNEL_MAX_ROWS:
+        from kernels import get_cpu_kernel
+
+        kernel = get_cpu_kernel()
+        if kernel is not None:
+            flat = x.reshape(-1, x.shape[-1]).float().contiguous()
+            y = kernel.linear(flat, weight.contiguous(), scale.float().contiguous(), bits, bias)
+            return y.to(x.dtype).view(*x.shape[:-1], -1)
+    return quantized_linear_reference(x, weight, scale, bits, bias)
+
+
+# Up to this many rows (tokens x batch) the fused kernel wins; above, prefill is compute-bound and a
+# dequantized BLAS matmul is faster.
+CPU_KERNEL_MAX_ROWS = 16
