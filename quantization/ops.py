@@ -17,11 +17,20 @@ def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if bits == 4 and weight.shape[-1] % 2:
         raise ValueError(f"INT4 needs an even number of input features, got {weight.shape[-1]}")
-    w = weight.float()
-    scale = (w.abs().amax(dim=-1) / (2 ** (bits - 1) - 1)).half()
-    safe = scale.float().clamp_min(torch.finfo(torch.float16).tiny)  # an all-zero row stays zero
-    q = torch.round(w / safe[:, None]).clamp_(-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1).to(torch.int8)
-    return (pack_int4(q) if bits == 4 else q), scale
+    qmax = 2 ** (bits - 1) - 1
+    scale = torch.empty(weight.shape[0], dtype=torch.float16, device=weight.device)
+    q = torch.empty(weight.shape[0], weight.shape[1] // (2 if bits == 4 else 1), dtype=torch.int8, device=weight.device)
+    for start in range(0, weight.shape[0], QUANTIZE_ROWS):  # row blocks: fp32 temporaries stay small
+        w = weight[start : start + QUANTIZE_ROWS].float()
+        s = (w.abs().amax(dim=-1) / qmax).half()
+        safe = s.float().clamp_min(torch.finfo(torch.float16).tiny)  # an all-zero row stays zero
+        block = torch.round(w / safe[:, None]).clamp_(-qmax, qmax).to(torch.int8)
+        scale[start : start + QUANTIZE_ROWS] = s
+        q[start : start + QUANTIZE_ROWS] = pack_int4(block) if bits == 4 else block
+    return q, scale
+
+
+QUANTIZE_ROWS = 2048
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
