@@ -197,3 +197,39 @@ def test_loss_for_training(tiny):
     logits = out.logits[0, :-1].float()
     expected = torch.nn.functional.cross_entropy(logits[1:], ids[0, 2:])
     assert torch.allclose(out.loss, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("projection", [False, True])
+def test_prefix_encoder_cache_and_batch(tiny_dirs, version, projection):
+    path = str(tiny_dirs[version])
+    model = load_model(path, dtype=torch.float32, pre_seq_len=4, prefix_projection=projection)
+    tok = chatglm.load_tokenizer(path)
+    prefix = model.transformer.prefix_encoder
+    assert prefix.embedding.weight.requires_grad and hasattr(prefix, "trans") == projection
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("transformer.prefix_encoder.") for n in trainable)
+    plain = load_model(path, dtype=torch.float32)
+    ids = torch.tensor([_prompt(model, tok)])
+    with torch.no_grad():
+        assert (model(ids).logits - plain(ids).logits).abs().max() > 1e-3  # the prefix is attended to
+    full = model.generate(ids, do_sample=False, max_new_tokens=4)
+    with torch.no_grad():
+        uncached = model(full).logits[0, ids.shape[1] - 1 : -1]
+        state = model._init_generation(ids)
+        out = model(**{k: state[k] for k in ("input_ids", "attention_mask", "position_ids", "past_key_values")})
+        assert out.past_key_values[0][0].shape[2] == 4 + ids.shape[1]  # prefix first in the cache
+        assert torch.allclose(out.logits[0, -1], uncached[0], atol=1e-4)
+    texts = ["你好", "Hello world, how are you today?"]
+    batch = model.generate(**tok(texts, padding=True, return_tensors="pt"), do_sample=False, max_new_tokens=4)
+    for row, text in enumerate(texts):
+        alone = model.generate(**tok([text], return_tensors="pt"), do_sample=False, max_new_tokens=4)
+        assert batch[row, -4:].tolist() == alone[0, -4:].tolist()
+
+
+def test_auto_model_honours_torch_dtype(tiny_dirs):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(tiny_dirs["v3"]), torch_dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    assert AutoModel.from_pretrained(str(tiny_dirs["v3"])).dtype == torch.float32  # the checkpoint's own dtype
