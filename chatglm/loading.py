@@ -168,7 +168,9 @@ def _quantize_shard(shard: dict, quantized: dict, bits: int) -> dict:
         if module in quantized and value.is_floating_point():
             out[key], out[module + ".weight_scale"] = quantize_weight(value, bits)
         else:
-            out.setdefault(key, value)
+            # A copy of its own: a tensor left pointing into the shard's mmap would keep the whole shard
+            # (every page the quantizer touched) resident for the life of the model.
+            out.setdefault(key, value.clone())
     return out
 
 
