@@ -250,13 +250,15 @@ class ChatGLMGenerationMixin:
             **kwargs,
         )
 
-    def _chat_inputs(self, tokenizer, version, query, history, role, past_key_values, return_past):
+    def _chat_inputs(self, tokenizer, version, query, history, role, past_key_values):
         if version == "v3":
             return tokenizer.build_chat_input(query, history=None if past_key_values is not None else history,
                                               role=role)  # fmt: skip
         if version == "v1":
             return tokenizer([tokenizer.build_prompt(query, history)], return_tensors="pt")
-        if past_key_values is None and not return_past:
+        if past_key_values is None:
+            # The whole conversation. (The original, asked for return_past_key_values without a cache, sent
+            # only the new round and lost the history; with no history the two prompts are the same.)
             return tokenizer([tokenizer.build_prompt(query, history)], return_tensors="pt")
         # ChatGLM2 incremental chat: only the new round, its first token dropped, no [gMASK] sop prefix.
         if history:
@@ -298,7 +300,7 @@ class ChatGLMGenerationMixin:
         gen["logits_processor"].append(
             SuppressUndecodableLogitsProcessor(tokenizer.vocab_size)
         )  # after the nan/inf guard
-        inputs = self._chat_inputs(tokenizer, version, query, history, role, past_key_values, return_past_key_values)
+        inputs = self._chat_inputs(tokenizer, version, query, history, role, past_key_values)
         input_ids = inputs["input_ids"].to(self.device)
         attention_mask = None  # built from input_ids (and the cache length) by _init_generation
         decode = StreamDecoder(tokenizer)
