@@ -141,15 +141,6 @@ class ChatGLMModel(nn.Module):
         self.pre_seq_len = config.pre_seq_len
         if self.pre_seq_len is not None:
             self.prefix_encoder = PrefixEncoder(config, config.num_layers * h * 2, h, device=device, dtype=dtype)
-            self.dropout = nn.Dropout(0.1)
-
-    def get_prompt(self, batch_size, device, dtype):
-        # Prefix KV: [b, pre, 2*layers*hidden] -> per layer (k, v), each [b, heads, pre, d].
-        tokens = torch.arange(self.pre_seq_len, device=device).unsqueeze(0).expand(batch_size, -1)
-        kv = self.prefix_encoder(tokens).to(dtype)
-        kv = kv.view(batch_size, self.pre_seq_len, 2 * self.num_layers, self.heads, self.head_dim)
-        kv = self.dropout(kv).permute(2, 0, 3, 1, 4)  # [2*layers, b, heads, pre, d]
-        return tuple((kv[2 * i], kv[2 * i + 1]) for i in range(self.num_layers))
 
     def forward(
         self,
@@ -164,7 +155,9 @@ class ChatGLMModel(nn.Module):
         b, s = x.shape[:2]
         prefix = self.pre_seq_len or 0
         if past_key_values is None and prefix:
-            past_key_values = self.get_prompt(b, x.device, x.dtype)
+            past_key_values = self.prefix_encoder.past_key_values(
+                b, self.num_layers, self.heads, self.head_dim, x.device, x.dtype
+            )
         cached = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         if position_ids is None:
             position_ids = glm_position_ids(input_ids, self.config, attention_mask)

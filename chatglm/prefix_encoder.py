@@ -26,7 +26,16 @@ class PrefixEncoder(nn.Module):
             )
         else:
             self.embedding = nn.Embedding(config.pre_seq_len, kv_size, device=device, dtype=dtype)
+        self.pre_seq_len = config.pre_seq_len
+        self.dropout = nn.Dropout(0.1)
 
     def forward(self, prefix: torch.Tensor) -> torch.Tensor:
         x = self.embedding(prefix)
         return self.trans(x) if self.prefix_projection else x
+
+    def past_key_values(self, batch_size: int, layers: int, kv_heads: int, head_dim: int, device, dtype):
+        """The prefix as a KV cache: per layer (k, v), each [b, kv_heads, pre_seq_len, head_dim]."""
+        tokens = torch.arange(self.pre_seq_len, device=device).unsqueeze(0).expand(batch_size, -1)
+        kv = self(tokens).to(dtype).view(batch_size, self.pre_seq_len, 2 * layers, kv_heads, head_dim)
+        kv = self.dropout(kv).permute(2, 0, 3, 1, 4)  # [2 * layers, b, kv_heads, pre, d]
+        return tuple((kv[2 * i], kv[2 * i + 1]) for i in range(layers))

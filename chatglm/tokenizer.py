@@ -118,6 +118,27 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         return files
 
 
+def _pad_target(n, strategy, max_length, multiple):
+    """The padded length (None: no padding), as transformers computes it."""
+    if strategy == PaddingStrategy.DO_NOT_PAD:
+        return None
+    if strategy == PaddingStrategy.LONGEST:
+        max_length = n
+    if max_length is not None and multiple is not None and max_length % multiple:
+        max_length = (max_length // multiple + 1) * multiple
+    return max_length
+
+
+def _pad_left_extras(tokenizer, encoded, diff):
+    for key in ("token_type_ids", "special_tokens_mask"):
+        if key in encoded:
+            fill = tokenizer.pad_token_type_id if key == "token_type_ids" else 1
+            encoded[key] = [fill] * diff + list(encoded[key])
+    encoded[tokenizer.model_input_names[0]] = [tokenizer.pad_token_id] * diff + list(
+        encoded[tokenizer.model_input_names[0]]
+    )
+
+
 class GLMTokenizer(ChatGLMTokenizer):
     """ChatGLM-6B (v1) tokenizer over ice_text.model."""
 
@@ -262,11 +283,8 @@ class GLMTokenizer(ChatGLMTokenizer):
         # bidirectional) and [2, s] positions (position, block position), padded on the left.
         ids = encoded_inputs[self.model_input_names[0]]
         n = len(ids)
-        if padding_strategy == PaddingStrategy.LONGEST:
-            max_length = n
-        if max_length is not None and pad_to_multiple_of is not None and max_length % pad_to_multiple_of:
-            max_length = (max_length // pad_to_multiple_of + 1) * pad_to_multiple_of
-        if max_length is None:
+        target = _pad_target(n, padding_strategy, max_length, pad_to_multiple_of)
+        if target is None:
             return encoded_inputs
         bos, mask, gmask = self.bos_token_id, self._convert_token_to_id("[MASK]"), self.gmask_token_id
         ctx = ids.index(bos) if bos in ids else n
@@ -281,17 +299,13 @@ class GLMTokenizer(ChatGLMTokenizer):
                 pos[ctx:] = ids.index(mask_token)
             block = np.concatenate([np.zeros(ctx, dtype=np.int64), np.arange(1, n - ctx + 1, dtype=np.int64)])
             encoded_inputs["position_ids"] = np.stack([pos, block], axis=0)
-        diff = max_length - n
-        if padding_strategy != PaddingStrategy.DO_NOT_PAD and diff > 0:
+        diff = target - n
+        if diff > 0:
             encoded_inputs["attention_mask"] = np.pad(
                 encoded_inputs["attention_mask"], [(0, 0), (diff, 0), (diff, 0)], constant_values=True
             )
             encoded_inputs["position_ids"] = np.pad(encoded_inputs["position_ids"], [(0, 0), (diff, 0)])
-            for key in ("token_type_ids", "special_tokens_mask"):
-                if key in encoded_inputs:
-                    fill = self.pad_token_type_id if key == "token_type_ids" else 1
-                    encoded_inputs[key] = [fill] * diff + encoded_inputs[key]
-            encoded_inputs[self.model_input_names[0]] = [self.pad_token_id] * diff + ids
+            _pad_left_extras(self, encoded_inputs, diff)
         return encoded_inputs
 
 
@@ -386,23 +400,15 @@ class GLM2Tokenizer(ChatGLMTokenizer):
         return_attention_mask=None,
     ):
         # Left padding; positions count from the first real token, as the original.
-        ids = encoded_inputs[self.model_input_names[0]]
-        n = len(ids)
-        if padding_strategy == PaddingStrategy.LONGEST:
-            max_length = n
-        if max_length is not None and pad_to_multiple_of is not None and max_length % pad_to_multiple_of:
-            max_length = (max_length // pad_to_multiple_of + 1) * pad_to_multiple_of
+        n = len(encoded_inputs[self.model_input_names[0]])
         encoded_inputs.setdefault("attention_mask", [1] * n)
         encoded_inputs.setdefault("position_ids", list(range(n)))
-        if padding_strategy != PaddingStrategy.DO_NOT_PAD and max_length is not None and max_length > n:
-            diff = max_length - n
+        target = _pad_target(n, padding_strategy, max_length, pad_to_multiple_of)
+        if target is not None and target > n:
+            diff = target - n
             encoded_inputs["attention_mask"] = [0] * diff + list(encoded_inputs["attention_mask"])
             encoded_inputs["position_ids"] = [0] * diff + list(encoded_inputs["position_ids"])
-            for key in ("token_type_ids", "special_tokens_mask"):
-                if key in encoded_inputs:
-                    fill = self.pad_token_type_id if key == "token_type_ids" else 1
-                    encoded_inputs[key] = [fill] * diff + encoded_inputs[key]
-            encoded_inputs[self.model_input_names[0]] = [self.pad_token_id] * diff + ids
+            _pad_left_extras(self, encoded_inputs, diff)
         return encoded_inputs
 
 
