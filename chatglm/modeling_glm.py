@@ -13,11 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .base import ChatGLMCausalLM
 from .config import ChatGLMConfig
-from .generation import ChatGLMGenerationMixin
-from .loading import ChatGLMLoadingMixin
 from .prefix_encoder import PrefixEncoder
 
 MAX_LINES = 600  # keep this file small enough to read in one sitting
@@ -236,10 +234,8 @@ def glm_mask(input_ids, config, attention_mask, cached, prefix, device):
     return allowed
 
 
-class ChatGLMForConditionalGeneration(ChatGLMGenerationMixin, ChatGLMLoadingMixin, nn.Module):
+class ChatGLMForConditionalGeneration(ChatGLMCausalLM):
     """ChatGLM-6B with the original chat API."""
-
-    _no_split_modules = ["GLMBlock"]
 
     def __init__(self, config: ChatGLMConfig, device=None, dtype=None):
         super().__init__()
@@ -247,45 +243,16 @@ class ChatGLMForConditionalGeneration(ChatGLMGenerationMixin, ChatGLMLoadingMixi
         self.transformer = ChatGLMModel(config, device=device, dtype=dtype)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
         self.tie_weights()
-        if config.pre_seq_len is not None:  # P-Tuning v2 trains the prefix only
-            for name, p in self.named_parameters():
-                if not name.startswith("transformer.prefix_encoder."):
-                    p.requires_grad_(False)
+        if config.pre_seq_len is not None:
+            self.freeze_for_prefix_tuning()
 
     def tie_weights(self):
         # Tied while both are float; an INT8/INT4 model with quantized embeddings keeps two tensors.
         if isinstance(self.lm_head, nn.Linear) and isinstance(self.transformer.word_embeddings, nn.Embedding):
             self.lm_head.weight = self.transformer.word_embeddings.weight
 
-    def forward(
-        self,
-        input_ids=None,
-        position_ids=None,
-        attention_mask=None,
-        past_key_values=None,
-        inputs_embeds=None,
-        labels=None,
-        use_cache=True,
-        return_last_logit=False,
-        output_hidden_states=False,
-        return_dict=True,
-        **kwargs,
-    ):
-        hidden, presents, all_hidden = self.transformer(
-            input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, output_hidden_states
-        )
-        if return_last_logit:
-            hidden = hidden[:, -1:]
-        logits = self.lm_head(hidden)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=presents if use_cache else None,
-            hidden_states=tuple(all_hidden) if output_hidden_states else None,
-        )
+    def output_head(self) -> nn.Module:
+        return self.lm_head
 
     # --- generation hooks (see generation.py) ---
     def _init_generation(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None):
