@@ -60,14 +60,18 @@ def quantized_linear_reference(x, weight, scale, bits, bias=None):
 
 def quantized_linear(x, weight, scale, bits, bias=None):
     """The forward of QuantizedLinear: the fused CPU kernel for decode and small batches, else the reference."""
-    if x.device.type == "cpu" and x.shape[:-1].numel() <= CPU_KERNEL_MAX_ROWS:
+    if x.device.type == "cpu":
         from kernels import get_cpu_kernel
 
         kernel = get_cpu_kernel()
-        if kernel is not None:
+        if kernel is not None and x.shape[:-1].numel() <= CPU_KERNEL_MAX_ROWS:
             flat = x.reshape(-1, x.shape[-1]).float().contiguous()
             y = kernel.linear(flat, weight.contiguous(), scale.float().contiguous(), bits, bias)
             return y.to(x.dtype).view(*x.shape[:-1], -1)
+        if kernel is not None:  # prefill: a threaded C dequantize, then the BLAS matmul in x's dtype
+            w = kernel.dequantize(weight, scale.float().contiguous(), bits).to(x.dtype)
+            y = x @ w.t()
+            return y + bias.to(y.dtype) if bias is not None else y
     return quantized_linear_reference(x, weight, scale, bits, bias)
 
 
