@@ -131,8 +131,10 @@ def load_model(path: str, config: ChatGLMConfig | None = None, dtype=None, devic
         shard = {k: _cast(k, v, torch_dtype) for k, v in shard.items() if k in expected}
         model.load_state_dict(shard, strict=False, assign=True)
         loaded.update(shard)
+        big = sum(v.numel() * v.element_size() for v in shard.values()) > 2**27
         del shard
-        gc.collect()
+        if big:  # release a large shard's memory before reading the next (skip the cost on small ones)
+            gc.collect()
         if bar is not None:
             bar.update(1)
     if bar is not None:

@@ -64,11 +64,12 @@ def quantized_linear(x, weight, scale, bits, bias=None):
         from kernels import get_cpu_kernel
 
         kernel = get_cpu_kernel()
-        if kernel is not None and x.shape[:-1].numel() <= CPU_KERNEL_MAX_ROWS:
+        training = torch.is_grad_enabled() and x.requires_grad  # the C kernels have no backward
+        if kernel is not None and not training and x.shape[:-1].numel() <= CPU_KERNEL_MAX_ROWS:
             flat = x.reshape(-1, x.shape[-1]).float().contiguous()
             y = kernel.linear(flat, weight.contiguous(), scale.float().contiguous(), bits, bias)
             return y.to(x.dtype).view(*x.shape[:-1], -1)
-        if kernel is not None:  # prefill: a threaded C dequantize, then the BLAS matmul in x's dtype
+        if kernel is not None and not training:  # prefill: a threaded C dequantize, then the BLAS matmul in x's dtype
             w = kernel.dequantize(weight, scale.float().contiguous(), bits).to(x.dtype)
             y = x @ w.t()
             return y + bias.to(y.dtype) if bias is not None else y

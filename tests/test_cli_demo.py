@@ -1,4 +1,4 @@
-"""cli_demo.py driven in a real pseudo-terminal, as a person uses it."""
+"""cli_demo.py driven in a real pseudo-terminal, as a person uses it; assertions are on what the screen shows."""
 
 import os
 import sys
@@ -9,71 +9,72 @@ pexpect = pytest.importorskip("pexpect")
 
 from .conftest import REPO  # noqa: E402
 
-needs_utils = pytest.mark.skipif(not (REPO / "utils.py").exists(), reason="utils.py is not there yet")
+NAMES = {"v1": "ChatGLM-6B", "v2": "ChatGLM2-6B", "v3": "ChatGLM3-6B"}
+REPLY = "ChatGLM：(.*?)\r\n\r\n用户："  # pexpect patterns match across lines (re.DOTALL)
 
 
-def spawn(env_extra, args=(), timeout=60):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", CHATGLM_NO_PROGRESS="1")
-    env.pop("MODEL_PATH", None)  # only what the test gives
-    env.update(env_extra)
-    return pexpect.spawn(sys.executable, ["cli_demo.py", *args], cwd=str(REPO), env=env, encoding="utf-8",
-                         timeout=timeout, dimensions=(40, 200))  # fmt: skip
+def spawn(tmp_path, args=(), model=None, timeout=60):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", CHATGLM_NO_PROGRESS="1", CHATGLM_CACHE=str(tmp_path / "cache"))
+    for name in ("MODEL_PATH", "TOKENIZER_PATH", "DEVICE"):
+        env.pop(name, None)  # only what the test gives
+    if model is not None:
+        env["MODEL_PATH"] = str(model)
+    return pexpect.spawn(sys.executable, ["cli_demo.py", "--device", "cpu", *args], cwd=str(REPO), env=env,
+                         encoding="utf-8", timeout=timeout, dimensions=(40, 200))  # fmt: skip
 
 
-@needs_utils
-@pytest.mark.parametrize("version", ["v1", "v3"])
-def test_chat_session(tiny_dirs, tmp_path, version):
-    child = spawn({"MODEL_PATH": str(tiny_dirs[version]), "CHATGLM_CACHE": str(tmp_path)}, ["--device", "cpu"])
-    name = "ChatGLM-6B" if version == "v1" else "ChatGLM3-6B"
-    child.expect(f"欢迎使用 {name} 模型")
-    child.expect("用户：")
-    child.sendline("你好")
-    child.expect("ChatGLM：")
-    child.expect("用户：")  # the reply streamed out and the prompt came back
-    child.sendline("clear")
-    child.expect(f"欢迎使用 {name} 模型")
-    child.expect("用户：")
-    child.sendline("stop")
+def finish(child, status=0):
     child.expect(pexpect.EOF)
     child.close()
-    assert child.exitstatus == 0
-
-
-@needs_utils
-def test_ctrl_c_stops_the_reply_not_the_session(tiny_dirs, tmp_path):
-    child = spawn({"MODEL_PATH": str(tiny_dirs["v2"]), "CHATGLM_CACHE": str(tmp_path)},
-                  ["--device", "cpu", "--max-length", "6000"])  # fmt: skip
-    child.expect("用户：")
-    child.sendline("写一篇很长的文章")
-    child.expect("ChatGLM：")
-    child.expect(r"\S{5}")  # some of the reply has streamed out
-    child.sendintr()
-    child.expect("用户：", timeout=30)  # the session is still alive
-    child.sendline("你好")
-    child.expect("ChatGLM：")
-    child.expect("用户：")
-    child.sendeof()
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
-
-
-@needs_utils
-def test_no_model_uses_the_tiny_model_and_says_so(tmp_path):
-    child = spawn({"CHATGLM_CACHE": str(tmp_path)}, ["--device", "cpu"], timeout=120)
-    child.expect("tiny")
-    child.expect("用户：")
-    child.sendline("stop")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
-
-
-@needs_utils
-def test_wrong_model_path_is_one_clear_error(tmp_path):
-    child = spawn({"MODEL_PATH": str(tmp_path / "nope"), "CHATGLM_CACHE": str(tmp_path)}, ["--device", "cpu"])
-    child.expect("error: ")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 2
+    assert child.exitstatus == status, child.before
     assert "Traceback" not in child.before
+
+
+@pytest.mark.parametrize("version", ["v1", "v3"])
+def test_chat_clear_stop(tiny_dirs, tmp_path, version):
+    child = spawn(tmp_path, ["--max-length", "48"], model=tiny_dirs[version])
+    welcome = f"欢迎使用 {NAMES[version]} 模型，输入内容即可进行对话，clear 清空对话历史，stop 终止程序"
+    child.expect_exact(welcome)
+    child.expect_exact("\r\n用户：")
+    child.sendline("你好")
+    child.expect(REPLY)  # the reply streamed out, then the prompt came back
+    assert child.match.group(1).strip()
+    child.sendline("再说一句")  # v3 continues from the KV cache; v1 resends the history (may pass --max-length)
+    child.expect(REPLY)
+    child.sendline("clear")
+    child.expect_exact(welcome)
+    child.expect_exact("用户：")
+    child.sendline("stop")
+    finish(child)
+
+
+@pytest.mark.parametrize("version", ["v1", "v3"])
+def test_ctrl_c_stops_the_reply_not_the_session(tiny_dirs, tmp_path, version):
+    child = spawn(tmp_path, ["--max-length", "4000"], model=tiny_dirs[version])
+    child.expect_exact("用户：")
+    for question in ("写一篇很长的文章", "继续"):  # the second turn follows an interrupted one
+        child.sendline(question)
+        child.expect_exact("ChatGLM：")
+        child.expect(r"\S\S\S")  # the reply is streaming out
+        child.sendintr()
+        child.expect_exact("用户：", timeout=30)  # that reply stopped, the session goes on
+    child.sendintr()  # Ctrl-C at the prompt ends the session cleanly
+    finish(child)
+
+
+def test_no_model_uses_the_tiny_model_and_says_so(tmp_path):
+    child = spawn(tmp_path, timeout=120)
+    child.expect("tiny random ChatGLM3-6B model")
+    child.expect_exact("answers are random text")
+    child.expect_exact("MODEL_PATH")
+    child.expect_exact("欢迎使用 ChatGLM3-6B 模型")
+    child.expect_exact("用户：")
+    child.sendeof()  # Ctrl-D
+    finish(child)
+
+
+def test_wrong_model_path_is_one_clear_error(tmp_path):
+    child = spawn(tmp_path, ["--model-path", str(tmp_path / "nope")])
+    finish(child, status=2)
+    lines = [line for line in child.before.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "nope" in lines[0], lines
