@@ -1,0 +1,673 @@
+"""api.py, stream_api.py and openai_api.py against the real apps on the tiny models.
+
+FastAPI apps through TestClient (and a live uvicorn on loopback for the openai client and disconnects), Flask
+through test_client, and api.py once as a real process. Replies use greedy decoding (temperature 0), so every
+answer can be checked against model.chat run alone.
+"""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("flask")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+import api  # noqa: E402
+import openai_api  # noqa: E402
+import stream_api  # noqa: E402
+from chatglm.serving import holdback, openai_to_chat  # noqa: E402
+
+from .conftest import REPO  # noqa: E402
+
+TIMEOUT = 30  # seconds: the longest any single wait in these tests may take
+
+
+def expected(model, tokenizer, query, history=None, **gen):
+    return model.chat(tokenizer, query, history or [], do_sample=False, **gen)
+
+
+def until(predicate, timeout=TIMEOUT, step=0.02):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("condition not met in time")
+
+
+class Gated:
+    """The model, but each reply waits for `gate` before its first step (to hold requests in flight)."""
+
+    def __init__(self, model):
+        self._model, self.gate, self.entered = model, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def stream_chat(self, *args, **kwargs):
+        def steps():
+            self.entered.set()
+            if not self.gate.wait(TIMEOUT):
+                raise TimeoutError("gate never opened")
+            yield from self._model.stream_chat(*args, **kwargs)
+
+        return steps()
+
+
+class Force:
+    """A logits processor making the model say `ids` (finite scores: the nan/inf guard must not fire)."""
+
+    def __init__(self, ids):
+        self.ids, self.start = ids, None
+
+    def __call__(self, input_ids, scores):
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        k = min(input_ids.shape[1] - self.start, len(self.ids) - 1)
+        scores[:] = -1e4
+        scores[..., self.ids[k]] = 1e4
+        return scores
+
+
+class Scripted:
+    """The model, but its replies are the given text (then the stop token), through the real chat code."""
+
+    def __init__(self, model, tokenizer, text, stop="<|observation|>"):
+        self._model = model
+        self.ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.get_command(stop)]
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def stream_chat(self, tokenizer, query, history=None, logits_processor=None, **kwargs):
+        procs = [*(logits_processor or []), Force(self.ids)]
+        return self._model.stream_chat(tokenizer, query, history, logits_processor=procs, **kwargs)
+
+
+@contextmanager
+def serve(app):
+    """A live uvicorn server for `app` on a free loopback port; yields its base URL."""
+    uvicorn = pytest.importorskip("uvicorn")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        until(lambda: server.started, timeout=15)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+# --- api.py ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["v1", "v2", "v3"])
+def test_api_contract(tiny, version):
+    model, tok = tiny[version]
+    with TestClient(api.create_app(model, tok)) as client:
+        r = client.post("/", json={"prompt": "你好", "history": [], "max_length": 48, "temperature": 0})
+        assert r.status_code == 200
+        body = r.json()
+        assert set(body) == {"response", "history", "status", "time"}
+        assert body["status"] == 200
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", body["time"])
+        response, history = expected(model, tok, "你好", max_length=48)
+        assert body["response"] == response
+        assert body["history"] == json.loads(json.dumps(history))  # pairs become JSON lists
+        if version == "v3":
+            assert body["history"][0] == {"role": "user", "content": "你好"}
+        else:
+            assert body["history"] == [["你好", response]]
+        # the history comes back as the next request's history
+        r = client.post("/", json={"prompt": "再见", "history": body["history"], "max_length": 96, "temperature": 0})
+        assert r.status_code == 200 and len(r.json()["history"]) == len(body["history"]) + (2 if version == "v3" else 1)
+
+
+class Spy:
+    """Records the chat arguments and answers at once: the request -> model.chat mapping, without generating."""
+
+    def __init__(self, model):
+        self._model, self.calls = model, []
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def stream_chat(self, tokenizer, query, history=None, **kwargs):
+        self.calls.append(kwargs)
+        yield "ok", list(history or []) + [(query, "ok")]
+
+
+def test_api_passes_parameters_and_keeps_the_model_defaults(tiny):
+    spy = Spy(tiny["v1"][0])
+    with TestClient(api.create_app(spy, tiny["v1"][1])) as client:
+        assert client.post("/", json={"prompt": "hi"}).json()["response"] == "ok"
+        client.post("/", json={"prompt": "hi", "history": None, "max_length": None})
+        client.post("/", json={"prompt": "hi", "max_length": 100, "top_p": 0.5, "temperature": 0.3})
+        client.post("/", json={"prompt": "hi", "temperature": 0})
+    # nothing given -> nothing passed: chat() applies the original 2048 / 0.7 / 0.95
+    assert spy.calls == [{}, {}, {"max_length": 100, "top_p": 0.5, "temperature": 0.3}, {"do_sample": False}]
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"", 400, "empty"),
+    (b"[1, 2]", 400, "JSON object"),
+    (b'{"history": []}', 400, "'prompt' is required"),
+    (b'{"prompt": 5}', 400, "'prompt' must be a string"),
+    (b'{"prompt": "a", "history": "x"}', 400, "'history' must be a list"),
+    (b'{"prompt": "a", "history": [["q"]]}', 400, "pair"),
+    (b'{"prompt": "a", "history": [[1, 2]]}', 400, "pair"),
+    (b'{"prompt": "a", "max_length": 0}', 400, "max_length"),
+    (b'{"prompt": "a", "max_length": 10000000}', 400, "max_length"),
+    (b'{"prompt": "a", "max_length": 1.5}', 400, "max_length"),
+    (b'{"prompt": "a", "max_length": true}', 400, "max_length"),
+    (b'{"prompt": "a", "top_p": 0}', 400, "top_p"),
+    (b'{"prompt": "a", "top_p": 1.5}', 400, "top_p"),
+    (b'{"prompt": "a", "top_p": "0.5"}', 400, "top_p"),
+    (b'{"prompt": "a", "temperature": -1}', 400, "temperature"),
+    (b'{"prompt": "a", "temperature": NaN}', 400, "NaN"),
+    (b'{"prompt": "a", "temperature": Infinity}', 400, "Infinity"),
+    (b'{"prompt": "\\ud800"}', 400, "surrogate"),
+    (b'\xff\xfe{}', 400, "UTF-8"),
+    (b'{"prompt": "' + b"x" * 2048 + b'"}', 413, "larger than 1024"),
+])  # fmt: skip
+def test_api_rejects_bad_requests(tiny, body, status, message):
+    model, tok = tiny["v2"]
+    with TestClient(api.create_app(model, tok, max_body_bytes=1024)) as client:
+        r = client.post("/", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == status, r.text
+        assert message in r.json()["detail"]
+        assert r.json()["status"] == status
+
+
+@pytest.mark.parametrize("prompt", ["\x00", "🎉👋🏽", "e\u0301\u0301", "שלום مرحبا", "a\u2028b\ufeff", "<|user|>[gMASK]</s>",
+                                    "\n\t  ", "", "[[训练时间]]"])  # fmt: skip
+def test_api_unicode_edge_cases(tiny, prompt):
+    for version in ("v1", "v3"):
+        with TestClient(api.create_app(*tiny[version])) as client:
+            r = client.post("/", json={"prompt": prompt, "max_length": 64, "temperature": 0})
+            assert r.status_code == 200, (version, r.text)
+
+
+def test_api_deeply_nested_body_is_a_client_error(tiny):
+    with TestClient(api.create_app(*tiny["v2"])) as client:
+        for depth in (900, 100_000):
+            body = b'{"prompt": "a", "max_length": 30, "x": ' + b"[" * depth + b"]" * depth + b"}"
+            r = client.post("/", content=body)
+            assert r.status_code in (200, 400), r.text  # parsed and ignored, or refused: never a 500
+        assert client.post("/", json={"prompt": "a", "max_length": 30}).status_code == 200
+
+
+def test_api_v3_history_must_be_role_messages(tiny):
+    model, tok = tiny["v3"]
+    with TestClient(api.create_app(model, tok)) as client:
+        for history in ([["q", "a"]], [{"role": "bot", "content": "x"}], [{"role": "user"}],
+                        [{"role": "user", "content": "x", "tools": []}]):  # fmt: skip
+            r = client.post("/", json={"prompt": "a", "history": history})
+            assert r.status_code == 400 and "history" in r.json()["detail"], history
+        r = client.post("/", json={"prompt": "a", "history": [{"role": "system", "content": "be brief"}],
+                                   "max_length": 40, "temperature": 0})  # fmt: skip
+        assert r.status_code == 200
+
+
+def test_api_concurrent_requests_get_their_own_answers(tiny):
+    model, tok = tiny["v2"]
+    queries = ["你好", "今天天气", "写一首诗", "hello", "1+1=?", "再见"]
+    want = {q: expected(model, tok, q, max_length=40) for q in queries}
+    assert len({r for r, _ in want.values()}) > 1  # different prompts, different replies: mixing would show
+    with TestClient(api.create_app(model, tok, concurrency=3)) as client:
+
+        def ask(q):
+            return q, client.post("/", json={"prompt": q, "history": [], "max_length": 40, "temperature": 0})
+
+        with ThreadPoolExecutor(len(queries) * 2) as pool:
+            results = list(pool.map(ask, queries * 2))
+    for q, r in results:
+        assert r.status_code == 200
+        assert (r.json()["response"], [tuple(p) for p in r.json()["history"]]) == want[q]
+
+
+def test_api_event_loop_serves_while_generating_and_refuses_when_full(tiny):
+    gated = Gated(tiny["v2"][0])
+    with TestClient(api.create_app(gated, tiny["v2"][1], concurrency=1, max_waiting=1)) as client:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(client.post, "/", json={"prompt": "a", "max_length": 30})
+            assert gated.entered.wait(TIMEOUT)
+            second = pool.submit(client.post, "/", json={"prompt": "b", "max_length": 30})
+            until(lambda: client.app.state.runner.active == 2)
+            # a generation is running and one waits: the loop still answers, and the next one is refused
+            t0 = time.monotonic()
+            assert client.post("/", json={}).status_code == 400
+            busy = client.post("/", json={"prompt": "c"})
+            assert busy.status_code == 503 and "busy" in busy.json()["detail"]
+            assert time.monotonic() - t0 < 5
+            gated.gate.set()
+            assert first.result(TIMEOUT).status_code == 200
+            assert second.result(TIMEOUT).status_code == 200
+        assert client.app.state.runner.active == 0
+
+
+def test_cuda_cache_is_freed_only_on_cuda(tiny, monkeypatch):
+    import torch
+
+    def fail():
+        raise AssertionError("empty_cache called for a CPU model")
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", fail)
+    with TestClient(api.create_app(*tiny["v2"])) as client:
+        assert client.post("/", json={"prompt": "hi", "max_length": 30}).status_code == 200
+
+
+def test_api_runs_as_a_process(tiny_dirs, tmp_path):
+    if not (REPO / "utils.py").exists():
+        pytest.skip("utils.py is not there yet")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    env = dict(os.environ, MODEL_PATH=str(tiny_dirs["v2"]), CHATGLM_CACHE=str(tmp_path), CHATGLM_NO_PROGRESS="1",
+               PYTHONUNBUFFERED="1")  # fmt: skip
+    log = open(tmp_path / "server.log", "w+")
+    proc = subprocess.Popen([sys.executable, "api.py", "--device", "cpu", "--port", str(port)], cwd=str(REPO),
+                            env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+
+        def up():
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+
+        until(up, timeout=60, step=0.2)
+        req = urllib.request.Request(f"http://127.0.0.1:{port}", method="POST",
+                                     data=json.dumps({"prompt": "你好", "history": [], "max_length": 40}).encode(),
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+            body = json.loads(r.read())
+        assert body["status"] == 200 and body["history"][0][0] == "你好"
+        assert body["history"][0][1] == body["response"]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+
+
+# --- openai_api.py --------------------------------------------------------------------------------------------
+
+
+def sse_chunks(lines):
+    """The JSON chunks of an SSE body; asserts it ends with [DONE]."""
+    data = [line[len("data: ") :] for line in lines if line.startswith("data: ")]
+    assert data and data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
+def stream_post(client, body):
+    with client.stream("POST", "/v1/chat/completions", json=dict(body, stream=True)) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        return sse_chunks(list(r.iter_lines()))
+
+
+def test_openai_models(tiny):
+    with TestClient(openai_api.create_app(*tiny["v3"])) as client:
+        body = client.get("/v1/models").json()
+        assert body["object"] == "list" and body["data"][0]["id"] == "chatglm3-6b"
+        assert body["data"][0]["object"] == "model"
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_openai_stream_concatenates_to_the_plain_answer(tiny, version):
+    model, tok = tiny[version]
+    messages = [{"role": "system", "content": "你是一个助手"}, {"role": "user", "content": "你好"},
+                {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "讲个故事"}]  # fmt: skip
+    body = {"model": "x", "messages": messages, "temperature": 0, "max_tokens": 24}
+    with TestClient(openai_api.create_app(model, tok)) as client:
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200
+        full = r.json()
+        assert full["object"] == "chat.completion" and full["model"] == "x"
+        choice = full["choices"][0]
+        assert choice["message"]["role"] == "assistant" and choice["finish_reason"] == "length"
+        usage = full["usage"]
+        assert usage["completion_tokens"] == 24
+        assert usage["total_tokens"] == usage["prompt_tokens"] + 24 and usage["prompt_tokens"] > 10
+        # the same as the model's own chat on the converted conversation
+        query, history, role = openai_to_chat(version, messages)
+        reply, _ = expected(model, tok, query, history, max_new_tokens=24)
+        assert choice["message"]["content"] == reply
+
+        chunks = stream_post(client, dict(body, stream_options={"include_usage": True}))
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    finish = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(finish) == 1 and finish[0]["choices"][0]["finish_reason"] == "length"
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == choice["message"]["content"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == usage
+
+
+def test_openai_stop_sequences(tiny):
+    model, tok = tiny["v2"]
+    body = {"messages": [{"role": "user", "content": "讲个故事"}], "temperature": 0, "max_tokens": 30}
+    with TestClient(openai_api.create_app(model, tok)) as client:
+        answer = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        assert len(answer) > 8
+        stop = answer[6:8]
+        want = answer[: answer.find(stop)]
+        r = client.post("/v1/chat/completions", json=dict(body, stop=[stop, "never-said"])).json()
+        assert r["choices"][0]["message"]["content"] == want and r["choices"][0]["finish_reason"] == "stop"
+        chunks = stream_post(client, dict(body, stop=stop))
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == want and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_holdback_keeps_what_may_still_change():
+    assert holdback("abc", "v2") == 0
+    assert holdback("abc[[训", "v2") == 3  # could become [[训练时间]], which the model's reply rewrites
+    assert holdback("中文,", "v1") == 1 and holdback("中文,", "v2") == 0  # v1 full-width punctuation
+    assert holdback("hello wor", "v2", ["world"]) == 3
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": []}, "messages"),
+    ({}, "messages"),
+    ({"messages": [{"role": "bot", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages"),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": 2.5}, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_p": "1"}, "top_p"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**9}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream"),
+    ({"messages": [{"role": "user", "content": "x"}], "repetition_penalty": 0}, "repetition_penalty"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]}, "messages"),
+])  # fmt: skip
+def test_openai_errors_in_openai_shape(tiny, body, param):
+    with TestClient(openai_api.create_app(*tiny["v2"])) as client:
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and err["message"] and err["param"] == param
+        assert client.post("/v1/chat/completions", content=b"{oops").json()["error"]["message"]
+        assert client.get("/v1/nothing").json()["error"]["message"]
+
+
+def test_openai_passes_sampling_parameters(tiny):
+    spy = Spy(tiny["v2"][0])
+    body = {"messages": [{"role": "user", "content": "x"}], "temperature": 0.5, "top_p": 0.9, "max_tokens": 7,
+            "repetition_penalty": 1.2}  # fmt: skip
+    with TestClient(openai_api.create_app(spy, tiny["v2"][1])) as client:
+        assert client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"] == "ok"
+        client.post("/v1/chat/completions", json={"messages": body["messages"], "temperature": 0})
+        client.post("/v1/chat/completions", json={"messages": body["messages"], "seed": 3})
+    first, greedy, seeded = ({k: v for k, v in c.items() if k != "logits_processor"} for c in spy.calls)
+    assert first == {"temperature": 0.5, "top_p": 0.9, "max_new_tokens": 7, "repetition_penalty": 1.2}
+    assert greedy == {"do_sample": False}
+    assert set(seeded) == {"generator"}
+
+
+def test_openai_seed_makes_sampling_repeatable(tiny):
+    body = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 16, "temperature": 1.0, "seed": 11}
+    with TestClient(openai_api.create_app(*tiny["v2"])) as client:
+        a, b = (client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"] for _ in range(2))
+    assert a == b
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "the weather of a city",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]  # fmt: skip
+
+
+def test_openai_tool_calls_v3(tiny):
+    model, tok = tiny["v3"]
+    scripted = Scripted(model, tok, "get_weather\n```python\ntool_call(city='北京', days=3)\n```")
+    body = {"messages": [{"role": "user", "content": "北京天气怎么样"}], "tools": TOOLS}
+    with TestClient(openai_api.create_app(scripted, tok)) as client:
+        r = client.post("/v1/chat/completions", json=body).json()
+        choice = r["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+        (call,) = choice["message"]["tool_calls"]
+        assert call["type"] == "function" and call["id"].startswith("call_")
+        assert call["function"]["name"] == "get_weather"
+        assert json.loads(call["function"]["arguments"]) == {"city": "北京", "days": 3}
+
+        chunks = stream_post(client, body)
+        calls = [c["choices"][0]["delta"]["tool_calls"] for c in chunks if c["choices"][0]["delta"].get("tool_calls")]
+        assert len(calls) == 1 and calls[0][0]["index"] == 0
+        assert json.loads(calls[0][0]["function"]["arguments"]) == {"city": "北京", "days": 3}
+        assert not any(c["choices"][0]["delta"].get("content") for c in chunks)  # nothing of the call leaks as text
+        assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+        # the call and its result go back as history; the tool result is an observation turn
+        follow = dict(body, messages=body["messages"] + [choice["message"],
+                      {"role": "tool", "tool_call_id": call["id"], "content": "晴，25度"}])  # fmt: skip
+        assert client.post("/v1/chat/completions", json=follow).status_code == 200
+    query, history, role = openai_to_chat("v3", follow["messages"], [TOOLS[0]["function"]])
+    assert role == "observation" and query == "晴，25度"
+    assert history[0]["tools"] == [TOOLS[0]["function"]] and history[0]["role"] == "system"
+    assert history[-1] == {"role": "assistant", "metadata": "get_weather",
+                           "content": "```python\ntool_call(city='北京', days=3)\n```"}  # fmt: skip
+
+
+def test_openai_tool_call_arguments_are_never_evaluated(tiny):
+    model, tok = tiny["v3"]
+    scripted = Scripted(model, tok, "get_weather\n```python\ntool_call(city=__import__('os').getcwd())\n```")
+    with TestClient(openai_api.create_app(scripted, tok)) as client:
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "tools": TOOLS})
+    choice = r.json()["choices"][0]
+    assert "tool_calls" not in choice["message"] and choice["finish_reason"] != "tool_calls"
+    assert "__import__" in choice["message"]["content"]  # returned as text, not run
+
+
+def test_openai_tools_need_chatglm3(tiny):
+    with TestClient(openai_api.create_app(*tiny["v2"])) as client:
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "tools": TOOLS})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+
+
+def test_openai_client_against_live_server(tiny):
+    openai = pytest.importorskip("openai")
+    model, tok = tiny["v3"]
+    with serve(openai_api.create_app(model, tok)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=TIMEOUT, max_retries=0)
+        assert [m.id for m in client.models.list()] == ["chatglm3-6b"]
+        messages = [{"role": "system", "content": "简短回答"}, {"role": "user", "content": "你好"}]
+        full = client.chat.completions.create(model="chatglm3-6b", messages=messages, temperature=0, max_tokens=20)
+        assert full.usage.completion_tokens == 20
+        parts = []
+        for chunk in client.chat.completions.create(model="chatglm3-6b", messages=messages, temperature=0,
+                                                    max_tokens=20, stream=True):  # fmt: skip
+            if chunk.choices and chunk.choices[0].delta.content:
+                parts.append(chunk.choices[0].delta.content)
+        assert "".join(parts) == full.choices[0].message.content
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="chatglm3-6b", messages=messages, top_p=5)
+
+
+def test_openai_client_disconnect_frees_the_worker(tiny):
+    import http.client
+
+    model, tok = tiny["v2"]
+    app = openai_api.create_app(model, tok)
+    body = json.dumps({"messages": [{"role": "user", "content": "写一篇长文"}], "stream": True, "max_tokens": 8000})
+    with serve(app) as url:
+        host, port = url.rsplit("/", 1)[1].split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT)
+        conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert resp.readline().startswith(b"data: ")  # streaming has begun
+        until(lambda: app.state.runner.active == 1)
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        # 8000 tokens take ~25 s here: the worker stops at its next step instead
+        until(lambda: app.state.runner.active == 0, timeout=5)
+        with urllib.request.urlopen(urllib.request.Request(
+                url + "/v1/chat/completions", method="POST", headers={"Content-Type": "application/json"},
+                data=json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}).encode()),
+                timeout=TIMEOUT) as r:  # fmt: skip
+            assert json.loads(r.read())["usage"]["completion_tokens"] <= 5
+
+
+# --- stream_api.py --------------------------------------------------------------------------------------------
+
+
+def post(client, path, body):
+    r = client.post(path, json=body)
+    assert r.status_code == 200, r.data
+    return r.get_json()
+
+
+def wait_finished(client, rid):
+    return until(lambda: (s := post(client, "/get_response", {"request_id": rid})["response"])["is_finished"] and s)
+
+
+def test_stream_api_queue_states_codes_and_ttl(tiny):
+    model, tok = tiny["v2"]
+    gated = Gated(model)
+    app = stream_api.create_app(gated, tok, workers=1, max_waiting=1, ttl=0.3)
+    client = app.test_client()
+    try:
+        gen = {"max_length": 40, "temperature": 0}
+        assert post(client, "/chat", {"request_id": "a", "query": "你好", "history": [], **gen}) == \
+            {"code": 0, "msg": "start process"}  # fmt: skip
+        assert gated.entered.wait(TIMEOUT)
+        state = post(client, "/get_response", {"request_id": "a"})
+        assert state["code"] == 0 and state["msg"] == "success"
+        assert set(state["response"]) == {"is_finished", "is_handled", "response", "timestamp"}
+        assert state["response"]["is_handled"] and not state["response"]["is_finished"]
+        assert post(client, "/chat", {"request_id": "a", "query": "x"})["code"] == 101  # still in process
+        assert post(client, "/chat", {"request_id": "b", "query": "今天天气", **gen})["code"] == 0
+        waiting = post(client, "/get_response", {"request_id": "b"})["response"]
+        assert not waiting["is_handled"] and not waiting["is_finished"] and waiting["response"] == ""
+        busy = post(client, "/chat", {"request_id": "c", "query": "x"})
+        assert busy["code"] == 100 and "busy" in busy["msg"]
+        assert post(client, "/get_response", {"request_id": "nope"})["code"] == 102
+
+        gated.gate.set()
+        a = wait_finished(client, "a")
+        b = wait_finished(client, "b")
+        assert a["response"] == expected(model, tok, "你好", max_length=40)[0]
+        assert b["response"] == expected(model, tok, "今天天气", max_length=40)[0]
+        # read: kept ttl seconds more, then gone
+        assert post(client, "/get_response", {"request_id": "a"})["response"] == a
+        time.sleep(0.45)
+        assert post(client, "/get_response", {"request_id": "a"})["code"] == 102
+        # a finished id may be used again
+        assert post(client, "/chat", {"request_id": "b", "query": "again", **gen})["code"] == 0
+        wait_finished(client, "b")
+    finally:
+        gated.gate.set()
+        app.extensions["chatglm_queue"].close()
+
+
+def test_stream_api_keeps_unread_results_past_the_ttl(tiny):
+    model, tok = tiny["v2"]
+    app = stream_api.create_app(model, tok, workers=1, max_waiting=2, ttl=0.1)
+    client = app.test_client()
+    queue = app.extensions["chatglm_queue"]
+    try:
+        post(client, "/chat", {"request_id": 7, "query": "你好", "max_length": 30, "temperature": 0})
+        until(lambda: queue.entries["7"]["is_finished"])  # finished, and nobody has read it
+        time.sleep(0.3)
+        post(client, "/chat", {"request_id": "other", "query": "x", "max_length": 30})  # requests sweep
+        state = post(client, "/get_response", {"request_id": 7})
+        assert state["code"] == 0 and state["response"]["is_finished"]
+    finally:
+        queue.close()
+
+
+def test_stream_api_idle_workers_take_requests_without_a_waiting_queue(tiny):
+    app = stream_api.create_app(*tiny["v2"], workers=1, max_waiting=0)
+    client = app.test_client()
+    try:
+        assert post(client, "/chat", {"request_id": "x", "query": "hi", "max_length": 30})["code"] == 0
+        wait_finished(client, "x")
+        assert post(client, "/chat", {"request_id": "y", "query": "hi", "max_length": 30})["code"] == 0
+        wait_finished(client, "y")
+    finally:
+        app.extensions["chatglm_queue"].close()
+
+
+def test_stream_api_concurrent_requests_are_not_mixed(tiny):
+    model, tok = tiny["v2"]
+    queries = {f"id-{i}": q for i, q in enumerate(["你好", "今天天气", "写一首诗", "hello", "1+1=?", "再见"])}
+    want = {rid: expected(model, tok, q, max_length=40)[0] for rid, q in queries.items()}
+    app = stream_api.create_app(model, tok, workers=3, max_waiting=8)
+    client = app.test_client()
+    try:
+        with ThreadPoolExecutor(len(queries)) as pool:
+            codes = list(
+                pool.map(
+                    lambda kv: post(
+                        app.test_client(),
+                        "/chat",
+                        {"request_id": kv[0], "query": kv[1], "max_length": 40, "temperature": 0},
+                    )["code"],
+                    queries.items(),
+                )
+            )
+        assert codes == [0] * len(queries)
+        for rid in queries:
+            assert wait_finished(client, rid)["response"] == want[rid]
+    finally:
+        app.extensions["chatglm_queue"].close()
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (b"{bad", 400, "not valid JSON"),
+    (b'{"query": "x"}', 400, "request_id"),
+    (b'{"request_id": true, "query": "x"}', 400, "request_id"),
+    (b'{"request_id": "a"}', 400, "'query' is required"),
+    (b'{"request_id": "a", "query": "x", "history": [["a", 1]]}', 400, "pair"),
+    (b'{"request_id": "a", "query": "x", "top_p": 3}', 400, "top_p"),
+    (b'{"request_id": "a", "query": "' + b"x" * 4096 + b'"}', 413, "larger than"),
+])  # fmt: skip
+def test_stream_api_rejects_bad_requests(tiny, body, status, message):
+    app = stream_api.create_app(*tiny["v2"], max_body_bytes=2048)
+    try:
+        r = app.test_client().post("/chat", data=body, content_type="application/json")
+        assert r.status_code == status and message in r.get_json()["msg"]
+    finally:
+        app.extensions["chatglm_queue"].close()
+
+
+def test_stream_api_server_sent_events(tiny):
+    model, tok = tiny["v2"]
+    app = stream_api.create_app(model, tok, workers=1)
+    client = app.test_client()
+    try:
+        post(client, "/chat", {"request_id": "s", "query": "讲个故事", "max_length": 40, "temperature": 0})
+        r = client.get("/events/s")
+        assert r.status_code == 200 and r.mimetype == "text/event-stream"
+        events = [json.loads(line[6:]) for line in r.get_data(as_text=True).splitlines() if line.startswith("data: ")]
+        assert events[-1]["is_finished"] and not any(e["is_finished"] for e in events[:-1])
+        final = events[-1]["response"]
+        assert final == expected(model, tok, "讲个故事", max_length=40)[0]
+        if all(e["delta"] is not None for e in events):
+            assert "".join(e["delta"] for e in events) == final
+        assert client.get("/events/unknown").status_code == 404
+    finally:
+        app.extensions["chatglm_queue"].close()
