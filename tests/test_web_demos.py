@@ -1,0 +1,219 @@
+"""The web demos as a person uses them: web_demo.py (Gradio) and web_demo_streamlit.py in a real headless Chromium,
+and web_demo_streamlit.py through Streamlit's AppTest. Screenshots go to artifacts/."""
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import pytest
+
+from .conftest import REPO
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+ARTIFACTS = REPO / "artifacts"
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--window-size=1280,1000"]  # fmt: skip
+QUESTION = "你好, what is $E=mc^2$?"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, env_extra, log_path, url, timeout=90):
+    """Start a demo as a subprocess and wait until it answers HTTP; its output goes to log_path."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", CHATGLM_NO_PROGRESS="1", GRADIO_ANALYTICS_ENABLED="False")
+    env.pop("MODEL_PATH", None)
+    env.update(env_extra)
+    log = open(log_path, "w")  # closed by stop_server
+    proc = subprocess.Popen([sys.executable, *args], cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc.log = log
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+    stop_server(proc)
+    pytest.fail(f"{args[0]} did not start serving {url}:\n{open(log_path).read()[-3000:]}")
+
+
+def stop_server(proc):
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+    proc.log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip(f"browser tests need Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER})")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    with tempfile.TemporaryDirectory() as profile:
+        for flag in [*CHROME_FLAGS, f"--user-data-dir={profile}"]:
+            options.add_argument(flag)
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        driver.set_page_load_timeout(60)
+        try:
+            yield driver
+        finally:
+            driver.quit()
+
+
+def wait_for(driver, condition, timeout=60, what="the page"):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(lambda d: condition(), f"waiting for {what}")
+
+
+def screenshot(driver, name: str):
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    assert driver.save_screenshot(str(path))
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000, f"{path} is not a real PNG"
+
+
+def test_gradio_web_demo_in_a_browser(browser, tiny_dirs, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    args = ["web_demo.py", "--device", "cpu", "--port", str(port), "--max-length", "48"]
+    env = {"MODEL_PATH": str(tiny_dirs["v2"]), "CHATGLM_CACHE": str(tmp_path)}  # ChatGLM2: the KV cache in state
+    proc = start_server(args, env, tmp_path / "log", url)
+    d = browser
+
+    def messages(role):
+        return [e.text for e in d.find_elements(By.CSS_SELECTOR, f"#chatbot [data-testid={role}]")]
+
+    try:
+        d.get(url)
+        box = wait_for(d, lambda: d.find_elements(By.CSS_SELECTOR, "#user-input textarea"), what="the input box")[0]
+        sliders = [e.get_attribute("value") for e in d.find_elements(By.CSS_SELECTOR, "input[type=number]")]
+        assert sliders == ["48", "0.8", "0.95"]  # --max-length, then ChatGLM2's top_p / temperature defaults
+        box.send_keys(QUESTION)
+        d.find_element(By.CSS_SELECTOR, "#submit").click()
+        wait_for(d, lambda: messages("user") and any(t.strip() for t in messages("bot")), what="the streamed answer")
+        assert ["".join(t.split()) for t in messages("user")] == ["你好,whatisE=mc2?"]  # LaTeX rendered by KaTeX ...
+        assert d.find_elements(By.CSS_SELECTOR, "#chatbot [data-testid=user] .katex")  # ... not shown as source
+        assert box.get_attribute("value") == ""
+        screenshot(d, "web_demo.png")
+
+        first = d.current_window_handle  # a second user has a history of their own
+        d.switch_to.new_window("tab")
+        d.get(url)
+        wait_for(d, lambda: d.find_elements(By.CSS_SELECTOR, "#user-input textarea"), what="the second session")
+        assert messages("user") == [] and messages("bot") == []
+        d.close()
+        d.switch_to.window(first)
+
+        assert len(messages("user")) == 1
+        d.find_element(By.CSS_SELECTOR, "#clear").click()
+        wait_for(d, lambda: not messages("user") and not messages("bot"), timeout=20, what="an empty chat")
+    finally:
+        stop_server(proc)
+
+
+def test_streamlit_demo_in_a_browser(browser, tiny_dirs, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    args = ["-m", "streamlit", "run", "web_demo_streamlit.py", "--server.headless", "true", "--server.port", str(port),
+            "--server.address", "127.0.0.1", "--server.fileWatcherType", "none",
+            "--browser.gatherUsageStats", "false", "--", "--device", "cpu", "--max-length", "40"]  # fmt: skip
+    env = {"MODEL_PATH": str(tiny_dirs["v3"]), "CHATGLM_CACHE": str(tmp_path)}
+    proc = start_server(args, env, tmp_path / "log", url)
+    d = browser
+    select = "[data-testid=stChatMessage] [data-testid=stChatMessageContent]"
+    try:
+        d.get(url)
+        box = wait_for(d, lambda: d.find_elements(By.CSS_SELECTOR, "textarea"), 90, "the chat input")[0]
+        box.send_keys("hello", Keys.ENTER)
+        wait_for(d, lambda: len([e for e in d.find_elements(By.CSS_SELECTOR, select) if e.text.strip()]) == 2,
+                 90, "the user message and the answer")  # fmt: skip
+        assert d.find_elements(By.CSS_SELECTOR, "[data-testid=stChatMessageAvatarUser]")
+        screenshot(d, "web_demo_streamlit.png")
+    finally:
+        stop_server(proc)
+
+
+@pytest.mark.parametrize("version", ["v1", "v3"])
+def test_streamlit_demo_with_apptest(tiny_dirs, tmp_path, monkeypatch, version):
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("MODEL_PATH", str(tiny_dirs[version]))
+    monkeypatch.setenv("CHATGLM_CACHE", str(tmp_path))
+    monkeypatch.setenv("DEVICE", "cpu")
+    monkeypatch.setattr(sys, "argv", ["web_demo_streamlit.py"])  # not pytest's arguments
+    st.cache_resource.clear()  # the model is cached per process: load this test's one
+    try:
+        at = AppTest.from_file(str(REPO / "web_demo_streamlit.py"), default_timeout=60).run()
+        assert not at.exception
+        defaults = {"v1": [2048, 0.7, 0.95], "v3": [8192, 0.8, 0.6]}[version]
+        assert [s.label for s in at.sidebar.slider] == ["max_length", "top_p", "temperature"]
+        assert [s.value for s in at.sidebar.slider] == defaults
+        at.sidebar.slider[0].set_value(32)
+        at.chat_input[0].set_value("你好").run()
+        at.chat_input[0].set_value("   ").run()  # an empty message is ignored
+        at.chat_input[0].set_value("再说一遍").run()
+        assert not at.exception
+        assert [m.name for m in at.chat_message] == ["user", "assistant", "user", "assistant"]
+        assert at.chat_message[0].markdown[0].value == "你好"
+        assert at.chat_message[2].markdown[0].value == "再说一遍"
+        assert len(at.session_state["history"]) == (2 if version == "v1" else 4)
+        if version != "v1":
+            assert at.session_state["past_key_values"] is not None  # the next turn continues from the cache
+        at.button(key="clean").click().run()
+        assert not at.exception
+        assert len(at.chat_message) == 0 and at.session_state["history"] == []
+        at.chat_input[0].set_value("很长的问题 " * 300).run()  # longer than max_length: cut, with a notice
+        assert not at.exception
+        assert "only its first" in at.warning[0].value and [m.name for m in at.chat_message] == ["user", "assistant"]
+    finally:
+        st.cache_resource.clear()
+
+
+@pytest.mark.parametrize("version", ["v1", "v2", "v3"])
+def test_gradio_demo_handlers_every_generation(tiny, version):
+    """The page's own event handlers, without a browser: sliders' defaults, history and cache kept, empty input."""
+    pytest.importorskip("gradio")
+    import web_demo
+
+    model, tokenizer = tiny[version]
+    demo = web_demo.build_demo(model, tokenizer)
+    sliders = [(b.label, b.value) for b in demo.blocks.values() if type(b).__name__ == "Slider"]
+    expected = {"v1": [2048, 0.7, 0.95], "v2": [8192, 0.8, 0.95], "v3": [8192, 0.8, 0.6]}[version]
+    assert sliders == list(zip(["Maximum length", "Top P", "Temperature"], expected))
+    fns = {f.name: f.fn for f in demo.fns.values()}
+    chat, history, past = [], [], None
+    for text in ["你好", "   ", "再说一遍"]:
+        box, chat, pending = fns["take_input"](text, chat)
+        assert box == ""
+        for chat, history, past in fns["predict"](pending, chat, 32, 0.8, 0.6, history, past):
+            pass
+    assert [m["role"] for m in chat] == ["user", "assistant", "user", "assistant"]
+    assert len(history) == (2 if version != "v3" else 4)
+    assert (past is None) == (version == "v1")  # ChatGLM2/3 keep the KV cache for the next turn

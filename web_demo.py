@@ -1,0 +1,120 @@
+"""Chat with ChatGLM in the browser (Gradio).
+
+Behaves like THUDM/ChatGLM-6B and ChatGLM2-6B web_demo.py: the chat, an input box with Submit, "Clear History",
+and Maximum length / Top P / Temperature sliders starting at each generation's defaults; the reply streams in,
+rendered as markdown with code blocks and LaTeX. Every browser session has its own history (and, for ChatGLM2/3,
+its own KV cache); one reply is generated at a time, the others wait in Gradio's queue.
+
+    python web_demo.py [--host 127.0.0.1] [--port 7860] [--share] [--model-path DIR | MODEL_PATH=DIR] ...
+
+Model options are those of utils.add_model_args; with no model it runs the built-in tiny random model.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
+import gradio as gr  # noqa: E402
+
+NAMES = {"v1": "ChatGLM-6B", "v2": "ChatGLM2-6B", "v3": "ChatGLM3-6B"}
+DEFAULTS = {"v1": (2048, 0.7, 0.95), "v2": (8192, 0.8, 0.95), "v3": (8192, 0.8, 0.6)}  # max_length, top_p, temp
+SLIDER_MAX = {"v1": 4096, "v2": 32768, "v3": 32768}
+LATEX = [
+    {"left": "$$", "right": "$$", "display": True},
+    {"left": "$", "right": "$", "display": False},
+    {"left": "\\(", "right": "\\)", "display": False},
+    {"left": "\\[", "right": "\\]", "display": True},
+]
+
+
+def show(response) -> str:
+    """A v3 tool call comes back as a dict: show it as a JSON code block."""
+    return response if isinstance(response, str) else f"```json\n{json.dumps(response, ensure_ascii=False)}\n```"
+
+
+def build_demo(model, tokenizer, max_length: int | None = None) -> gr.Blocks:
+    """The page for one loaded model; `max_length` overrides the slider's starting value."""
+    version = model.config.chatglm_version
+    d_len, d_top_p, d_temp = DEFAULTS[version]
+
+    def take_input(text, chatbot):  # show the message at once and empty the box, before waiting in the queue
+        query = (text or "").strip()
+        return "", chatbot + [{"role": "user", "content": query}] if query else chatbot, query
+
+    def predict(query, chatbot, max_length, top_p, temperature, history, past):
+        if not query:
+            yield chatbot, history, past
+            return
+        ids = tokenizer.encode(query, add_special_tokens=False)
+        limit = max(int(max_length) - 64, int(max_length) // 2, 1)  # leave the reply some room
+        if len(ids) > limit:
+            query = tokenizer.decode(ids[:limit])
+            gr.Warning(f"The message was {len(ids)} tokens long: only its first {limit} were sent to the model.")
+        chatbot = chatbot + [{"role": "assistant", "content": ""}]
+        gen = dict(history=history, max_length=int(max_length), top_p=top_p, temperature=temperature)
+        if version == "v1":  # ChatGLM-6B re-reads the whole conversation every turn
+            stream = ((r, h, None) for r, h in model.stream_chat(tokenizer, query, **gen))
+        else:
+            stream = model.stream_chat(tokenizer, query, past_key_values=past, return_past_key_values=True, **gen)
+        for state in stream:  # (response, history, past)
+            chatbot[-1] = {"role": "assistant", "content": show(state[0])}
+            # No cache while streaming: a reply cut short (Clear History) rebuilds it from the history next turn.
+            yield chatbot, state[1], None
+        yield chatbot, state[1], state[2]
+
+    with gr.Blocks(title=NAMES[version], analytics_enabled=False) as demo:
+        gr.HTML(f'<h1 align="center">{NAMES[version]}</h1>')
+        chatbot = gr.Chatbot(
+            label=NAMES[version], latex_delimiters=LATEX, height=480, buttons=["copy", "copy_all"], elem_id="chatbot"
+        )
+        with gr.Row():
+            with gr.Column(scale=4):
+                with gr.Column(scale=12):
+                    user_input = gr.Textbox(show_label=False, placeholder="Input...", lines=10, elem_id="user-input")
+                with gr.Column(min_width=32, scale=1):
+                    submit = gr.Button("Submit", variant="primary", elem_id="submit")
+            with gr.Column(scale=1):
+                clear = gr.Button("Clear History", elem_id="clear")
+                length = gr.Slider(1, SLIDER_MAX[version], value=max_length or d_len, step=1, label="Maximum length")
+                top_p = gr.Slider(0, 1, value=d_top_p, step=0.01, label="Top P")
+                temperature = gr.Slider(0.01, 1, value=d_temp, step=0.01, label="Temperature")
+        history, past, pending = gr.State([]), gr.State(None), gr.State("")
+
+        reply = submit.click(take_input, [user_input, chatbot], [user_input, chatbot, pending], queue=False).then(
+            predict,
+            [pending, chatbot, length, top_p, temperature, history, past],
+            [chatbot, history, past],
+            concurrency_limit=1,  # one generation at a time, across all users
+            concurrency_id="model",
+        )
+        clear.click(lambda: ([], [], None), None, [chatbot, history, past], queue=False, cancels=[reply])
+        chatbot.clear(lambda: ([], None), None, [history, past], queue=False, cancels=[reply])  # its trash icon
+    return demo
+
+
+def main(argv=None) -> int:
+    from utils import add_model_args, load_from_args
+
+    parser = argparse.ArgumentParser(description="Chat with ChatGLM in the browser (Gradio).")
+    add_model_args(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also publish through a public gradio.live link")
+    parser.add_argument("--max-length", type=int, default=None, help="the Maximum length slider's starting value")
+    args = parser.parse_args(argv)
+    try:
+        model, tokenizer = load_from_args(args)
+    except (OSError, ValueError, RuntimeError, NotImplementedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not args.model_path and args.max_length is None:
+        args.max_length = 256  # the tiny model's replies are noise: keep them short
+    demo = build_demo(model, tokenizer, max_length=args.max_length)
+    demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, share=args.share)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
