@@ -1,0 +1,74 @@
+"""transformers' Trainer, subclassed (not copied): checkpoints hold only the trained weights, and
+evaluation can generate.
+
+With P-Tuning v2 (or LoRA) a checkpoint is DIR/pytorch_model.bin with the parameters that train (the
+`transformer.prefix_encoder.*` tensors, a few MB), DIR/config.json and the tokenizer, as the original wrote it.
+Full fine-tuning saves the whole model in the checkpoint layout `chatglm.load_model` reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
+
+WEIGHTS_NAME = "pytorch_model.bin"
+logger = logging.getLogger(__name__)
+
+
+def trainable_state_dict(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+class PrefixTrainer(Trainer):
+    def __init__(self, *args, save_trainable_only: bool = True, gen_kwargs: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.save_trainable_only = save_trainable_only
+        self.gen_kwargs = gen_kwargs or {}
+        # Our forward takes **kwargs but its loss is a per-batch mean: let the Trainer scale for accumulation.
+        self.model_accepts_loss_kwargs = False
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        if self.save_trainable_only:
+            torch.save(trainable_state_dict(model), os.path.join(output_dir, WEIGHTS_NAME))
+            model.config.save_pretrained(output_dir)
+            for config in getattr(model, "peft_config", {}).values():  # LoRA: adapter_config.json
+                config.save_pretrained(output_dir)
+        else:  # ZeRO-2 keeps whole parameters on every rank, so the module's own weights are complete
+            model.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def floating_point_ops(self, inputs) -> int:
+        # transformers asks PreTrainedModel.num_parameters(exclude_embeddings=True); ours counts everything.
+        return 6 * inputs["input_ids"].numel() * self.accelerator.unwrap_model(self.model).num_parameters()
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # Resuming loads a trained-weights-only file into the whole model: only trained weights may be missing.
+        trained = {k for k, v in self.model.named_parameters() if v.requires_grad}
+        missing = sorted(set(load_result.missing_keys) & trained)
+        if missing or load_result.unexpected_keys:
+            raise RuntimeError(
+                f"checkpoint does not fit this model: missing {missing[:5]}, unexpected "
+                f"{list(load_result.unexpected_keys)[:5]} (same --pre_seq_len / --prefix_projection / --lora_rank?)"
+            )
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """With predict_with_generate: (None, generated ids without the prompt, reference ids)."""
+        if not self.args.predict_with_generate or prediction_loss_only:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        prompt = inputs["input_ids"]
+        out = self.accelerator.unwrap_model(model).generate(
+            input_ids=prompt, attention_mask=inputs.get("attention_mask"), **self.gen_kwargs
+        )
+        return None, out[:, prompt.shape[1] :], inputs.get("labels")
