@@ -536,23 +536,22 @@ class PollingQueue:
         """The public state of a request (None if unknown); reading a final state starts its TTL."""
         with self.cond:
             self._sweep()
-            e = self.entries.get(request_id)
-            if e is None:
-                return None
-            if e["is_finished"] and e["read_at"] is None:
-                e["read_at"] = self.clock()
-            return self._public(e)
+            return self._read(request_id)
+
+    def _read(self, request_id: str) -> dict | None:
+        # Caller holds self.cond. Reading a final state starts its TTL.
+        e = self.entries.get(request_id)
+        if e is None:
+            return None
+        if e["is_finished"] and e["read_at"] is None:
+            e["read_at"] = self.clock()
+        return self._public(e)
 
     def wait_change(self, request_id: str, seen_version: int, timeout: float) -> dict | None:
         """Block until the request changes after `seen_version` (or `timeout` s); its state, None if unknown."""
         with self.cond:
             self.cond.wait_for(lambda: self._changed(request_id, seen_version), timeout=timeout)
-            e = self.entries.get(request_id)
-            if e is None:
-                return None
-            if e["is_finished"] and e["read_at"] is None:
-                e["read_at"] = self.clock()
-            return self._public(e)
+            return self._read(request_id)
 
     def _changed(self, request_id, seen_version) -> bool:
         e = self.entries.get(request_id)
