@@ -15,6 +15,8 @@ from collections.abc import Iterator
 
 import torch
 
+from .kv_cache import KVCache, cache_length
+
 logger = logging.getLogger(__name__)
 
 # chat() defaults of the original model files: (max_length, top_p, temperature)
@@ -78,8 +80,50 @@ def sample_next(
         scores = proc(input_ids, scores)
     if not do_sample:
         return scores.argmax(dim=-1)
-    probs = warp(scores, temperature, top_k, top_p).softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    window = candidate_probs(scores, temperature, top_k, top_p)
+    if window is None:  # the nucleus is wider than the candidate window: the plain full-vocabulary path
+        probs = warp(scores, temperature, top_k, top_p).softmax(dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    probs, ids = window
+    return ids.gather(1, torch.multinomial(probs, num_samples=1, generator=generator)).squeeze(1)
+
+
+# Candidates looked at when sampling with top_p and no top_k: the nucleus of a chat model is almost always
+# far smaller. A full sort of a 65K vocabulary costs tens of ms per token on a CPU; top-k of it well under one.
+NUCLEUS_CANDIDATES = 256
+
+
+def candidate_probs(scores, temperature=1.0, top_k=0, top_p=1.0):
+    """`warp(...).softmax()` restricted to its non-zero entries: (probs [b, w], token ids [b, w]), or None.
+
+    Same distribution as `warp` (temperature, top-k, then top-p, transformers' order), found from a top-k
+    window instead of a sort of the whole vocabulary. None when the window cannot hold the answer exactly
+    (ties at the k-th score, or a nucleus wider than the window); the caller then uses `warp`.
+    """
+    if temperature is not None and temperature != 1.0:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        scores = scores / temperature
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    vocab = scores.shape[-1]
+    k = top_k if top_k and 0 < top_k < vocab else 0
+    nucleus = top_p is not None and top_p < 1.0
+    window = k or (min(NUCLEUS_CANDIDATES, vocab) if nucleus else vocab)
+    vals, ids = torch.topk(scores, window, dim=-1)  # sorted, most likely first
+    if k and bool(((scores >= vals[:, -1:]).sum(-1) > k).any()):
+        return None  # warp keeps every token tied with the k-th; the window holds only k of them
+    norm = vals if k else scores  # top-k renormalizes over the k kept tokens
+    probs = (vals - torch.logsumexp(norm, dim=-1, keepdim=True)).exp()
+    if nucleus:
+        before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
+        if not k and window < vocab and bool((probs.sum(-1) < top_p).any()):
+            return None
+        keep = before < top_p
+        keep[:, 0] = True
+        probs = probs * keep
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs, ids
 
 
 @torch.inference_mode()
@@ -94,9 +138,14 @@ def generate_stream(
     eos_token_id=None,
     pad_token_id=None,
     return_past_key_values=False,
+    kv_cache="static",
     **sampling,
 ) -> Iterator:
-    """Yield the growing sequences [b, prompt + new] after every new token (and the KV cache if asked)."""
+    """Yield the growing sequences [b, prompt + new] after every new token (and the KV cache if asked).
+
+    kv_cache="static" (default) writes keys and values in place into a preallocated `KVCache`; "concat" grows
+    the original's tuple cache with torch.cat at every step (kept as the reference-style path for benchmarks).
+    """
     num_beams = sampling.pop("num_beams", 1)
     if num_beams and num_beams != 1:
         raise ValueError("beam search is not supported; use num_beams=1")
@@ -117,6 +166,15 @@ def generate_stream(
     if unknown:
         raise TypeError(f"unexpected generation arguments: {', '.join(sorted(unknown))}")
     state = model._init_generation(input_ids, attention_mask, position_ids, past_key_values)
+    if kv_cache == "static":
+        # Room for the prompt and the first tokens; the cache doubles when a long reply needs more.
+        capacity = cache_length(past_key_values) + (model.config.pre_seq_len or 0) + min(max_length, prompt_len + 256)
+        if past_key_values is None:
+            state["past_key_values"] = KVCache.empty(model.config.num_layers, capacity)
+        else:  # a copy: the caller's cache stays valid (a retry from an older turn, two branches)
+            state["past_key_values"] = KVCache.from_past(past_key_values, capacity)
+    elif kv_cache != "concat":
+        raise ValueError(f"kv_cache must be 'static' or 'concat', got {kv_cache!r}")
     unfinished = torch.ones(b, dtype=torch.bool, device=input_ids.device)
     while True:
         out = model(**{k: state[k] for k in FORWARD_KEYS}, use_cache=True, return_last_logit=True)
@@ -155,7 +213,7 @@ class StreamDecoder:
 
     def __call__(self, ids) -> str | None:
         text = self.tokenizer.decode(ids)
-        if text.endswith("\ufffd"):
+        if text.rstrip().endswith("\ufffd"):  # replies are stripped: a broken byte before spaces is still last
             return None
         return text
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from .base import ChatGLMCausalLM
 from .config import ChatGLMConfig
+from .kv_cache import KVCache, cache_length, extend, layer_cache
 from .prefix_encoder import PrefixEncoder
 
 MAX_LINES = 600  # keep this file small enough to read in one sitting
@@ -83,9 +84,7 @@ class SelfAttention(nn.Module):
         k1, k2 = k.chunk(2, dim=-1)
         q = torch.cat([apply_rotary(q1, cos1, sin1), apply_rotary(q2, cos2, sin2)], dim=-1)
         k = torch.cat([apply_rotary(k1, cos1, sin1), apply_rotary(k2, cos2, sin2)], dim=-1)
-        if kv_cache is not None:
-            k = torch.cat([kv_cache[0], k], dim=2)
-            v = torch.cat([kv_cache[1], v], dim=2)
+        k, v = extend(kv_cache, k, v)
         # The original divides q by sqrt(d) * (layer_id + 1) and multiplies the fp32 scores back by
         # (layer_id + 1): an fp16 overflow guard that cancels out, so plain SDPA scaling is the same.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -152,11 +151,15 @@ class ChatGLMModel(nn.Module):
         x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         b, s = x.shape[:2]
         prefix = self.pre_seq_len or 0
-        if past_key_values is None and prefix:
-            past_key_values = self.prefix_encoder.past_key_values(
+        if prefix and cache_length(past_key_values) == 0:
+            prefix_kv = self.prefix_encoder.past_key_values(
                 b, self.num_layers, self.heads, self.head_dim, x.device, x.dtype
             )
-        cached = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+            static = isinstance(past_key_values, KVCache)
+            past_key_values = past_key_values.append_all(prefix_kv) if static else prefix_kv
+        if isinstance(past_key_values, KVCache):
+            past_key_values.reserve(s)
+        cached = cache_length(past_key_values)
         if position_ids is None:
             position_ids = glm_position_ids(input_ids, self.config, attention_mask)
         mask = glm_mask(input_ids, self.config, attention_mask, cached, prefix, x.device)
@@ -165,12 +168,13 @@ class ChatGLMModel(nn.Module):
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 hidden.append(x)
-            x, kv = layer(x, position_ids, mask, None if past_key_values is None else past_key_values[i])
+            x, kv = layer(x, position_ids, mask, layer_cache(past_key_values, i))
             presents.append(kv)
         x = self.final_layernorm(x)
         if output_hidden_states:
             hidden.append(x)
-        return x, tuple(presents), hidden
+        static = isinstance(past_key_values, KVCache)
+        return x, past_key_values.advance(s) if static else tuple(presents), hidden
 
 
 def _left_pads(attention_mask, b, s):

@@ -16,6 +16,7 @@ from torch import nn
 
 from .base import ChatGLMCausalLM
 from .config import ChatGLMConfig
+from .kv_cache import KVCache, cache_length, extend, layer_cache
 from .prefix_encoder import PrefixEncoder
 
 MAX_LINES = 600  # keep this file small enough to read in one sitting
@@ -93,9 +94,7 @@ class SelfAttention(nn.Module):
         k = k.view(b, s, self.groups, self.head_dim).transpose(1, 2)  # [b, groups, s, d]
         v = v.view(b, s, self.groups, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-        if kv_cache is not None:
-            k = torch.cat([kv_cache[0], k], dim=2)
-            v = torch.cat([kv_cache[1], v], dim=2)
+        k, v = extend(kv_cache, k, v)
         # Head h reads KV group h // (heads / groups), as the original's expand does.
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, enable_gqa=self.groups != self.heads)
@@ -154,13 +153,17 @@ class GLMTransformer(nn.Module):
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 hidden.append(x)
-            x, kv = layer(x, rope, mask, None if past_key_values is None else past_key_values[i])
+            x, kv = layer(x, rope, mask, layer_cache(past_key_values, i))
             presents.append(kv)
+        if isinstance(past_key_values, KVCache):
+            presents = past_key_values.advance(x.shape[1])
+        else:
+            presents = tuple(presents)
         if self.post_layer_norm:
             x = self.final_layernorm(x)
         if output_hidden_states:
             hidden.append(x)
-        return x, tuple(presents), hidden
+        return x, presents, hidden
 
 
 class Embedding(nn.Module):
@@ -206,11 +209,15 @@ class ChatGLMModel(nn.Module):
         x = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
         b, s = x.shape[:2]
         prefix = self.pre_seq_len or 0
-        if past_key_values is None and prefix:
-            past_key_values = self.prefix_encoder.past_key_values(
+        if prefix and cache_length(past_key_values) == 0:
+            prefix_kv = self.prefix_encoder.past_key_values(
                 b, self.num_layers, self.groups, self.kv_channels, x.device, x.dtype
             )
-        cached = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+            static = isinstance(past_key_values, KVCache)
+            past_key_values = past_key_values.append_all(prefix_kv) if static else prefix_kv
+        if isinstance(past_key_values, KVCache):
+            past_key_values.reserve(s)
+        cached = cache_length(past_key_values)
         past = cached - prefix  # tokens of real text already in the cache
         if attention_mask is not None and attention_mask.shape[-1] == s and past > 0:
             attention_mask = torch.cat([attention_mask.new_ones(b, past), attention_mask], dim=1)
@@ -264,7 +271,7 @@ class ChatGLMForConditionalGeneration(ChatGLMCausalLM):
         if attention_mask is None:
             attention_mask = torch.ones(b, s, dtype=torch.long, device=input_ids.device)
         if past_key_values is not None:
-            past = past_key_values[0][0].shape[2] - (self.config.pre_seq_len or 0)
+            past = cache_length(past_key_values) - (self.config.pre_seq_len or 0)
             if attention_mask.shape[1] == s:
                 attention_mask = torch.cat([attention_mask.new_ones(b, past), attention_mask], dim=1)
         if position_ids is None:

@@ -1,0 +1,54 @@
+"""The windowed sampler gives exactly the distribution of the full-vocabulary warpers."""
+
+import pytest
+import torch
+
+from chatglm.generation import NUCLEUS_CANDIDATES, candidate_probs, sample_next, warp
+
+
+def _dense(window, vocab):
+    probs, ids = window
+    return torch.zeros(probs.shape[0], vocab, dtype=probs.dtype).scatter(1, ids, probs)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.8, 50, 0.8), (0.95, 0, 0.7), (1.0, 0, 1.0),
+                                                       (0.6, 5, 1.0), (1.3, 0, 0.99), (0.8, 200, 0.5)])  # fmt: skip
+def test_window_equals_warp(seed, temperature, top_k, top_p):
+    g = torch.Generator().manual_seed(seed)
+    vocab = 3000
+    scores = torch.randn(3, vocab, generator=g) * 4
+    scores[0, :10] += 12  # a peaked row: the nucleus is a handful of tokens
+    scores[:, -7:] = float("-inf")  # suppressed rows of the padded vocabulary
+    window = candidate_probs(scores, temperature, top_k, top_p)
+    expected = warp(scores, temperature, top_k, top_p).softmax(dim=-1)
+    if window is None:  # only allowed when the nucleus is wider than the window
+        assert top_k == 0 and top_p < 1
+        assert (expected > 0).sum(-1).max() > NUCLEUS_CANDIDATES
+        return
+    assert torch.allclose(_dense(window, vocab), expected, atol=1e-6)
+
+
+def test_ties_at_the_kth_score_fall_back_to_warp():
+    scores = torch.tensor([[5.0, 4.0, 3.0, 3.0, 1.0]])
+    assert candidate_probs(scores, 1.0, 3, 1.0) is None  # warp keeps both tokens tied at the 3rd score
+    assert torch.isfinite(warp(scores, top_k=3)).sum() == 4
+
+
+def test_sample_next_follows_the_distribution():
+    scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    draws = torch.stack([sample_next(ids, scores, top_k=0, top_p=0.8, generator=g) for _ in range(4000)])
+    freq = torch.bincount(draws.flatten(), minlength=4).float() / 4000
+    # top_p 0.8 keeps the tokens whose more likely mass is < 0.8: 0.5, 0.3 (before = 0, 0.5), not 0.15 (0.8)
+    assert freq[2:].sum() == 0
+    assert abs(freq[0].item() - 0.5 / 0.8) < 0.03 and abs(freq[1].item() - 0.3 / 0.8) < 0.03
+
+
+def test_invalid_sampling_parameters():
+    scores = torch.randn(1, 10)
+    with pytest.raises(ValueError, match="temperature"):
+        candidate_probs(scores, 0.0, 0, 0.8)
+    with pytest.raises(ValueError, match="top_p"):
+        candidate_probs(scores, 1.0, 0, 1.5)
