@@ -52,16 +52,18 @@ def _try_compile(cc: str, flags: list[str], out: str) -> str | None:
     return None if proc.returncode == 0 else (proc.stderr.strip() or f"{cc} exited {proc.returncode}")
 
 
-def _build(cc: str) -> str | None:
-    """Compile (or find in the cache) the CPU kernel library; None when no build works."""
+def _build(cc: str, portable: bool = False) -> str | None:
+    """Compile (or find in the cache) the CPU kernel library; None when no build works. `portable` defines
+    CHATGLM_PORTABLE: no intrinsics, the plain C path only (what a CPU without AVX2/FMA runs)."""
     with open(CPU_SOURCE, "rb") as f:
         source = f.read()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    base = ["-O3", "-fPIC", "-shared", "-std=c99"] + (["-DCHATGLM_PORTABLE"] if portable else [])
     attempts = [
-        ["-O3", "-fPIC", "-shared", "-std=c99", "-fopenmp", "-march=native"],
-        ["-O3", "-fPIC", "-shared", "-std=c99", "-fopenmp"],
-        ["-O3", "-fPIC", "-shared", "-std=c99", "-march=native"],  # no OpenMP: one thread
-        ["-O3", "-fPIC", "-shared", "-std=c99"],
+        [*base, "-fopenmp", "-march=native"],
+        [*base, "-fopenmp"],
+        [*base, "-march=native"],  # no OpenMP: one thread
+        base,
     ]
     errors = []
     for flags in attempts:
@@ -83,6 +85,14 @@ def _build(cc: str) -> str | None:
     return None
 
 
+QBLOCK = 64  # columns per activation-quantization block of the w8/w4 "q" kernels (QB in the C source)
+
+# Which INT8/INT4 kernel `CpuKernel.linear` uses by default: True quantizes the activations to int8 per
+# 64-column block and sums exact integers (memory-bound, ~0.3% relative error from rounding x), False keeps
+# fp32 activations (exact products, compute-bound for INT4). CHATGLM_CPU_FLOAT_ACTIVATIONS=1 makes both False.
+QUANTIZE_ACTIVATIONS = {4: True, 8: True}
+
+
 class CpuKernel:
     """ctypes wrapper around the compiled library. Inputs are contiguous CPU tensors."""
 
@@ -90,12 +100,18 @@ class CpuKernel:
         self.path = path
         self.lib = ctypes.CDLL(path)
         p, i = ctypes.c_void_p, ctypes.c_int
-        self.lib.w8_linear.argtypes = [p, p, p, p, p, i, i, i]
-        self.lib.w4_linear.argtypes = [p, p, p, p, p, p, i, i, i]
+        for name in ("w8_linear", "w4_linear", "w8_linear_f"):
+            getattr(self.lib, name).argtypes = [p, p, p, p, p, i, i, i]
+        self.lib.w8_linear.restype = self.lib.w4_linear.restype = i
+        self.lib.w4_linear_f.argtypes = [p, p, p, p, p, p, i, i, i]
+        self.lib.half_linear.argtypes = [p, p, p, p, i, i, i, i]
+        self.lib.half_linear.restype = i
+        self.lib.quantize_activations.argtypes = [p, p, p, i, i, i]
         self.lib.unpack_int4.argtypes = [p, p, i, i]
         self.lib.dequantize.argtypes = [p, p, p, i, i, i]
         self.lib.set_num_threads.argtypes = [i]
         self.openmp = bool(self.lib.has_openmp())
+        self.simd = {0: "portable C", 2: "AVX2+FMA", 3: "AVX2+FMA+F16C"}.get(self.lib.simd_level(), "?")
         self._threads = None
 
     def _sync_threads(self):
@@ -108,21 +124,54 @@ class CpuKernel:
     def _ptr(t):
         return ctypes.c_void_p(t.data_ptr()) if t is not None else None
 
-    def linear(self, x, weight, scale_f32, bits, bias=None):
-        """x [m, k] float32, weight int8 [n, k] or [n, k/2], scale_f32 [n] -> [m, n] float32."""
+    def linear(self, x, weight, scale_f32, bits, bias=None, quantize_activations=None):
+        """x [m, k] float32, weight int8 [n, k] or [n, k/2], scale_f32 [n] -> [m, n] float32.
+        quantize_activations: None for the default (QUANTIZE_ACTIVATIONS), True for the int8-activation
+        kernel, False for the fp32-activation one."""
         self._sync_threads()
         m, k = x.shape
         n = weight.shape[0]
         y = torch.empty(m, n, dtype=torch.float32)
         bias = bias.float().contiguous() if bias is not None else None
-        if bits == 8:
-            self.lib.w8_linear(self._ptr(x), self._ptr(weight), self._ptr(scale_f32), self._ptr(bias), self._ptr(y),
-                               m, n, k)  # fmt: skip
+        if quantize_activations is None:
+            quantize_activations = QUANTIZE_ACTIVATIONS[bits] and not os.environ.get("CHATGLM_CPU_FLOAT_ACTIVATIONS")
+        if quantize_activations:
+            fn = self.lib.w8_linear if bits == 8 else self.lib.w4_linear
+            if fn(self._ptr(x), self._ptr(weight), self._ptr(scale_f32), self._ptr(bias), self._ptr(y), m, n, k):
+                raise MemoryError("out of memory in the CPU quantized linear kernel")
+        elif bits == 8:
+            self.lib.w8_linear_f(self._ptr(x), self._ptr(weight), self._ptr(scale_f32), self._ptr(bias),
+                                 self._ptr(y), m, n, k)  # fmt: skip
         else:
             xe, xo = x[:, 0::2].contiguous(), x[:, 1::2].contiguous()
-            self.lib.w4_linear(self._ptr(xe), self._ptr(xo), self._ptr(weight), self._ptr(scale_f32),
-                               self._ptr(bias), self._ptr(y), m, n, k)  # fmt: skip
+            self.lib.w4_linear_f(self._ptr(xe), self._ptr(xo), self._ptr(weight), self._ptr(scale_f32),
+                                 self._ptr(bias), self._ptr(y), m, n, k)  # fmt: skip
         return y
+
+    def half_linear(self, x, weight, bias=None):
+        """x [m, k] float32, weight bf16 or fp16 [n, k] (contiguous), bias [n] or None -> [m, n] float32,
+        accumulated in fp32."""
+        if weight.dtype not in (torch.bfloat16, torch.float16):
+            raise TypeError(f"half_linear takes bf16 or fp16 weights, not {weight.dtype}")
+        self._sync_threads()
+        m, k = x.shape
+        n = weight.shape[0]
+        y = torch.empty(m, n, dtype=torch.float32)
+        bias = bias.float().contiguous() if bias is not None else None
+        fp16 = int(weight.dtype == torch.float16)
+        if self.lib.half_linear(self._ptr(x), self._ptr(weight), self._ptr(bias), self._ptr(y), m, n, k, fp16):
+            raise MemoryError("out of memory in the CPU half_linear kernel")
+        return y
+
+    def quantize_activations(self, x, split):
+        """The q kernels' activation quantization, for tests: x [m, k] float32 -> (int8 [m, nb * 64],
+        fp32 scales [m, nb]); with split each 64-column block is stored as its even then its odd columns."""
+        m, k = x.shape
+        nb = (k + QBLOCK - 1) // QBLOCK
+        q = torch.empty(m, nb * QBLOCK, dtype=torch.int8)
+        d = torch.empty(m, nb, dtype=torch.float32)
+        self.lib.quantize_activations(self._ptr(x), self._ptr(q), self._ptr(d), m, k, int(split))
+        return q, d
 
     def unpack_int4(self, packed):
         n, h = packed.shape
@@ -139,6 +188,30 @@ class CpuKernel:
         return out
 
 
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
+def build_cpu_kernel(portable: bool = False) -> CpuKernel | None:
+    """A fresh (uncached in-process) build: `portable=True` is the plain C path without intrinsics. For tests
+    and benchmarks; the model uses get_cpu_kernel()."""
+    cc = _compiler()
+    path = _build(cc, portable) if cc else None
+    return CpuKernel(path) if path else None
+
+
+def openmp_runtimes() -> list[str]:
+    """The OpenMP runtime libraries mapped into this process (Linux): one is right; two would mean ours and
+    torch's each run their own thread pool."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            paths = {line.split()[-1] for line in f if "/" in line}
+    except OSError:
+        return []
+    names = ("libgomp", "libiomp", "libomp")
+    return sorted(p for p in paths if os.path.basename(p).startswith(names))
+
+
 def get_cpu_kernel() -> CpuKernel | None:
     """The compiled CPU kernels, or None (the PyTorch reference is then used). Set CHATGLM_NO_CPU_KERNEL=1
     to force the fallback."""
@@ -151,7 +224,7 @@ def get_cpu_kernel() -> CpuKernel | None:
         _cpu_tried = True
         if os.environ.get("CHATGLM_NO_CPU_KERNEL"):
             return None
-        cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+        cc = _compiler()
         if cc is None:
             logger.warning(
                 "gcc was not found, so the fast CPU INT8/INT4 kernels cannot be built; using the slower PyTorch "

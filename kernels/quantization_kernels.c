@@ -1,17 +1,41 @@
-/* Weight-only INT8 / INT4 linear layers for the CPU, in the THUDM layout.
+/* Weight-only INT8 / INT4 linear layers and a bf16/fp16 GEMV for the CPU, in the THUDM weight layout.
  *
  *   y[b, o] = scale[o] * sum_i x[b, i] * q[o, i] + bias[o]
  *
- * q is int8 [n, k], or int4 packed two per byte [n, k/2] with the even column in the high nibble.
- * Each weight row is read from memory once per call and reused for every row of x (decode and small
- * batches are memory-bound: the weights are the traffic). Rows of the output are split across OpenMP
- * threads. Build: gcc -O3 -fPIC -shared -fopenmp -std=c99 [-march=native]
+ * q is int8 [n, k], or int4 packed two per byte [n, k/2] with the even column in the HIGH nibble (signed
+ * nibbles). Every kernel reads each weight row from memory once per call and reuses it for every row of x
+ * (decode and small batches are memory-bound: the weights are the traffic). Output rows are split across
+ * OpenMP threads.
+ *
+ * Two families of quantized kernels:
+ *   w8_linear / w4_linear      "q" kernels: x is first quantized to int8 per block of QB = 64 columns
+ *                              (symmetric, scale = max|x| / 127 per block, round half away from zero), then
+ *                              the dot products are exact integer sums (AVX2: maddubs / madd), scaled per
+ *                              block in fp32. Activation rounding costs ~0.3% relative error; the integer
+ *                              work is what makes INT4 memory-bound.
+ *   w8_linear_f / w4_linear_f  float kernels: exact fp32 products (the previous behaviour).
+ * The INT4 q kernel reads THUDM's packed bytes directly: the activations are quantized with each 64-column
+ * block stored as its 32 even columns then its 32 odd ones, so the high nibbles of 32 weight bytes meet the
+ * even half and the low nibbles the odd half. Signed nibbles become unsigned by XOR 0x88 (s + 8), and the
+ * +8 is taken back once per x row: sum_i (s_i + 8) x_i - 8 sum_i x_i.
+ *
+ * SIMD paths are compiled only with __AVX2__ and __FMA__ (-march=native on such a CPU) and not with
+ * -DCHATGLM_PORTABLE; the portable C path computes the same integers and runs on any CPU.
+ * Build: gcc -O3 -fPIC -shared -fopenmp -std=c99 [-march=native]
  */
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && !defined(CHATGLM_PORTABLE)
+#define USE_AVX2 1
+#include <immintrin.h>
+#endif
+#if defined(__F16C__) && defined(USE_AVX2)
+#define USE_F16C 1
 #endif
 
 void set_num_threads(int n) {
@@ -38,11 +62,314 @@ int has_openmp(void) {
 #endif
 }
 
-/* Rows per task: 4 outputs share each x load. */
-#define ROWS 4
+/* Which SIMD path this build has: 0 portable C, 2 AVX2+FMA (+F16C: 3). */
+int simd_level(void) {
+#if defined(USE_F16C)
+    return 3;
+#elif defined(USE_AVX2)
+    return 2;
+#else
+    return 0;
+#endif
+}
 
-void w8_linear(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m, int n,
-               int k) {
+/* Rows of the weight per task: they share each load of x. */
+#define ROWS 4
+/* Activation quantization block, in columns of x. */
+#define QB 64
+
+/* ------------------------------------------------------------------------------------------------------- */
+/* Activation quantization                                                                                  */
+
+/* Round half to even (the default rounding mode, as torch.round and cvtps2dq): exact for |v| < 2^22. */
+static inline float round_even(float v) {
+    const float magic = 12582912.f; /* 1.5 * 2^23 */
+    float t = v + magic; /* two IEEE roundings (no -ffast-math here) */
+    return t - magic;
+}
+
+/* One block of c <= QB columns: q[0, QB) in column order (padding zero), or with split the even columns then the
+ * odd ones; returns the scale, *sum = sum(q). */
+static float quantize_block(const float *xb, int c, int split, int8_t *q, int *sum) {
+#ifdef USE_AVX2
+    if (c == QB) {
+        const __m256 sign = _mm256_set1_ps(-0.f);
+        __m256 v[8], mx = _mm256_setzero_ps();
+        for (int i = 0; i < 8; i++) {
+            v[i] = _mm256_loadu_ps(xb + 8 * i);
+            mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        float s = _mm_cvtss_f32(m4) / 127.f;
+        __m256 inv = _mm256_set1_ps(s > 0.f ? 1.f / s : 0.f);
+        const __m256i lim = _mm256_set1_epi32(127), nlim = _mm256_set1_epi32(-127);
+        __m256i r[8], acc = _mm256_setzero_si256();
+        for (int i = 0; i < 8; i++) {
+            r[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+            r[i] = _mm256_max_epi32(_mm256_min_epi32(r[i], lim), nlim);
+            acc = _mm256_add_epi32(acc, r[i]);
+        }
+        const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        const __m256i parity = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8,
+                                                10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+        __m256i p[2];
+        for (int h = 0; h < 2; h++) {
+            __m256i a = _mm256_packs_epi32(r[4 * h], r[4 * h + 1]), b = _mm256_packs_epi32(r[4 * h + 2], r[4 * h + 3]);
+            p[h] = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b), order); /* columns 32h .. 32h + 31 */
+            if (split) /* per 16 columns: 8 even then 8 odd; then per 32: 16 even, 16 odd */
+                p[h] = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(p[h], parity), 0xD8);
+        }
+        if (split) {
+            __m256i even = _mm256_permute2x128_si256(p[0], p[1], 0x20), odd = _mm256_permute2x128_si256(p[0], p[1], 0x31);
+            p[0] = even, p[1] = odd;
+        }
+        _mm256_storeu_si256((__m256i *)q, p[0]);
+        _mm256_storeu_si256((__m256i *)(q + 32), p[1]);
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+        *sum = _mm_cvtsi128_si32(s4);
+        return s;
+    }
+#endif
+    float amax = 0.f;
+    for (int i = 0; i < c; i++) {
+        float a = xb[i] < 0.f ? -xb[i] : xb[i];
+        amax = a > amax ? a : amax;
+    }
+    float s = amax / 127.f;
+    float inv = s > 0.f ? 1.f / s : 0.f;
+    int total = 0;
+    for (int i = 0; i < QB; i++) {
+        int r = i < c ? (int)round_even(xb[i] * inv) : 0;
+        r = r > 127 ? 127 : (r < -127 ? -127 : r);
+        q[split ? (i & 1) * (QB / 2) + i / 2 : i] = (int8_t)r;
+        total += r;
+    }
+    *sum = total;
+    return s;
+}
+
+/* x [k] -> q [nb * QB] int8 and d [nb] fp32 (nb = ceil(k / QB)): per block, scale = max|x| / 127 and
+ * q = round_half_even(x * (1 / scale)) (zero for padding). With split, each block is stored as its even
+ * columns then its odd ones (the INT4 order). Returns sum over the blocks before `full` of d[b] * sum(q). */
+static float quantize_row(const float *x, int k, int split, int full, int8_t *q, float *d) {
+    int nb = (k + QB - 1) / QB;
+    float total = 0.f;
+    for (int b = 0; b < nb; b++) {
+        int c0 = b * QB, c = k - c0 < QB ? k - c0 : QB, sum;
+        float s = quantize_block(x + c0, c, split, q + (size_t)b * QB, &sum);
+        d[b] = s;
+        if (b < full) total += s * (float)sum;
+    }
+    return total;
+}
+
+/* Exposed for the tests: the activation quantization exactly as the q kernels do it. */
+void quantize_activations(const float *x, int8_t *q, float *d, int m, int k, int split) {
+    int nb = (k + QB - 1) / QB;
+    for (int b = 0; b < m; b++)
+        quantize_row(x + (size_t)b * k, k, split, 0, q + (size_t)b * nb * QB, d + (size_t)b * nb);
+}
+
+/* Portable block dots (exact integers). INT4: bytes [j0, j1) of a row against block-local q (even | odd). */
+static int dot4_block(const int8_t *row, const int8_t *qb, int j0, int j1) {
+    int s = 0;
+    for (int j = j0; j < j1; j++) {
+        int8_t byte = row[j];
+        int hi = byte >> 4;
+        int lo = (int8_t)(byte << 4) >> 4;
+        s += hi * qb[j - j0] + lo * qb[QB / 2 + j - j0];
+    }
+    return s;
+}
+
+static int dot8_block(const int8_t *row, const int8_t *qb, int c) {
+    int s = 0;
+    for (int i = 0; i < c; i++) s += row[i] * qb[i];
+    return s;
+}
+
+#ifdef USE_AVX2
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 32 packed bytes (64 columns) against the block's even / odd int8 activations: 8 int32 partial sums of
+ * sum (s + 8) * x. */
+static inline __m256i dot4_avx2(const int8_t *wp, __m256i xe, __m256i xo) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256i w = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)wp), _mm256_set1_epi8((char)0x88));
+    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
+    __m256i lo = _mm256_and_si256(w, m4);
+    __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(hi, xe), _mm256_maddubs_epi16(lo, xo));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+
+/* 64 int8 weights against 64 int8 activations: |w| * sign(x, w), exact for w in [-128, 127], x in [-127, 127]. */
+static inline __m256i dot8_avx2(const int8_t *wp, const int8_t *qp) {
+    __m256i w0 = _mm256_loadu_si256((const __m256i *)wp), w1 = _mm256_loadu_si256((const __m256i *)(wp + 32));
+    __m256i x0 = _mm256_loadu_si256((const __m256i *)qp), x1 = _mm256_loadu_si256((const __m256i *)(qp + 32));
+    __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(w0), _mm256_sign_epi8(x0, w0));
+    __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(w1), _mm256_sign_epi8(x1, w1));
+    const __m256i one = _mm256_set1_epi16(1);
+    return _mm256_add_epi32(_mm256_madd_epi16(p0, one), _mm256_madd_epi16(p1, one));
+}
+#endif
+
+/* sums[r] = sum over blocks of d * dot for R rows starting at w (row stride `stride` bytes), one x row. */
+static inline void q4_rows(const int8_t *w, size_t stride, int R, const int8_t *q, const float *d, float corr,
+                           int k, float *sums) {
+    int h = k / 2, nb = (k + QB - 1) / QB;
+    int b0 = 0;
+#ifdef USE_AVX2
+    int full = h / (QB / 2);
+    if (R == ROWS) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        const int8_t *r0 = w, *r1 = w + stride, *r2 = w + 2 * stride, *r3 = w + 3 * stride;
+        for (int b = 0; b < full; b++) {
+            __m256i xe = _mm256_loadu_si256((const __m256i *)(q + (size_t)b * QB));
+            __m256i xo = _mm256_loadu_si256((const __m256i *)(q + (size_t)b * QB + 32));
+            __m256 db = _mm256_set1_ps(d[b]);
+            size_t off = (size_t)b * 32;
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4_avx2(r0 + off, xe, xo)), db, a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4_avx2(r1 + off, xe, xo)), db, a1);
+            a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4_avx2(r2 + off, xe, xo)), db, a2);
+            a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4_avx2(r3 + off, xe, xo)), db, a3);
+        }
+        sums[0] = hsum256(a0) - 8.f * corr, sums[1] = hsum256(a1) - 8.f * corr;
+        sums[2] = hsum256(a2) - 8.f * corr, sums[3] = hsum256(a3) - 8.f * corr;
+    } else {
+        for (int r = 0; r < R; r++) {
+            __m256 a = _mm256_setzero_ps();
+            const int8_t *row = w + r * stride;
+            for (int b = 0; b < full; b++) {
+                __m256i xe = _mm256_loadu_si256((const __m256i *)(q + (size_t)b * QB));
+                __m256i xo = _mm256_loadu_si256((const __m256i *)(q + (size_t)b * QB + 32));
+                a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4_avx2(row + (size_t)b * 32, xe, xo)),
+                                    _mm256_set1_ps(d[b]), a);
+            }
+            sums[r] = hsum256(a) - 8.f * corr;
+        }
+    }
+    b0 = full;
+#else
+    (void)corr;
+    for (int r = 0; r < R; r++) sums[r] = 0.f;
+#endif
+    for (int r = 0; r < R; r++) {
+        const int8_t *row = w + r * stride;
+        float a = 0.f;
+        for (int b = b0; b < nb; b++) {
+            int j0 = b * (QB / 2), j1 = j0 + QB / 2 < h ? j0 + QB / 2 : h;
+            a += d[b] * (float)dot4_block(row, q + (size_t)b * QB, j0, j1);
+        }
+        sums[r] += a;
+    }
+}
+
+static inline void q8_rows(const int8_t *w, size_t stride, int R, const int8_t *q, const float *d, int k,
+                           float *sums) {
+    int nb = (k + QB - 1) / QB;
+    int b0 = 0;
+#ifdef USE_AVX2
+    int full = k / QB;
+    if (R == ROWS) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        const int8_t *r0 = w, *r1 = w + stride, *r2 = w + 2 * stride, *r3 = w + 3 * stride;
+        for (int b = 0; b < full; b++) {
+            const int8_t *qb = q + (size_t)b * QB;
+            __m256 db = _mm256_set1_ps(d[b]);
+            size_t off = (size_t)b * QB;
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot8_avx2(r0 + off, qb)), db, a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot8_avx2(r1 + off, qb)), db, a1);
+            a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot8_avx2(r2 + off, qb)), db, a2);
+            a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot8_avx2(r3 + off, qb)), db, a3);
+        }
+        sums[0] = hsum256(a0), sums[1] = hsum256(a1), sums[2] = hsum256(a2), sums[3] = hsum256(a3);
+    } else {
+        for (int r = 0; r < R; r++) {
+            __m256 a = _mm256_setzero_ps();
+            const int8_t *row = w + r * stride;
+            for (int b = 0; b < full; b++)
+                a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot8_avx2(row + (size_t)b * QB, q + (size_t)b * QB)),
+                                    _mm256_set1_ps(d[b]), a);
+            sums[r] = hsum256(a);
+        }
+    }
+    b0 = full;
+#else
+    for (int r = 0; r < R; r++) sums[r] = 0.f;
+#endif
+    for (int r = 0; r < R; r++) {
+        const int8_t *row = w + r * stride;
+        float a = 0.f;
+        for (int b = b0; b < nb; b++) {
+            int c = k - b * QB < QB ? k - b * QB : QB;
+            a += d[b] * (float)dot8_block(row + (size_t)b * QB, q + (size_t)b * QB, c);
+        }
+        sums[r] += a;
+    }
+}
+
+/* bits 8 or 4: the activation-quantized ("q") kernels. x [m, k] fp32. Returns 0, or -1 when out of memory. */
+static int wq_linear(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m,
+                     int n, int k, int bits) {
+    int nb = (k + QB - 1) / QB;
+    size_t stride = bits == 4 ? (size_t)(k / 2) : (size_t)k;
+    int8_t *q = (int8_t *)malloc((size_t)m * nb * QB + 64);
+    float *d = (float *)malloc(((size_t)m * nb + 1) * sizeof(float));
+    float *corr = (float *)malloc(((size_t)m + 1) * sizeof(float));
+    if (!q || !d || !corr) {
+        free(q), free(d), free(corr);
+        return -1;
+    }
+    int full = bits == 4 ? (k / 2) / (QB / 2) : k / QB;
+    for (int b = 0; b < m; b++)
+        corr[b] = quantize_row(x + (size_t)b * k, k, bits == 4, full, q + (size_t)b * nb * QB, d + (size_t)b * nb);
+#pragma omp parallel for schedule(static)
+    for (int o0 = 0; o0 < n; o0 += ROWS) {
+        int rows = n - o0 < ROWS ? n - o0 : ROWS;
+        const int8_t *wr = w + (size_t)o0 * stride;
+        for (int b = 0; b < m; b++) {
+            float sums[ROWS];
+            const int8_t *qb = q + (size_t)b * nb * QB;
+            const float *db = d + (size_t)b * nb;
+            if (bits == 4)
+                q4_rows(wr, stride, rows, qb, db, corr[b], k, sums);
+            else
+                q8_rows(wr, stride, rows, qb, db, k, sums);
+            for (int r = 0; r < rows; r++) {
+                int o = o0 + r;
+                y[(size_t)b * n + o] = sums[r] * scale[o] + (bias ? bias[o] : 0.f);
+            }
+        }
+    }
+    free(q), free(d), free(corr);
+    return 0;
+}
+
+int w8_linear(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m, int n,
+              int k) {
+    return wq_linear(x, w, scale, bias, y, m, n, k, 8);
+}
+
+/* k must be even (two columns per byte). */
+int w4_linear(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m, int n,
+              int k) {
+    return wq_linear(x, w, scale, bias, y, m, n, k, 4);
+}
+
+/* ------------------------------------------------------------------------------------------------------- */
+/* Float kernels: exact fp32 products, fp32 accumulation.                                                   */
+
+void w8_linear_f(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m, int n,
+                 int k) {
 #pragma omp parallel for schedule(static)
     for (int o0 = 0; o0 < n; o0 += ROWS) {
         int rows = n - o0 < ROWS ? n - o0 : ROWS;
@@ -80,8 +407,8 @@ void w8_linear(const float *x, const int8_t *w, const float *scale, const float 
 }
 
 /* x_even / x_odd: x split by column parity, each [m, k/2], so the nibble loop is unit-stride. */
-void w4_linear(const float *x_even, const float *x_odd, const int8_t *w, const float *scale, const float *bias,
-               float *y, int m, int n, int k) {
+void w4_linear_f(const float *x_even, const float *x_odd, const int8_t *w, const float *scale, const float *bias,
+                 float *y, int m, int n, int k) {
     int h = k / 2;
 #pragma omp parallel for schedule(static)
     for (int o0 = 0; o0 < n; o0 += ROWS) {
@@ -94,8 +421,8 @@ void w4_linear(const float *x_even, const float *x_odd, const int8_t *w, const f
 #pragma omp simd reduction(+ : a)
                 for (int j = 0; j < h; j++) {
                     int8_t byte = row[j];
-                    float hi = (float)(byte >> 4);                  /* even column, sign kept */
-                    float lo = (float)((int8_t)(byte << 4) >> 4);   /* odd column */
+                    float hi = (float)(byte >> 4);                /* even column, sign kept */
+                    float lo = (float)((int8_t)(byte << 4) >> 4); /* odd column */
                     a += xe[j] * hi + xo[j] * lo;
                 }
                 int o = o0 + r;
@@ -104,6 +431,152 @@ void w4_linear(const float *x_even, const float *x_odd, const int8_t *w, const f
         }
     }
 }
+
+/* ------------------------------------------------------------------------------------------------------- */
+/* bf16 / fp16 GEMV: y [m, n] fp32 = x [m, k] fp32 @ w [n, k]^T (+ bias), fp32 accumulation.                */
+
+static inline float bf16_to_float(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline float fp16_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, man = h & 0x3FFu, bits;
+    float f;
+    if (e == 0) {
+        f = (float)man * 5.9604644775390625e-8f; /* zero or subnormal: man * 2^-24, exact */
+        memcpy(&bits, &f, sizeof bits);
+        bits |= sign;
+    } else if (e == 31) {
+        bits = sign | 0x7F800000u | (man << 13);
+    } else {
+        bits = sign | ((e + 112u) << 23) | (man << 13);
+    }
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* One x row against R rows (portable). */
+static inline void half_rows_portable(const float *x, const uint16_t *w, size_t k, int R, int fp16, float *sums) {
+    for (int r = 0; r < R; r++) {
+        const uint16_t *row = w + r * k;
+        float a = 0.f;
+        if (fp16) {
+            for (size_t i = 0; i < k; i++) a += x[i] * fp16_to_float(row[i]);
+        } else {
+#pragma omp simd reduction(+ : a)
+            for (size_t i = 0; i < k; i++) a += x[i] * bf16_to_float(row[i]);
+        }
+        sums[r] = a;
+    }
+}
+
+#ifdef USE_AVX2
+/* bf16: xs is x rearranged per 16 columns as 8 even then 8 odd (so one 32-byte load of weights gives both
+ * halves by a shift and a mask, no shuffles). kv = k rounded down to 16; the rest is done by the caller. */
+static inline void bf16_rows_avx2(const float *xs, const uint16_t *w, size_t k, size_t kv, int R, float *sums) {
+    const __m256i hi_mask = _mm256_set1_epi32((int)0xFFFF0000u);
+    if (R == ROWS) {
+        __m256 a[2 * ROWS];
+        for (int i = 0; i < 2 * ROWS; i++) a[i] = _mm256_setzero_ps();
+        for (size_t i = 0; i < kv; i += 16) {
+            __m256 xe = _mm256_loadu_ps(xs + i), xo = _mm256_loadu_ps(xs + i + 8);
+            for (int r = 0; r < ROWS; r++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(w + r * k + i));
+                a[2 * r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), xe, a[2 * r]);
+                a[2 * r + 1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, hi_mask)), xo, a[2 * r + 1]);
+            }
+        }
+        for (int r = 0; r < ROWS; r++) sums[r] = hsum256(_mm256_add_ps(a[2 * r], a[2 * r + 1]));
+    } else {
+        for (int r = 0; r < R; r++) {
+            __m256 ae = _mm256_setzero_ps(), ao = _mm256_setzero_ps();
+            for (size_t i = 0; i < kv; i += 16) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(w + r * k + i));
+                ae = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), _mm256_loadu_ps(xs + i), ae);
+                ao = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, hi_mask)), _mm256_loadu_ps(xs + i + 8),
+                                     ao);
+            }
+            sums[r] = hsum256(_mm256_add_ps(ae, ao));
+        }
+    }
+}
+#endif
+
+#ifdef USE_F16C
+static inline void fp16_rows_f16c(const float *x, const uint16_t *w, size_t k, size_t kv, int R, float *sums) {
+    for (int r0 = 0; r0 < R; r0 += 2) {
+        int two = R - r0 >= 2;
+        const uint16_t *p0 = w + r0 * k, *p1 = w + (r0 + two) * k;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+        for (size_t i = 0; i < kv; i += 16) {
+            __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+            a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p0 + i))), x0, a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p0 + i + 8))), x1, a1);
+            b0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p1 + i))), x0, b0);
+            b1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p1 + i + 8))), x1, b1);
+        }
+        sums[r0] = hsum256(_mm256_add_ps(a0, a1));
+        if (two) sums[r0 + 1] = hsum256(_mm256_add_ps(b0, b1));
+    }
+}
+#endif
+
+/* fp16: 0 for bf16 weights, 1 for IEEE half weights. Returns 0, or -1 when out of memory. */
+int half_linear(const float *x, const uint16_t *w, const float *bias, float *y, int m, int n, int k, int fp16) {
+    size_t kk = (size_t)k, kv = 0;
+    float *xbuf = NULL;
+#ifdef USE_AVX2
+    kv = kk / 16 * 16;
+#ifndef USE_F16C
+    if (fp16) kv = 0;
+#endif
+    if (!fp16 && kv) {
+        xbuf = (float *)malloc(((size_t)m * kv + 1) * sizeof(float));
+        if (!xbuf) return -1;
+        for (int b = 0; b < m; b++)
+            for (size_t i = 0; i < kv; i += 16)
+                for (int j = 0; j < 8; j++) {
+                    xbuf[(size_t)b * kv + i + j] = x[(size_t)b * kk + i + 2 * j];
+                    xbuf[(size_t)b * kv + i + 8 + j] = x[(size_t)b * kk + i + 2 * j + 1];
+                }
+    }
+#endif
+#pragma omp parallel for schedule(static)
+    for (int o0 = 0; o0 < n; o0 += ROWS) {
+        int rows = n - o0 < ROWS ? n - o0 : ROWS;
+        const uint16_t *wr = w + (size_t)o0 * kk;
+        for (int b = 0; b < m; b++) {
+            const float *xb = x + (size_t)b * kk;
+            float sums[ROWS] = {0.f, 0.f, 0.f, 0.f};
+            if (kv) {
+#ifdef USE_AVX2
+                if (!fp16) bf16_rows_avx2(xbuf + (size_t)b * kv, wr, kk, kv, rows, sums);
+#endif
+#ifdef USE_F16C
+                if (fp16) fp16_rows_f16c(xb, wr, kk, kv, rows, sums);
+#endif
+                for (int r = 0; r < rows; r++) {
+                    const uint16_t *row = wr + r * kk;
+                    for (size_t i = kv; i < kk; i++)
+                        sums[r] += xb[i] * (fp16 ? fp16_to_float(row[i]) : bf16_to_float(row[i]));
+                }
+            } else {
+                half_rows_portable(xb, wr, kk, rows, fp16, sums);
+            }
+            for (int r = 0; r < rows; r++) {
+                int o = o0 + r;
+                y[(size_t)b * n + o] = sums[r] + (bias ? bias[o] : 0.f);
+            }
+        }
+    }
+    free(xbuf);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------------- */
 
 /* Exact unpacking (tests compare it with the PyTorch reference): [n, k/2] -> [n, k]. */
 void unpack_int4(const int8_t *w, int8_t *out, int n, int k) {

@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from .linear import QuantizedEmbedding, QuantizedLinear
-from .ops import dequantize, pack_int4, quantize_weight, unpack_int4
+from .ops import dequantize, fast_linear, pack_int4, quantize_weight, unpack_int4
 
 BLOCK_CLASS = "GLMBlock"  # the transformer block class of both architectures
 OUTPUT_NAMES = ("lm_head", "output_layer")
@@ -64,6 +64,7 @@ __all__ = [
     "QuantizedEmbedding",
     "QuantizedLinear",
     "dequantize",
+    "fast_linear",
     "pack_int4",
     "prepare_for_quantized_checkpoint",
     "quantize",
