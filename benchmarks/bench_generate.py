@@ -1,18 +1,38 @@
-"""End-to-end generation speed on a full-width ChatGLM with random weights (a first cut of issue 9's suite).
+"""End-to-end generation speed at real model width, ours next to the reference-style path, in one run.
 
-    python benchmarks/bench_generate.py --layers 4 --modes bf16 int8 int4 --threads 2
+    python benchmarks/bench_generate.py                       # CPU: bf16 int8 int4, threads 1 and 2, 4 layers
+    python benchmarks/bench_generate.py --quick               # CI: 1 layer, short prompt; fails if decode is
+                                                              # slower than the reference-style path
+    python benchmarks/bench_generate.py --device cuda --modes fp16 bf16 int8 int4 --threads 1
+    python benchmarks/bench_generate.py --context 32768 --modes int4 --threads 2     # long-context memory
 
-Builds the model from a real config.json (../shared/models/chatglm2-6b by default) with `--layers` layers at
-full width, random weights, nothing downloaded. Per mode: prefill time of a `--prompt`-token prompt and decode
-ms/token at batch 1 over `--new` tokens (greedy, through model.generate), the same scaled to the real layer
-count (the embedding/output layer are counted once), and the bandwidth floor: weight bytes read per token
-divided by the copy bandwidth measured in the same run.
+The model is built from a real config.json (../shared/models/chatglm2-6b by default; chatglm-6b works too)
+with `--layers` blocks at full width and random weights (quantized models get random int8/int4 weights and
+scales directly: no float copy is ever made). Nothing is read from disk but the config, nothing downloaded.
+
+Each (mode, threads, path) runs in a fresh process, so its peak memory is its own. Per row:
+  ttft       time to first token of a `--prompt`-token prompt (prefill + head + sampling), batch 1
+  prefill    prompt tokens / ttft
+  dec b1     decode at batch 1 over `--new` new tokens (greedy, through generate_stream), ms/token and tok/s
+  dec b8     decode tokens/s summed over a batch of `--batch` prompts
+  peak       peak resident memory of the generation (CPU, VmHWM after a reset) or peak allocated (GPU)
+  scaled     the decode/prefill figure scaled to the real layer count: blocks in proportion to their bytes,
+             the output layer counted once (decode is memory-bound: time follows bytes read)
+  floor      weight bytes read per token at the real layer count / memory bandwidth measured in that process
+  of floor   floor / scaled decode time (1.0 = reading the weights at the measured bandwidth)
+Paths: "ours" (fused kernels, preallocated KV cache, windowed sampler) and "ref" (the reference-style path:
+plain float matmul, dequantize-then-matmul for INT8/INT4, the KV cache concatenated every step; the C kernels
+are disabled with CHATGLM_NO_CPU_KERNEL=1 in that process).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import os
+import platform
+import subprocess
 import sys
 import time
 
@@ -21,74 +41,277 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks.bench_gemv import bandwidth  # noqa: E402
-from chatglm import ChatGLMConfig  # noqa: E402
-from chatglm.loading import model_class  # noqa: E402
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = {"fp32": ("fp32", 0), "bf16": ("bf16", 0), "fp16": ("fp16", 0), "int8": ("bf16", 8), "int4": ("bf16", 4)}
 
 
-def build(config_dir: str, layers: int, dtype, bits: int | None):
+# ----------------------------------------------------------------------------------------------- the worker
+def build(config_dir: str, layers: int, dtype, bits: int, device: str):
+    """A full-width model with `layers` blocks and random weights, built in place (no float copy for INT)."""
+    from chatglm import ChatGLMConfig
+    from chatglm.loading import model_class
+    from quantization import prepare_for_quantized_checkpoint
+
     config = ChatGLMConfig.from_checkpoint(config_dir)
     real_layers = config.num_layers
     config.num_layers = layers
-    torch.manual_seed(0)
-    model = model_class(config)(config, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    model._reset_buffers()
-    model = model.to(dtype).eval()
+    model = model_class(config)(config, device="meta", dtype=dtype)
     if bits:
-        model.quantize(bits)
-    return model, real_layers
+        prepare_for_quantized_checkpoint(model, bits)
+    model = model.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dtype == torch.int8:
+                p.random_(-128, 128, generator=g)
+            elif name.endswith("weight_scale"):
+                p.uniform_(0.02 / (2 ** (bits - 1)), 0.04 / (2 ** (bits - 1)), generator=g)
+            elif "layernorm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 0.02, generator=g)
+    model._reset_buffers()
+    return model.eval(), real_layers
 
 
 def weight_bytes(model) -> tuple[int, int]:
-    """(bytes in the blocks, bytes outside them read per token: the output layer; embeddings are one row)."""
-    blocks = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".layers." in n)
+    """(bytes in the blocks, bytes of the output layer): what one decode step reads."""
+    blocks = sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if ".layers." in n)
     head = model.output_head().weight
     return blocks, head.numel() * head.element_size()
+
+
+def bandwidth(device: str) -> float:
+    """Copy bandwidth in GB/s (bytes read + written) of a 512 MiB tensor copy, best of a few."""
+    a = torch.ones(2**27, device=device)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(8):
+        sync(device)
+        t = time.perf_counter()
+        b.copy_(a)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.numel() * 4 / best / 1e9
+
+
+def sync(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def reset_peak(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+def peak_gib(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def timed_stream(model, ids, new: int, kv_cache: str, device: str):
+    """(seconds to the first token, seconds per token after it) of a greedy generate_stream."""
+    from chatglm.generation import generate_stream
+
+    sync(device)
+    start = time.perf_counter()
+    first = last = None
+    n = 0
+    for _ in generate_stream(model, ids, do_sample=False, max_new_tokens=new, eos_token_id=[-1], kv_cache=kv_cache):
+        sync(device)
+        now = time.perf_counter()
+        first = first or now
+        last, n = now, n + 1
+    return first - start, (last - first) / max(n - 1, 1)
+
+
+def worker(args) -> dict:
+    torch.set_num_threads(args.threads)
+    dtype_name, bits = MODES[args.mode]
+    device = args.device
+    ref = args.path == "ref"
+    bw = bandwidth(device)
+    model, real_layers = build(args.config, args.layers, DTYPES[dtype_name], bits, device)
+    vocab = model.config.padded_vocab_size or model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    kv = "concat" if ref else "static"
+    with torch.inference_mode():
+        small = torch.randint(100, min(vocab, 60000), (1, 8), generator=g).to(device)
+        timed_stream(model, small, 3, kv, device)  # warm up (kernel load, allocator)
+        gc.collect()
+        reset_peak(device)
+        prompt = torch.randint(100, min(vocab, 60000), (1, args.prompt), generator=g).to(device)
+        ttft, _ = timed_stream(model, prompt, 1, kv, device)
+        new = args.ref_new if ref else args.new
+        short = torch.randint(100, min(vocab, 60000), (1, 16), generator=g).to(device)
+        _, dec1 = timed_stream(model, short, new, kv, device)
+        dec8 = None
+        if args.batch > 1:
+            batch = torch.randint(100, min(vocab, 60000), (args.batch, 16), generator=g).to(device)
+            _, dec8 = timed_stream(model, batch, max(new // 2, 4), kv, device)
+        peak = peak_gib(device)
+    blocks, head = weight_bytes(model)
+    scale = real_layers / args.layers
+    share = blocks / (blocks + head)
+    return dict(
+        mode=args.mode, threads=args.threads, path=args.path, device=device, layers=args.layers,
+        real_layers=real_layers, bw=bw, ttft=ttft, prefill_tps=args.prompt / ttft, dec1=dec1,
+        dec8_tps=(args.batch / dec8) if dec8 else None, peak=peak,
+        scaled_dec1=dec1 * (share * scale + 1 - share), scaled_ttft=ttft * scale,
+        floor=(blocks * scale + head) / (bw * 1e9), weights_gib=(blocks * scale + head) / 2**30,
+    )  # fmt: skip
+
+
+def long_context_worker(args) -> dict:
+    """Decode at a long context on the full-depth model: fill the cache with random keys/values, then step."""
+    from chatglm.kv_cache import KVCache
+
+    torch.set_num_threads(args.threads)
+    dtype_name, bits = MODES[args.mode]
+    device = args.device
+    from chatglm import ChatGLMConfig
+
+    real_layers = ChatGLMConfig.from_checkpoint(args.config).num_layers
+    model, _ = build(args.config, real_layers, DTYPES[dtype_name], bits, device)
+    cfg = model.config
+    groups = cfg.multi_query_group_num if getattr(cfg, "multi_query_attention", False) else cfg.num_attention_heads
+    head_dim = cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads
+    dtype = DTYPES[dtype_name]
+    cache = KVCache.empty(real_layers, args.context + 16)
+    chunk = 4096
+    with torch.inference_mode():
+        for start in range(0, args.context, chunk):
+            n = min(chunk, args.context - start)
+            for i in range(real_layers):
+                k = torch.randn(1, groups, n, head_dim, dtype=dtype, device=device)
+                cache.append(i, k, torch.randn_like(k))
+            cache = cache.advance(n)
+        kv_gib = sum(cache[i][0].numel() * 2 * cache[i][0].element_size() for i in range(real_layers)) / 2**30
+        ids = torch.randint(100, 60000, (1, 1), device=device)
+        times = []
+        for _step in range(args.ref_new):
+            sync(device)
+            t = time.perf_counter()
+            out = model(ids, past_key_values=cache, return_last_logit=True)
+            sync(device)
+            times.append(time.perf_counter() - t)
+            cache = out.past_key_values
+            ids = out.logits[:, -1].argmax(-1, keepdim=True)
+        peak = peak_gib(device)
+    return dict(mode=args.mode, threads=args.threads, context=args.context, layers=real_layers, kv_gib=kv_gib,
+                dec1=sorted(times)[len(times) // 2], peak=peak, device=device)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- the driver
+def run_worker(argv: list[str], ref: bool) -> dict | None:
+    env = dict(os.environ)
+    if ref:
+        env["CHATGLM_NO_CPU_KERNEL"] = "1"
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], capture_output=True, text=True,
+                          env=env)  # fmt: skip
+    for line in proc.stdout.splitlines()[::-1]:
+        if line.startswith("{"):
+            return json.loads(line)
+    sys.stderr.write(proc.stderr[-3000:])
+    return None
+
+
+def fmt_row(r: dict, ref: dict | None) -> str:
+    dec8 = f"{r['dec8_tps']:7.2f}" if r.get("dec8_tps") else f"{'-':>7}"
+    speed = f"{ref['dec1'] / r['dec1']:6.1f}x" if ref and r["path"] == "ours" else f"{'':>7}"
+    pre = f"{ref['ttft'] / r['ttft']:6.1f}x" if ref and r["path"] == "ours" else f"{'':>7}"
+    return (f"{r['mode']:<5} {r['threads']:>3} {r['path']:<4} {r['ttft']:8.2f} {r['prefill_tps']:8.1f} "
+            f"{r['dec1'] * 1e3:9.1f} {1 / r['dec1']:7.2f} {dec8} {r['peak']:6.2f} {r['scaled_ttft']:9.1f} "
+            f"{r['scaled_dec1'] * 1e3:9.1f} {1 / r['scaled_dec1']:7.2f} {r['floor'] * 1e3:8.1f} "
+            f"{r['floor'] / r['scaled_dec1']:7.0%} {speed} {pre}")  # fmt: skip
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=os.path.join(REPO, "..", "shared", "models", "chatglm2-6b"))
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--modes", nargs="+", default=["bf16", "int8", "int4"])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--modes", nargs="+", default=None, choices=sorted(MODES))
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--prompt", type=int, default=512)
-    parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--ref-new", type=int, default=24, help="new tokens for the (slow) reference path")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--paths", nargs="+", default=["ours", "ref"], choices=["ours", "ref"])
+    parser.add_argument("--quick", action="store_true", help="1 layer, prompt 64, 16 tokens, int4+bf16, 2 threads")
+    parser.add_argument("--context", type=int, default=0, help="measure decode memory/speed at this context")
+    parser.add_argument("--worker", choices=["gen", "long"], help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--path", default="ours", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    bw = bandwidth()
-    print(f"# bench_generate: torch {torch.__version__}, threads {args.threads}, cpu capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, copy bandwidth {bw:.1f} GB/s, config {args.config}, "
-          f"{args.layers} layers at full width, prompt {args.prompt}, {args.new} new tokens, batch 1")  # fmt: skip
-    print(f"{'mode':<6} {'prefill s':>9} {'decode ms/tok':>13} {'scaled prefill s':>16} {'scaled ms/tok':>13} "
-          f"{'floor ms/tok':>12} {'achieved/floor':>14}")  # fmt: skip
-    for mode in args.modes:
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}[mode]
-        bits = {"int8": 8, "int4": 4}.get(mode)
-        model, real_layers = build(args.config, args.layers, dtype, bits)
-        vocab = model.config.padded_vocab_size if hasattr(model.config, "padded_vocab_size") else 20000
-        ids = torch.randint(100, min(vocab, 60000), (1, args.prompt))
-        with torch.no_grad():
-            t = time.perf_counter()
-            model(ids, return_last_logit=True)
-            prefill = time.perf_counter() - t
-            model.generate(ids[:, :8], do_sample=False, max_new_tokens=4, eos_token_id=[-1])  # warm up
-            t = time.perf_counter()
-            model.generate(ids[:, :8], do_sample=False, max_new_tokens=args.new, eos_token_id=[-1])
-            decode = (time.perf_counter() - t) / args.new
-        blocks, head = weight_bytes(model)
-        scale = real_layers / args.layers
-        floor = (blocks * scale + head) / (bw * 1e9)
-        # split the measured decode time into per-layer and head parts in proportion to bytes
-        per_layer_share = blocks / (blocks + head)
-        scaled = decode * (per_layer_share * scale + (1 - per_layer_share))
-        scaled_prefill = prefill * (per_layer_share * scale + (1 - per_layer_share))
-        print(f"{mode:<6} {prefill:9.2f} {decode * 1e3:13.1f} {scaled_prefill:16.2f} {scaled * 1e3:13.1f} "
-              f"{floor * 1e3:12.1f} {floor / scaled:14.0%}", flush=True)  # fmt: skip
-        del model
+    if args.worker:
+        args.threads = args.threads[0]
+        result = worker(args) if args.worker == "gen" else long_context_worker(args)
+        print(json.dumps(result), flush=True)
+        return
+    if not os.path.isfile(os.path.join(args.config, "config.json")):
+        print(f"bench_generate: no config.json at {args.config}: skipped (pass --config)")
+        return
+    if args.quick:
+        args.layers, args.prompt, args.new, args.ref_new, args.batch = 1, 64, 16, 8, 4
+        args.threads, args.modes = [2], args.modes or ["int4", "bf16"]
+    modes = args.modes or (["bf16", "int8", "int4"] if args.device == "cpu" else ["fp16", "bf16", "int8", "int4"])
+    cap = torch.backends.cpu.get_cpu_capability() if args.device == "cpu" else torch.cuda.get_device_name()
+    print(f"# bench_generate: torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} cpus, "
+          f"device {args.device} ({cap}), config {os.path.basename(os.path.abspath(args.config))}, "
+          f"{args.layers} layers at full width (scaled to the real depth), prompt {args.prompt}, "
+          f"{args.new} new tokens (ref {args.ref_new}), batch {args.batch}", flush=True)  # fmt: skip
+    if args.context:
+        print(f"{'mode':<5} {'thr':>3} {'context':>8} {'layers':>6} {'KV GiB':>7} {'dec ms/tok':>10} {'peak GiB':>9}")
+        for mode in modes:
+            for t in args.threads:
+                argv = ["--worker", "long", "--mode", mode, "--threads", str(t), "--config", args.config,
+                        "--device", args.device, "--context", str(args.context), "--ref-new", "8"]  # fmt: skip
+                r = run_worker(argv, False)
+                if r:
+                    print(f"{mode:<5} {t:>3} {r['context']:>8} {r['layers']:>6} {r['kv_gib']:7.2f} "
+                          f"{r['dec1'] * 1e3:10.1f} {r['peak']:9.2f}", flush=True)  # fmt: skip
+        return
+    print(f"{'mode':<5} {'thr':>3} {'path':<4} {'ttft s':>8} {'pre t/s':>8} {'dec ms/t':>9} {'dec t/s':>7} "
+          f"{'b8 t/s':>7} {'peakGiB':>6} {'sc.ttft':>9} {'sc.ms/t':>9} {'sc.t/s':>7} {'floor ms':>8} "
+          f"{'of flr':>7} {'dec x':>7} {'pre x':>7}")  # fmt: skip
+    slower = []
+    for mode in modes:
+        for t in args.threads:
+            results = {}
+            for path in sorted(args.paths, key=lambda p: p != "ref"):  # the reference first
+                argv = ["--worker", "gen", "--mode", mode, "--threads", str(t), "--path", path, "--config",
+                        args.config, "--device", args.device, "--layers", str(args.layers), "--prompt",
+                        str(args.prompt), "--new", str(args.new), "--ref-new", str(args.ref_new), "--batch",
+                        str(args.batch)]  # fmt: skip
+                r = run_worker(argv, path == "ref")
+                if r is None:
+                    print(f"{mode:<5} {t:>3} {path:<4} failed", flush=True)
+                    continue
+                results[path] = r
+                print(fmt_row(r, results.get("ref")), flush=True)
+            if "ours" in results and "ref" in results and results["ours"]["dec1"] > results["ref"]["dec1"]:
+                slower.append(f"{mode} threads {t}")
+    if slower:
+        print(f"FAIL: decode slower than the reference-style path for {', '.join(slower)}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from torch import nn
 from .base import ChatGLMCausalLM
 from .config import ChatGLMConfig
 from .kv_cache import KVCache, cache_length, extend, layer_cache
+from .linear import Linear
 from .prefix_encoder import PrefixEncoder
 
 MAX_LINES = 600  # keep this file small enough to read in one sitting
@@ -69,8 +70,8 @@ class SelfAttention(nn.Module):
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.rotary_emb = RotaryEmbedding(self.head_dim // 2, device=device, dtype=dtype)
         h = config.hidden_size
-        self.query_key_value = nn.Linear(h, 3 * h, device=device, dtype=dtype)
-        self.dense = nn.Linear(h, h, device=device, dtype=dtype)
+        self.query_key_value = Linear(h, 3 * h, device=device, dtype=dtype)
+        self.dense = Linear(h, h, device=device, dtype=dtype)
 
     def forward(self, x, position_ids, mask, kv_cache):
         b, s, h = x.shape
@@ -96,8 +97,8 @@ class GLU(nn.Module):
     def __init__(self, config: ChatGLMConfig, device=None, dtype=None):
         super().__init__()
         inner = config.inner_hidden_size or 4 * config.hidden_size
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, inner, device=device, dtype=dtype)
-        self.dense_4h_to_h = nn.Linear(inner, config.hidden_size, device=device, dtype=dtype)
+        self.dense_h_to_4h = Linear(config.hidden_size, inner, device=device, dtype=dtype)
+        self.dense_4h_to_h = Linear(inner, config.hidden_size, device=device, dtype=dtype)
 
     def forward(self, x):
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
@@ -245,7 +246,7 @@ class ChatGLMForConditionalGeneration(ChatGLMCausalLM):
         super().__init__()
         self.config = config
         self.transformer = ChatGLMModel(config, device=device, dtype=dtype)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
         self.tie_weights()
         if config.pre_seq_len is not None:
             self.freeze_for_prefix_tuning()

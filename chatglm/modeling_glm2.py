@@ -17,6 +17,7 @@ from torch import nn
 from .base import ChatGLMCausalLM
 from .config import ChatGLMConfig
 from .kv_cache import KVCache, cache_length, extend, layer_cache
+from .linear import Linear
 from .prefix_encoder import PrefixEncoder
 
 MAX_LINES = 600  # keep this file small enough to read in one sitting
@@ -80,8 +81,8 @@ class SelfAttention(nn.Module):
         self.groups = config.multi_query_group_num if config.multi_query_attention else self.heads
         qkv_out = (self.heads + 2 * self.groups) * self.head_dim
         bias = config.add_bias_linear or config.add_qkv_bias
-        self.query_key_value = nn.Linear(config.hidden_size, qkv_out, bias=bias, device=device, dtype=dtype)
-        self.dense = nn.Linear(
+        self.query_key_value = Linear(config.hidden_size, qkv_out, bias=bias, device=device, dtype=dtype)
+        self.dense = Linear(
             self.heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear, device=device, dtype=dtype
         )
 
@@ -108,8 +109,8 @@ class MLP(nn.Module):
     def __init__(self, config: ChatGLMConfig, device=None, dtype=None):
         super().__init__()
         h, f, bias = config.hidden_size, config.ffn_hidden_size, config.add_bias_linear
-        self.dense_h_to_4h = nn.Linear(h, 2 * f, bias=bias, device=device, dtype=dtype)  # [gate | up]
-        self.dense_4h_to_h = nn.Linear(f, h, bias=bias, device=device, dtype=dtype)
+        self.dense_h_to_4h = Linear(h, 2 * f, bias=bias, device=device, dtype=dtype)  # [gate | up]
+        self.dense_4h_to_h = Linear(f, h, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x):
         gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)
@@ -189,9 +190,7 @@ class ChatGLMModel(nn.Module):
             config.kv_channels // 2, rope_ratio=getattr(config, "rope_ratio", 1.0), device=device, dtype=dtype
         )
         self.encoder = GLMTransformer(config, device=device, dtype=dtype)
-        self.output_layer = nn.Linear(
-            config.hidden_size, config.padded_vocab_size, bias=False, device=device, dtype=dtype
-        )
+        self.output_layer = Linear(config.hidden_size, config.padded_vocab_size, bias=False, device=device, dtype=dtype)
         self.pre_seq_len = config.pre_seq_len
         if self.pre_seq_len is not None:
             kv_size = config.num_layers * config.kv_channels * self.groups * 2

@@ -9,6 +9,7 @@ single-threaded build), and callers use the PyTorch reference instead.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -210,6 +211,26 @@ def openmp_runtimes() -> list[str]:
         return []
     names = ("libgomp", "libiomp", "libomp")
     return sorted(p for p in paths if os.path.basename(p).startswith(names))
+
+
+@functools.cache
+def native_half_gemm(dtype: torch.dtype) -> bool:
+    """Whether this CPU has matrix instructions for `dtype` (bf16: AVX512-BF16/AMX/ARM BF16; fp16: AVX512-FP16,
+    AMX-FP16, ARM FP16). Without them torch's half-precision CPU GEMM is emulated and several times slower than
+    fp32, so prefill is better done in fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = set()
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags.update(line.split(":", 1)[1].split())
+    except OSError:
+        return platform.machine().lower() in ("arm64", "aarch64")  # Apple silicon has bf16/fp16 units
+    if dtype == torch.bfloat16:
+        return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    if dtype == torch.float16:
+        return bool(flags & {"avx512_fp16", "amx_fp16", "fphp", "asimdhp"})
+    return True
 
 
 def get_cpu_kernel() -> CpuKernel | None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels import native_half_gemm
+
 
 def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Float [out, in] -> (int8 [out, in] or packed int8 [out, in/2], fp16 scale [out])."""
@@ -72,10 +74,11 @@ def quantized_linear(x, weight, scale, bits, bias=None):
             flat = x.reshape(-1, x.shape[-1]).float().contiguous()
             y = kernel.linear(flat, weight.contiguous(), scale.float().contiguous(), bits, bias)
             return y.to(x.dtype).view(*x.shape[:-1], -1)
-        if kernel is not None and not training:  # prefill: a threaded C dequantize, then the BLAS matmul in x's dtype
-            w = kernel.dequantize(weight, scale.float().contiguous(), bits).to(x.dtype)
-            y = x @ w.t()
-            return y + bias.to(y.dtype) if bias is not None else y
+        if kernel is not None and not training:  # prefill: a threaded C dequantize, then a BLAS matmul
+            w = kernel.dequantize(weight, scale.float().contiguous(), bits)  # fp32
+            compute = x.dtype if x.dtype == torch.float32 or native_half_gemm(x.dtype) else torch.float32
+            y = F.linear(x.to(compute), w.to(compute), bias.to(compute) if bias is not None else None)
+            return y.to(x.dtype)
     return quantized_linear_reference(x, weight, scale, bits, bias)
 
 
@@ -86,24 +89,29 @@ CPU_KERNEL_MAX_ROWS = 32
 
 
 def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for float weights, through the C GEMV when it wins: CPU, bf16/fp16 weight,
-    at most FAST_LINEAR_MAX_ROWS rows of x, no autograd. The result has x's dtype and is computed with fp32
-    accumulation (as torch's own bf16 matmul on the CPU); otherwise this is F.linear (with weight and bias cast
-    to x's dtype when they differ)."""
+    """F.linear(x, weight, bias) for float weights, with the CPU fast paths (no autograd, bf16/fp16 weight):
+    - at most FAST_LINEAR_MAX_ROWS rows of x: the C GEMV, reading each weight once, fp32 accumulation;
+    - more rows (prefill) on a CPU without native half-precision GEMM: the matmul in fp32 (weights upcast per
+      call), several times faster there than torch's emulated bf16/fp16 GEMM, and at least as accurate.
+    The result has x's dtype. Otherwise this is F.linear (weight and bias cast to x's dtype if they differ)."""
+    rows = x.shape[:-1].numel()
     if (
         x.device.type == "cpu"
         and weight.dtype in (torch.bfloat16, torch.float16)
         and weight.dim() == 2
-        and x.shape[:-1].numel() <= FAST_LINEAR_MAX_ROWS
+        and rows > 0
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     ):
         from kernels import get_cpu_kernel
 
         kernel = get_cpu_kernel()
-        if kernel is not None and x.shape[:-1].numel() > 0:
+        if kernel is not None and rows <= FAST_LINEAR_MAX_ROWS:
             flat = x.reshape(-1, x.shape[-1]).float().contiguous()
             y = kernel.half_linear(flat, weight.contiguous(), bias)
             return y.to(x.dtype).view(*x.shape[:-1], -1)
+        if kernel is not None and not native_half_gemm(weight.dtype):
+            y = F.linear(x.float(), weight.float(), bias.float() if bias is not None else None)
+            return y.to(x.dtype)
     if weight.dtype != x.dtype:  # F.linear needs one dtype; the kernel path accepts mixed ones, so this does too
         weight, bias = weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None
     return F.linear(x, weight, bias)

@@ -1,0 +1,63 @@
+"""The models' Linear: same parameters as nn.Linear, CPU fast paths equal to an fp32 reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import chatglm
+from chatglm.linear import Linear
+from kernels import native_half_gemm
+from quantization.ops import fast_linear
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 40])
+@pytest.mark.parametrize("bias", [False, True])
+def test_float_linear_matches_fp32_reference(dtype, rows, bias):
+    g = torch.Generator().manual_seed(rows)
+    w = (torch.randn(37, 70, generator=g) * 0.1).to(dtype)
+    b = (torch.randn(37, generator=g) * 0.1).to(dtype) if bias else None
+    x = torch.randn(rows, 70, generator=g).to(dtype)
+    ref = F.linear(x.float(), w.float(), b.float() if bias else None)
+    with torch.no_grad():
+        y = fast_linear(x, w, b)
+    assert y.dtype == dtype and y.shape == (rows, 37)
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3  # one rounding of the output to the half type
+    assert torch.allclose(y.float(), ref, atol=tol, rtol=tol)
+
+
+def test_linear_is_an_nn_linear_and_trains():
+    layer = Linear(8, 4, dtype=torch.bfloat16)
+    assert isinstance(layer, nn.Linear) and set(layer.state_dict()) == {"weight", "bias"}
+    x = torch.randn(20, 8, dtype=torch.bfloat16, requires_grad=True)
+    layer(x).float().sum().backward()  # autograd takes the plain F.linear path
+    assert layer.weight.grad is not None and x.grad.shape == x.shape
+    assert isinstance(native_half_gemm(torch.bfloat16), bool)
+
+
+def test_bf16_tiny_model_close_to_its_fp32_self(tiny_dirs):
+    path = str(tiny_dirs["v2"])
+    fp32 = chatglm.load_model(path, dtype=torch.float32)
+    bf16 = chatglm.load_model(path, dtype=torch.bfloat16)
+    ids = torch.randint(10, fp32.config.padded_vocab_size, (2, 24))
+    with torch.no_grad():
+        ref = fp32(ids).logits
+        prefill = bf16(ids).logits.float()  # 48 rows: the prefill path
+        step = bf16(ids[:, :1]).logits.float()  # 2 rows: the GEMV path
+    assert (prefill - ref).abs().max() < 0.05 * ref.abs().max()
+    assert (step - ref[:, :1]).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_prefill_in_bf16_matches_reference(bits):
+    from quantization.ops import CPU_KERNEL_MAX_ROWS, quantize_weight, quantized_linear, quantized_linear_reference
+
+    g = torch.Generator().manual_seed(bits)
+    q, scale = quantize_weight(torch.randn(48, 64, generator=g), bits)
+    bias = torch.randn(48, generator=g).bfloat16()
+    x = torch.randn(CPU_KERNEL_MAX_ROWS + 9, 64, generator=g).bfloat16()  # past the fused kernel: prefill path
+    with torch.no_grad():
+        y = quantized_linear(x, q, scale, bits, bias)
+    ref = quantized_linear_reference(x.float(), q, scale, bits, bias.float())
+    assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), ref, atol=0.05, rtol=0.01)
