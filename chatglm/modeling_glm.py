@@ -17,7 +17,7 @@ from torch import nn
 from .base import ChatGLMCausalLM
 from .config import ChatGLMConfig
 from .kv_cache import KVCache, cache_length, extend, layer_cache
-from .linear import Linear
+from .layers import LayerNorm, Linear, compute_dtype
 from .prefix_encoder import PrefixEncoder
 
 MAX_LINES = 600  # keep this file small enough to read in one sitting
@@ -111,9 +111,9 @@ class GLMBlock(nn.Module):
         # The original builds every GLMBlock with its default num_layers=28, whatever the config says,
         # so alpha is sqrt(56) for every model size (checked against THUDM's code on a 2-layer model).
         self.alpha = (2 * 28) ** 0.5
-        self.input_layernorm = nn.LayerNorm(h, eps=eps, device=device, dtype=dtype)
+        self.input_layernorm = LayerNorm(h, eps=eps, device=device, dtype=dtype)
         self.attention = SelfAttention(config, layer_id, device=device, dtype=dtype)
-        self.post_attention_layernorm = nn.LayerNorm(h, eps=eps, device=device, dtype=dtype)
+        self.post_attention_layernorm = LayerNorm(h, eps=eps, device=device, dtype=dtype)
         self.mlp = GLU(config, device=device, dtype=dtype)
 
     def forward(self, x, position_ids, mask, kv_cache):
@@ -135,7 +135,7 @@ class ChatGLMModel(nn.Module):
         self.head_dim = h // self.heads
         self.word_embeddings = nn.Embedding(config.vocab_size, h, device=device, dtype=dtype)
         self.layers = nn.ModuleList(GLMBlock(config, i, device=device, dtype=dtype) for i in range(config.num_layers))
-        self.final_layernorm = nn.LayerNorm(h, eps=config.layernorm_epsilon, device=device, dtype=dtype)
+        self.final_layernorm = LayerNorm(h, eps=config.layernorm_epsilon, device=device, dtype=dtype)
         self.pre_seq_len = config.pre_seq_len
         if self.pre_seq_len is not None:
             self.prefix_encoder = PrefixEncoder(config, config.num_layers * h * 2, h, device=device, dtype=dtype)
@@ -150,6 +150,7 @@ class ChatGLMModel(nn.Module):
         output_hidden_states=False,
     ):
         x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        x = x.to(compute_dtype(x))
         b, s = x.shape[:2]
         prefix = self.pre_seq_len or 0
         if prefix and cache_length(past_key_values) == 0:

@@ -17,7 +17,7 @@ from torch import nn
 from .base import ChatGLMCausalLM
 from .config import ChatGLMConfig
 from .kv_cache import KVCache, cache_length, extend, layer_cache
-from .linear import Linear
+from .layers import LayerNorm, Linear, compute_dtype
 from .prefix_encoder import PrefixEncoder
 
 MAX_LINES = 600  # keep this file small enough to read in one sitting
@@ -122,7 +122,7 @@ class GLMBlock(nn.Module):
         super().__init__()
         self.layer_number = layer_number
         self.post_ln_residual = config.apply_residual_connection_post_layernorm
-        norm = RMSNorm if config.rmsnorm else nn.LayerNorm
+        norm = RMSNorm if config.rmsnorm else LayerNorm
         self.input_layernorm = norm(config.hidden_size, eps=config.layernorm_epsilon, device=device, dtype=dtype)
         self.self_attention = SelfAttention(config, device=device, dtype=dtype)
         self.post_attention_layernorm = norm(
@@ -146,7 +146,7 @@ class GLMTransformer(nn.Module):
         )
         self.post_layer_norm = config.post_layer_norm
         if self.post_layer_norm:
-            norm = RMSNorm if config.rmsnorm else nn.LayerNorm
+            norm = RMSNorm if config.rmsnorm else LayerNorm
             self.final_layernorm = norm(config.hidden_size, eps=config.layernorm_epsilon, device=device, dtype=dtype)
 
     def forward(self, x, rope, mask, past_key_values, output_hidden_states=False):
@@ -206,6 +206,7 @@ class ChatGLMModel(nn.Module):
         output_hidden_states=False,
     ):
         x = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
+        x = x.to(compute_dtype(x))
         b, s = x.shape[:2]
         prefix = self.pre_seq_len or 0
         if prefix and cache_length(past_key_values) == 0:

@@ -213,6 +213,12 @@ def openmp_runtimes() -> list[str]:
     return sorted(p for p in paths if os.path.basename(p).startswith(names))
 
 
+def cpu_fast_paths() -> bool:
+    """False when CHATGLM_NO_CPU_KERNEL is set: the kernels and every CPU fast path are off (the original's
+    paths, for comparison)."""
+    return not os.environ.get("CHATGLM_NO_CPU_KERNEL")
+
+
 @functools.cache
 def native_half_gemm(dtype: torch.dtype) -> bool:
     """Whether this CPU has matrix instructions for `dtype` (bf16: AVX512-BF16/AMX/ARM BF16; fp16: AVX512-FP16,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import native_half_gemm
+from kernels import cpu_fast_paths, native_half_gemm
 
 
 def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +109,7 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             flat = x.reshape(-1, x.shape[-1]).float().contiguous()
             y = kernel.half_linear(flat, weight.contiguous(), bias)
             return y.to(x.dtype).view(*x.shape[:-1], -1)
-        if kernel is not None and not native_half_gemm(weight.dtype):
+        if cpu_fast_paths() and not native_half_gemm(weight.dtype):
             y = F.linear(x.float(), weight.float(), bias.float() if bias is not None else None)
             return y.to(x.dtype)
     if weight.dtype != x.dtype:  # F.linear needs one dtype; the kernel path accepts mixed ones, so this does too

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import chatglm
-from chatglm.linear import Linear
+from chatglm.layers import Linear
 from kernels import native_half_gemm
 from quantization.ops import fast_linear
 
@@ -61,3 +61,19 @@ def test_quantized_prefill_in_bf16_matches_reference(bits):
         y = quantized_linear(x, q, scale, bits, bias)
     ref = quantized_linear_reference(x.float(), q, scale, bits, bias.float())
     assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), ref, atol=0.05, rtol=0.01)
+
+
+def test_cpu_inference_computes_in_fp32_when_half_math_is_emulated(tiny_dirs):
+    from chatglm.layers import compute_dtype
+
+    x = torch.zeros(1, 2, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = torch.bfloat16 if native_half_gemm(torch.bfloat16) else torch.float32
+        assert compute_dtype(x) == expected
+    assert compute_dtype(x) == torch.bfloat16  # autograd on (training): the weights' dtype, as the original
+    model = chatglm.load_model(str(tiny_dirs["v1"]), dtype=torch.bfloat16)
+    ids = torch.randint(10, 100, (1, 6))
+    with torch.no_grad():
+        out = model(ids)
+    assert out.logits.dtype == expected and out.past_key_values[0][0].dtype == expected
+    assert model.transformer.layers[0].input_layernorm.weight.dtype == torch.bfloat16  # weights untouched

@@ -1,0 +1,51 @@
+"""Layers both architectures share, with the CPU fast paths; parameters and state_dict as nn.Linear/LayerNorm.
+
+- `Linear`: its forward is `quantization.ops.fast_linear`: for bf16/fp16 weights on the CPU, the C GEMV for
+  decode and small batches (each weight read once, at memory speed) and an fp32 matmul for prefill on CPUs
+  with no native half-precision GEMM; plain F.linear with autograd (training) or on other devices.
+- `compute_dtype`: on such a CPU, inference keeps the weights in bf16/fp16 (or INT8/INT4) but computes the
+  activations, attention and KV cache in fp32, as CPU inference engines do: torch's emulated bf16 kernels
+  (attention, norms, conversions around every GEMV) cost more there than the weights' memory traffic. The
+  result is at least as accurate as bf16 arithmetic. CHATGLM_NO_CPU_KERNEL=1 turns this off with the kernels.
+- `LayerNorm`: nn.LayerNorm that accepts activations of another dtype than its parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import cpu_fast_paths, native_half_gemm
+from quantization.ops import fast_linear
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the trunk computes in for hidden states `x` (the embedding output)."""
+    if (
+        x.dtype in HALF
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and cpu_fast_paths()
+        and not native_half_gemm(x.dtype)
+    ):
+        return torch.float32
+    return x.dtype
+
+
+class Linear(nn.Linear):
+    """nn.Linear with the CPU fast paths (isinstance(nn.Linear) holds: quantization, PEFT, accelerate)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fast_linear(x, self.weight, self.bias)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm computing in the input's dtype whatever its parameters' dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.dtype) if self.weight is not None else None
+        b = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
