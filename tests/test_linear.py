@@ -12,7 +12,7 @@ from quantization.ops import fast_linear
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [1, 3, 16, 17, 40])
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 40, 300])
 @pytest.mark.parametrize("bias", [False, True])
 def test_float_linear_matches_fp32_reference(dtype, rows, bias):
     g = torch.Generator().manual_seed(rows)
@@ -51,16 +51,18 @@ def test_bf16_tiny_model_close_to_its_fp32_self(tiny_dirs):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_prefill_in_bf16_matches_reference(bits):
-    from quantization.ops import CPU_KERNEL_MAX_ROWS, quantize_weight, quantized_linear, quantized_linear_reference
+    from quantization.ops import CPU_CHUNK_ROWS, quantize_weight, quantized_linear, quantized_linear_reference
 
     g = torch.Generator().manual_seed(bits)
     q, scale = quantize_weight(torch.randn(48, 64, generator=g), bits)
     bias = torch.randn(48, generator=g).bfloat16()
-    x = torch.randn(CPU_KERNEL_MAX_ROWS + 9, 64, generator=g).bfloat16()  # past the fused kernel: prefill path
+    x = torch.randn(CPU_CHUNK_ROWS + 9, 64, generator=g).bfloat16()  # a long prefill: two chunks of rows
     with torch.no_grad():
         y = quantized_linear(x, q, scale, bits, bias)
     ref = quantized_linear_reference(x.float(), q, scale, bits, bias.float())
-    assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), ref, atol=0.05, rtol=0.01)
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+    # int8 activations per 64 columns (~0.5% relative) plus one bf16 rounding of the output
+    assert (y.float() - ref).abs().max() <= 0.02 * ref.abs().max()
 
 
 def test_cpu_inference_computes_in_fp32_when_half_math_is_emulated(tiny_dirs):
