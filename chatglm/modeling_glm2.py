@@ -30,6 +30,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
+        if x.dtype == torch.float32:  # the same arithmetic in one fused op (decode runs this 57 times a token)
+            return F.rms_norm(x, (x.shape[-1],), self.weight.float(), self.eps)
         # Statistics in fp32 whatever the weights are (the original does the same).
         variance = x.float().pow(2).mean(-1, keepdim=True)
         return (self.weight * (x * torch.rsqrt(variance + self.eps))).to(x.dtype)
@@ -64,13 +66,22 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x, rope):
-    # x: [b, heads, s, d]; rope: [b, s, r/2, 2]; rotate pairs (x[2i], x[2i+1]) of the first r dims.
+    # x: [b, s, heads, d]; rope: [b, s, r/2, 2]; rotate pairs (x[2i], x[2i+1]) of the first r dims.
     r = rope.shape[-2] * 2
-    x_rot, x_pass = x[..., :r], x[..., r:]
-    xs = x_rot.reshape(*x_rot.shape[:-1], r // 2, 2)
-    cos, sin = rope[:, None, :, :, 0], rope[:, None, :, :, 1]  # [b, 1, s, r/2]
+    xs = x[..., :r].unflatten(-1, (r // 2, 2))
+    cos, sin = rope[:, :, None, :, 0], rope[:, :, None, :, 1]  # [b, s, 1, r/2]
     out = torch.stack([xs[..., 0] * cos - xs[..., 1] * sin, xs[..., 1] * cos + xs[..., 0] * sin], dim=-1)
-    return torch.cat([out.flatten(-2), x_pass], dim=-1)
+    return torch.cat([out.flatten(-2), x[..., r:]], dim=-1)
+
+
+def decode_attention(q, k, v):
+    """One query per row over the whole cache, KV groups shared by consecutive heads: two batched matmuls.
+    On the CPU this is 2-4x faster than SDPA's flash kernel for a single query (300-8000 cached positions)."""
+    b, heads, _, d = q.shape
+    groups = k.shape[1]
+    qg = q.reshape(b, groups, heads // groups, d)  # head h -> group h // (heads / groups)
+    probs = (torch.matmul(qg, k.transpose(-1, -2)) * d**-0.5).softmax(dim=-1)
+    return torch.matmul(probs, v).reshape(b, heads, 1, d)
 
 
 class SelfAttention(nn.Module):
@@ -90,14 +101,16 @@ class SelfAttention(nn.Module):
         b, s, _ = x.shape
         qkv = self.query_key_value(x)
         q_size, kv_size = self.heads * self.head_dim, self.groups * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(b, s, self.heads, self.head_dim).transpose(1, 2)  # [b, heads, s, d]
-        k = k.view(b, s, self.groups, self.head_dim).transpose(1, 2)  # [b, groups, s, d]
-        v = v.view(b, s, self.groups, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        # q and k are adjacent in the projection: one rotary pass over both.
+        qk = apply_rotary(qkv[..., : q_size + kv_size].view(b, s, self.heads + self.groups, self.head_dim), rope)
+        q = qk[:, :, : self.heads].transpose(1, 2)  # [b, heads, s, d]
+        k = qk[:, :, self.heads :].transpose(1, 2)  # [b, groups, s, d]
+        v = qkv[..., q_size + kv_size :].view(b, s, self.groups, self.head_dim).transpose(1, 2)
         k, v = extend(kv_cache, k, v)
         # Head h reads KV group h // (heads / groups), as the original's expand does.
-        if mask is None:
+        if s == 1 and mask is None and q.dtype == torch.float32 and q.device.type == "cpu":
+            out = decode_attention(q, k, v)
+        elif mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, enable_gqa=self.groups != self.heads)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.groups != self.heads)

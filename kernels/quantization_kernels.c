@@ -232,7 +232,12 @@ static inline void q4_rows(const int8_t *w, size_t stride, int R, const int8_t *
     if (R == ROWS) {
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         const int8_t *r0 = w, *r1 = w + stride, *r2 = w + 2 * stride, *r3 = w + 3 * stride;
+        /* The next 4 rows (contiguous after these): 128 bytes of them per block, so they are in cache when their
+         * turn comes. Rows of 2 KB are too short streams for the hardware prefetcher to reach full bandwidth. */
+        const char *pf = (const char *)(w + 2 * ROWS * stride);
         for (int b = 0; b < full; b++) {
+            _mm_prefetch(pf + (size_t)b * 128, _MM_HINT_T0);
+            _mm_prefetch(pf + (size_t)b * 128 + 64, _MM_HINT_T0);
             __m256i xe = _mm256_loadu_si256((const __m256i *)(q + (size_t)b * QB));
             __m256i xo = _mm256_loadu_si256((const __m256i *)(q + (size_t)b * QB + 32));
             __m256 db = _mm256_set1_ps(d[b]);
@@ -282,7 +287,9 @@ static inline void q8_rows(const int8_t *w, size_t stride, int R, const int8_t *
     if (R == ROWS) {
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         const int8_t *r0 = w, *r1 = w + stride, *r2 = w + 2 * stride, *r3 = w + 3 * stride;
+        const char *pf = (const char *)(w + 2 * ROWS * stride); /* the next 4 rows, 256 bytes per block (as q4_rows) */
         for (int b = 0; b < full; b++) {
+            for (int l = 0; l < 4; l++) _mm_prefetch(pf + (size_t)b * 256 + 64 * l, _MM_HINT_T0);
             const int8_t *qb = q + (size_t)b * QB;
             __m256 db = _mm256_set1_ps(d[b]);
             size_t off = (size_t)b * QB;
