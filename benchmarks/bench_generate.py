@@ -193,10 +193,12 @@ def long_context_worker(args) -> dict:
     cfg = model.config
     groups = cfg.multi_query_group_num if getattr(cfg, "multi_query_attention", False) else cfg.num_attention_heads
     head_dim = cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads
-    dtype = DTYPES[dtype_name]
+    from chatglm.layers import compute_dtype
+
     cache = KVCache.empty(real_layers, args.context + 16)
     chunk = 4096
     with torch.inference_mode():
+        dtype = compute_dtype(torch.empty(0, dtype=DTYPES[dtype_name], device=device))  # what the cache holds
         for start in range(0, args.context, chunk):
             n = min(chunk, args.context - start)
             for i in range(real_layers):
@@ -234,18 +236,19 @@ def run_worker(argv: list[str], ref: bool) -> dict | None:
 
 
 def fmt_row(r: dict, ref: dict | None) -> str:
-    dec8 = f"{r['dec8_tps']:7.2f}" if r.get("dec8_tps") else f"{'-':>7}"
+    dec8 = f"{r['dec8_tps']:9.2f}" if r.get("dec8_tps") else f"{'-':>9}"
     speed = f"{ref['dec1'] / r['dec1']:6.1f}x" if ref and r["path"] == "ours" else f"{'':>7}"
     pre = f"{ref['ttft'] / r['ttft']:6.1f}x" if ref and r["path"] == "ours" else f"{'':>7}"
     return (f"{r['mode']:<5} {r['threads']:>3} {r['path']:<4} {r['ttft']:8.2f} {r['prefill_tps']:8.1f} "
-            f"{r['dec1'] * 1e3:9.1f} {1 / r['dec1']:7.2f} {dec8} {r['peak']:6.2f} {r['scaled_ttft']:9.1f} "
+            f"{r['dec1'] * 1e3:9.1f} {1 / r['dec1']:7.2f} {dec8} {r['peak']:8.2f} {r['scaled_ttft']:9.1f} "
             f"{r['scaled_dec1'] * 1e3:9.1f} {1 / r['scaled_dec1']:7.2f} {r['floor'] * 1e3:8.1f} "
             f"{r['floor'] / r['scaled_dec1']:7.0%} {speed} {pre}")  # fmt: skip
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=os.path.join(REPO, "..", "shared", "models", "chatglm2-6b"))
+    shared = os.environ.get("CHATGLM_SHARED_MODELS") or os.path.join(REPO, "..", "shared", "models")
+    parser.add_argument("--config", default=os.path.join(shared, "chatglm2-6b"), help="a directory with config.json")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--modes", nargs="+", default=None, choices=sorted(MODES))
@@ -255,7 +258,7 @@ def main():
     parser.add_argument("--ref-new", type=int, default=24, help="new tokens for the (slow) reference path")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--paths", nargs="+", default=["ours", "ref"], choices=["ours", "ref"])
-    parser.add_argument("--quick", action="store_true", help="1 layer, prompt 64, 16 tokens, int4+bf16, 2 threads")
+    parser.add_argument("--quick", action="store_true", help="1 layer, prompt 32, 16 tokens, int4+bf16, 2 threads")
     parser.add_argument("--context", type=int, default=0, help="measure decode memory/speed at this context")
     parser.add_argument("--worker", choices=["gen", "long"], help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -270,7 +273,7 @@ def main():
         print(f"bench_generate: no config.json at {args.config}: skipped (pass --config)")
         return
     if args.quick:
-        args.layers, args.prompt, args.new, args.ref_new, args.batch = 1, 64, 16, 8, 4
+        args.layers, args.prompt, args.new, args.ref_new, args.batch = 1, 32, 16, 4, 2
         args.threads, args.modes = [2], args.modes or ["int4", "bf16"]
     modes = args.modes or (["bf16", "int8", "int4"] if args.device == "cpu" else ["fp16", "bf16", "int8", "int4"])
     cap = torch.backends.cpu.get_cpu_capability() if args.device == "cpu" else torch.cuda.get_device_name()
@@ -290,7 +293,7 @@ def main():
                           f"{r['dec1'] * 1e3:10.1f} {r['peak']:9.2f}", flush=True)  # fmt: skip
         return
     print(f"{'mode':<5} {'thr':>3} {'path':<4} {'ttft s':>8} {'pre t/s':>8} {'dec ms/t':>9} {'dec t/s':>7} "
-          f"{'b8 t/s':>7} {'peakGiB':>6} {'sc.ttft':>9} {'sc.ms/t':>9} {'sc.t/s':>7} {'floor ms':>8} "
+          f"{'batch t/s':>9} {'peak GiB':>8} {'sc.ttft':>9} {'sc.ms/t':>9} {'sc.t/s':>7} {'floor ms':>8} "
           f"{'of flr':>7} {'dec x':>7} {'pre x':>7}")  # fmt: skip
     slower = []
     for mode in modes:

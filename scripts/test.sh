@@ -13,6 +13,9 @@ fi
 bash scripts/setup.sh dev
 .venv/bin/ruff format --check .
 .venv/bin/ruff check .
+# End-to-end speed, quick mode (full width, 1 layer): prints its figures; fails only if our decode is slower
+# than the reference-style path measured in the same run (skips when ../shared/models is absent).
+.venv/bin/python benchmarks/bench_generate.py --quick
 set +e
 .venv/bin/python -m pytest -q "$@"
 rc=$?
