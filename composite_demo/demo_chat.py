@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import streamlit as st
-
 from . import agent, ui
 from .agent import Mode
-from .conversation import Message, Role
 
 
 def main(client, settings: ui.Settings) -> None:
     messages = ui.transcript(Mode.CHAT)
     pending = ui.apply_buttons(settings, messages)
     ui.render_transcript(messages)
-    query = st.chat_input("Chat with ChatGLM3!", key="chat_input_chat")
-    if query and query.strip():
-        messages.append(Message(Role.USER, query.strip()))
-        ui.render_message(messages[-1])
-        pending = True
+    pending = ui.read_user_message(messages, "Chat with ChatGLM3!", "chat_input_chat") or pending
     if pending:
         ui.show_run(agent.run(client, messages, Mode.CHAT, settings.gen, system_prompt=settings.system_prompt))

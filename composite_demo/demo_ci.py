@@ -8,7 +8,6 @@ import streamlit as st
 
 from . import agent, code_kernel, ui
 from .agent import Mode
-from .conversation import Message, Role
 
 
 def main(client, settings: ui.Settings) -> None:
@@ -28,10 +27,6 @@ def main(client, settings: ui.Settings) -> None:
         st.toast("The kernel was restarted.")
     pending = ui.apply_buttons(settings, messages)
     ui.render_transcript(messages)
-    query = st.chat_input("Ask ChatGLM3 to compute, plot or analyse", key="chat_input_ci")
-    if query and query.strip():
-        messages.append(Message(Role.USER, query.strip()))
-        ui.render_message(messages[-1])
-        pending = True
+    pending = ui.read_user_message(messages, "Ask ChatGLM3 to compute, plot or analyse", "chat_input_ci") or pending
     if pending:
         ui.show_run(agent.run(client, messages, Mode.CI, settings.gen, kernel=kernel))

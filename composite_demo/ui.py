@@ -48,6 +48,16 @@ def transcript(mode: Mode) -> list[Message]:
     return st.session_state.setdefault(f"messages_{mode.name}", [])
 
 
+def read_user_message(messages: list[Message], placeholder: str, key: str) -> bool:
+    """The chat box: a non-empty message is added to the transcript and shown; True when one came."""
+    query = st.chat_input(placeholder, key=key)
+    if not (query and query.strip()):
+        return False
+    messages.append(Message(Role.USER, query.strip()))
+    render_message(messages[-1])
+    return True
+
+
 def apply_buttons(settings: Settings, messages: list[Message]) -> bool:
     """Clear / Retry on the transcript; True when Retry left a user message to answer again."""
     if settings.clear:
