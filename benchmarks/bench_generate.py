@@ -162,10 +162,10 @@ def worker(args) -> dict:
         new = args.ref_new if ref else args.new
         short = torch.randint(100, min(vocab, 60000), (1, 16), generator=g).to(device)
         _, dec1 = timed_stream(model, short, new, kv, device)
-        dec8 = None
+        dec_batch = None
         if args.batch > 1:
             batch = torch.randint(100, min(vocab, 60000), (args.batch, 16), generator=g).to(device)
-            _, dec8 = timed_stream(model, batch, max(new // 2, 4), kv, device)
+            _, dec_batch = timed_stream(model, batch, max(new // 2, 4), kv, device)
         peak = peak_gib(device)
     blocks, head = weight_bytes(model)
     scale = real_layers / args.layers
@@ -173,7 +173,7 @@ def worker(args) -> dict:
     return dict(
         mode=args.mode, threads=args.threads, path=args.path, device=device, layers=args.layers,
         real_layers=real_layers, bw=bw, ttft=ttft, prefill_tps=args.prompt / ttft, dec1=dec1,
-        dec8_tps=(args.batch / dec8) if dec8 else None, peak=peak,
+        batch_tps=(args.batch / dec_batch) if dec_batch else None, peak=peak,
         scaled_dec1=dec1 * (share * scale + 1 - share), scaled_ttft=ttft * scale,
         floor=(blocks * scale + head) / (bw * 1e9), weights_gib=(blocks * scale + head) / 2**30,
     )  # fmt: skip
@@ -236,11 +236,11 @@ def run_worker(argv: list[str], ref: bool) -> dict | None:
 
 
 def fmt_row(r: dict, ref: dict | None) -> str:
-    dec8 = f"{r['dec8_tps']:9.2f}" if r.get("dec8_tps") else f"{'-':>9}"
+    dec_batch = f"{r['batch_tps']:9.2f}" if r.get("batch_tps") else f"{'-':>9}"
     speed = f"{ref['dec1'] / r['dec1']:6.1f}x" if ref and r["path"] == "ours" else f"{'':>7}"
     pre = f"{ref['ttft'] / r['ttft']:6.1f}x" if ref and r["path"] == "ours" else f"{'':>7}"
     return (f"{r['mode']:<5} {r['threads']:>3} {r['path']:<4} {r['ttft']:8.2f} {r['prefill_tps']:8.1f} "
-            f"{r['dec1'] * 1e3:9.1f} {1 / r['dec1']:7.2f} {dec8} {r['peak']:8.2f} {r['scaled_ttft']:9.1f} "
+            f"{r['dec1'] * 1e3:9.1f} {1 / r['dec1']:7.2f} {dec_batch} {r['peak']:8.2f} {r['scaled_ttft']:9.1f} "
             f"{r['scaled_dec1'] * 1e3:9.1f} {1 / r['scaled_dec1']:7.2f} {r['floor'] * 1e3:8.1f} "
             f"{r['floor'] / r['scaled_dec1']:7.0%} {speed} {pre}")  # fmt: skip
 

@@ -1,8 +1,8 @@
 """Layers both architectures share, with the CPU fast paths; parameters and state_dict as nn.Linear/LayerNorm.
 
-- `Linear`: its forward is `quantization.ops.fast_linear`: for bf16/fp16 weights on the CPU, the C GEMV for
-  decode and small batches (each weight read once, at memory speed) and an fp32 matmul for prefill on CPUs
-  with no native half-precision GEMM; plain F.linear with autograd (training) or on other devices.
+- `Linear`: its forward is `quantization.ops.fast_linear`: for bf16/fp16 weights on the CPU, the C kernel
+  (each weight read once per chunk of rows, fp32 accumulation) for decode, and for prefill too on CPUs with no
+  native half-precision GEMM; plain F.linear with autograd (training) or on other devices.
 - `compute_dtype`: on such a CPU, inference keeps the weights in bf16/fp16 (or INT8/INT4) but computes the
   activations, attention and KV cache in fp32, as CPU inference engines do: torch's emulated bf16 kernels
   (attention, norms, conversions around every GEMV) cost more there than the weights' memory traffic. The

@@ -223,7 +223,7 @@ def cpu_fast_paths() -> bool:
 def native_half_gemm(dtype: torch.dtype) -> bool:
     """Whether this CPU has matrix instructions for `dtype` (bf16: AVX512-BF16/AMX/ARM BF16; fp16: AVX512-FP16,
     AMX-FP16, ARM FP16). Without them torch's half-precision CPU GEMM is emulated and several times slower than
-    fp32, so prefill is better done in fp32."""
+    fp32: prefill then goes through our kernels, and the activations are computed in fp32."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             flags = set()
@@ -249,7 +249,7 @@ def get_cpu_kernel() -> CpuKernel | None:
         if _cpu_tried:
             return _cpu_kernel
         _cpu_tried = True
-        if os.environ.get("CHATGLM_NO_CPU_KERNEL"):
+        if not cpu_fast_paths():
             return None
         cc = _compiler()
         if cc is None:

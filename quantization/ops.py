@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_fast_paths, native_half_gemm
+from kernels import cpu_fast_paths, get_cpu_kernel, native_half_gemm
 
 
 def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,8 +68,6 @@ def quantized_linear(x, weight, scale, bits, bias=None):
     BLAS matmul" at every row count measured (92x at 1 row, 2.1x at 512 rows, 4096x4096 INT4, 2 threads);
     CHATGLM_CPU_FLOAT_ACTIVATIONS=1 selects the exact fp32-activation ones."""
     if x.device.type == "cpu":
-        from kernels import get_cpu_kernel
-
         kernel = get_cpu_kernel()
         training = torch.is_grad_enabled() and x.requires_grad  # the C kernels have no backward
         if kernel is not None and not training and x.shape[:-1].numel() > 0:
@@ -109,8 +107,6 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and (rows <= FAST_LINEAR_MAX_ROWS or not native_half_gemm(weight.dtype))
     ):
-        from kernels import get_cpu_kernel
-
         kernel = get_cpu_kernel()
         if kernel is not None:
             w = weight.contiguous()
@@ -120,5 +116,5 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return F.linear(x, weight, bias)
 
 
-# Up to this many rows the C bf16/fp16 GEMV beats torch's matmul on the CPU (weights read once, at memory speed).
+# On a CPU with native half-precision GEMM, above this many rows torch's matmul takes over from our kernel.
 FAST_LINEAR_MAX_ROWS = 16
