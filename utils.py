@@ -38,6 +38,7 @@ import torch
 
 import chatglm
 from chatglm import ChatGLMConfig
+from chatglm.hugepages import move_to_huge_pages
 from chatglm.loading import model_class, read_shard, weight_files
 from chatglm.loading import resolve_dtype as _parse_dtype
 
@@ -271,13 +272,10 @@ def _check_bits(quantization_bit) -> int | None:
 
 def _cuda_kernels_loaded() -> bool:
     try:
-        import kernels
-    except ImportError:
-        return False
-    getter = getattr(kernels, "get_cuda_kernel", None)
-    try:
-        return getter is not None and getter() is not None
-    except Exception:  # a kernel that cannot build is a kernel that is not there
+        from quantization.ops import cuda_kernels
+
+        return cuda_kernels()
+    except Exception:  # a kernel that cannot load is a kernel that is not there
         return False
 
 
@@ -285,8 +283,8 @@ def _warn_quantized_cuda(bits: int) -> None:
     if not _cuda_kernels_loaded():
         _warn_once(
             "quantized-cuda",
-            f"INT{bits} on CUDA: the GPU kernels are not available, so quantized layers run "
-            "a PyTorch dequantize + matmul fallback that works but is slow; use fp16 "
+            f"INT{bits} on CUDA: the GPU kernels need Triton (pip install triton), so quantized layers "
+            "run a PyTorch dequantize + matmul fallback that works but is slow; use fp16 "
             "(--quantize 0) if the GPU has the memory, or --device cpu for the CPU "
             "kernels",
         )
@@ -351,6 +349,8 @@ def load_model_and_tokenizer(
         if prefix is not None:
             load_prefix_encoder(model, prefix[0])
         model = _place(model, device)
+        if kind == "cpu":
+            move_to_huge_pages(model)
     tokenizer = chatglm.load_tokenizer(tok_path)
     model.eval()
     where = "several devices" if getattr(model, "hf_device_map", None) else str(model.device)

@@ -16,6 +16,7 @@ import sys
 import torch
 
 from .config import ChatGLMConfig
+from .hugepages import move_to_huge_pages
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +152,8 @@ def load_model(path: str, config: ChatGLMConfig | None = None, dtype=None, devic
     model.eval()
     if device is not None:
         model.to(device)
+    if device is not None and torch.device(device).type == "cpu":
+        move_to_huge_pages(model)
     model.name_or_path = path
     return model
 

@@ -1,0 +1,106 @@
+"""Weights in transparent huge pages (Linux, CPU): faster decode when the weights do not fit in cache.
+
+Decode reads every weight once per token, far more bytes than any cache holds. With 4 KiB pages a 3.4 GB INT4
+model is 850 000 pages: the walk through them misses the TLB every 4 KiB and the hardware prefetcher stops at
+each page boundary. The same weights in 2 MiB pages stream faster (`benchmarks/bench_generate.py`, see
+docs/benchmarks.md). Most kernels only give huge pages to memory that asks for them (`enabled` is `madvise`),
+and torch's allocator does not ask, so `move_to_huge_pages` copies each large CPU tensor of a model into
+anonymous memory advised with MADV_HUGEPAGE, one tensor at a time (the extra memory is one tensor at most).
+
+Nothing changes for the caller: the parameters keep their names, dtypes, shapes and values; `state_dict`,
+saving and moving to another device work as before. Turned off by CHATGLM_NO_HUGE_PAGES=1, and a no-op where
+transparent huge pages are `never` or absent (not Linux).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import mmap
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+HUGE_PAGE = 2 << 20
+MADV_HUGEPAGE = 14
+THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+# Tensors smaller than this stay where they are (a huge page must be wholly inside the tensor to help).
+MIN_BYTES = 4 << 20
+
+
+def thp_mode() -> str:
+    """The bracketed choice of the kernel's THP setting ('always', 'madvise', 'never'), or '' when unknown."""
+    try:
+        with open(THP_SETTING, encoding="ascii") as f:
+            text = f.read()
+    except OSError:
+        return ""
+    start, end = text.find("["), text.find("]")
+    return text[start + 1 : end] if 0 <= start < end else ""
+
+
+def enabled() -> bool:
+    return os.environ.get("CHATGLM_NO_HUGE_PAGES", "") in ("", "0") and thp_mode() in ("always", "madvise")
+
+
+@functools.lru_cache(maxsize=1)
+def _madvise():
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = libc.madvise
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def huge_page_empty(nbytes: int) -> torch.Tensor:
+    """A uint8 CPU tensor of nbytes whose 2 MiB-aligned whole pages are advised MADV_HUGEPAGE. The memory
+    belongs to an anonymous private mapping that lives as long as the tensor (and its views)."""
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    whole = torch.frombuffer(region, dtype=torch.uint8)  # holds a reference to the mapping
+    offset = (-whole.data_ptr()) % HUGE_PAGE
+    span = nbytes // HUGE_PAGE * HUGE_PAGE  # the tail beyond the last whole huge page keeps 4 KiB pages
+    if span and _madvise()(whole.data_ptr() + offset, span, MADV_HUGEPAGE) != 0:
+        logger.debug("madvise(MADV_HUGEPAGE) failed: errno %d", ctypes.get_errno())
+    return whole[offset : offset + nbytes]
+
+
+def to_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of a contiguous CPU tensor in huge-page memory (same dtype, shape and values)."""
+    nbytes = tensor.numel() * tensor.element_size()
+    out = huge_page_empty(nbytes).view(tensor.dtype).view(tensor.shape)
+    out.copy_(tensor)
+    return out
+
+
+def move_to_huge_pages(model: torch.nn.Module, min_bytes: int = MIN_BYTES) -> int:
+    """Move every CPU parameter and buffer of at least min_bytes into huge-page memory, in place; returns the
+    bytes moved (0 when turned off or unsupported). Tied weights stay tied."""
+    if not enabled():
+        return 0
+    moved: dict[tuple, torch.Tensor] = {}
+    done = getattr(model, "_huge_page_ptrs", set())  # tensors an earlier call moved: not copied again
+    total = 0
+    with torch.no_grad():
+        for module in model.modules():
+            for kind in ("_parameters", "_buffers"):
+                for name, t in getattr(module, kind).items():
+                    if t is None or t.device.type != "cpu" or not t.is_contiguous() or t.is_sparse:
+                        continue
+                    nbytes = t.numel() * t.element_size()
+                    if nbytes < min_bytes or t.data_ptr() in done:
+                        continue
+                    key = (t.data_ptr(), t.dtype, tuple(t.shape))
+                    if key not in moved:
+                        moved[key] = to_huge_pages(t.data)
+                        total += nbytes
+                    if isinstance(t, torch.nn.Parameter):
+                        t.data = moved[key]
+                    else:
+                        getattr(module, kind)[name] = moved[key]
+    model._huge_page_ptrs = done | {t.data_ptr() for t in moved.values()}
+    if total:
+        logger.debug("moved %.2f GiB of weights into huge pages", total / 2**30)
+    return total

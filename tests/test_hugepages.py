@@ -1,0 +1,93 @@
+"""CPU weights in transparent huge pages (chatglm/hugepages.py): same values, tied stays tied, memory advised."""
+
+import torch
+from torch import nn
+
+from chatglm import hugepages
+
+
+def _vm_flags(address: int) -> str:
+    """The VmFlags line of the /proc/self/smaps mapping that holds `address` ('' when not found)."""
+    inside = False
+    with open("/proc/self/smaps", encoding="ascii") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(v, 16) for v in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "VmFlags:":
+                return line
+    return ""
+
+
+def test_tensor_copy_is_exact_and_advised():
+    if not hugepages.enabled():
+        import pytest
+
+        pytest.skip(f"transparent huge pages are {hugepages.thp_mode() or 'unavailable'} here")
+    src = torch.randn(3 << 20, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).view(3, -1)
+    out = hugepages.to_huge_pages(src)
+    assert out.dtype == src.dtype and out.shape == src.shape and torch.equal(out, src)
+    assert out.data_ptr() % hugepages.HUGE_PAGE == 0
+    assert " hg" in _vm_flags(out.data_ptr())  # madvise(MADV_HUGEPAGE) reached the kernel
+    out.add_(1)  # private writable memory, independent of the source
+    assert not torch.equal(out, src)
+
+
+def test_model_moves_in_place_and_gives_the_same_logits(tiny_dirs, monkeypatch):
+    import chatglm
+
+    monkeypatch.delenv("CHATGLM_NO_HUGE_PAGES", raising=False)
+    monkeypatch.setattr(hugepages, "thp_mode", lambda: "madvise")
+    model = chatglm.load_model(str(tiny_dirs["v1"]), dtype="fp32").eval()
+    ids = torch.randint(5, 100, (1, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(ids).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    tied = model.lm_head.weight is model.transformer.word_embeddings.weight
+    ptrs = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    moved = hugepages.move_to_huge_pages(model, min_bytes=1)
+    assert moved == sum(v.numel() * v.element_size() for v in {p.data_ptr(): p for p in state.values()}.values())
+    after_state = model.state_dict()
+    assert after_state.keys() == state.keys()
+    assert all(torch.equal(after_state[k], state[k]) for k in state)
+    assert all(after_state[k].data_ptr() != ptrs[k] for k in state)  # every tensor really moved
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+    if tied:
+        assert model.lm_head.weight is model.transformer.word_embeddings.weight
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+    assert hugepages.move_to_huge_pages(model, min_bytes=1) == 0  # nothing is copied twice
+
+
+def test_off_switches(tiny_dirs, monkeypatch):
+    import chatglm
+
+    model = chatglm.load_model(str(tiny_dirs["v2"]), dtype="fp32")
+    monkeypatch.setenv("CHATGLM_NO_HUGE_PAGES", "1")
+    assert hugepages.move_to_huge_pages(model, min_bytes=1) == 0
+    monkeypatch.delenv("CHATGLM_NO_HUGE_PAGES")
+    monkeypatch.setattr(hugepages, "THP_SETTING", "/nonexistent/transparent_hugepage/enabled")
+    assert hugepages.thp_mode() == "" and hugepages.move_to_huge_pages(model, min_bytes=1) == 0
+
+
+def test_thp_mode_reads_the_bracketed_choice(tmp_path, monkeypatch):
+    setting = tmp_path / "enabled"
+    setting.write_text("always [madvise] never\n")
+    monkeypatch.setattr(hugepages, "THP_SETTING", str(setting))
+    assert hugepages.thp_mode() == "madvise" and hugepages.enabled()
+    setting.write_text("always madvise [never]\n")
+    assert hugepages.thp_mode() == "never" and not hugepages.enabled()
+
+
+def test_cpu_load_with_device_moves_big_weights(tiny_dirs, monkeypatch):
+    import chatglm
+
+    monkeypatch.setattr(hugepages, "thp_mode", lambda: "madvise")
+    monkeypatch.setattr(hugepages, "MIN_BYTES", 1)
+    calls = []
+    real = hugepages.move_to_huge_pages
+    monkeypatch.setattr(chatglm.loading, "move_to_huge_pages", lambda m: calls.append(real(m, min_bytes=1)))
+    chatglm.load_model(str(tiny_dirs["v3"]), dtype="fp32", device="cpu")
+    chatglm.load_model(str(tiny_dirs["v3"]), dtype="fp32")  # no device: it may go to a GPU next, left alone
+    assert len(calls) == 1 and calls[0] > 0
