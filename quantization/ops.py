@@ -8,6 +8,9 @@ INT4 packs two values per byte, the even column in the HIGH nibble: byte = (q[2j
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -63,7 +66,7 @@ def quantized_linear_reference(x, weight, scale, bits, bias=None):
 
 def quantized_linear(x, weight, scale, bits, bias=None):
     """The forward of QuantizedLinear: on the CPU the fused C kernel at every row count (decode and prefill),
-    else the reference. The fused kernels quantize x to int8 per 64-column block (see
+    on CUDA the Triton kernels (fused for up to 64 rows, dequantize + cuBLAS above), else the reference. The fused kernels quantize x to int8 per 64-column block (see
     kernels/quantization_kernels.c; ~0.3-0.5% relative error on the output) and beat "dequantize, then fp32
     BLAS matmul" at every row count measured (92x at 1 row, 2.1x at 512 rows, 4096x4096 INT4, 2 threads);
     CHATGLM_CPU_FLOAT_ACTIVATIONS=1 selects the exact fp32-activation ones."""
@@ -73,7 +76,22 @@ def quantized_linear(x, weight, scale, bits, bias=None):
         if kernel is not None and not training and x.shape[:-1].numel() > 0:
             w, s = weight.contiguous(), scale.float().contiguous()
             return _by_row_chunks(x, lambda flat: kernel.linear(flat, w, s, bits, bias))
+    elif x.device.type == "cuda" and not (torch.is_grad_enabled() and x.requires_grad) and cuda_kernels():
+        from .triton_ops import triton_quantized_linear
+
+        return triton_quantized_linear(x, weight, scale, bits, bias)
     return quantized_linear_reference(x, weight, scale, bits, bias)
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_kernels() -> bool:
+    """Whether quantized layers on CUDA run the Triton kernels (quantization/triton_ops.py): triton imports and
+    CHATGLM_NO_TRITON is unset. Otherwise they run the reference (dequantize, then matmul), with a warning
+    from utils.load_model. cpm_kernels, the original's CUDA kernels, carry no code for current GPUs (sm_90)
+    and are not used."""
+    from .triton_ops import available
+
+    return not os.environ.get("CHATGLM_NO_TRITON") and available()
 
 
 def _by_row_chunks(x, fn):

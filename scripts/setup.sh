@@ -13,6 +13,9 @@ fi
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
 if [ "${1:-}" = "dev" ]; then
   .venv/bin/python -m pip install --quiet -r requirements-dev.txt
+  # Triton: the CUDA INT4/INT8 kernels; the tests run them on the CPU under its interpreter. A CUDA torch brings
+  # its own matching triton, so it is installed only where none imports.
+  .venv/bin/python -c "import triton" 2>/dev/null || .venv/bin/python -m pip install --quiet "triton==3.9.0"
 else
   .venv/bin/python -m pip install --quiet -r requirements.txt
 fi

@@ -129,15 +129,41 @@ def test_cuda_path_fp16_and_bf16_fallback(tiny_dirs, fake_cuda, monkeypatch, cap
     assert moved[-1] == "cuda:0" and model.dtype == torch.float16 and "does not support bf16" in caplog.text
 
 
-def test_quantized_on_cuda_warns_once_that_it_is_slow(tiny_dirs, fake_cuda, caplog):
+@pytest.fixture
+def triton_switch(monkeypatch):
+    """Set whether the Triton CUDA kernels count as available (CHATGLM_NO_TRITON), resetting the cached check."""
+    from quantization import ops
+
+    def switch(on: bool):
+        if on:
+            pytest.importorskip("triton")
+            monkeypatch.delenv("CHATGLM_NO_TRITON", raising=False)
+        else:
+            monkeypatch.setenv("CHATGLM_NO_TRITON", "1")
+        ops.cuda_kernels.cache_clear()
+
+    yield switch
+    ops.cuda_kernels.cache_clear()
+
+
+def test_quantized_on_cuda_warns_once_without_triton(tiny_dirs, fake_cuda, caplog, triton_switch):
+    triton_switch(False)
     moved = fake_cuda(1)
     with caplog.at_level(logging.WARNING, "chatglm.utils"):
         for bits in (4, 8):
             model, _ = utils.load_model_and_tokenizer(tiny_dirs["v1"], device="cuda", quantization_bit=bits)
             assert _quantized(model) and model.config.quantization_bit == bits
     assert moved == ["cuda", "cuda"]
-    assert caplog.text.count("GPU kernels are not available") == 1
+    assert caplog.text.count("GPU kernels need Triton") == 1
     assert "--device cpu" in caplog.text and "fp16" in caplog.text
+
+
+def test_quantized_on_cuda_with_triton_does_not_warn(tiny_dirs, fake_cuda, caplog, triton_switch):
+    triton_switch(True)
+    fake_cuda(1)
+    with caplog.at_level(logging.WARNING, "chatglm.utils"):
+        model, _ = utils.load_model_and_tokenizer(tiny_dirs["v1"], device="cuda", quantization_bit=4)
+    assert _quantized(model) and "GPU kernels" not in caplog.text
 
 
 def test_mps_path_is_half(tiny_dirs, fake_mps):

@@ -1,0 +1,190 @@
+"""Triton weight-only INT8/INT4 kernels (quantization/triton_ops.py) against the plain-PyTorch reference.
+
+On the CPU they run under Triton's interpreter (TRITON_INTERPRET=1, set before the kernels are first built);
+with a CUDA device the same checks also run compiled on the GPU."""
+
+import importlib
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import quantization  # noqa: E402
+from quantization import triton_ops  # noqa: E402
+from quantization.ops import dequantize, pack_int4, quantized_linear_reference  # noqa: E402
+
+# Error allowed per output element, as a fraction of the largest |reference| output (the reference runs in fp32 on
+# the dequantized weight; the kernels accumulate in fp32 and round once to x's dtype).
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(params=["interpreter", "cuda"])
+def device(request, monkeypatch):
+    """The device the tensors live on, with TRITON_INTERPRET set to match before any kernel is built."""
+    if request.param == "interpreter":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    return torch.device("cuda")
+
+
+def make_weight(n, k, bits, seed):
+    """A seeded quantized weight in THUDM's layout, with the extreme values in it, and its fp16 scale."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = (-8, 7) if bits == 4 else (-128, 127)
+    q = torch.randint(lo, hi + 1, (n, k), generator=g, dtype=torch.int8)
+    q[0, : min(k, 8)] = torch.tensor([lo, hi, hi, lo, lo, lo, hi, hi], dtype=torch.int8)[: min(k, 8)]
+    q[:, -2] = lo  # every row holds both extremes, in both nibbles for INT4 (k is even)
+    q[:, -1] = hi
+    scale = (torch.rand(n, generator=g) * 0.04 + 0.01).half()
+    return (pack_int4(q) if bits == 4 else q), scale
+
+
+# (N, K, block_n, block_k, split_k): odd shapes with small blocks (several blocks, masked tails in N and K), with
+# and without split-K, and a realistic-ish shape with the default GPU blocks.
+SHAPES = [(37, 100, 16, 32, 1), (37, 100, 16, 32, 3), (256, 512, None, None, None)]
+ROWS = [(1,), (3,), (17,), (2, 5)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("lead", ROWS, ids=lambda r: "x".join(map(str, r)))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}-split{s[4]}")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_linear_matches_reference(device, bits, shape, lead, with_bias, dtype):
+    n, k, block_n, block_k, split_k = shape
+    seed = zlib.crc32(repr((bits, shape, lead, with_bias, dtype)).encode())
+    weight, scale = make_weight(n, k, bits, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(*lead, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).half() if with_bias else None  # a bias dtype other than x's
+
+    expected = quantized_linear_reference(x.float(), weight, scale, bits, bias.float() if with_bias else None)
+    to = (lambda t: t.to(device)) if device.type != "cpu" else (lambda t: t)
+    y = triton_ops.triton_quantized_linear(
+        to(x), to(weight), to(scale), bits, to(bias) if with_bias else None,
+        block_n=block_n, block_k=block_k, split_k=split_k,
+    )  # fmt: skip
+    assert y.dtype == dtype and y.shape == (*lead, n) and y.device == x.to(device).device
+    err = (y.cpu().float() - expected).abs().max().item()
+    assert err <= TOLERANCE[dtype] * expected.abs().max().item(), (err, expected.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("bits", [4, 8])
+def test_prefill_path_dequantizes_then_matmuls(device, bits, dtype):
+    n, k = 37, 100
+    weight, scale = make_weight(n, k, bits, seed=bits)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 10, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g)
+    expected = quantized_linear_reference(x.float(), weight, scale, bits, bias)
+    y = triton_ops.triton_quantized_linear(
+        x.to(device), weight.to(device), scale.to(device), bits, bias.to(device), dequant_above=8
+    )
+    assert y.dtype == dtype and y.shape == (2, 10, n)
+    err = (y.cpu().float() - expected).abs().max().item()
+    # here the weight is rounded to x's dtype before the matmul (as the reference in x's dtype does)
+    assert err <= 2 * TOLERANCE[dtype] * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("shape", [(37, 100, 16, 32), (5, 2, 4, 1), (64, 256, 64, 128)], ids=str)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dequantize_exact(device, bits, shape, dtype):
+    n, k, block_n, block_k = shape
+    weight, scale = make_weight(n, k, bits, seed=n * k + bits)
+    out = triton_ops.triton_dequantize(
+        weight.to(device), scale.to(device), bits, dtype, block_n=block_n, block_k=block_k
+    )
+    assert out.dtype == dtype and out.shape == (n, k)
+    assert torch.equal(out.cpu(), dequantize(weight, scale, bits, dtype))
+
+
+def test_strided_x_and_empty_rows(device):
+    weight, scale = make_weight(24, 64, 4, seed=3)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 6, generator=g).t()  # [6, 64] with a column stride of 6
+    expected = quantized_linear_reference(x, weight, scale, 4)
+    y = triton_ops.triton_quantized_linear(x.to(device), weight.to(device), scale.to(device), 4, block_n=16)
+    assert (y.cpu() - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+    empty = triton_ops.triton_quantized_linear(x[:0].to(device), weight.to(device), scale.to(device), 4)
+    assert empty.shape == (0, 24)
+
+
+def test_rejects_bad_arguments(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    weight, scale = make_weight(8, 32, 8, seed=0)
+    x = torch.randn(2, 32)
+    with pytest.raises(ValueError, match="bits"):
+        triton_ops.triton_quantized_linear(x, weight, scale, 3)
+    with pytest.raises(ValueError, match="features"):
+        triton_ops.triton_quantized_linear(x, weight, scale, 4)  # the same bytes as INT4 are 64 features
+    with pytest.raises(ValueError, match="block_k"):
+        triton_ops.triton_quantized_linear(x, weight, scale, 8, block_k=48)
+    with pytest.raises(ValueError, match="fp16"):
+        triton_ops.triton_quantized_linear(x.double(), weight, scale, 8)
+
+
+def test_kernels_built_lazily_per_interpret_setting(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    triton_ops.clear_kernel_cache()
+    assert triton_ops._KERNEL_CACHE == {}
+    weight, scale = make_weight(16, 32, 8, seed=1)
+    triton_ops.triton_dequantize(weight, scale, 8)
+    assert set(triton_ops._KERNEL_CACHE) == {("1", True)}
+    assert type(triton_ops._KERNEL_CACHE["1", True]["linear"]).__name__ == "InterpretedFunction"
+
+
+def test_available_false_when_triton_import_fails(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
+    monkeypatch.delitem(sys.modules, "quantization.triton_ops")
+    monkeypatch.delattr(quantization, "triton_ops")
+    fresh = importlib.import_module("quantization.triton_ops")
+    assert fresh is not triton_ops
+    assert fresh.available() is False
+    assert triton_ops.available() is False  # the check runs each time, it is not cached at import
+    with pytest.raises(ImportError):
+        fresh.triton_dequantize(*make_weight(4, 8, 8, seed=0), 8)
+
+
+def test_import_does_not_import_triton():
+    code = (
+        "import sys, quantization.triton_ops as t\n"
+        "assert 'triton' not in sys.modules, 'imported at module import'\n"
+        "assert isinstance(t.available(), bool)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_tiny_model_on_cuda_runs_triton_and_matches_cpu(tiny_dirs, bits):
+    """The whole path on a GPU: QuantizedLinear dispatches to the Triton kernels, and the fp16 logits of a
+    quantized tiny model agree with the same model's fp32 logits on the CPU."""
+    import chatglm
+    from quantization import ops
+
+    ops.cuda_kernels.cache_clear()
+    assert ops.cuda_kernels()
+    model = chatglm.load_model(str(tiny_dirs["v2"]), dtype="fp32", quantization_bit=bits).eval()
+    ids = torch.randint(5, 100, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(ids).logits  # the CPU kernels (int8 activations: ~0.5% off the exact product)
+        calls = []
+        real = ops.quantized_linear_reference
+        ops.quantized_linear_reference = lambda *a, **k: calls.append(1) or real(*a, **k)
+        try:
+            got = model.half().cuda()(ids.cuda()).logits.float().cpu()
+        finally:
+            ops.quantized_linear_reference = real
+    assert not calls  # no layer fell back to dequantize-then-matmul
+    assert (got - expected).abs().max() <= 3e-2 * expected.abs().max()
