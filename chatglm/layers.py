@@ -8,6 +8,7 @@
   (attention, norms, conversions around every GEMV) cost more there than the weights' memory traffic. The
   result is at least as accurate as bf16 arithmetic. CHATGLM_NO_CPU_KERNEL=1 turns this off with the kernels.
 - `LayerNorm`: nn.LayerNorm that accepts activations of another dtype than its parameters.
+- `cpu_kernel_for`: whether the C decode helpers may take an activation (fp32, CPU, no autograd).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import cpu_fast_paths, native_half_gemm
+from kernels import cpu_fast_paths, get_cpu_kernel, native_half_gemm
 from quantization.ops import fast_linear
 
 HALF = (torch.bfloat16, torch.float16)
@@ -35,11 +36,19 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def cpu_kernel_for(x: torch.Tensor):
+    """The CPU kernel library (kernels.CpuKernel) when x is an fp32 CPU activation of inference (autograd off):
+    the decode helpers (norm, rotary, attention, activation) then replace several torch ops each. Else None."""
+    if x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled():
+        return get_cpu_kernel()  # None when CHATGLM_NO_CPU_KERNEL=1 or no compiler
+    return None
+
+
 class Linear(nn.Linear):
     """nn.Linear with the CPU fast paths (isinstance(nn.Linear) holds: quantization, PEFT, accelerate)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fast_linear(x, self.weight, self.bias)
+        return fast_linear(x, self.weight, self.bias, self)
 
 
 class LayerNorm(nn.LayerNorm):

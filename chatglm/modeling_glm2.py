@@ -17,7 +17,7 @@ from torch import nn
 from .base import ChatGLMCausalLM
 from .config import ChatGLMConfig
 from .kv_cache import KVCache, cache_length, extend, layer_cache
-from .layers import LayerNorm, Linear, compute_dtype
+from .layers import LayerNorm, Linear, compute_dtype, cpu_kernel_for
 from .prefix_encoder import PrefixEncoder
 
 MAX_LINES = 600  # keep this file small enough to read in one sitting
@@ -30,6 +30,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
+        kernel = cpu_kernel_for(x)
+        if kernel is not None and x.is_contiguous() and self.weight.is_contiguous():  # one C call
+            return kernel.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32:  # the same arithmetic in one fused op (decode runs this 57 times a token)
             return F.rms_norm(x, (x.shape[-1],), self.weight.float(), self.eps)
         # Statistics in fp32 whatever the weights are (the original does the same).
@@ -101,13 +104,21 @@ class SelfAttention(nn.Module):
         b, s, _ = x.shape
         qkv = self.query_key_value(x)
         q_size, kv_size = self.heads * self.head_dim, self.groups * self.head_dim
-        # q and k are adjacent in the projection: one rotary pass over both.
-        qk = apply_rotary(qkv[..., : q_size + kv_size].view(b, s, self.heads + self.groups, self.head_dim), rope)
+        kernel = cpu_kernel_for(qkv) if qkv.is_contiguous() and rope.is_contiguous() else None
+        # q and k are adjacent in the projection: one rotary pass over both (in place with the C kernel).
+        qk = qkv[..., : q_size + kv_size].view(b, s, self.heads + self.groups, self.head_dim)
+        if kernel is not None and rope.dtype == torch.float32:
+            kernel.rotary_(qkv, b * s, qkv.shape[-1], self.heads + self.groups, self.head_dim, rope.view(b * s, -1, 2))
+        else:
+            qk = apply_rotary(qk, rope)
         q = qk[:, :, : self.heads].transpose(1, 2)  # [b, heads, s, d]
         k = qk[:, :, self.heads :].transpose(1, 2)  # [b, groups, s, d]
         v = qkv[..., q_size + kv_size :].view(b, s, self.groups, self.head_dim).transpose(1, 2)
         k, v = extend(kv_cache, k, v)
         # Head h reads KV group h // (heads / groups), as the original's expand does.
+        if s == 1 and mask is None and kernel is not None and k.stride() == v.stride() and k.stride(-1) == 1:
+            out = kernel.attention_decode(qkv.view(b, -1), k, v, self.heads, self.head_dim**-0.5)
+            return self.dense(out.view(b, 1, q_size)), (k, v)
         if s == 1 and mask is None and q.dtype == torch.float32 and q.device.type == "cpu":
             out = decode_attention(q, k, v)
         elif mask is None:
@@ -126,7 +137,11 @@ class MLP(nn.Module):
         self.dense_4h_to_h = Linear(f, h, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x):
-        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)
+        h = self.dense_h_to_4h(x)
+        kernel = cpu_kernel_for(h) if h.is_contiguous() else None
+        if kernel is not None:
+            return self.dense_4h_to_h(kernel.silu_mul(h))
+        gate, up = h.chunk(2, dim=-1)
         return self.dense_4h_to_h(F.silu(gate) * up)
 
 

@@ -48,7 +48,7 @@ def _cpu_signature() -> str:
 
 
 def _try_compile(cc: str, flags: list[str], out: str) -> str | None:
-    cmd = [cc, *flags, CPU_SOURCE, "-o", out]
+    cmd = [cc, *flags, CPU_SOURCE, "-o", out, "-lm"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     return None if proc.returncode == 0 else (proc.stderr.strip() or f"{cc} exited {proc.returncode}")
 
@@ -111,6 +111,12 @@ class CpuKernel:
         self.lib.unpack_int4.argtypes = [p, p, i, i]
         self.lib.dequantize.argtypes = [p, p, p, i, i, i]
         self.lib.set_num_threads.argtypes = [i]
+        f, lg = ctypes.c_float, ctypes.c_long
+        self.lib.rms_norm_f32.argtypes = [p, p, i, p, i, i, f]
+        self.lib.rotary_f32.argtypes = [p, i, lg, i, i, i, p]
+        self.lib.attention_decode_f32.argtypes = [p, lg, p, p, lg, lg, lg, p, i, i, i, i, i, f]
+        self.lib.attention_decode_f32.restype = i
+        self.lib.silu_mul_f32.argtypes = [p, p, i, i]
         self.openmp = bool(self.lib.has_openmp())
         self.simd = {0: "portable C", 2: "AVX2+FMA", 3: "AVX2+FMA+F16C"}.get(self.lib.simd_level(), "?")
         self._threads = None
@@ -164,6 +170,44 @@ class CpuKernel:
             raise MemoryError("out of memory in the CPU half_linear kernel")
         return y
 
+    # --- decode helpers: fp32 activations on the CPU, one call where PyTorch runs several small ops ---------
+
+    def rms_norm(self, x, weight, eps):
+        """x [..., n] fp32 contiguous, weight [n] fp32/bf16/fp16 contiguous -> x * rsqrt(mean(x^2) + eps) * w."""
+        n = x.shape[-1]
+        y = torch.empty_like(x)
+        wtype = WEIGHT_TYPES[weight.dtype]
+        self.lib.rms_norm_f32(x.data_ptr(), weight.data_ptr(), wtype, y.data_ptr(), x.numel() // n, n, eps)
+        return y
+
+    def rotary_(self, x, rows, row_stride, heads, head_dim, cos_sin):
+        """Rotate the first 2 * cos_sin.shape[-2] dims of `heads` heads of each row of x, in place: x is a
+        contiguous fp32 buffer of `rows` rows `row_stride` floats apart, cos_sin [rows, rot/2, 2] contiguous."""
+        rot = cos_sin.shape[-2] * 2
+        self.lib.rotary_f32(x.data_ptr(), rows, row_stride, heads, head_dim, rot, cos_sin.data_ptr())
+        return x
+
+    def attention_decode(self, q, k, v, heads, scale):
+        """One query per head: q [b, ...] fp32 whose rows hold heads * d contiguous floats (row stride
+        q.stride(0)); k, v [b, groups, T, d] fp32 with d contiguous and equal strides -> [b, heads * d]."""
+        b, groups, t, d = k.shape
+        if v.stride() != k.stride() or k.stride(-1) != 1:
+            raise ValueError("attention_decode needs k and v with the same strides and contiguous rows")
+        self._sync_threads()
+        out = torch.empty(b, heads * d, dtype=torch.float32)
+        sb, sg, st, _ = k.stride()
+        if self.lib.attention_decode_f32(q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), sb, sg, st,
+                                         out.data_ptr(), b, heads, groups, t, d, scale):  # fmt: skip
+            raise MemoryError("out of memory in the CPU decode attention kernel")
+        return out
+
+    def silu_mul(self, h):
+        """h [..., 2f] fp32 contiguous ([gate | up]) -> silu(gate) * up [..., f]."""
+        f = h.shape[-1] // 2
+        out = torch.empty(*h.shape[:-1], f, dtype=torch.float32)
+        self.lib.silu_mul_f32(h.data_ptr(), out.data_ptr(), h.numel() // (2 * f), f)
+        return out
+
     def quantize_activations(self, x, split):
         """The q kernels' activation quantization, for tests: x [m, k] float32 -> (int8 [m, nb * 64],
         fp32 scales [m, nb]); with split each 64-column block is stored as its even then its odd columns."""
@@ -187,6 +231,9 @@ class CpuKernel:
         out = torch.empty(n, k, dtype=torch.float32)
         self.lib.dequantize(self._ptr(weight.contiguous()), self._ptr(scale_f32), self._ptr(out), n, k, bits)
         return out
+
+
+WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _compiler() -> str | None:

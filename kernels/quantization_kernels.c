@@ -615,3 +615,145 @@ void dequantize(const int8_t *w, const float *scale, float *out, int n, int k, i
         }
     }
 }
+
+/* ------------------------------------------------------------------------------------------------------- */
+/* Decode helpers on fp32 activations: one call where the PyTorch path runs several small ops per layer.     */
+/* At batch 1 those ops cost more in dispatch than in arithmetic (tens of microseconds a layer).             */
+
+#include <math.h>
+
+/* weight element i of a float (0), bf16 (1) or fp16 (2) vector */
+static inline float weight_at(const void *w, int wtype, size_t i) {
+    if (wtype == 0) return ((const float *)w)[i];
+    uint16_t v = ((const uint16_t *)w)[i];
+    return wtype == 1 ? bf16_to_float(v) : fp16_to_float(v);
+}
+
+#ifdef USE_AVX2
+/* e^x as 2^n * poly(r), |r| <= ln2/2, a degree-6 Taylor polynomial (relative error about 1.2e-7) for x in
+ * [-87, 88]; x is clamped to that range (below -87 gives about 1e-38, not 0). */
+static inline __m256 exp256_ps(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.f)), _mm256_set1_ps(-87.f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.f / 720.f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+/* y = x * rsqrt(mean(x^2) + eps) * w per row of n (the RMSNorm of ChatGLM2/3), w float/bf16/fp16. */
+void rms_norm_f32(const float *x, const void *w, int wtype, float *y, int rows, int n, float eps) {
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * n;
+        float *yr = y + (size_t)r * n;
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        int i = 0;
+        for (; i + 8 <= n; i += 8)
+            for (int l = 0; l < 8; l++) acc[l] += xr[i + l] * xr[i + l];
+        float ss = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        for (; i < n; i++) ss += xr[i] * xr[i];
+        float inv = 1.f / sqrtf(ss / (float)n + eps);
+        for (i = 0; i < n; i++) yr[i] = xr[i] * inv * weight_at(w, wtype, (size_t)i);
+    }
+}
+
+/* Rotary embedding in place. Each of `rows` rows (row_stride floats apart) holds `heads` heads of head_dim
+ * floats; the first `rot` dims of every head turn as pairs (2i, 2i+1) by cs[row, i] = (cos, sin):
+ * (a, b) -> (a cos - b sin, b cos + a sin). */
+void rotary_f32(float *x, int rows, long row_stride, int heads, int head_dim, int rot, const float *cs) {
+    for (int r = 0; r < rows; r++) {
+        const float *c = cs + (size_t)r * rot;
+        for (int h = 0; h < heads; h++) {
+            float *p = x + (size_t)r * row_stride + (size_t)h * head_dim;
+            for (int i = 0; i < rot / 2; i++) {
+                float a = p[2 * i], b = p[2 * i + 1], cos_ = c[2 * i], sin_ = c[2 * i + 1];
+                p[2 * i] = a * cos_ - b * sin_;
+                p[2 * i + 1] = b * cos_ + a * sin_;
+            }
+        }
+    }
+}
+
+/* out[b, h * d + j] = sum_t softmax_t(scale * q[b, h] . k[b, g, t]) v[b, g, t, j], one query per (b, h),
+ * head h reading KV group g = h / (heads / groups). q: row stride q_stride floats per batch row, heads * d
+ * contiguous; k, v: strides (sb, sg, st) in floats with d contiguous. Returns -1 when out of memory. */
+int attention_decode_f32(const float *q, long q_stride, const float *k, const float *v, long sb, long sg, long st,
+                         float *out, int b, int heads, int groups, int T, int d, float scale) {
+    float *scores = (float *)malloc((size_t)b * heads * (T > 0 ? T : 1) * sizeof(float));
+    if (!scores) return -1;
+    int per = heads / groups;
+#pragma omp parallel for schedule(static)
+    for (int bh = 0; bh < b * heads; bh++) {
+        int bi = bh / heads, h = bh % heads, g = h / per;
+        const float *qh = q + (size_t)bi * q_stride + (size_t)h * d;
+        const float *kg = k + (size_t)bi * sb + (size_t)g * sg, *vg = v + (size_t)bi * sb + (size_t)g * sg;
+        float *s = scores + (size_t)bh * T, *o = out + (size_t)bi * heads * d + (size_t)h * d;
+        float mx = -INFINITY, sum = 0.f;
+        for (int t = 0; t < T; t++) {
+            const float *kt = kg + (size_t)t * st;
+            float acc = 0.f;
+#ifdef USE_AVX2
+            int j = 0;
+            __m256 a = _mm256_setzero_ps();
+            for (; j + 8 <= d; j += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qh + j), _mm256_loadu_ps(kt + j), a);
+            acc = hsum256(a);
+            for (; j < d; j++) acc += qh[j] * kt[j];
+#else
+            for (int j = 0; j < d; j++) acc += qh[j] * kt[j];
+#endif
+            s[t] = acc * scale;
+            mx = s[t] > mx ? s[t] : mx;
+        }
+        int t = 0;
+#ifdef USE_AVX2
+        __m256 vm = _mm256_set1_ps(mx), vs = _mm256_setzero_ps();
+        for (; t + 8 <= T; t += 8) {
+            __m256 e = exp256_ps(_mm256_sub_ps(_mm256_loadu_ps(s + t), vm));
+            _mm256_storeu_ps(s + t, e);
+            vs = _mm256_add_ps(vs, e);
+        }
+        sum = hsum256(vs);
+#endif
+        for (; t < T; t++) {
+            s[t] = expf(s[t] - mx);
+            sum += s[t];
+        }
+        float inv = 1.f / sum;
+        for (int j = 0; j < d; j++) o[j] = 0.f;
+        for (t = 0; t < T; t++) {
+            const float *vt = vg + (size_t)t * st;
+            float p = s[t] * inv;
+            for (int j = 0; j < d; j++) o[j] += p * vt[j];
+        }
+    }
+    free(scores);
+    return 0;
+}
+
+/* out[r, i] = silu(h[r, i]) * h[r, f + i] for rows of 2f (the [gate | up] output of ChatGLM2's h_to_4h). */
+void silu_mul_f32(const float *h, float *out, int rows, int f) {
+    for (int r = 0; r < rows; r++) {
+        const float *gate = h + (size_t)r * 2 * f, *up = gate + f;
+        float *o = out + (size_t)r * f;
+        int i = 0;
+#ifdef USE_AVX2
+        const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+        for (; i + 8 <= f; i += 8) {
+            __m256 g = _mm256_loadu_ps(gate + i);
+            __m256 e = exp256_ps(_mm256_sub_ps(zero, g));
+            __m256 s = _mm256_div_ps(g, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(s, _mm256_loadu_ps(up + i)));
+        }
+#endif
+        for (; i < f; i++) o[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
+    }
+}

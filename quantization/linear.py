@@ -34,7 +34,7 @@ class QuantizedLinear(nn.Module):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.quantized_linear(x, self.weight, self.weight_scale, self.weight_bit_width, self.bias)
+        return ops.quantized_linear(x, self.weight, self.weight_scale, self.weight_bit_width, self.bias, self)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.weight_bit_width}"

@@ -64,18 +64,38 @@ def quantized_linear_reference(x, weight, scale, bits, bias=None):
     return y + bias.to(y.dtype) if bias is not None else y
 
 
-def quantized_linear(x, weight, scale, bits, bias=None):
+def cached_fp32(owner, name: str) -> torch.Tensor | None:
+    """owner.<name> (a small parameter: a scale, a bias) as a contiguous fp32 tensor, kept on the module until
+    the parameter is replaced or written in place, so that decode does not convert it at every call."""
+    t = getattr(owner, name)
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    cache = owner.__dict__.setdefault("_fp32_cache", {})
+    version = -1 if t.is_inference() else t._version  # inference tensors keep no version counter
+    key = (t.data_ptr(), version, t.dtype, t.device)
+    hit = cache.get(name)
+    if hit is None or hit[0] != key:
+        hit = cache[name] = (key, t.detach().float().contiguous())
+    return hit[1]
+
+
+def quantized_linear(x, weight, scale, bits, bias=None, owner=None):
     """The forward of QuantizedLinear: on the CPU the fused C kernel at every row count (decode and prefill),
     on CUDA the Triton kernels (fused for up to 64 rows, dequantize + cuBLAS above), else the reference. The fused kernels quantize x to int8 per 64-column block (see
     kernels/quantization_kernels.c; ~0.3-0.5% relative error on the output) and beat "dequantize, then fp32
     BLAS matmul" at every row count measured (92x at 1 row, 2.1x at 512 rows, 4096x4096 INT4, 2 threads);
-    CHATGLM_CPU_FLOAT_ACTIVATIONS=1 selects the exact fp32-activation ones."""
+    CHATGLM_CPU_FLOAT_ACTIVATIONS=1 selects the exact fp32-activation ones. `owner` (the QuantizedLinear) keeps
+    the fp32 copies of the scale and bias that the C kernels take between calls."""
     if x.device.type == "cpu":
         kernel = get_cpu_kernel()
         training = torch.is_grad_enabled() and x.requires_grad  # the C kernels have no backward
         if kernel is not None and not training and x.shape[:-1].numel() > 0:
-            w, s = weight.contiguous(), scale.float().contiguous()
-            return _by_row_chunks(x, lambda flat: kernel.linear(flat, w, s, bits, bias))
+            w = weight.contiguous()
+            if owner is not None:
+                s, b = cached_fp32(owner, "weight_scale"), cached_fp32(owner, "bias")
+            else:
+                s, b = scale.float().contiguous(), bias
+            return _by_row_chunks(x, lambda flat: kernel.linear(flat, w, s, bits, b))
     elif x.device.type == "cuda" and not (torch.is_grad_enabled() and x.requires_grad) and cuda_kernels():
         from .triton_ops import triton_quantized_linear
 
@@ -108,13 +128,14 @@ def _by_row_chunks(x, fn):
 CPU_CHUNK_ROWS = 256
 
 
-def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, owner=None) -> torch.Tensor:
     """F.linear(x, weight, bias) for float weights, with the CPU fast path (no autograd, bf16/fp16 weight): the C
     kernel, which reads each weight once per chunk of rows and accumulates in fp32. For decode it runs at memory
     speed (torch's bf16 GEMV reaches a fraction of it); for prefill it matches an fp32 BLAS matmul without the
     fp32 copy of the weights. On a CPU with native half-precision GEMM (AVX512-BF16, AMX) torch's own matmul
     takes the prefill (more than FAST_LINEAR_MAX_ROWS rows). The result has x's dtype. Otherwise this is
-    F.linear (weight and bias cast to x's dtype when they differ)."""
+    F.linear (weight and bias cast to x's dtype when they differ). `owner` (the module whose weight and bias
+    these are) keeps the bias's fp32 copy between calls."""
     rows = x.shape[:-1].numel()
     if (
         x.device.type == "cpu"
@@ -128,7 +149,8 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         kernel = get_cpu_kernel()
         if kernel is not None:
             w = weight.contiguous()
-            return _by_row_chunks(x, lambda flat: kernel.half_linear(flat, w, bias))
+            b = cached_fp32(owner, "bias") if owner is not None else bias
+            return _by_row_chunks(x, lambda flat: kernel.half_linear(flat, w, b))
     if weight.dtype != x.dtype:  # F.linear needs one dtype; the kernel path accepts mixed ones, so this does too
         weight, bias = weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None
     return F.linear(x, weight, bias)

@@ -205,3 +205,97 @@ def test_one_openmp_runtime():
     torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
     if any(name.startswith("libgomp") for name in os.listdir(torch_lib)):
         assert os.path.dirname(runtimes[0]) == torch_lib  # torch's own, not the system's
+
+
+# --- decode helpers (rms_norm, rotary, single-query attention, silu * up) against the torch code they replace --
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 4096, 4099])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rms_norm_helper(kernel, n, wdtype):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(3, n, generator=g) * 5
+    x[1] = 0  # an all-zero row stays zero (eps keeps the scale finite)
+    w = torch.randn(n, generator=g).to(wdtype)
+    ref = F.rms_norm(x.double(), (n,), w.double(), 1e-5)
+    y = kernel.rms_norm(x, w, 1e-5)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    assert torch.allclose(y.double(), ref, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("rows", "heads", "head_dim", "rot"), [(1, 34, 128, 64), (5, 3, 8, 8), (2, 2, 6, 2)])
+def test_rotary_helper_equals_apply_rotary(kernel, rows, heads, head_dim, rot):
+    from chatglm.modeling_glm2 import apply_rotary
+
+    g = torch.Generator().manual_seed(rows * heads)
+    width = heads * head_dim + 11  # a row holds more than the rotated heads (v follows q and k)
+    buf = torch.randn(rows, width, generator=g)
+    angles = torch.rand(rows, rot // 2, generator=g) * 50
+    cs = torch.stack([angles.cos(), angles.sin()], -1).contiguous()
+    ref = apply_rotary(buf[:, : heads * head_dim].view(1, rows, heads, head_dim), cs.view(1, rows, rot // 2, 2))
+    out = kernel.rotary_(buf.clone(), rows, width, heads, head_dim, cs)
+    assert torch.allclose(out[:, : heads * head_dim].view(1, rows, heads, head_dim), ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(out[:, heads * head_dim :], buf[:, heads * head_dim :])  # the rest is untouched
+
+
+@pytest.mark.parametrize(
+    ("b", "heads", "groups", "t", "d"), [(1, 32, 2, 300, 128), (2, 4, 4, 1, 16), (2, 6, 3, 37, 12)]
+)
+def test_attention_decode_helper(kernel, threads, b, heads, groups, t, d):
+    from chatglm.kv_cache import KVCache
+    from chatglm.modeling_glm2 import decode_attention
+
+    g = torch.Generator().manual_seed(t + heads)
+    cache = KVCache.empty(1, t + 9)  # strided views into a preallocated cache, as decode sees them
+    k, v = cache.append(0, torch.randn(b, groups, t, d, generator=g) * 3, torch.randn(b, groups, t, d, generator=g))
+    qkv = torch.randn(b, heads * d + 2 * groups * d, generator=g)  # q first in the row, as in the projection
+    q = qkv[:, : heads * d].view(b, heads, 1, d)
+    ref = decode_attention(q.double(), k.double(), v.double()).reshape(b, heads * d)
+    out = kernel.attention_decode(qkv, k, v, heads, d**-0.5)
+    assert out.shape == (b, heads * d)
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("f", [1, 8, 13, 13696])
+def test_silu_mul_helper(kernel, f):
+    g = torch.Generator().manual_seed(f)
+    h = torch.randn(3, 2 * f, generator=g) * 8
+    h[0, 0] = -95.0  # far tails: exp's clamp
+    h[0, -1] = 95.0
+    ref = F.silu(h[:, :f].double()) * h[:, f:].double()
+    out = kernel.silu_mul(h)
+    assert out.shape == (3, f)
+    assert torch.allclose(out.double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_glm2_decode_with_helpers_equals_torch_path(tiny_dirs, monkeypatch):
+    """The tiny v2 model decodes the same tokens, with close logits, with the C helpers and with the torch ops."""
+    import chatglm
+    from chatglm import modeling_glm2
+
+    model = chatglm.load_model(str(tiny_dirs["v2"]), dtype="fp32").eval()
+    ids = torch.randint(5, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+
+    def run():
+        from chatglm.kv_cache import KVCache
+
+        logits, tokens, cache = [], ids, KVCache.empty(len(model.transformer.encoder.layers), 32)
+        with torch.inference_mode():
+            for _ in range(5):
+                out = model(tokens, past_key_values=cache, return_last_logit=True)
+                cache = out.past_key_values
+                logits.append(out.logits[:, -1])
+                tokens = out.logits[:, -1:].argmax(-1)
+        return torch.stack(logits)
+
+    if kernels.get_cpu_kernel() is None:
+        pytest.skip("the CPU kernels could not be built here (gcc missing)")
+    used = []
+    real = modeling_glm2.cpu_kernel_for
+    monkeypatch.setattr(modeling_glm2, "cpu_kernel_for", lambda x: used.append(real(x)) or used[-1])
+    fast = run()
+    assert used and all(k is not None for k in used)  # every helper site took the C path
+    monkeypatch.setattr(modeling_glm2, "cpu_kernel_for", lambda x: None)
+    slow = run()
+    assert torch.equal(fast.argmax(-1), slow.argmax(-1))
+    assert torch.allclose(fast, slow, rtol=1e-4, atol=1e-4)

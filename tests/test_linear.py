@@ -79,3 +79,23 @@ def test_cpu_inference_computes_in_fp32_when_half_math_is_emulated(tiny_dirs):
         out = model(ids)
     assert out.logits.dtype == expected and out.past_key_values[0][0].dtype == expected
     assert model.transformer.layers[0].input_layernorm.weight.dtype == torch.bfloat16  # weights untouched
+
+
+def test_cached_fp32_follows_the_parameter():
+    """The fp32 copy of a bias/scale that the CPU kernels take is refreshed when the parameter changes."""
+    from quantization.ops import cached_fp32
+
+    lin = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    first = cached_fp32(lin, "bias")
+    assert first.dtype == torch.float32 and torch.equal(first, lin.bias.float())
+    assert cached_fp32(lin, "bias") is first  # no new copy while the parameter is unchanged
+    with torch.no_grad():
+        lin.bias.add_(1)  # in place: the version counter moves
+    assert torch.equal(cached_fp32(lin, "bias"), lin.bias.float())
+    lin.bias = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))  # replaced
+    assert torch.equal(cached_fp32(lin, "bias"), torch.zeros(3))
+    with torch.inference_mode():
+        inf = torch.nn.Linear(4, 3).to(torch.bfloat16)  # inference tensors: no version counter, still cached
+        assert torch.equal(cached_fp32(inf, "bias"), inf.bias.float())
+    lin.bias = None
+    assert cached_fp32(lin, "bias") is None
