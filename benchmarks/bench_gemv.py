@@ -1,19 +1,22 @@
 """GEMV (decode, batch 1) at ChatGLM2-6B's real layer shapes: effective GB/s of weight bytes per backend.
 
     python benchmarks/bench_gemv.py [--threads 1 2] [--rows 1] [--no-original] [--no-interplay]
+    python benchmarks/bench_gemv.py --device cuda [--rows 1]     # Triton INT8/INT4 against cuBLAS fp16/bf16
 
 For each shape and thread count: fp32 and bf16 matmul (PyTorch), our bf16/fp16 GEMV (kernels half_linear, what
 quantization.fast_linear calls), our INT8 and INT4 kernels (default: activations rounded to int8 per 64 columns;
 "f32 x": the fp32-activation kernels), PyTorch's own weight-only ops (aten._weight_int8pack_mm;
 aten._weight_int4pack_mm_for_cpu with the per-row scale repeated per group), and the original's approach
 (dequantize the whole matrix, then matmul). The ceiling is the machine's memory bandwidth, measured in the same
-run (a 512 MiB tensor copy: bytes read plus written per second). Last, the thread interplay check: a loop of
+run (a 512 MiB tensor copy: bytes read plus written per second). Then the cold-weights section (many matrices in
+turn, 4 KiB against huge pages, as decode reads them). Last, the thread interplay check: a loop of
 [our GEMV, a torch op] pairs against the two timed alone (OpenMP spin-waiting would show as a slower pair).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import sys
@@ -41,9 +44,11 @@ def timeit(fn, min_time=0.3, max_reps=200):
     return (time.perf_counter() - start) / reps
 
 
-def bandwidth() -> float:
+def bandwidth(place=None) -> float:
     a = torch.empty(2**27)  # 512 MiB
     b = torch.empty_like(a)
+    if place is not None:  # e.g. chatglm.hugepages.to_huge_pages
+        a, b = place(a), place(b)
     a.fill_(1.0)
     dt = min(timeit(lambda: b.copy_(a), 0.5, 10) for _ in range(3))
     return 2 * a.numel() * 4 / dt / 1e9
@@ -116,6 +121,119 @@ def run(threads: int, rows: int, original: bool) -> list[str]:
     return lines
 
 
+def gpu_cases(k, n, rows, device, copies):
+    """(name, weight bytes, fn) for one shape on a GPU: cuBLAS fp16/bf16, the Triton INT8/INT4 kernels and the
+    original's approach (dequantize, then matmul). Each case cycles through `copies` weights so that the bytes
+    come from HBM, not from the GPU's L2 cache."""
+    from quantization.ops import quantized_linear_reference
+    from quantization.triton_ops import triton_quantized_linear
+
+    g = torch.Generator(device=device).manual_seed(k + n)
+    x = torch.randn(rows, k, device=device, dtype=torch.float16, generator=g)
+    cases = []
+
+    def cycling(fn, weights):
+        state = {"i": 0}
+
+        def call():
+            state["i"] = (state["i"] + 1) % len(weights)
+            return fn(weights[state["i"]])
+
+        return call
+
+    for dtype, name in ((torch.float16, "fp16 cuBLAS"), (torch.bfloat16, "bf16 cuBLAS")):
+        ws = [torch.randn(n, k, device=device, generator=g).to(dtype) for _ in range(copies)]
+        xd = x.to(dtype)
+        cases.append((name, n * k * 2, cycling(lambda w, xd=xd: xd @ w.t(), ws)))
+    for bits in (8, 4):
+        qs = [quantize_weight(torch.randn(n, k, device=device, generator=g), bits) for _ in range(copies)]
+        nbytes = qs[0][0].numel() + qs[0][1].numel() * 2
+        cases.append((f"INT{bits} triton", nbytes, cycling(lambda q, b=bits: triton_quantized_linear(x, *q, b), qs)))
+        cases.append((f"INT{bits} orig dequant+mm", nbytes,
+                      cycling(lambda q, b=bits: quantized_linear_reference(x, *q, b), qs)))  # fmt: skip
+    return cases
+
+
+def run_gpu(rows: int, device: str = "cuda", shapes=None, copies: int | None = None) -> list[str]:
+    """The GPU table: GB/s of weight bytes per call against the copy bandwidth of device memory."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def timed(fn, reps):
+        fn()
+        sync()
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        return (time.perf_counter() - start) / reps
+
+    def copy_bandwidth(elems):
+        a = torch.empty(elems, device=device)
+        b = torch.empty_like(a)
+        return 2 * elems * 4 / min(timed(lambda: b.copy_(a), 20) for _ in range(3)) / 1e9
+
+    bw = copy_bandwidth(2**28 if device.startswith("cuda") else 2**24)  # 1 GiB on a GPU
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else device
+    lines = [f"## {name} rows={rows}: measured copy bandwidth {bw:.0f} GB/s (read + write)"]
+    lines.append(f"{'in->out':>12} {'backend':<24} {'us':>9} {'GB/s':>7} {'of bw':>6}")
+    for k, n in shapes or [*SHAPES, OUTPUT_LAYER]:
+        # enough copies of the weights to overflow a 50 MB L2 (at least 256 MB of INT4 per case)
+        reps_copies = copies or max(2, -(-(256 << 20) // (n * k // 2)))
+        for case, nbytes, fn in gpu_cases(k, n, rows, device, reps_copies):
+            dt = timed(fn, 3 if "orig" in case else 200)
+            gbs = nbytes / dt / 1e9
+            lines.append(f"{k:>5}->{n:<6} {case:<24} {dt * 1e6:9.1f} {gbs:7.1f} {gbs / bw:6.0%}")
+        torch.cuda.empty_cache() if device.startswith("cuda") else None
+    return lines
+
+
+def cold(threads: int, total_bytes: int = 3 << 29) -> list[str]:
+    """Weights as decode meets them: many matrices (4096 -> 27392) read in turn, about 1.5 GB in all, so nothing
+    comes from cache; ours with the weights in ordinary (4 KiB) pages and in huge pages (as a CPU model has
+    them, chatglm/hugepages.py), next to torch's bf16 matmul. GB/s of weight bytes, best of 5 passes."""
+    from chatglm import hugepages
+
+    torch.set_num_threads(threads)
+    kernel = get_cpu_kernel()
+    if kernel is None:
+        return []
+    k, n = 4096, 27392
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, k, generator=g)
+    huge = hugepages.enabled()
+    bw = max([bandwidth()] + ([bandwidth(hugepages.to_huge_pages)] if huge else []))
+    lines = [f"## cold weights, threads={threads}: {k}->{n} matrices in turn, ~{total_bytes / 1e9:.1f} GB per "
+             f"pass; copy bandwidth {bw:.1f} GB/s (best of 4 KiB and huge pages)"]  # fmt: skip
+
+    def each(call, ws):
+        for w in ws:
+            call(*w)
+
+    def one(name, make, call, nbytes_each):
+        count = max(2, total_bytes // nbytes_each)
+        for pages in ("4 KiB pages", "huge pages") if huge else ("4 KiB pages",):
+            ws = [make() for _ in range(count)]
+            if pages == "huge pages":
+                ws = [tuple(hugepages.to_huge_pages(t) if t.numel() * t.element_size() > 1 << 20 else t for t in w)
+                      for w in ws]  # fmt: skip
+            dt = min(timeit(functools.partial(each, call, ws), 0.2, 5) for _ in range(2))
+            gbs = count * nbytes_each / dt / 1e9
+            lines.append(f"{name:<12} {pages:<12} {gbs:6.1f} GB/s {gbs / bw:6.0%}")
+            del ws
+
+    s = torch.rand(n, generator=g) * 0.01
+    one("INT4 ours", lambda: (torch.randint(-128, 128, (n, k // 2), dtype=torch.int8, generator=g),),
+        lambda q: kernel.linear(x, q, s, 4), n * k // 2)  # fmt: skip
+    one("INT8 ours", lambda: (torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g),),
+        lambda q: kernel.linear(x, q, s, 8), n * k)  # fmt: skip
+    one(
+        "bf16 ours", lambda: (torch.randn(n, k, generator=g).bfloat16(),), lambda w: kernel.half_linear(x, w), n * k * 2
+    )
+    xb = x.bfloat16()
+    one("bf16 torch", lambda: (torch.randn(n, k, generator=g).bfloat16(),), lambda w: xb @ w.t(), n * k * 2)
+    return lines
+
+
 def interplay(threads: int) -> list[str]:
     """[our INT4 GEMV, torch op] pairs vs each alone: OpenMP spin-waiting between them would make pairs slower."""
     torch.set_num_threads(threads)
@@ -146,7 +264,14 @@ def main():
     parser.add_argument("--rows", type=int, default=1, help="rows of x (batch x tokens)")
     parser.add_argument("--no-original", action="store_true", help="skip the slow dequantize-then-matmul cases")
     parser.add_argument("--no-interplay", action="store_true")
+    parser.add_argument("--no-cold", action="store_true", help="skip the cold-weights (many matrices) section")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: the Triton kernels against cuBLAS")
     args = parser.parse_args()
+    if args.device.startswith("cuda"):
+        print(f"# bench_gemv: torch {torch.__version__}, {torch.cuda.get_device_name(args.device)}, "
+              f"CUDA {torch.version.cuda}")  # fmt: skip
+        print("\n".join(run_gpu(args.rows, args.device)))
+        return
     kernel = get_cpu_kernel()
     cpu = "?"
     try:
@@ -161,6 +286,10 @@ def main():
     for t in args.threads:
         print("\n".join(run(t, args.rows, not args.no_original)))
         print()
+    if not args.no_cold:
+        for t in args.threads:
+            print("\n".join(cold(t)))
+            print()
     if not args.no_interplay:
         for t in args.threads:
             print("\n".join(interplay(t)))

@@ -22,8 +22,9 @@ Each (mode, threads, path) runs in a fresh process, so its peak memory is its ow
   of floor   floor / scaled decode time (1.0 = reading the weights at the measured bandwidth)
 Paths: "ours" (fused kernels, preallocated KV cache, windowed sampler, CPU weights in huge pages) and "ref"
 (the reference-style path: plain float matmul, dequantize-then-matmul for INT8/INT4, the KV cache concatenated
-every step; CHATGLM_NO_CPU_KERNEL=1 and CHATGLM_NO_HUGE_PAGES=1 in that process). The copy bandwidth behind
-the floor is the better of ordinary memory and huge pages, so huge pages do not flatter the ratio.
+every step; CHATGLM_NO_CPU_KERNEL=1, CHATGLM_NO_HUGE_PAGES=1 and CHATGLM_NO_TRITON=1 in that process). The
+copy bandwidth behind the floor is the better of ordinary memory and huge pages, so huge pages do not flatter
+the ratio.
 """
 
 from __future__ import annotations
@@ -237,6 +238,7 @@ def run_worker(argv: list[str], ref: bool) -> dict | None:
     if ref:
         env["CHATGLM_NO_CPU_KERNEL"] = "1"
         env["CHATGLM_NO_HUGE_PAGES"] = "1"
+        env["CHATGLM_NO_TRITON"] = "1"  # on CUDA: dequantize-then-matmul, the original's approach
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], capture_output=True, text=True,
                           env=env)  # fmt: skip
     for line in proc.stdout.splitlines()[::-1]:

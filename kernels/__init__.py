@@ -129,7 +129,7 @@ class CpuKernel:
 
     @staticmethod
     def _ptr(t):
-        return ctypes.c_void_p(t.data_ptr()) if t is not None else None
+        return t.data_ptr() if t is not None else None  # ctypes takes a plain int for a c_void_p argument
 
     def linear(self, x, weight, scale_f32, bits, bias=None, quantize_activations=None):
         """x [m, k] float32, weight int8 [n, k] or [n, k/2], scale_f32 [n] -> [m, n] float32.

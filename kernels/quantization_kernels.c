@@ -683,60 +683,140 @@ void rotary_f32(float *x, int rows, long row_stride, int heads, int head_dim, in
     }
 }
 
-/* out[b, h * d + j] = sum_t softmax_t(scale * q[b, h] . k[b, g, t]) v[b, g, t, j], one query per (b, h),
- * head h reading KV group g = h / (heads / groups). q: row stride q_stride floats per batch row, heads * d
- * contiguous; k, v: strides (sb, sg, st) in floats with d contiguous. Returns -1 when out of memory. */
+#ifdef USE_AVX2
+/* scores sc[t, 0 : 8 nv] = k[t] . qt[:, 0 : 8 nv] (qt is [d, 8 nv]) and their running max per head. */
+static inline __attribute__((always_inline)) void att_scores(const float *kg, long st, const float *qt, int d, int T,
+                                                             float *sc, __m256 *vmx, const int nv) {
+    const int per = 8 * nv;
+    __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
+    for (int t = 0; t < T; t++) {
+        const float *kt = kg + (size_t)t * st;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int j = 0; j < d; j++) {
+            __m256 kb = _mm256_broadcast_ss(kt + j);
+            const float *qj = qt + (size_t)j * per;
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qj), kb, a0);
+            if (nv > 1) a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qj + 8), kb, a1);
+            if (nv > 2) a2 = _mm256_fmadd_ps(_mm256_loadu_ps(qj + 16), kb, a2);
+            if (nv > 3) a3 = _mm256_fmadd_ps(_mm256_loadu_ps(qj + 24), kb, a3);
+        }
+        float *s = sc + (size_t)t * per;
+        _mm256_storeu_ps(s, a0), m0 = _mm256_max_ps(m0, a0);
+        if (nv > 1) _mm256_storeu_ps(s + 8, a1), m1 = _mm256_max_ps(m1, a1);
+        if (nv > 2) _mm256_storeu_ps(s + 16, a2), m2 = _mm256_max_ps(m2, a2);
+        if (nv > 3) _mm256_storeu_ps(s + 24, a3), m3 = _mm256_max_ps(m3, a3);
+    }
+    vmx[0] = m0, vmx[1] = m1, vmx[2] = m2, vmx[3] = m3;
+}
+#endif
+
+/* Single-query attention: out[b, h * d + j] = sum_t softmax_t(scale * q[b, h] . k[b, g, t]) v[b, g, t, j], head
+ * h reading KV group g = h / per (per = heads / groups). q: row stride q_stride floats per batch row, heads * d
+ * contiguous; k, v: strides (sb, sg, st) in floats with d contiguous. The `per` heads of a group are done
+ * together, so each cached key and value is read once per group, not once per head (ChatGLM2: 16 heads a
+ * group): scores s[t, h] = sum_j k[t, j] * (scale q)[h, j] with the queries transposed to [d, per] and 8 heads
+ * per vector, a softmax across t vectorized over heads, then out[h] += s[t, h] v[t] over blocks of TB
+ * positions that stay in L1. OpenMP over (batch, group). Returns -1 when out of memory. */
+#define ATT_TB 32
 int attention_decode_f32(const float *q, long q_stride, const float *k, const float *v, long sb, long sg, long st,
                          float *out, int b, int heads, int groups, int T, int d, float scale) {
-    float *scores = (float *)malloc((size_t)b * heads * (T > 0 ? T : 1) * sizeof(float));
-    if (!scores) return -1;
-    int per = heads / groups;
+    int per = heads / groups, units = b * groups, failed = 0;
 #pragma omp parallel for schedule(static)
-    for (int bh = 0; bh < b * heads; bh++) {
-        int bi = bh / heads, h = bh % heads, g = h / per;
-        const float *qh = q + (size_t)bi * q_stride + (size_t)h * d;
+    for (int u = 0; u < units; u++) {
+        int bi = u / groups, g = u % groups;
         const float *kg = k + (size_t)bi * sb + (size_t)g * sg, *vg = v + (size_t)bi * sb + (size_t)g * sg;
-        float *s = scores + (size_t)bh * T, *o = out + (size_t)bi * heads * d + (size_t)h * d;
-        float mx = -INFINITY, sum = 0.f;
-        for (int t = 0; t < T; t++) {
-            const float *kt = kg + (size_t)t * st;
-            float acc = 0.f;
-#ifdef USE_AVX2
-            int j = 0;
-            __m256 a = _mm256_setzero_ps();
-            for (; j + 8 <= d; j += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qh + j), _mm256_loadu_ps(kt + j), a);
-            acc = hsum256(a);
-            for (; j < d; j++) acc += qh[j] * kt[j];
-#else
-            for (int j = 0; j < d; j++) acc += qh[j] * kt[j];
-#endif
-            s[t] = acc * scale;
-            mx = s[t] > mx ? s[t] : mx;
+        const float *qg = q + (size_t)bi * q_stride + (size_t)g * per * d;
+        float *og = out + (size_t)bi * heads * d + (size_t)g * per * d;
+        float *qt = (float *)malloc((size_t)d * per * sizeof(float));
+        float *sc = (float *)malloc(((size_t)T * per + 1) * sizeof(float));
+        float *mx = (float *)malloc((size_t)per * 2 * sizeof(float)), *sum = mx ? mx + per : NULL;
+        if (!qt || !sc || !mx) {
+            free(qt), free(sc), free(mx);
+#pragma omp atomic write
+            failed = 1;
+            continue;
         }
+        for (int h = 0; h < per; h++)
+            for (int j = 0; j < d; j++) qt[(size_t)j * per + h] = qg[(size_t)h * d + j] * scale;
+        for (int h = 0; h < per; h++) mx[h] = -INFINITY, sum[h] = 0.f;
         int t = 0;
 #ifdef USE_AVX2
-        __m256 vm = _mm256_set1_ps(mx), vs = _mm256_setzero_ps();
-        for (; t + 8 <= T; t += 8) {
-            __m256 e = exp256_ps(_mm256_sub_ps(_mm256_loadu_ps(s + t), vm));
-            _mm256_storeu_ps(s + t, e);
-            vs = _mm256_add_ps(vs, e);
-        }
-        sum = hsum256(vs);
+        if (per % 8 == 0 && per <= 32) {
+            int nv = per / 8;
+            __m256 vmx[4];
+            switch (nv) { /* a constant count per call, so the accumulators stay in registers */
+            case 1: att_scores(kg, st, qt, d, T, sc, vmx, 1); break;
+            case 2: att_scores(kg, st, qt, d, T, sc, vmx, 2); break;
+            case 3: att_scores(kg, st, qt, d, T, sc, vmx, 3); break;
+            default: att_scores(kg, st, qt, d, T, sc, vmx, 4); break;
+            }
+            t = T;
+            for (int c = 0; c < nv; c++) _mm256_storeu_ps(mx + 8 * c, vmx[c]);
+            for (int c = 0; c < nv; c++) {
+                __m256 vs = _mm256_setzero_ps();
+                for (int t2 = 0; t2 < T; t2++) {
+                    float *p = sc + (size_t)t2 * per + 8 * c;
+                    __m256 e = exp256_ps(_mm256_sub_ps(_mm256_loadu_ps(p), vmx[c]));
+                    _mm256_storeu_ps(p, e);
+                    vs = _mm256_add_ps(vs, e);
+                }
+                _mm256_storeu_ps(sum + 8 * c, vs);
+            }
+        } else
 #endif
-        for (; t < T; t++) {
-            s[t] = expf(s[t] - mx);
-            sum += s[t];
+        {
+            for (; t < T; t++) {
+                const float *kt = kg + (size_t)t * st;
+                for (int h = 0; h < per; h++) {
+                    float a = 0.f;
+                    for (int j = 0; j < d; j++) a += kt[j] * qt[(size_t)j * per + h];
+                    sc[(size_t)t * per + h] = a;
+                    mx[h] = a > mx[h] ? a : mx[h];
+                }
+            }
+            for (int t2 = 0; t2 < T; t2++)
+                for (int h = 0; h < per; h++) {
+                    float e = expf(sc[(size_t)t2 * per + h] - mx[h]);
+                    sc[(size_t)t2 * per + h] = e;
+                    sum[h] += e;
+                }
         }
-        float inv = 1.f / sum;
-        for (int j = 0; j < d; j++) o[j] = 0.f;
-        for (t = 0; t < T; t++) {
-            const float *vt = vg + (size_t)t * st;
-            float p = s[t] * inv;
-            for (int j = 0; j < d; j++) o[j] += p * vt[j];
+        for (size_t i = 0; i < (size_t)per * d; i++) og[i] = 0.f;
+        for (int t0 = 0; t0 < T; t0 += ATT_TB) {
+            int t1 = t0 + ATT_TB < T ? t0 + ATT_TB : T;
+            for (int h = 0; h < per; h++) {
+                float *oh = og + (size_t)h * d;
+                int j = 0;
+#ifdef USE_AVX2
+                for (; j + 32 <= d; j += 32) {
+                    __m256 a0 = _mm256_loadu_ps(oh + j), a1 = _mm256_loadu_ps(oh + j + 8);
+                    __m256 a2 = _mm256_loadu_ps(oh + j + 16), a3 = _mm256_loadu_ps(oh + j + 24);
+                    for (int t2 = t0; t2 < t1; t2++) {
+                        const float *vt = vg + (size_t)t2 * st + j;
+                        __m256 p = _mm256_broadcast_ss(sc + (size_t)t2 * per + h);
+                        a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt), a0);
+                        a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 8), a1);
+                        a2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 16), a2);
+                        a3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 24), a3);
+                    }
+                    _mm256_storeu_ps(oh + j, a0), _mm256_storeu_ps(oh + j + 8, a1);
+                    _mm256_storeu_ps(oh + j + 16, a2), _mm256_storeu_ps(oh + j + 24, a3);
+                }
+#endif
+                for (; j < d; j++) {
+                    float a = oh[j];
+                    for (int t2 = t0; t2 < t1; t2++) a += sc[(size_t)t2 * per + h] * vg[(size_t)t2 * st + j];
+                    oh[j] = a;
+                }
+            }
         }
+        for (int h = 0; h < per; h++) {
+            float inv = 1.f / sum[h];
+            for (int j = 0; j < d; j++) og[(size_t)h * d + j] *= inv;
+        }
+        free(qt), free(sc), free(mx);
     }
-    free(scores);
-    return 0;
+    return failed ? -1 : 0;
 }
 
 /* out[r, i] = silu(h[r, i]) * h[r, f + i] for rows of 2f (the [gate | up] output of ChatGLM2's h_to_4h). */

@@ -116,6 +116,9 @@ def cuda_kernels() -> bool:
 
 def _by_row_chunks(x, fn):
     """fn over the rows of x (flattened to 2D fp32) in chunks of CPU_CHUNK_ROWS, in x's dtype and shape."""
+    if x.dtype == torch.float32 and x.is_contiguous() and x.numel() <= CPU_CHUNK_ROWS * x.shape[-1]:
+        y = fn(x.view(-1, x.shape[-1]))  # decode: no copies, no conversions
+        return y.view(*x.shape[:-1], y.shape[-1])
     flat = x.reshape(-1, x.shape[-1]).float().contiguous()
     if flat.shape[0] <= CPU_CHUNK_ROWS:
         y = fn(flat)

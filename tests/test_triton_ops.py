@@ -188,3 +188,17 @@ def test_quantized_tiny_model_on_cuda_runs_triton_and_matches_cpu(tiny_dirs, bit
             ops.quantized_linear_reference = real
     assert not calls  # no layer fell back to dequantize-then-matmul
     assert (got - expected).abs().max() <= 3e-2 * expected.abs().max()
+
+
+def test_gpu_gemv_benchmark_runs_under_the_interpreter(monkeypatch):
+    """benchmarks/bench_gemv.py --device cuda, run here on a tiny shape on the CPU under the interpreter: the
+    table is produced, one row per backend, with a time per call (the GPU session then only has to run it)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_gemv
+
+    lines = bench_gemv.run_gpu(1, device="cpu", shapes=[(64, 48)], copies=2)
+    rows = [ln for ln in lines[2:] if ln.strip()]
+    names = ["fp16 cuBLAS", "bf16 cuBLAS", "INT8 triton", "INT8 orig dequant+mm", "INT4 triton", "INT4 orig"]
+    assert len(rows) == 6 and all(any(n in r for r in rows) for n in names)
+    assert all(float(r.split()[-3]) > 0 for r in rows)  # microseconds per call

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# What a session with a CUDA GPU runs, in one command: the CUDA tests, then the GPU benchmarks. Output goes to
+# the terminal and to files in $OUT (default: gpu-results/). Uses the python that has a CUDA torch and triton
+# (PYTHON, default python3); nothing is installed.
+# Usage: bash scripts/gpu_checks.sh [CONFIG_DIR]    CONFIG_DIR holds chatglm2-6b's config.json
+#                                                    (default ../shared/models/chatglm2-6b)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-results}
+PY=${PYTHON:-python3}
+CONFIG=${1:-../shared/models/chatglm2-6b}
+mkdir -p "$OUT"
+nvidia-smi 2>&1 | tee "$OUT/nvidia-smi.txt" | head -15
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+# CUDA tests: the Triton kernels compiled on the GPU, the quantized tiny model on CUDA, utils' cuda:0+cpu split.
+"$PY" -m pytest -q -p no:cacheprovider tests/test_triton_ops.py tests/test_utils.py -k "cuda" 2>&1 | tee "$OUT/cuda-tests.txt" | tail -15
+# GEMV at the real shapes: Triton INT8/INT4 against cuBLAS fp16/bf16, GB/s against the measured copy bandwidth.
+"$PY" benchmarks/bench_gemv.py --device cuda 2>&1 | tee "$OUT/gemv-cuda.txt"
+# End to end (4 blocks at full width, scaled to 28), ours next to the reference-style path.
+"$PY" benchmarks/bench_generate.py --device cuda --config "$CONFIG" --modes fp16 bf16 int8 int4 --threads 1 2>&1 | tee "$OUT/generate-cuda.txt"
