@@ -324,6 +324,87 @@ static inline void q8_rows(const int8_t *w, size_t stride, int R, const int8_t *
     }
 }
 
+#ifdef USE_AVX2
+/* INT4 with several x rows (prefill, batches): the 4 weight rows of a group are unpacked once into u (per
+ * 64-column block: the 32 high nibbles, then the 32 low ones, each made unsigned by XOR 0x88, i.e. s + 8), so
+ * each x row then costs two loads and two maddubs per 32 weight bytes instead of the whole nibble unpacking.
+ * Full 64-column blocks only (k % 64 == 0). */
+static inline void q4_unpack_rows(const int8_t *w, size_t stride, int full, uint8_t *u) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8((char)0x88);
+    for (int r = 0; r < ROWS; r++)
+        for (int b = 0; b < full; b++) {
+            __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + r * stride + (size_t)b * 32)), flip);
+            uint8_t *ub = u + ((size_t)r * full + b) * QB;
+            _mm256_storeu_si256((__m256i *)ub, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+            _mm256_storeu_si256((__m256i *)(ub + 32), _mm256_and_si256(v, m4));
+        }
+}
+
+static inline void q4u_rows(const uint8_t *u, int full, const int8_t *q, const float *d, float corr, float *sums) {
+    const __m256i one = _mm256_set1_epi16(1);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const size_t rs = (size_t)full * QB;
+    for (int b = 0; b < full; b++) {
+        __m256i xe = _mm256_loadu_si256((const __m256i *)(q + (size_t)b * QB));
+        __m256i xo = _mm256_loadu_si256((const __m256i *)(q + (size_t)b * QB + 32));
+        __m256 db = _mm256_set1_ps(d[b]);
+        const uint8_t *ub = u + (size_t)b * QB;
+#define Q4U_ROW(a, r)                                                                                          \
+    a = _mm256_fmadd_ps(                                                                                       \
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(                                                                  \
+            _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(ub + (r) * rs)), xe),   \
+                             _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(ub + (r) * rs + 32)), xo)), \
+            one)),                                                                                             \
+        db, a)
+        Q4U_ROW(a0, 0);
+        Q4U_ROW(a1, 1);
+        Q4U_ROW(a2, 2);
+        Q4U_ROW(a3, 3);
+#undef Q4U_ROW
+    }
+    sums[0] = hsum256(a0) - 8.f * corr, sums[1] = hsum256(a1) - 8.f * corr;
+    sums[2] = hsum256(a2) - 8.f * corr, sums[3] = hsum256(a3) - 8.f * corr;
+}
+
+/* The same for two x rows at once (q0/d0/c0 and q1/d1/c1): each unpacked weight vector is loaded once for both,
+ * and eight independent accumulators keep the multiply units busy. */
+static inline void q4u_rows2(const uint8_t *u, int full, const int8_t *q0, const float *d0, float c0,
+                             const int8_t *q1, const float *d1, float c1, float *s0, float *s1) {
+    const __m256i one = _mm256_set1_epi16(1);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    const size_t rs = (size_t)full * QB;
+    for (int b = 0; b < full; b++) {
+        const __m256i *x0e = (const __m256i *)(q0 + (size_t)b * QB), *x0o = x0e + 1;
+        const __m256i *x1e = (const __m256i *)(q1 + (size_t)b * QB), *x1o = x1e + 1;
+        __m256 e0 = _mm256_set1_ps(d0[b]), e1 = _mm256_set1_ps(d1[b]);
+        const uint8_t *ub = u + (size_t)b * QB;
+#define Q4U_ROW2(a, c, r)                                                                                      \
+    do {                                                                                                       \
+        __m256i hi = _mm256_loadu_si256((const __m256i *)(ub + (r) * rs));                                     \
+        __m256i lo = _mm256_loadu_si256((const __m256i *)(ub + (r) * rs + 32));                                \
+        __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(hi, _mm256_loadu_si256(x0e)),                        \
+                                     _mm256_maddubs_epi16(lo, _mm256_loadu_si256(x0o)));                       \
+        __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(hi, _mm256_loadu_si256(x1e)),                        \
+                                     _mm256_maddubs_epi16(lo, _mm256_loadu_si256(x1o)));                       \
+        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, one)), e0, a);                             \
+        c = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(t, one)), e1, c);                             \
+    } while (0)
+        Q4U_ROW2(a0, b0, 0);
+        Q4U_ROW2(a1, b1, 1);
+        Q4U_ROW2(a2, b2, 2);
+        Q4U_ROW2(a3, b3, 3);
+#undef Q4U_ROW2
+    }
+    s0[0] = hsum256(a0) - 8.f * c0, s0[1] = hsum256(a1) - 8.f * c0;
+    s0[2] = hsum256(a2) - 8.f * c0, s0[3] = hsum256(a3) - 8.f * c0;
+    s1[0] = hsum256(b0) - 8.f * c1, s1[1] = hsum256(b1) - 8.f * c1;
+    s1[2] = hsum256(b2) - 8.f * c1, s1[3] = hsum256(b3) - 8.f * c1;
+}
+#endif
+
+/* x rows from which an INT4 call unpacks each weight group once (q4_unpack_rows) rather than per x row. */
+#define Q4_UNPACK_MIN_ROWS 4
+
 /* bits 8 or 4: the activation-quantized ("q") kernels. x [m, k] fp32. Returns 0, or -1 when out of memory. */
 static int wq_linear(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m,
                      int n, int k, int bits) {
@@ -339,23 +420,53 @@ static int wq_linear(const float *x, const int8_t *w, const float *scale, const 
     int full = bits == 4 ? (k / 2) / (QB / 2) : k / QB;
     for (int b = 0; b < m; b++)
         corr[b] = quantize_row(x + (size_t)b * k, k, bits == 4, full, q + (size_t)b * nb * QB, d + (size_t)b * nb);
-#pragma omp parallel for schedule(static)
-    for (int o0 = 0; o0 < n; o0 += ROWS) {
-        int rows = n - o0 < ROWS ? n - o0 : ROWS;
-        const int8_t *wr = w + (size_t)o0 * stride;
-        for (int b = 0; b < m; b++) {
-            float sums[ROWS];
-            const int8_t *qb = q + (size_t)b * nb * QB;
-            const float *db = d + (size_t)b * nb;
-            if (bits == 4)
-                q4_rows(wr, stride, rows, qb, db, corr[b], k, sums);
-            else
-                q8_rows(wr, stride, rows, qb, db, k, sums);
-            for (int r = 0; r < rows; r++) {
-                int o = o0 + r;
-                y[(size_t)b * n + o] = sums[r] * scale[o] + (bias ? bias[o] : 0.f);
+    int unpack = 0;
+#ifdef USE_AVX2
+    unpack = bits == 4 && m >= Q4_UNPACK_MIN_ROWS && k % QB == 0;
+#endif
+#pragma omp parallel
+    {
+        /* (without the buffer, a thread unpacks per x row as decode does) */
+        uint8_t *u = unpack ? (uint8_t *)malloc((size_t)ROWS * full * QB) : NULL;
+#pragma omp for schedule(static)
+        for (int o0 = 0; o0 < n; o0 += ROWS) {
+            int rows = n - o0 < ROWS ? n - o0 : ROWS;
+            const int8_t *wr = w + (size_t)o0 * stride;
+#ifdef USE_AVX2
+            int use_u = u != NULL && rows == ROWS;
+            if (use_u) q4_unpack_rows(wr, stride, full, u);
+#endif
+            for (int b = 0; b < m; b++) {
+                float sums[ROWS];
+                const int8_t *qb = q + (size_t)b * nb * QB;
+                const float *db = d + (size_t)b * nb;
+#ifdef USE_AVX2
+                if (use_u && b + 1 < m) { /* two x rows per pass over the unpacked group */
+                    float sums1[ROWS];
+                    q4u_rows2(u, full, qb, db, corr[b], qb + (size_t)nb * QB, db + nb, corr[b + 1], sums, sums1);
+                    for (int r = 0; r < ROWS; r++) {
+                        int o = o0 + r;
+                        y[(size_t)b * n + o] = sums[r] * scale[o] + (bias ? bias[o] : 0.f);
+                        y[(size_t)(b + 1) * n + o] = sums1[r] * scale[o] + (bias ? bias[o] : 0.f);
+                    }
+                    b++;
+                    continue;
+                }
+                if (use_u)
+                    q4u_rows(u, full, qb, db, corr[b], sums);
+                else
+#endif
+                if (bits == 4)
+                    q4_rows(wr, stride, rows, qb, db, corr[b], k, sums);
+                else
+                    q8_rows(wr, stride, rows, qb, db, k, sums);
+                for (int r = 0; r < rows; r++) {
+                    int o = o0 + r;
+                    y[(size_t)b * n + o] = sums[r] * scale[o] + (bias ? bias[o] : 0.f);
+                }
             }
         }
+        free(u);
     }
     free(q), free(d), free(corr);
     return 0;

@@ -25,7 +25,18 @@ from quantization import fast_linear, quantize_weight
 from quantization.ops import dequantize, quantized_linear_reference
 
 QB = kernels.QBLOCK
-SHAPES = [(1, 64, 4), (1, 4096, 37), (2, 130, 9), (3, 4098, 13), (5, 13696, 6), (16, 200, 7), (17, 96, 5), (1, 2, 3)]
+SHAPES = [
+    (1, 64, 4),
+    (1, 4096, 37),
+    (2, 130, 9),
+    (3, 4098, 13),
+    (5, 13696, 6),
+    (16, 200, 7),
+    (17, 96, 5),
+    (1, 2, 3),
+    (8, 256, 37),
+    (6, 4096, 9),
+]  # the last two: INT4 with the weight groups unpacked once for many x rows
 
 
 @pytest.fixture(scope="module", params=["native", "portable"])
