@@ -160,7 +160,7 @@ def worker(args) -> dict:
     ref = args.path == "ref"
     bw = bandwidth(device)
     model, real_layers = build(args.config, args.layers, DTYPES[dtype_name], bits, device)
-    vocab = model.config.padded_vocab_size or model.config.vocab_size
+    vocab = getattr(model.config, "padded_vocab_size", None) or model.config.vocab_size  # v1 has only the latter
     g = torch.Generator().manual_seed(1)
     kv = "concat" if ref else "static"
     with torch.inference_mode():
