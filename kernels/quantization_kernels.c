@@ -400,6 +400,42 @@ static inline void q4u_rows2(const uint8_t *u, int full, const int8_t *q0, const
     s1[0] = hsum256(b0) - 8.f * c1, s1[1] = hsum256(b1) - 8.f * c1;
     s1[2] = hsum256(b2) - 8.f * c1, s1[3] = hsum256(b3) - 8.f * c1;
 }
+
+/* INT8 with two x rows per pass over a group of 4 weight rows (prefill, batches): |w| once for both rows, eight
+ * independent accumulators. Full 64-column blocks only. */
+static inline void q8_rows2(const int8_t *w, size_t stride, int full, const int8_t *q0, const float *d0,
+                            const int8_t *q1, const float *d1, float *s0, float *s1) {
+    const __m256i one = _mm256_set1_epi16(1);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    const char *pf = (const char *)(w + 2 * ROWS * stride);
+    for (int b = 0; b < full; b++) {
+        for (int l = 0; l < 4; l++) _mm_prefetch(pf + (size_t)b * 256 + 64 * l, _MM_HINT_T0);
+        const __m256i *x0 = (const __m256i *)(q0 + (size_t)b * QB), *x1 = (const __m256i *)(q1 + (size_t)b * QB);
+        __m256 e0 = _mm256_set1_ps(d0[b]), e1 = _mm256_set1_ps(d1[b]);
+        const int8_t *wb = w + (size_t)b * QB;
+#define Q8_ROW2(a, c, r)                                                                                       \
+    do {                                                                                                       \
+        __m256i w0 = _mm256_loadu_si256((const __m256i *)(wb + (r) * stride));                                 \
+        __m256i w1 = _mm256_loadu_si256((const __m256i *)(wb + (r) * stride + 32));                            \
+        __m256i u0 = _mm256_abs_epi8(w0), u1 = _mm256_abs_epi8(w1);                                            \
+        __m256i p = _mm256_add_epi32(                                                                          \
+            _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(_mm256_loadu_si256(x0), w0)), one),    \
+            _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(_mm256_loadu_si256(x0 + 1), w1)), one)); \
+        __m256i t = _mm256_add_epi32(                                                                          \
+            _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(_mm256_loadu_si256(x1), w0)), one),    \
+            _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(_mm256_loadu_si256(x1 + 1), w1)), one)); \
+        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), e0, a);                                                     \
+        c = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), e1, c);                                                     \
+    } while (0)
+        Q8_ROW2(a0, b0, 0);
+        Q8_ROW2(a1, b1, 1);
+        Q8_ROW2(a2, b2, 2);
+        Q8_ROW2(a3, b3, 3);
+#undef Q8_ROW2
+    }
+    s0[0] = hsum256(a0), s0[1] = hsum256(a1), s0[2] = hsum256(a2), s0[3] = hsum256(a3);
+    s1[0] = hsum256(b0), s1[1] = hsum256(b1), s1[2] = hsum256(b2), s1[3] = hsum256(b3);
+}
 #endif
 
 /* x rows from which an INT4 call unpacks each weight group once (q4_unpack_rows) rather than per x row. */
@@ -441,9 +477,13 @@ static int wq_linear(const float *x, const int8_t *w, const float *scale, const 
                 const int8_t *qb = q + (size_t)b * nb * QB;
                 const float *db = d + (size_t)b * nb;
 #ifdef USE_AVX2
-                if (use_u && b + 1 < m) { /* two x rows per pass over the unpacked group */
+                int pair8 = bits == 8 && k % QB == 0 && rows == ROWS && b + 1 < m;
+                if ((use_u || pair8) && b + 1 < m) { /* two x rows per pass over the group */
                     float sums1[ROWS];
-                    q4u_rows2(u, full, qb, db, corr[b], qb + (size_t)nb * QB, db + nb, corr[b + 1], sums, sums1);
+                    if (use_u)
+                        q4u_rows2(u, full, qb, db, corr[b], qb + (size_t)nb * QB, db + nb, corr[b + 1], sums, sums1);
+                    else
+                        q8_rows2(wr, stride, full, qb, db, qb + (size_t)nb * QB, db + nb, sums, sums1);
                     for (int r = 0; r < ROWS; r++) {
                         int o = o0 + r;
                         y[(size_t)b * n + o] = sums[r] * scale[o] + (bias ? bias[o] : 0.f);
