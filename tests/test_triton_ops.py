@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 import quantization  # noqa: E402
 from quantization import triton_ops  # noqa: E402
@@ -202,3 +202,46 @@ def test_gpu_gemv_benchmark_runs_under_the_interpreter(monkeypatch):
     names = ["fp16 cuBLAS", "bf16 cuBLAS", "INT8 triton", "INT8 orig dequant+mm", "INT4 triton", "INT4 orig"]
     assert len(rows) == 6 and all(any(n in r for r in rows) for n in names)
     assert all(float(r.split()[-3]) > 0 for r in rows)  # microseconds per call
+
+
+def _compile_for(kernels, arch, xdt, bits, split):
+    """Compile the linear kernel ahead of time for a CUDA arch (no GPU needed: Triton ships ptxas)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {"x_ptr": f"*{xdt}", "w_ptr": "*i8", "s_ptr": "*fp16", "b_ptr": "*fp16",
+           "out_ptr": "*fp32" if split > 1 else f"*{xdt}", "M": "i32", "N": "i32", "K": "i32",
+           "stride_xm": "i32", "stride_xk": "i32", "stride_wn": "i32", "stride_om": "i32", "k_per_split": "i32"}  # fmt: skip
+    consts = {"BITS": bits, "HAS_BIAS": True, "SPLIT_K": split, "FP32_DOT": xdt == "fp32", "BLOCK_M": 16,
+              "BLOCK_N": 64, "BLOCK_K": 256 if bits == 4 else 128}  # fmt: skip
+    sig.update({name: "constexpr" for name in consts})
+    src = ASTSource(fn=kernels["linear"], signature=sig, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 3})
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernels_compile_for_current_gpus(monkeypatch, arch):
+    """The compiled (not interpreted) kernels build to machine code for sm_80 (A100) and sm_90 (H100/H200) here,
+    without a GPU: fp16/bf16/fp32 activations, INT4/INT8, with and without split-K, plus the dequantize kernel.
+    On a GPU they use the tensor cores (mma in the PTX) for fp16/bf16."""
+    pytest.importorskip("triton.backends.nvidia")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    triton_ops.clear_kernel_cache()
+    try:
+        kernels = triton_ops._kernels()
+        if triton_ops._interpreting():
+            pytest.skip("triton is set to interpret here")
+        for xdt, bits, split in [("fp16", 4, 1), ("bf16", 8, 4), ("fp32", 4, 4), ("bf16", 4, 1)]:
+            compiled = _compile_for(kernels, arch, xdt, bits, split)
+            assert compiled.asm["cubin"] and (xdt == "fp32" or "mma" in compiled.asm["ptx"])
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        for bits in (4, 8):
+            consts = {"BITS": bits, "BF16_BY_HAND": False, "BLOCK_N": 64, "BLOCK_K": 128}
+            sig = {"w_ptr": "*i8", "s_ptr": "*fp16", "out_ptr": "*bf16", "N": "i32", "KW": "i32", "stride_wn": "i32",
+                   "stride_on": "i32", **{name: "constexpr" for name in consts}}  # fmt: skip
+            src = ASTSource(fn=kernels["dequantize"], signature=sig, constexprs=consts)
+            assert triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4}).asm["cubin"]
+    finally:
+        triton_ops.clear_kernel_cache()
