@@ -438,6 +438,43 @@ static inline void q8_rows2(const int8_t *w, size_t stride, int full, const int8
 }
 #endif
 
+#ifdef USE_AVX2
+/* INT4 decode (one x row): 8 weight rows per pass, so each activation load and block scale serves twice as many
+ * rows as q4_rows and eight independent accumulators hide the multiply latencies. Full 64-column blocks. */
+static inline void q4_rows8(const int8_t *w, size_t stride, const int8_t *q, const float *d, float corr, int full,
+                            float *sums) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8((char)0x88), one = _mm256_set1_epi16(1);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    const char *pf = (const char *)(w + 16 * stride); /* the group of 8 rows after the next, 256 bytes a block */
+    for (int b = 0; b < full; b++) {
+        for (int l = 0; l < 4; l++) _mm_prefetch(pf + (size_t)b * 256 + 64 * l, _MM_HINT_T0);
+        __m256i xe = _mm256_loadu_si256((const __m256i *)(q + (size_t)b * QB));
+        __m256i xo = _mm256_loadu_si256((const __m256i *)(q + (size_t)b * QB + 32));
+        __m256 db = _mm256_set1_ps(d[b]);
+        const int8_t *wb = w + (size_t)b * 32;
+#define Q4_ROW8(a, r)                                                                                          \
+    do {                                                                                                       \
+        __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wb + (r) * stride)), flip);          \
+        __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), xe),  \
+                                     _mm256_maddubs_epi16(_mm256_and_si256(v, m4), xo));                       \
+        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, one)), db, a);                             \
+    } while (0)
+        Q4_ROW8(a0, 0);
+        Q4_ROW8(a1, 1);
+        Q4_ROW8(a2, 2);
+        Q4_ROW8(a3, 3);
+        Q4_ROW8(a4, 4);
+        Q4_ROW8(a5, 5);
+        Q4_ROW8(a6, 6);
+        Q4_ROW8(a7, 7);
+#undef Q4_ROW8
+    }
+    float c = 8.f * corr;
+    sums[0] = hsum256(a0) - c, sums[1] = hsum256(a1) - c, sums[2] = hsum256(a2) - c, sums[3] = hsum256(a3) - c;
+    sums[4] = hsum256(a4) - c, sums[5] = hsum256(a5) - c, sums[6] = hsum256(a6) - c, sums[7] = hsum256(a7) - c;
+}
+#endif
+
 /* x rows from which an INT4 call unpacks each weight group once (q4_unpack_rows) rather than per x row. */
 #define Q4_UNPACK_MIN_ROWS 4
 
@@ -459,6 +496,24 @@ static int wq_linear(const float *x, const int8_t *w, const float *scale, const 
     int unpack = 0;
 #ifdef USE_AVX2
     unpack = bits == 4 && m >= Q4_UNPACK_MIN_ROWS && k % QB == 0;
+    if (bits == 4 && m == 1 && k % QB == 0) { /* decode: groups of 8 rows (the last partial group by q4_rows) */
+#pragma omp parallel for schedule(static)
+        for (int o0 = 0; o0 < n; o0 += 8) {
+            float sums[8];
+            int rows = n - o0 < 8 ? n - o0 : 8;
+            const int8_t *wr = w + (size_t)o0 * stride;
+            if (rows == 8) {
+                q4_rows8(wr, stride, q, d, corr[0], full, sums);
+            } else {
+                for (int r0 = 0; r0 < rows; r0 += ROWS)
+                    q4_rows(wr + (size_t)r0 * stride, stride, rows - r0 < ROWS ? rows - r0 : ROWS, q, d, corr[0], k,
+                            sums + r0);
+            }
+            for (int r = 0; r < rows; r++) y[o0 + r] = sums[r] * scale[o0 + r] + (bias ? bias[o0 + r] : 0.f);
+        }
+        free(q), free(d), free(corr);
+        return 0;
+    }
 #endif
 #pragma omp parallel
     {

@@ -34,9 +34,10 @@ SHAPES = [
     (16, 200, 7),
     (17, 96, 5),
     (1, 2, 3),
-    (8, 256, 37),
+    (8, 256, 37),  # INT4/INT8 multi-row paths (weight groups unpacked once, two x rows per pass)
     (6, 4096, 9),
-]  # the last two: INT4 with the weight groups unpacked once for many x rows
+    (1, 128, 16),  # INT4 decode in groups of 8 rows (also (1, 4096, 37): two groups and a tail of 5)
+]
 
 
 @pytest.fixture(scope="module", params=["native", "portable"])
