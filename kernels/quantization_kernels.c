@@ -443,7 +443,6 @@ static inline void q8_rows2(const int8_t *w, size_t stride, int full, const int8
  * rows as q4_rows and eight independent accumulators hide the multiply latencies. Full 64-column blocks. */
 static inline void q4_rows8(const int8_t *w, size_t stride, const int8_t *q, const float *d, float corr, int full,
                             float *sums) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8((char)0x88), one = _mm256_set1_epi16(1);
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
     const char *pf = (const char *)(w + 16 * stride); /* the group of 8 rows after the next, 256 bytes a block */
     for (int b = 0; b < full; b++) {
@@ -452,13 +451,7 @@ static inline void q4_rows8(const int8_t *w, size_t stride, const int8_t *q, con
         __m256i xo = _mm256_loadu_si256((const __m256i *)(q + (size_t)b * QB + 32));
         __m256 db = _mm256_set1_ps(d[b]);
         const int8_t *wb = w + (size_t)b * 32;
-#define Q4_ROW8(a, r)                                                                                          \
-    do {                                                                                                       \
-        __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wb + (r) * stride)), flip);          \
-        __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), xe),  \
-                                     _mm256_maddubs_epi16(_mm256_and_si256(v, m4), xo));                       \
-        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, one)), db, a);                             \
-    } while (0)
+#define Q4_ROW8(a, r) a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4_avx2(wb + (r) * stride, xe, xo)), db, a)
         Q4_ROW8(a0, 0);
         Q4_ROW8(a1, 1);
         Q4_ROW8(a2, 2);
@@ -477,6 +470,12 @@ static inline void q4_rows8(const int8_t *w, size_t stride, const int8_t *q, con
 
 /* x rows from which an INT4 call unpacks each weight group once (q4_unpack_rows) rather than per x row. */
 #define Q4_UNPACK_MIN_ROWS 4
+
+/* One x row's outputs o0 .. o0 + rows - 1: the integer-kernel sums times the weight scale, plus the bias. */
+static inline void store_outputs(float *yrow, const float *sums, const float *scale, const float *bias, int o0,
+                                 int rows) {
+    for (int r = 0; r < rows; r++) yrow[o0 + r] = sums[r] * scale[o0 + r] + (bias ? bias[o0 + r] : 0.f);
+}
 
 /* bits 8 or 4: the activation-quantized ("q") kernels. x [m, k] fp32. Returns 0, or -1 when out of memory. */
 static int wq_linear(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m,
@@ -509,7 +508,7 @@ static int wq_linear(const float *x, const int8_t *w, const float *scale, const 
                     q4_rows(wr + (size_t)r0 * stride, stride, rows - r0 < ROWS ? rows - r0 : ROWS, q, d, corr[0], k,
                             sums + r0);
             }
-            for (int r = 0; r < rows; r++) y[o0 + r] = sums[r] * scale[o0 + r] + (bias ? bias[o0 + r] : 0.f);
+            store_outputs(y, sums, scale, bias, o0, rows);
         }
         free(q), free(d), free(corr);
         return 0;
@@ -532,18 +531,15 @@ static int wq_linear(const float *x, const int8_t *w, const float *scale, const 
                 const int8_t *qb = q + (size_t)b * nb * QB;
                 const float *db = d + (size_t)b * nb;
 #ifdef USE_AVX2
-                int pair8 = bits == 8 && k % QB == 0 && rows == ROWS && b + 1 < m;
+                int pair8 = bits == 8 && k % QB == 0 && rows == ROWS;
                 if ((use_u || pair8) && b + 1 < m) { /* two x rows per pass over the group */
                     float sums1[ROWS];
                     if (use_u)
                         q4u_rows2(u, full, qb, db, corr[b], qb + (size_t)nb * QB, db + nb, corr[b + 1], sums, sums1);
                     else
                         q8_rows2(wr, stride, full, qb, db, qb + (size_t)nb * QB, db + nb, sums, sums1);
-                    for (int r = 0; r < ROWS; r++) {
-                        int o = o0 + r;
-                        y[(size_t)b * n + o] = sums[r] * scale[o] + (bias ? bias[o] : 0.f);
-                        y[(size_t)(b + 1) * n + o] = sums1[r] * scale[o] + (bias ? bias[o] : 0.f);
-                    }
+                    store_outputs(y + (size_t)b * n, sums, scale, bias, o0, ROWS);
+                    store_outputs(y + (size_t)(b + 1) * n, sums1, scale, bias, o0, ROWS);
                     b++;
                     continue;
                 }
@@ -555,10 +551,7 @@ static int wq_linear(const float *x, const int8_t *w, const float *scale, const 
                     q4_rows(wr, stride, rows, qb, db, corr[b], k, sums);
                 else
                     q8_rows(wr, stride, rows, qb, db, k, sums);
-                for (int r = 0; r < rows; r++) {
-                    int o = o0 + r;
-                    y[(size_t)b * n + o] = sums[r] * scale[o] + (bias ? bias[o] : 0.f);
-                }
+                store_outputs(y + (size_t)b * n, sums, scale, bias, o0, rows);
             }
         }
         free(u);
