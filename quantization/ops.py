@@ -81,11 +81,12 @@ def cached_fp32(owner, name: str) -> torch.Tensor | None:
 
 def quantized_linear(x, weight, scale, bits, bias=None, owner=None):
     """The forward of QuantizedLinear: on the CPU the fused C kernel at every row count (decode and prefill),
-    on CUDA the Triton kernels (fused for up to 64 rows, dequantize + cuBLAS above), else the reference. The fused kernels quantize x to int8 per 64-column block (see
-    kernels/quantization_kernels.c; ~0.3-0.5% relative error on the output) and beat "dequantize, then fp32
-    BLAS matmul" at every row count measured (92x at 1 row, 2.1x at 512 rows, 4096x4096 INT4, 2 threads);
-    CHATGLM_CPU_FLOAT_ACTIVATIONS=1 selects the exact fp32-activation ones. `owner` (the QuantizedLinear) keeps
-    the fp32 copies of the scale and bias that the C kernels take between calls."""
+    on CUDA the Triton kernels (fused for up to 64 rows, dequantize + cuBLAS above), else the reference. The
+    fused CPU kernels quantize x to int8 per 64-column block (see kernels/quantization_kernels.c; ~0.3-0.5%
+    relative error on the output) and beat "dequantize, then fp32 BLAS matmul" at every row count measured
+    (92x at 1 row, 2.1x at 512 rows, 4096x4096 INT4, 2 threads); CHATGLM_CPU_FLOAT_ACTIVATIONS=1 selects the
+    exact fp32-activation ones. `owner` (the QuantizedLinear) keeps the fp32 copies of the scale and bias that
+    the C kernels take between calls."""
     if x.device.type == "cpu":
         kernel = get_cpu_kernel()
         training = torch.is_grad_enabled() and x.requires_grad  # the C kernels have no backward
