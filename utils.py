@@ -41,6 +41,7 @@ from chatglm import ChatGLMConfig
 from chatglm.hugepages import move_to_huge_pages
 from chatglm.loading import model_class, read_shard, weight_files
 from chatglm.loading import resolve_dtype as _parse_dtype
+from chatglm.static_decode import MODES, check_mode, check_model
 
 logger = logging.getLogger("chatglm.utils")
 
@@ -117,6 +118,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="P-Tuning prefix length (PRE_SEQ_LEN; default: read from the checkpoint)",
     )
     g.add_argument(
+        "--decode",
+        default=_env("DECODE", default="eager"),
+        choices=list(MODES),
+        help="decode steps: eager, cuda_graph (one CUDA graph replay per token), compile (torch.compile) or "
+        "static (DECODE; ChatGLM2/3 on one device; see docs/benchmarks.md for which is faster where)",
+    )
+    g.add_argument(
         "--tiny-version",
         default=_env("CHATGLM_TINY_VERSION", default="v3"),
         choices=list(VERSIONS),
@@ -141,6 +149,7 @@ def load_from_args(args):
         ptuning_checkpoint=getattr(args, "ptuning_checkpoint", None),
         pre_seq_len=getattr(args, "pre_seq_len", None),
         tiny_version=getattr(args, "tiny_version", None) or "v3",
+        decode=getattr(args, "decode", None) or "eager",
     )
 
 
@@ -301,6 +310,7 @@ def load_model_and_tokenizer(
     ptuning_checkpoint=None,
     pre_seq_len=None,
     tiny_version="v3",
+    decode="eager",
 ):
     """(model in eval mode on its device, tokenizer).
 
@@ -309,8 +319,10 @@ def load_model_and_tokenizer(
     utils.py; device_map (a dict of module name -> device, or "auto") dispatches with accelerate instead.
     ptuning_checkpoint: a P-Tuning v2 output directory whose prefix encoder is loaded on top of the model.
     model_path None or "": the built-in tiny random model of `tiny_version` (a notice says so on stderr).
+    decode: how generation runs decode steps (chatglm/static_decode.py), kept as `model.decode_mode`.
     """
     bits = _check_bits(quantization_bit)
+    check_mode(decode)
     num_gpus = int(num_gpus or 1)
     path = _model_path(model_path, tiny_version)
     tok_path = str(tokenizer_path or path)
@@ -350,6 +362,8 @@ def load_model_and_tokenizer(
             move_to_huge_pages(model)
     tokenizer = chatglm.load_tokenizer(tok_path)
     model.eval()
+    check_model(model, decode)  # before the first chat: v1, a split model or cuda_graph off CUDA is an error
+    model.decode_mode = decode
     where = "several devices" if getattr(model, "hf_device_map", None) else str(model.device)
     logger.info(
         "loaded %s (%s) from %s on %s in %s%s",

@@ -3,7 +3,7 @@
     python benchmarks/bench_generate.py                       # CPU: bf16 int8 int4, threads 1 and 2, 4 layers
     python benchmarks/bench_generate.py --quick               # CI: 1 layer, short prompt; fails if decode is
                                                               # slower than the reference-style path
-    python benchmarks/bench_generate.py --device cuda --modes fp16 bf16 int8 int4 --threads 1
+    python benchmarks/bench_generate.py --device cuda --modes fp16 bf16 int8 int4 --threads 1 --paths ours ref graph
     python benchmarks/bench_generate.py --context 32768 --modes int4 --threads 2     # long-context memory
 
 The model is built from a real config.json (../shared/models/chatglm2-6b by default; chatglm-6b works too)
@@ -20,7 +20,9 @@ Each (mode, threads, path) runs in a fresh process, so its peak memory is its ow
              the output layer counted once (decode is memory-bound: time follows bytes read)
   floor      weight bytes read per token at the real layer count / memory bandwidth measured in that process
   of floor   floor / scaled decode time (1.0 = reading the weights at the measured bandwidth)
-Paths: "ours" (fused kernels, preallocated KV cache, windowed sampler, CPU weights in huge pages) and "ref"
+Paths: "ours" (fused kernels, preallocated KV cache, windowed sampler, CPU weights in huge pages), "graph",
+"compile" and "static" (ours with the fixed-shape decode step of chatglm/static_decode.py, replayed as a CUDA
+graph, compiled with torch.compile, or run eagerly; their steps are captured in an untimed run first) and "ref"
 (the reference-style path: plain float matmul, dequantize-then-matmul for INT8/INT4, the KV cache concatenated
 every step; CHATGLM_NO_CPU_KERNEL=1, CHATGLM_NO_HUGE_PAGES=1 and CHATGLM_NO_TRITON=1 in that process). The
 copy bandwidth behind the floor is the better of ordinary memory and huge pages, so huge pages do not flatter
@@ -45,6 +47,8 @@ sys.path.insert(0, REPO)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = {"fp32": ("fp32", 0), "bf16": ("bf16", 0), "fp16": ("fp16", 0), "int8": ("bf16", 8), "int4": ("bf16", 4)}
+# Paths beyond "ours" and "ref": ours with the decode step captured in a CUDA graph, compiled, or run at fixed shape
+DECODE_PATHS = {"graph": "cuda_graph", "compile": "compile", "static": "static"}
 
 
 # ----------------------------------------------------------------------------------------------- the worker
@@ -137,7 +141,7 @@ def peak_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def timed_stream(model, ids, new: int, kv_cache: str, device: str):
+def timed_stream(model, ids, new: int, kv_cache: str, device: str, decode: str = "eager"):
     """(seconds to the first token, seconds per token after it) of a greedy generate_stream."""
     from chatglm.generation import generate_stream
 
@@ -145,7 +149,8 @@ def timed_stream(model, ids, new: int, kv_cache: str, device: str):
     start = time.perf_counter()
     first = last = None
     n = 0
-    for _ in generate_stream(model, ids, do_sample=False, max_new_tokens=new, eos_token_id=[-1], kv_cache=kv_cache):
+    for _ in generate_stream(model, ids, do_sample=False, max_new_tokens=new, eos_token_id=[-1], kv_cache=kv_cache,
+                             decode=decode):  # fmt: skip
         sync(device)
         now = time.perf_counter()
         first = first or now
@@ -163,6 +168,7 @@ def worker(args) -> dict:
     vocab = getattr(model.config, "padded_vocab_size", None) or model.config.vocab_size  # v1 has only the latter
     g = torch.Generator().manual_seed(1)
     kv = "concat" if ref else "static"
+    decode = DECODE_PATHS.get(args.path, "eager")
     with torch.inference_mode():
         small = torch.randint(100, min(vocab, 60000), (1, 8), generator=g).to(device)
         timed_stream(model, small, 3, kv, device)  # warm up (kernel load, allocator)
@@ -172,11 +178,15 @@ def worker(args) -> dict:
         ttft, _ = timed_stream(model, prompt, 1, kv, device)
         new = args.ref_new if ref else args.new
         short = torch.randint(100, min(vocab, 60000), (1, 16), generator=g).to(device)
-        _, dec1 = timed_stream(model, short, new, kv, device)
+        if decode != "eager":  # capture or compile the steps of this shape before timing them
+            timed_stream(model, short, new, kv, device, decode)
+        _, dec1 = timed_stream(model, short, new, kv, device, decode)
         dec_batch = None
         if args.batch > 1:
             batch = torch.randint(100, min(vocab, 60000), (args.batch, 16), generator=g).to(device)
-            _, dec_batch = timed_stream(model, batch, max(new // 2, 4), kv, device)
+            if decode != "eager":
+                timed_stream(model, batch, max(new // 2, 4), kv, device, decode)
+            _, dec_batch = timed_stream(model, batch, max(new // 2, 4), kv, device, decode)
         peak = peak_gib(device)
     blocks, head = weight_bytes(model)
     scale = real_layers / args.layers
@@ -250,9 +260,9 @@ def run_worker(argv: list[str], ref: bool) -> dict | None:
 
 def fmt_row(r: dict, ref: dict | None) -> str:
     dec_batch = f"{r['batch_tps']:9.2f}" if r.get("batch_tps") else f"{'-':>9}"
-    speed = f"{ref['dec1'] / r['dec1']:6.1f}x" if ref and r["path"] == "ours" else f"{'':>7}"
-    pre = f"{ref['ttft'] / r['ttft']:6.1f}x" if ref and r["path"] == "ours" else f"{'':>7}"
-    return (f"{r['mode']:<5} {r['threads']:>3} {r['path']:<4} {r['ttft']:8.2f} {r['prefill_tps']:8.1f} "
+    speed = f"{ref['dec1'] / r['dec1']:6.1f}x" if ref and r["path"] != "ref" else f"{'':>7}"
+    pre = f"{ref['ttft'] / r['ttft']:6.1f}x" if ref and r["path"] != "ref" else f"{'':>7}"
+    return (f"{r['mode']:<5} {r['threads']:>3} {r['path']:<7} {r['ttft']:8.2f} {r['prefill_tps']:8.1f} "
             f"{r['dec1'] * 1e3:9.1f} {1 / r['dec1']:7.2f} {dec_batch} {r['peak']:8.2f} {r['scaled_ttft']:9.1f} "
             f"{r['scaled_dec1'] * 1e3:9.1f} {1 / r['scaled_dec1']:7.2f} {r['floor'] * 1e3:8.1f} "
             f"{r['floor'] / r['scaled_dec1']:7.0%} {speed} {pre}")  # fmt: skip
@@ -270,7 +280,13 @@ def main():
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--ref-new", type=int, default=24, help="new tokens for the (slow) reference path")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--paths", nargs="+", default=["ours", "ref"], choices=["ours", "ref"])
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        default=["ours", "ref"],
+        choices=["ours", "ref", *DECODE_PATHS],
+        help="ours, ref; graph, compile, static: ours with that decode step (graph: CUDA only)",
+    )
     parser.add_argument("--quick", action="store_true", help="1 layer, prompt 32, 16 tokens, int4+bf16, 2 threads")
     parser.add_argument("--context", type=int, default=0, help="measure decode memory/speed at this context")
     parser.add_argument("--worker", choices=["gen", "long"], help=argparse.SUPPRESS)
@@ -305,7 +321,7 @@ def main():
                     print(f"{mode:<5} {t:>3} {r['context']:>8} {r['layers']:>6} {r['kv_gib']:7.2f} "
                           f"{r['dec1'] * 1e3:10.1f} {r['peak']:9.2f}", flush=True)  # fmt: skip
         return
-    print(f"{'mode':<5} {'thr':>3} {'path':<4} {'ttft s':>8} {'pre t/s':>8} {'dec ms/t':>9} {'dec t/s':>7} "
+    print(f"{'mode':<5} {'thr':>3} {'path':<7} {'ttft s':>8} {'pre t/s':>8} {'dec ms/t':>9} {'dec t/s':>7} "
           f"{'batch t/s':>9} {'peak GiB':>8} {'sc.ttft':>9} {'sc.ms/t':>9} {'sc.t/s':>7} {'floor ms':>8} "
           f"{'of flr':>7} {'dec x':>7} {'pre x':>7}")  # fmt: skip
     slower = []
@@ -319,7 +335,7 @@ def main():
                         str(args.batch)]  # fmt: skip
                 r = run_worker(argv, path == "ref")
                 if r is None:
-                    print(f"{mode:<5} {t:>3} {path:<4} failed", flush=True)
+                    print(f"{mode:<5} {t:>3} {path:<7} failed", flush=True)
                     continue
                 results[path] = r
                 print(fmt_row(r, results.get("ref")), flush=True)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import torch
 
 from .kv_cache import KVCache, cache_length
+from .static_decode import check_mode, get_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -139,12 +140,15 @@ def generate_stream(
     pad_token_id=None,
     return_past_key_values=False,
     kv_cache="static",
+    decode=None,
     **sampling,
 ) -> Iterator:
     """Yield the growing sequences [b, prompt + new] after every new token (and the KV cache if asked).
 
     kv_cache="static" (default) writes keys and values in place into a preallocated `KVCache`; "concat" grows
     the original's tuple cache with torch.cat at every step (kept as the reference-style path for benchmarks).
+    decode: "eager" (default), or a fixed-shape decode step (chatglm/static_decode.py): "cuda_graph",
+    "compile", or "static" (that step run eagerly). None takes `model.decode_mode` when set.
     """
     num_beams = sampling.pop("num_beams", 1)
     if num_beams and num_beams != 1:
@@ -166,7 +170,19 @@ def generate_stream(
     if unknown:
         raise TypeError(f"unexpected generation arguments: {', '.join(sorted(unknown))}")
     state = model._init_generation(input_ids, attention_mask, position_ids, past_key_values)
-    if kv_cache == "static":
+    decoder = None
+    decode = check_mode(decode or getattr(model, "decode_mode", None) or "eager")
+    if decode != "eager":
+        if kv_cache != "static":
+            raise ValueError(f"decode={decode!r} needs kv_cache='static'")
+        need = cache_length(past_key_values) + (model.config.pre_seq_len or 0) + max(max_length, prompt_len + 1)
+        decoder = get_decoder(model, b, need, decode)
+        try:
+            state["past_key_values"] = decoder.begin(state["attention_mask"], past_key_values)
+        except BaseException:
+            decoder.release()
+            raise
+    elif kv_cache == "static":
         # Room for the prompt and the first tokens; the cache doubles when a long reply needs more.
         capacity = cache_length(past_key_values) + (model.config.pre_seq_len or 0) + min(max_length, prompt_len + 256)
         if past_key_values is None:
@@ -176,13 +192,31 @@ def generate_stream(
     elif kv_cache != "concat":
         raise ValueError(f"kv_cache must be 'static' or 'concat', got {kv_cache!r}")
     unfinished = torch.ones(b, dtype=torch.bool, device=input_ids.device)
+    try:
+        yield from _loop(model, state, decoder, input_ids, unfinished, eos, pad, max_length,
+                         return_past_key_values, sampling)  # fmt: skip
+    finally:
+        if decoder is not None:
+            decoder.release()
+
+
+def _loop(model, state, decoder, input_ids, unfinished, eos, pad, max_length, return_past_key_values, sampling):
+    prefill = True
     while True:
-        out = model(**{k: state[k] for k in FORWARD_KEYS}, use_cache=True, return_last_logit=True)
-        next_tokens = sample_next(input_ids, out.logits[:, -1], **sampling)
+        if decoder is None or prefill:
+            out = model(**{k: state[k] for k in FORWARD_KEYS}, use_cache=True, return_last_logit=True)
+            logits, past = out.logits[:, -1], out.past_key_values
+        else:  # one replay of the captured (or compiled) step
+            cache = state["past_key_values"]
+            logits = decoder.step(state["input_ids"], state["position_ids"], cache)
+            past = cache.advance(1)
+        prefill = False
+        next_tokens = sample_next(input_ids, logits, **sampling)
         next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad or 0))
         input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=1)
         unfinished &= ~torch.isin(next_tokens, eos)
-        past = out.past_key_values
+        if decoder is not None and return_past_key_values:
+            decoder.track(past)  # moved out of the decoder's buffers before the next generation reuses them
         yield (input_ids, past) if return_past_key_values else input_ids
         if not unfinished.any() or input_ids.shape[1] >= max_length:
             return

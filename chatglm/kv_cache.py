@@ -24,6 +24,8 @@ class _Storage:
         self.v: list[torch.Tensor | None] = [None] * num_layers
         self.capacity = capacity
         self.filled = 0  # positions written by the generation that owns this storage
+        self.zeroed = False  # allocate zero-filled (the fixed-span attention of static_decode masks, and 0 * NaN
+        # of uninitialized memory would still be NaN)
 
 
 class KVCache:
@@ -90,7 +92,8 @@ class KVCache:
             raise RuntimeError(f"KV cache overflow: {end} > capacity {s.capacity} (call reserve first)")
         for bufs, t in ((s.k, k), (s.v, v)):
             if bufs[i] is None:
-                bufs[i] = t.new_empty(t.shape[0], t.shape[1], s.capacity, t.shape[3])
+                new = t.new_zeros if s.zeroed else t.new_empty
+                bufs[i] = new(t.shape[0], t.shape[1], s.capacity, t.shape[3])
             bufs[i][:, :, start:end] = t
 
     def append(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,6 +131,34 @@ class _LayerView:
         self.cache, self.i = cache, i
 
 
+class StaticSpan:
+    """The cache of one fixed-shape decode step (chatglm/static_decode.py): per-layer buffers of fixed capacity,
+    the write position as a 1-element tensor (not a Python int, so the step can be captured or compiled once),
+    and the span of positions attended over (a bucket >= position + 1; the mask hides what lies past it)."""
+
+    __slots__ = ("k", "v", "pos", "span")
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], pos: torch.Tensor, span: int):
+        self.k, self.v, self.pos, self.span = k, v, pos, span
+
+    def layer(self, i: int) -> _StaticLayer:
+        return _StaticLayer(self, i)
+
+
+class _StaticLayer:
+    __slots__ = ("cache", "i")
+
+    def __init__(self, cache: StaticSpan, i: int):
+        self.cache, self.i = cache, i
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.cache
+        kb, vb = c.k[self.i], c.v[self.i]
+        kb.index_copy_(2, c.pos, k.to(kb.dtype))
+        vb.index_copy_(2, c.pos, v.to(vb.dtype))
+        return kb[:, :, : c.span], vb[:, :, : c.span]
+
+
 def cache_length(past) -> int:
     """Positions held by a cache of either kind (0 for None)."""
     if past is None:
@@ -141,13 +172,15 @@ def layer_cache(past, i: int):
     """The per-layer argument for layer i: a view into a KVCache, the (k, v) tuple, or None."""
     if past is None:
         return None
-    return past.layer(i) if isinstance(past, KVCache) else past[i]
+    return past.layer(i) if isinstance(past, (KVCache, StaticSpan)) else past[i]
 
 
 def extend(kv_cache, k: torch.Tensor, v: torch.Tensor):
     """The keys/values a layer attends over: in place in a KVCache, or the original's concatenation."""
     if isinstance(kv_cache, _LayerView):
         return kv_cache.cache.append(kv_cache.i, k, v)
+    if isinstance(kv_cache, _StaticLayer):
+        return kv_cache.append(k, v)
     if kv_cache is None:
         return k, v
     return torch.cat([kv_cache[0], k], dim=2), torch.cat([kv_cache[1], v], dim=2)

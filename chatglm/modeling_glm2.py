@@ -56,16 +56,19 @@ class RotaryEmbedding(nn.Module):
     def reset_parameters(self):
         self.inv_freq.copy_(self._inv_freq(self.inv_freq.device).to(self.inv_freq.dtype))
 
+    def table(self, need: int, device) -> torch.Tensor:
+        """[n >= need, dim/2, 2] fp32 (cos, sin) of positions 0 .. n-1, cached and grown by doubling."""
+        cache = self._cache
+        if cache is None or cache.shape[0] < need or cache.device != torch.device(device):
+            n = max(need, 2048 if cache is None else 2 * cache.shape[0])
+            theta = self._inv_freq(device)
+            angles = torch.outer(torch.arange(n, device=device, dtype=torch.float), theta)
+            cache = self._cache = torch.stack([angles.cos(), angles.sin()], dim=-1)
+        return cache
+
     def forward(self, position_ids, dtype):
         # -> [b, s, dim/2, 2] (cos, sin), computed in fp32 then cast like the original's cache.
-        need = int(position_ids.max()) + 1
-        cache = self._cache
-        if cache is None or cache.shape[0] < need or cache.device != position_ids.device:
-            n = max(need, 2048 if cache is None else 2 * cache.shape[0])
-            theta = self._inv_freq(position_ids.device)
-            angles = torch.outer(torch.arange(n, device=position_ids.device, dtype=torch.float), theta)
-            cache = self._cache = torch.stack([angles.cos(), angles.sin()], dim=-1)
-        return cache[position_ids].to(dtype)
+        return self.table(int(position_ids.max()) + 1, position_ids.device)[position_ids].to(dtype)
 
 
 def apply_rotary(x, rope):
@@ -322,3 +325,16 @@ class ChatGLMForConditionalGeneration(ChatGLMCausalLM):
 
     def _reset_buffers(self):
         self.transformer.rotary_pos_emb.reset_parameters()
+
+    def _decode_step(self, tokens, position_ids, mask, span, rope_table):
+        """Last-position logits [b, vocab] of one decode step of fixed shape (chatglm/static_decode.py): no
+        Python value depends on the data, so the step can be captured in a CUDA graph or compiled."""
+        t = self.transformer
+        x = t.embedding(tokens)
+        x = x.to(compute_dtype(x))
+        rope = rope_table[position_ids].to(x.dtype)
+        hidden, _, _ = t.encoder(x, rope, mask, span)
+        return self.output_head()(hidden)[:, -1]
+
+    def _rope_table(self, positions: int, device):
+        return self.transformer.rotary_pos_emb.table(positions, device)

@@ -288,8 +288,10 @@ def native_half_gemm(dtype: torch.dtype) -> bool:
 
 def get_cpu_kernel() -> CpuKernel | None:
     """The compiled CPU kernels, or None (the PyTorch reference is then used). Set CHATGLM_NO_CPU_KERNEL=1
-    to force the fallback."""
+    to force the fallback. None while torch.compile traces: ctypes calls cannot be part of a compiled graph."""
     global _cpu_kernel, _cpu_tried
+    if torch.compiler.is_compiling():
+        return None
     if _cpu_tried:
         return _cpu_kernel
     with _lock:

@@ -100,6 +100,8 @@ def quantized_linear(x, weight, scale, bits, bias=None, owner=None):
     elif x.device.type == "cuda" and not (torch.is_grad_enabled() and x.requires_grad) and cuda_kernels():
         from .triton_ops import triton_quantized_linear
 
+        if torch.compiler.is_compiling():  # torch.compile: run the kernel launch as it is, between graphs
+            return torch.compiler.disable(triton_quantized_linear)(x, weight, scale, bits, bias)
         return triton_quantized_linear(x, weight, scale, bits, bias)
     return quantized_linear_reference(x, weight, scale, bits, bias)
 

@@ -12,9 +12,15 @@ CONFIG=${1:-../shared/models/chatglm2-6b}
 mkdir -p "$OUT"
 nvidia-smi 2>&1 | tee "$OUT/nvidia-smi.txt" | head -15
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-# CUDA tests: the Triton kernels compiled on the GPU, the quantized tiny model on CUDA, utils' cuda:0+cpu split.
-"$PY" -m pytest -q -p no:cacheprovider tests/test_triton_ops.py tests/test_utils.py -k "cuda" 2>&1 | tee "$OUT/cuda-tests.txt" | tail -15
+# CUDA tests: the Triton kernels compiled on the GPU, the quantized tiny model on CUDA, utils' cuda:0+cpu split,
+# decode steps replayed as CUDA graphs and compiled (fp16 and INT4) against eager decode.
+"$PY" -m pytest -q -p no:cacheprovider tests/test_triton_ops.py tests/test_utils.py tests/test_static_decode.py \
+    -k "cuda" 2>&1 | tee "$OUT/cuda-tests.txt" | tail -15
 # GEMV at the real shapes: Triton INT8/INT4 against cuBLAS fp16/bf16, GB/s against the measured copy bandwidth.
 "$PY" benchmarks/bench_gemv.py --device cuda 2>&1 | tee "$OUT/gemv-cuda.txt"
-# End to end (4 blocks at full width, scaled to 28), ours next to the reference-style path.
-"$PY" benchmarks/bench_generate.py --device cuda --config "$CONFIG" --modes fp16 bf16 int8 int4 --threads 1 2>&1 | tee "$OUT/generate-cuda.txt"
+# End to end (4 blocks at full width, scaled to 28): eager decode, the CUDA-graph decode, the reference-style path.
+"$PY" benchmarks/bench_generate.py --device cuda --config "$CONFIG" --modes fp16 bf16 int8 int4 --threads 1 \
+    --paths ours ref graph 2>&1 | tee "$OUT/generate-cuda.txt"
+# torch.compile (then captured in a graph) last: compiling takes minutes, so it has a time limit of its own.
+timeout 240 "$PY" benchmarks/bench_generate.py --device cuda --config "$CONFIG" --modes fp16 int4 --threads 1 \
+    --paths ours compile 2>&1 | tee "$OUT/generate-cuda-compile.txt"

@@ -330,6 +330,7 @@ def test_load_from_args(tiny_dirs, monkeypatch):
         ptuning_checkpoint=None,
         pre_seq_len=None,
         tiny_version="v2",
+        decode="eager",
     )
     monkeypatch.undo()
     args = utils.add_model_args(argparse.ArgumentParser()).parse_args(

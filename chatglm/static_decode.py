@@ -1,0 +1,221 @@
+"""Decode steps of fixed shape: captured once in a CUDA graph, or compiled with torch.compile.
+
+Eager decode at batch 1 on a GPU spends much of each step launching kernels from Python (a dozen per block,
+28 blocks, plus the head), while the weights take a few milliseconds to read. A step whose tensors never change
+shape or address can be recorded once as a CUDA graph and replayed with one launch, or compiled. What makes the
+step static here:
+
+- the KV cache is a set of per-layer buffers of fixed capacity, written at a position held in a tensor
+  (`index_copy_`), never at a Python int;
+- attention runs over a fixed span, a bucket of positions (256, 512, 1024, ... up to the capacity), with a mask
+  that hides the positions past the current one and the left padding of a batch; one graph (or compiled
+  shape) per bucket, made the first time a generation reaches it;
+- the rotary table is precomputed up to the capacity and indexed by the position tensor.
+
+The prompt (prefill) runs eagerly and writes into the same buffers, so a reply costs no copy. A decoder is
+kept on the model per (batch, capacity, mode) and its buffers serve every generation; the `past_key_values`
+snapshots it hands out are moved to storage of their own before a later generation reuses the buffers, so a
+kept cache (the next chat turn, a retry) stays valid.
+
+Modes: "static" (the fixed-shape step run eagerly: the reference the others are tested against), "cuda_graph"
+(CUDA only), "compile" (torch.compile; on CUDA the compiled step is also captured in a CUDA graph).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+
+from kernels import get_cpu_kernel
+
+from .kv_cache import KVCache, StaticSpan, _Storage, cache_length
+
+logger = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+MODES = ("eager", "static", "cuda_graph", "compile")
+MIN_SPAN = 256  # the smallest attention bucket; the next ones double up to the capacity
+CAPACITY_STEP = 256  # capacities are rounded up to a multiple of this, so nearby lengths share a decoder
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"decode must be one of {', '.join(MODES)}; got {mode!r}")
+    return mode
+
+
+def spans(capacity: int) -> list[int]:
+    """The attention buckets of a decoder: MIN_SPAN, doubling, and the capacity itself last."""
+    out, n = [], MIN_SPAN
+    while n < capacity:
+        out.append(n)
+        n *= 2
+    return out + [capacity]
+
+
+class StaticDecoder:
+    """Fixed-shape decode steps of one model for batch size `batch` and up to `capacity` cached positions."""
+
+    def __init__(self, model, batch: int, capacity: int, mode: str):
+        self.device = _device_for(model, mode)
+        self.model, self.batch, self.capacity, self.mode = model, batch, capacity, mode
+        self.storage = _Storage(model.config.num_layers, capacity)
+        self.storage.zeroed = True
+        self.rope = model._rope_table(capacity, self.device)
+        self.key_valid = torch.ones(batch, capacity, dtype=torch.bool, device=self.device)
+        self.positions = torch.arange(capacity, device=self.device)
+        # The step's inputs: fixed tensors that each step overwrites (a CUDA graph reads these addresses).
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.position_ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._steps: dict[int, object] = {}  # span -> callable running one step
+        self._handed: weakref.WeakSet[KVCache] = weakref.WeakSet()
+        self.busy = False  # a generation is using the buffers (get_decoder .. release)
+
+    def release(self) -> None:
+        """The generation is over: the buffers may serve the next one."""
+        self.busy = False
+
+    # --- one generation ---
+    def begin(self, attention_mask, past_key_values=None) -> KVCache:
+        """A cache over this decoder's buffers for a new generation: empty, or a copy of `past_key_values`.
+
+        `attention_mask` [b, past + prompt] covers the cached text and the prompt (0 = left padding); the keys
+        it marks 0 are never attended. Key j of the text sits after the P-Tuning prefix, if any."""
+        self._release_snapshots()
+        s = self.storage
+        for buf in s.k + s.v:  # masked positions are still read: clear what the last generation wrote
+            if buf is not None:
+                buf[:, :, : s.filled].zero_()
+        s.filled = 0
+        cache = KVCache(s, 0)
+        if past_key_values is not None:
+            length = cache_length(past_key_values)
+            for i in range(len(past_key_values)):
+                k, v = past_key_values[i]
+                cache._write(i, k, v, 0)
+            s.filled = length
+            cache = cache.snapshot(length)
+        start = self.model.config.pre_seq_len or 0
+        self.key_valid.fill_(True)
+        self.key_valid[:, start : start + attention_mask.shape[1]] = attention_mask.to(self.device).bool()
+        return cache
+
+    def track(self, snapshot: KVCache) -> KVCache:
+        """Remember a snapshot handed to the caller, to move it out before these buffers are reused."""
+        self._handed.add(snapshot)
+        return snapshot
+
+    def _release_snapshots(self) -> None:
+        alive = [c for c in self._handed if c._storage is self.storage]
+        self._handed = weakref.WeakSet()
+        if not alive:
+            return
+        own = KVCache.from_past(KVCache(self.storage, max(c.length for c in alive)), 1)._storage
+        for c in alive:
+            c._storage = own
+
+    def step(self, tokens, position_ids, cache: KVCache) -> torch.Tensor:
+        """Logits [b, vocab] of the next position after `cache`; writes its keys and values at cache.length."""
+        length = cache.length
+        if length >= self.capacity:
+            raise RuntimeError(f"static decode: the cache is full ({self.capacity} positions)")
+        span = next(n for n in spans(self.capacity) if n > length)
+        self.tokens.copy_(tokens.view(self.batch, 1))
+        self.position_ids.copy_(position_ids.view(self.batch, 1))
+        self.pos.fill_(length)
+        run = self._steps.get(span)
+        if run is None:
+            run = self._steps[span] = self._make_step(span)
+        out = run()
+        self.storage.filled = max(self.storage.filled, length + 1)
+        return out
+
+    # --- the fixed-shape step, per span ---
+    def _forward(self, span: int) -> torch.Tensor:
+        s = self.storage
+        mask = (self.key_valid[:, :span] & (self.positions[:span] <= self.pos))[:, None, None, :]
+        cache = StaticSpan(s.k, s.v, self.pos, span)
+        return self.model._decode_step(self.tokens, self.position_ids, mask, cache, self.rope)
+
+    def _make_step(self, span: int):
+        if any(t is None for t in self.storage.k):
+            raise RuntimeError("static decode: the prefill did not fill every layer's buffers")
+        fn = lambda: self._forward(span)  # noqa: E731
+        if self.mode == "compile":
+            if self.device.type == "cpu" and get_cpu_kernel() is not None:
+                _warn_once(
+                    "decode='compile' on the CPU runs without the C kernels (they cannot enter a compiled "
+                    "graph) and is far slower than eager decode; it is there for testing"
+                )
+            fn = torch.compile(fn, dynamic=False)
+        if self.device.type != "cuda" or self.mode == "static":
+            return fn
+        return _capture(fn, self.device)
+
+
+def _capture(fn, device):
+    """Record fn (no arguments) in a CUDA graph after warming it up on a side stream; returns the replay."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # compiles Triton kernels, autotunes, fills caches: nothing of this may be recorded
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+
+    return replay
+
+
+def get_decoder(model, batch: int, need: int, mode: str) -> StaticDecoder:
+    """A decoder of the model for this batch size and mode with room for `need` positions, marked busy until
+    `release`. One is kept per (batch, mode) while the parameters stay where they are (a graph reads them at
+    fixed addresses: after `.to()`, `.half()` or `.quantize()` the old one is dropped). When the kept one is
+    busy (servers interleave the steps of two requests), this generation gets a private one."""
+    capacity = -(-need // CAPACITY_STEP) * CAPACITY_STEP
+    kept = model.__dict__.setdefault("_static_decoders", {})
+    signature = tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters())
+    key = (batch, mode)
+    dec, sig = kept.get(key, (None, None))
+    if dec is not None and sig == signature and dec.capacity >= capacity:
+        if dec.busy:
+            dec = StaticDecoder(model, batch, capacity, mode)
+    else:
+        kept.pop(key, None)  # free the old buffers and graphs before allocating new ones
+        dec = StaticDecoder(model, batch, capacity, mode)
+        kept[key] = (dec, signature)
+    dec.busy = True
+    return dec
+
+
+def check_model(model, mode: str) -> None:
+    """Raise ValueError when `model` cannot decode in `mode` (checked at load time by utils)."""
+    check_mode(mode)
+    if mode != "eager":
+        _device_for(model, mode)
+
+
+def _device_for(model, mode: str) -> torch.device:
+    if not hasattr(model, "_decode_step"):
+        raise ValueError(f"decode={mode!r} needs a ChatGLM2 or ChatGLM3 model; ChatGLM-6B (v1) decodes eagerly only")
+    devices = {p.device for p in model.parameters()}
+    if len(devices) != 1:
+        raise ValueError(f"decode={mode!r} needs the whole model on one device (found {len(devices)})")
+    device = devices.pop()
+    if mode == "cuda_graph" and device.type != "cuda":
+        raise ValueError(f"decode='cuda_graph' needs the model on a CUDA device, not {device}")
+    return device
