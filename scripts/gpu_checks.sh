@@ -21,6 +21,8 @@ nvidia-smi 2>&1 | tee "$OUT/nvidia-smi.txt" | head -15
 # End to end (4 blocks at full width, scaled to 28): eager decode, the CUDA-graph decode, the reference-style path.
 "$PY" benchmarks/bench_generate.py --device cuda --config "$CONFIG" --modes fp16 bf16 int8 int4 --threads 1 \
     --paths ours ref graph 2>&1 | tee "$OUT/generate-cuda.txt"
+# Memory at a 32K context, INT4, the full 28 blocks (the original claims about 11 GB for chatglm2-6b-32k).
+"$PY" benchmarks/bench_generate.py --device cuda --config "$CONFIG" --context 32768 --modes int4 --threads 1 2>&1 | tee "$OUT/context-cuda.txt"
 # torch.compile (then captured in a graph) last: compiling takes minutes, so it has a time limit of its own.
 timeout 240 "$PY" benchmarks/bench_generate.py --device cuda --config "$CONFIG" --modes fp16 int4 --threads 1 \
     --paths ours compile 2>&1 | tee "$OUT/generate-cuda-compile.txt"
