@@ -126,6 +126,10 @@ class SelfAttention(nn.Module):
             out = decode_attention(q, k, v)
         elif mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, enable_gqa=self.groups != self.heads)
+        elif s == 1:  # one query with a mask (fixed-span decode, padded batches): a group's heads as its rows,
+            # so no kernel repeats the keys and values per head (what enable_gqa does once a mask is given)
+            qg = q.reshape(b, self.groups, self.heads // self.groups, self.head_dim)
+            out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask).view(b, self.heads, 1, self.head_dim)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.groups != self.heads)
         out = out.transpose(1, 2).reshape(b, s, q_size)
