@@ -122,7 +122,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=_env("DECODE", default="eager"),
         choices=list(MODES),
         help="decode steps: eager, cuda_graph (one CUDA graph replay per token), compile (torch.compile) or "
-        "static (DECODE; ChatGLM2/3 on one device; see docs/benchmarks.md for which is faster where)",
+        "static (DECODE; the model on one device; see docs/benchmarks.md for which is faster where)",
     )
     g.add_argument(
         "--tiny-version",
@@ -362,7 +362,7 @@ def load_model_and_tokenizer(
             move_to_huge_pages(model)
     tokenizer = chatglm.load_tokenizer(tok_path)
     model.eval()
-    check_model(model, decode)  # before the first chat: v1, a split model or cuda_graph off CUDA is an error
+    check_model(model, decode)  # before the first chat: a split model, or cuda_graph off CUDA, is an error
     model.decode_mode = decode
     where = "several devices" if getattr(model, "hf_device_map", None) else str(model.device)
     logger.info(

@@ -178,7 +178,8 @@ def generate_stream(
         need = cache_length(past_key_values) + (model.config.pre_seq_len or 0) + max(max_length, prompt_len + 1)
         decoder = get_decoder(model, b, need, decode)
         try:
-            state["past_key_values"] = decoder.begin(state["attention_mask"], past_key_values)
+            keys = state.get("keep", state["attention_mask"])  # v1 keeps a 2D mask beside the original's 3D one
+            state["past_key_values"] = decoder.begin(keys, prompt_len, past_key_values)
         except BaseException:
             decoder.release()
             raise

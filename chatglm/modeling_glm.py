@@ -16,7 +16,7 @@ from torch import nn
 
 from .base import ChatGLMCausalLM
 from .config import ChatGLMConfig
-from .kv_cache import KVCache, cache_length, extend, layer_cache
+from .kv_cache import KVCache, cache_length, extend, is_static, layer_cache
 from .layers import LayerNorm, Linear, compute_dtype
 from .prefix_encoder import PrefixEncoder
 
@@ -39,16 +39,21 @@ class RotaryEmbedding(nn.Module):
     def reset_parameters(self):
         self.inv_freq.copy_(self._inv_freq(self.inv_freq.device).to(self.inv_freq.dtype))
 
-    def forward(self, position_ids, dtype):
-        # -> cos, sin: [b, 1, s, dim], angles computed in fp32.
-        need = int(position_ids.max()) + 1
+    def table(self, need: int, device) -> torch.Tensor:
+        """[2, n >= need, dim] fp32 cos and sin of positions 0 .. n-1, cached and grown by doubling."""
         cache = self._cache
-        if cache is None or cache.shape[1] < need or cache.device != position_ids.device:
+        if cache is None or cache.shape[1] < need or cache.device != torch.device(device):
             n = max(need, 2048 if cache is None else 2 * cache.shape[1])
-            t = torch.arange(n, device=position_ids.device, dtype=torch.float)
-            freqs = torch.outer(t, self._inv_freq(position_ids.device))
+            t = torch.arange(n, device=device, dtype=torch.float)
+            freqs = torch.outer(t, self._inv_freq(device))
             emb = torch.cat([freqs, freqs], dim=-1)
             cache = self._cache = torch.stack([emb.cos(), emb.sin()])  # [2, n, dim]
+        return cache
+
+    def forward(self, position_ids, dtype, static=False):
+        # -> cos, sin: [b, 1, s, dim], angles computed in fp32. static: the table is known to be large enough
+        # (a fixed-shape decode step, which must not read a position back to the host).
+        cache = self._cache if static else self.table(int(position_ids.max()) + 1, position_ids.device)
         cos, sin = cache[0][position_ids], cache[1][position_ids]
         return cos[:, None].to(dtype), sin[:, None].to(dtype)
 
@@ -79,8 +84,9 @@ class SelfAttention(nn.Module):
         qkv = self.query_key_value(x).view(b, s, self.heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.chunk(3, dim=-1)  # [b, heads, s, d]
         # 2D rotary: first half of each head by position, second half by block position.
-        cos1, sin1 = self.rotary_emb(position_ids[:, 0], x.dtype)
-        cos2, sin2 = self.rotary_emb(position_ids[:, 1], x.dtype)
+        static = is_static(kv_cache)
+        cos1, sin1 = self.rotary_emb(position_ids[:, 0], x.dtype, static)
+        cos2, sin2 = self.rotary_emb(position_ids[:, 1], x.dtype, static)
         q1, q2 = q.chunk(2, dim=-1)
         k1, k2 = k.chunk(2, dim=-1)
         q = torch.cat([apply_rotary(q1, cos1, sin1), apply_rotary(q2, cos2, sin2)], dim=-1)
@@ -296,3 +302,17 @@ class ChatGLMForConditionalGeneration(ChatGLMCausalLM):
         for layer in self.transformer.layers:
             layer.attention.rotary_emb.reset_parameters()
         self.tie_weights()
+
+    def _decode_step(self, tokens, position_ids, mask, span, rope_table):
+        """Last-position logits [b, vocab] of one decode step of fixed shape (chatglm/static_decode.py)."""
+        t = self.transformer
+        x = t.word_embeddings(tokens)
+        x = x.to(compute_dtype(x))
+        for i, layer in enumerate(t.layers):
+            x, _ = layer(x, position_ids, mask, span.layer(i))
+        return self.lm_head(t.final_layernorm(x))[:, -1]
+
+    def _rope_table(self, positions: int, device):
+        for layer in self.transformer.layers:  # each layer keeps its own table (its own inv_freq buffer)
+            table = layer.attention.rotary_emb.table(positions, device)
+        return table

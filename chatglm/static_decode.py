@@ -12,10 +12,11 @@ step static here:
   shape) per bucket, made the first time a generation reaches it;
 - the rotary table is precomputed up to the capacity and indexed by the position tensor.
 
-The prompt (prefill) runs eagerly and writes into the same buffers, so a reply costs no copy. A decoder is
-kept on the model per (batch, capacity, mode) and its buffers serve every generation; the `past_key_values`
-snapshots it hands out are moved to storage of their own before a later generation reuses the buffers, so a
-kept cache (the next chat turn, a retry) stays valid.
+Each model class (GLM for v1, GLM2 for v2/v3) provides the step as `_decode_step`, and `_rope_table`. The
+prompt (prefill) runs eagerly and writes into the same buffers, so a reply costs no copy. A decoder is kept on
+the model per (batch, mode), replaced when a longer one is needed, and its buffers serve every generation: the
+`past_key_values` snapshots it hands out are moved to storage of their own before a later generation reuses
+the buffers, so a kept cache (the next chat turn, a retry) stays valid.
 
 Modes: "static" (the fixed-shape step run eagerly: the reference the others are tested against), "cuda_graph"
 (CUDA only), "compile" (torch.compile; on CUDA the compiled step is also captured in a CUDA graph).
@@ -74,7 +75,7 @@ class StaticDecoder:
         self.positions = torch.arange(capacity, device=self.device)
         # The step's inputs: fixed tensors that each step overwrites (a CUDA graph reads these addresses).
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
-        self.position_ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.position_ids = None  # [b, 1] (v2/v3) or [b, 2, 1] (v1): shaped by the first step
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self._steps: dict[int, object] = {}  # span -> callable running one step
         self._handed: weakref.WeakSet[KVCache] = weakref.WeakSet()
@@ -85,11 +86,12 @@ class StaticDecoder:
         self.busy = False
 
     # --- one generation ---
-    def begin(self, attention_mask, past_key_values=None) -> KVCache:
+    def begin(self, attention_mask, prompt_len: int, past_key_values=None) -> KVCache:
         """A cache over this decoder's buffers for a new generation: empty, or a copy of `past_key_values`.
 
-        `attention_mask` [b, past + prompt] covers the cached text and the prompt (0 = left padding); the keys
-        it marks 0 are never attended. Key j of the text sits after the P-Tuning prefix, if any."""
+        `attention_mask` [b, n] (0 = left padding) covers the last n keys up to the end of the `prompt_len`-token
+        prompt (v2/v3: the cached text and the prompt; v1: the prompt); the keys it marks 0 are never attended.
+        Keys before it (the P-Tuning prefix, v1's cache) are all attended."""
         self._release_snapshots()
         s = self.storage
         for buf in s.k + s.v:  # masked positions are still read: clear what the last generation wrote
@@ -104,7 +106,8 @@ class StaticDecoder:
                 cache._write(i, k, v, 0)
             s.filled = length
             cache = cache.snapshot(length)
-        start = self.model.config.pre_seq_len or 0
+        cached = cache_length(past_key_values) if past_key_values is not None else self.model.config.pre_seq_len or 0
+        start = cached + prompt_len - attention_mask.shape[1]
         self.key_valid.fill_(True)
         self.key_valid[:, start : start + attention_mask.shape[1]] = attention_mask.to(self.device).bool()
         return cache
@@ -129,8 +132,10 @@ class StaticDecoder:
         if length >= self.capacity:
             raise RuntimeError(f"static decode: the cache is full ({self.capacity} positions)")
         span = next(n for n in spans(self.capacity) if n > length)
+        if self.position_ids is None:
+            self.position_ids = torch.zeros_like(position_ids, device=self.device)
         self.tokens.copy_(tokens.view(self.batch, 1))
-        self.position_ids.copy_(position_ids.view(self.batch, 1))
+        self.position_ids.copy_(position_ids)
         self.pos.fill_(length)
         run = self._steps.get(span)
         if run is None:
@@ -211,7 +216,7 @@ def check_model(model, mode: str) -> None:
 
 def _device_for(model, mode: str) -> torch.device:
     if not hasattr(model, "_decode_step"):
-        raise ValueError(f"decode={mode!r} needs a ChatGLM2 or ChatGLM3 model; ChatGLM-6B (v1) decodes eagerly only")
+        raise ValueError(f"decode={mode!r} needs a ChatGLM model of this package, not {type(model).__name__}")
     devices = {p.device for p in model.parameters()}
     if len(devices) != 1:
         raise ValueError(f"decode={mode!r} needs the whole model on one device (found {len(devices)})")

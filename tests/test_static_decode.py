@@ -54,7 +54,7 @@ def test_spans():
     assert all(s >= MIN_SPAN for s in spans(5000))
 
 
-@pytest.mark.parametrize("version", ["v2", "v3"])
+@pytest.mark.parametrize("version", ["v1", "v2", "v3"])
 def test_static_step_equals_eager_batched_across_spans(tiny, version):
     model, tok = tiny[version]
     # 300 new tokens: the step moves from the 256-position span to the 512 one mid-reply.
@@ -70,10 +70,11 @@ def test_compiled_step_equals_eager(tiny):
     _assert_same(_run(model, "compile", **kw), eager)  # the second generation reuses the compiled step
 
 
-def test_static_step_with_ptuning_prefix(tiny_dirs):
-    model = chatglm.load_model(str(tiny_dirs["v2"]), dtype=torch.float32, pre_seq_len=3, prefix_projection=True)
-    model.eval()
-    tok = chatglm.load_tokenizer(str(tiny_dirs["v2"]))
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_static_step_with_ptuning_prefix(tiny_dirs, version):
+    path = str(tiny_dirs[version])
+    model = chatglm.load_model(path, dtype=torch.float32, pre_seq_len=3, prefix_projection=True).eval()
+    tok = chatglm.load_tokenizer(path)
     kw = dict(_batch(tok), max_new_tokens=8, eos_token_id=[-1])
     _assert_same(_run(model, "static", **kw), _run(model, "eager", **kw))
 
@@ -151,11 +152,10 @@ def test_decoder_is_kept_and_rebuilt_when_the_weights_move(tiny_dirs):
 
 
 def test_bad_requests(tiny):
-    v1, v1_tok = tiny["v1"]
     model, tok = tiny["v2"]
     ids = tok(["你好"], return_tensors="pt")["input_ids"]
-    with pytest.raises(ValueError, match="ChatGLM2 or ChatGLM3"):
-        v1.generate(v1_tok(["你好"], return_tensors="pt")["input_ids"], decode="static", max_new_tokens=2)
+    with pytest.raises(ValueError, match="ChatGLM model of this package"):
+        get_decoder(torch.nn.Linear(2, 2), 1, 8, "static")
     with pytest.raises(ValueError, match="CUDA device"):
         model.generate(ids, decode="cuda_graph", max_new_tokens=2)
     with pytest.raises(ValueError, match="decode must be one of"):
@@ -180,8 +180,6 @@ def test_utils_decode_flag(tiny_dirs):
     assert model._static_decoders[(1, "static")][0].busy is False  # the default path went through it
     with pytest.raises(ValueError, match="CUDA device"):
         utils.load_model_and_tokenizer(str(tiny_dirs["v3"]), device="cpu", decode="cuda_graph")
-    with pytest.raises(ValueError, match="ChatGLM2 or ChatGLM3"):
-        utils.load_model_and_tokenizer(str(tiny_dirs["v1"]), device="cpu", decode="static")
     with pytest.raises(SystemExit):
         parser.parse_args(["--decode", "turbo"])
 
