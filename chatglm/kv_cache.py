@@ -159,11 +159,6 @@ class _StaticLayer:
         return kb[:, :, : c.span], vb[:, :, : c.span]
 
 
-def is_static(kv_cache) -> bool:
-    """Whether a layer's cache argument belongs to a fixed-shape decode step."""
-    return isinstance(kv_cache, _StaticLayer)
-
-
 def cache_length(past) -> int:
     """Positions held by a cache of either kind (0 for None)."""
     if past is None:

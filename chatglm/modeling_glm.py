@@ -16,7 +16,7 @@ from torch import nn
 
 from .base import ChatGLMCausalLM
 from .config import ChatGLMConfig
-from .kv_cache import KVCache, cache_length, extend, is_static, layer_cache
+from .kv_cache import KVCache, cache_length, extend, layer_cache
 from .layers import LayerNorm, Linear, compute_dtype
 from .prefix_encoder import PrefixEncoder
 
@@ -51,9 +51,11 @@ class RotaryEmbedding(nn.Module):
         return cache
 
     def forward(self, position_ids, dtype, static=False):
-        # -> cos, sin: [b, 1, s, dim], angles computed in fp32. static: the table is known to be large enough
-        # (a fixed-shape decode step, which must not read a position back to the host).
-        cache = self._cache if static else self.table(int(position_ids.max()) + 1, position_ids.device)
+        # -> cos, sin: [b, 1, s, dim], angles computed in fp32. static: the caller has sized the table with
+        # `table` (no position is read back to the host, which on a GPU waits for all queued work).
+        cache = self._cache
+        if not static or cache is None:
+            cache = self.table(int(position_ids.max()) + 1, position_ids.device)
         cos, sin = cache[0][position_ids], cache[1][position_ids]
         return cos[:, None].to(dtype), sin[:, None].to(dtype)
 
@@ -84,9 +86,9 @@ class SelfAttention(nn.Module):
         qkv = self.query_key_value(x).view(b, s, self.heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.chunk(3, dim=-1)  # [b, heads, s, d]
         # 2D rotary: first half of each head by position, second half by block position.
-        static = is_static(kv_cache)
-        cos1, sin1 = self.rotary_emb(position_ids[:, 0], x.dtype, static)
-        cos2, sin2 = self.rotary_emb(position_ids[:, 1], x.dtype, static)
+        # The model (or the fixed-shape decode step) has sized the table: no position is read back here.
+        cos1, sin1 = self.rotary_emb(position_ids[:, 0], x.dtype, static=True)
+        cos2, sin2 = self.rotary_emb(position_ids[:, 1], x.dtype, static=True)
         q1, q2 = q.chunk(2, dim=-1)
         k1, k2 = k.chunk(2, dim=-1)
         q = torch.cat([apply_rotary(q1, cos1, sin1), apply_rotary(q2, cos2, sin2)], dim=-1)
@@ -171,6 +173,11 @@ class ChatGLMModel(nn.Module):
         if position_ids is None:
             position_ids = glm_position_ids(input_ids, self.config, attention_mask)
         mask = glm_mask(input_ids, self.config, attention_mask, cached, prefix, x.device)
+        # Every layer's rotary table covers these positions before the layers run: one read of the largest
+        # position per forward, not one per layer (on a GPU each read waits for all queued work).
+        need = int(position_ids.max()) + 1
+        for layer in self.layers:
+            layer.attention.rotary_emb.table(need, layer.attention.rotary_emb.inv_freq.device)
         hidden = []
         presents = []
         for i, layer in enumerate(self.layers):
@@ -313,6 +320,6 @@ class ChatGLMForConditionalGeneration(ChatGLMCausalLM):
         return self.lm_head(t.final_layernorm(x))[:, -1]
 
     def _rope_table(self, positions: int, device):
-        for layer in self.transformer.layers:  # each layer keeps its own table (its own inv_freq buffer)
-            table = layer.attention.rotary_emb.table(positions, device)
-        return table
+        # Each layer keeps its own table (its own inv_freq buffer); the decoder holds on to all of them, since
+        # a captured graph reads them by address.
+        return [layer.attention.rotary_emb.table(positions, device) for layer in self.transformer.layers]

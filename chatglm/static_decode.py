@@ -70,7 +70,7 @@ class StaticDecoder:
         self.model, self.batch, self.capacity, self.mode = model, batch, capacity, mode
         self.storage = _Storage(model.config.num_layers, capacity)
         self.storage.zeroed = True
-        self.rope = model._rope_table(capacity, self.device)
+        self.rope = model._rope_table(capacity, self.device)  # kept: a captured graph reads it by address
         self.key_valid = torch.ones(batch, capacity, dtype=torch.bool, device=self.device)
         self.positions = torch.arange(capacity, device=self.device)
         # The step's inputs: fixed tensors that each step overwrites (a CUDA graph reads these addresses).

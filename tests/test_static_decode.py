@@ -212,3 +212,20 @@ def test_forced_tokens_check_on_cpu(tiny):
 def test_cuda_decode_equals_eager(tiny_dirs, mode, bits):
     model = chatglm.load_model(str(tiny_dirs["v2"]), dtype=torch.float16, quantization_bit=bits or None)
     _follows_eager(model.cuda().eval(), chatglm.load_tokenizer(str(tiny_dirs["v2"])), mode, "cuda", 3e-2)
+
+
+def test_v1_rotary_tables_are_sized_once_per_forward(tiny_dirs):
+    """v1 layers read their rotary tables without sizing them (no per-layer host read of the positions): the
+    model sizes all of them first, also past the first 2048 positions."""
+    path = str(tiny_dirs["v1"])
+    model = chatglm.load_model(path, dtype=torch.float32).eval()
+    tables = [layer.attention.rotary_emb for layer in model.transformer.layers]
+    ids = torch.randint(10, 500, (1, 2100))
+    with torch.no_grad():
+        grown = model(ids).logits
+    assert all(t._cache.shape[1] >= 2100 for t in tables)
+    fresh = chatglm.load_model(path, dtype=torch.float32).eval()
+    for t in (layer.attention.rotary_emb for layer in fresh.transformer.layers):
+        t.table(4096, "cpu")  # sized ahead: the same angles, a bigger table
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, grown)
