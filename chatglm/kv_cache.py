@@ -80,7 +80,9 @@ class KVCache:
             for bufs in (s.k, s.v):
                 old = bufs[i]
                 if old is not None:
-                    new = old.new_empty(old.shape[0], old.shape[1], new_cap, old.shape[3])
+                    new = (old.new_zeros if s.zeroed else old.new_empty)(
+                        old.shape[0], old.shape[1], new_cap, old.shape[3]
+                    )
                     new[:, :, : s.filled] = old[:, :, : s.filled]
                     bufs[i] = new
         s.capacity = new_cap

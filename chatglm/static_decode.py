@@ -14,9 +14,9 @@ step static here:
 
 Each model class (GLM for v1, GLM2 for v2/v3) provides the step as `_decode_step`, and `_rope_table`. The
 prompt (prefill) runs eagerly and writes into the same buffers, so a reply costs no copy. A decoder is kept on
-the model per (batch, mode), replaced when a longer one is needed, and its buffers serve every generation: the
-`past_key_values` snapshots it hands out are moved to storage of their own before a later generation reuses
-the buffers, so a kept cache (the next chat turn, a retry) stays valid.
+the model per (batch, mode) and grows (doubling, its steps made again) when a reply needs more room. Its
+buffers serve every generation: the `past_key_values` snapshots it hands out are moved to storage of their own
+before a later generation reuses the buffers, so a kept cache (the next chat turn, a retry) stays valid.
 
 Modes: "static" (the fixed-shape step run eagerly: the reference the others are tested against), "cuda_graph"
 (CUDA only), "compile" (torch.compile; on CUDA the compiled step is also captured in a CUDA graph).
@@ -130,7 +130,7 @@ class StaticDecoder:
         """Logits [b, vocab] of the next position after `cache`; writes its keys and values at cache.length."""
         length = cache.length
         if length >= self.capacity:
-            raise RuntimeError(f"static decode: the cache is full ({self.capacity} positions)")
+            self.grow(length + 1)
         span = next(n for n in spans(self.capacity) if n > length)
         if self.position_ids is None:
             self.position_ids = torch.zeros_like(position_ids, device=self.device)
@@ -143,6 +143,23 @@ class StaticDecoder:
         out = run()
         self.storage.filled = max(self.storage.filled, length + 1)
         return out
+
+    def grow(self, need: int) -> None:
+        """Room for `need` positions (at least double): the buffers are copied, the steps made again."""
+        capacity = max(_round_up(need), 2 * self.capacity)
+        s = self.storage
+        for bufs in (s.k, s.v):
+            for i, old in enumerate(bufs):
+                if old is not None:
+                    bufs[i] = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
+                    bufs[i][:, :, : s.filled] = old[:, :, : s.filled]
+        s.capacity = capacity
+        key_valid = torch.ones(self.batch, capacity, dtype=torch.bool, device=self.device)
+        key_valid[:, : self.capacity] = self.key_valid
+        self.key_valid, self.positions = key_valid, torch.arange(capacity, device=self.device)
+        self.rope = self.model._rope_table(capacity, self.device)
+        self._steps.clear()  # graphs read the old buffers by address
+        self.capacity = capacity
 
     # --- the fixed-shape step, per span ---
     def _forward(self, span: int) -> torch.Tensor:
@@ -187,24 +204,31 @@ def _capture(fn, device):
 
 
 def get_decoder(model, batch: int, need: int, mode: str) -> StaticDecoder:
-    """A decoder of the model for this batch size and mode with room for `need` positions, marked busy until
-    `release`. One is kept per (batch, mode) while the parameters stay where they are (a graph reads them at
-    fixed addresses: after `.to()`, `.half()` or `.quantize()` the old one is dropped). When the kept one is
-    busy (servers interleave the steps of two requests), this generation gets a private one."""
-    capacity = -(-need // CAPACITY_STEP) * CAPACITY_STEP
+    """A decoder of the model for this batch size and mode with room for `need` positions (it grows when a
+    reply needs more), marked busy until `release`. One is kept per (batch, mode) while the parameters stay
+    where they are (a graph reads them at fixed addresses: after `.to()`, `.half()` or `.quantize()` the old
+    one is dropped). When the kept one is busy (servers interleave the steps of two requests), this
+    generation gets a private one."""
+    capacity = _round_up(need)
     kept = model.__dict__.setdefault("_static_decoders", {})
     signature = tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters())
     key = (batch, mode)
     dec, sig = kept.get(key, (None, None))
-    if dec is not None and sig == signature and dec.capacity >= capacity:
+    if dec is not None and sig == signature:
         if dec.busy:
             dec = StaticDecoder(model, batch, capacity, mode)
+        elif dec.capacity < capacity:
+            dec.grow(capacity)
     else:
         kept.pop(key, None)  # free the old buffers and graphs before allocating new ones
         dec = StaticDecoder(model, batch, capacity, mode)
         kept[key] = (dec, signature)
     dec.busy = True
     return dec
+
+
+def _round_up(n: int) -> int:
+    return -(-n // CAPACITY_STEP) * CAPACITY_STEP
 
 
 def check_model(model, mode: str) -> None:
