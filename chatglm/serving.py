@@ -211,7 +211,9 @@ def free_cuda_cache(model) -> None:
     if device.type == "cuda":
         import torch
 
-        with torch.cuda.device(device):
+        # Under the model lock: a decode step being captured as a CUDA graph (--decode cuda_graph) must not
+        # see the allocator hand memory back to the driver mid-capture.
+        with model_lock(model), torch.cuda.device(device):
             torch.cuda.empty_cache()
             torch.cuda.ipc_collect()
 

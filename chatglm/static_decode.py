@@ -193,7 +193,8 @@ def _capture(fn, device):
             fn()
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: other threads (a server's other requests, another model) may use CUDA meanwhile.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         out = fn()
 
     def replay():
