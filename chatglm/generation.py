@@ -176,7 +176,8 @@ def generate_stream(
         if kv_cache != "static":
             raise ValueError(f"decode={decode!r} needs kv_cache='static'")
         # Room for the prompt and the first tokens, as the eager cache below; the decoder grows when needed.
-        need = cache_length(past_key_values) + (model.config.pre_seq_len or 0) + min(max_length, prompt_len + 256)
+        room = max(prompt_len + 1, min(max_length, prompt_len + 256))  # a prompt past max_length: one token
+        need = cache_length(past_key_values) + (model.config.pre_seq_len or 0) + room
         decoder = get_decoder(model, b, need, decode)
         try:
             keys = state.get("keep", state["attention_mask"])  # v1 keeps a 2D mask beside the original's 3D one

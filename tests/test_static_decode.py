@@ -72,6 +72,16 @@ def test_decoder_grows_mid_reply(tiny):
     _assert_same(static, _run(model, "eager", **kw))
 
 
+def test_prompt_longer_than_max_length(tiny):
+    model, tok = tiny["v2"]
+    ids = tok(["Hello world, how are you today? A longer prompt. " * 40], return_tensors="pt")["input_ids"]
+    assert ids.shape[1] > 256  # past the room a decoder gets for a short max_length
+    kw = dict(input_ids=ids, max_length=4, eos_token_id=[-1])  # the original's rule: one token all the same
+    static = _run(model, "static", **kw)
+    assert static[0].shape[1] == ids.shape[1] + 1
+    _assert_same(static, _run(model, "eager", **kw))
+
+
 def test_compiled_step_equals_eager(tiny):
     model, tok = tiny["v2"]
     kw = dict(_batch(tok), max_new_tokens=24, eos_token_id=[-1])
