@@ -98,15 +98,16 @@ class StaticDecoder:
             if buf is not None:
                 buf[:, :, : s.filled].zero_()
         s.filled = 0
+        cached = cache_length(past_key_values) if past_key_values is not None else self.model.config.pre_seq_len or 0
+        if cached + prompt_len + 1 > self.capacity:  # the prefill must not grow the storage behind our back
+            self.grow(cached + prompt_len + 1)
         cache = KVCache(s, 0)
         if past_key_values is not None:
-            length = cache_length(past_key_values)
             for i in range(len(past_key_values)):
                 k, v = past_key_values[i]
                 cache._write(i, k, v, 0)
-            s.filled = length
-            cache = cache.snapshot(length)
-        cached = cache_length(past_key_values) if past_key_values is not None else self.model.config.pre_seq_len or 0
+            s.filled = cached
+            cache = cache.snapshot(cached)
         start = cached + prompt_len - attention_mask.shape[1]
         self.key_valid.fill_(True)
         self.key_valid[:, start : start + attention_mask.shape[1]] = attention_mask.to(self.device).bool()

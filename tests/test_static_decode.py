@@ -82,6 +82,18 @@ def test_prompt_longer_than_max_length(tiny):
     _assert_same(static, _run(model, "eager", **kw))
 
 
+def test_begin_makes_room_for_the_prompt(tiny_dirs):
+    model = chatglm.load_model(str(tiny_dirs["v2"]), dtype=torch.float32).eval()
+    dec = get_decoder(model, 2, 8, "static")
+    assert dec.capacity == CAPACITY_STEP
+    mask = torch.ones(2, 600, dtype=torch.long)
+    mask[0, :5] = 0
+    cache = dec.begin(mask, 600)
+    dec.release()
+    assert cache.length == 0 and dec.capacity >= 601 and dec.storage.capacity == dec.capacity
+    assert dec.key_valid.shape == (2, dec.capacity) and not dec.key_valid[0, :5].any() and dec.key_valid[1].all()
+
+
 def test_compiled_step_equals_eager(tiny):
     model, tok = tiny["v2"]
     kw = dict(_batch(tok), max_new_tokens=24, eos_token_id=[-1])
