@@ -122,8 +122,8 @@ def run(threads: int, rows: int, original: bool) -> list[str]:
 
 
 def gpu_cases(k, n, rows, device, copies):
-    """(name, weight bytes, fn) for one shape on a GPU: cuBLAS fp16/bf16, the Triton INT8/INT4 kernels and the
-    original's approach (dequantize, then matmul). Each case cycles through `copies` weights so that the bytes
+    """(name, weight bytes, fn) for one shape on a GPU: cuBLAS fp16/bf16, the Triton INT8/INT4 kernels (at one
+    row both the tensor-core one and the GEMV one) and the original's approach (dequantize, then matmul). Each case cycles through `copies` weights so that the bytes
     come from HBM, not from the GPU's L2 cache."""
     from quantization.ops import quantized_linear_reference
     from quantization.triton_ops import triton_quantized_linear
@@ -148,7 +148,11 @@ def gpu_cases(k, n, rows, device, copies):
     for bits in (8, 4):
         qs = [quantize_weight(torch.randn(n, k, device=device, generator=g), bits) for _ in range(copies)]
         nbytes = qs[0][0].numel() + qs[0][1].numel() * 2
-        cases.append((f"INT{bits} triton", nbytes, cycling(lambda q, b=bits: triton_quantized_linear(x, *q, b), qs)))
+        cases.append((f"INT{bits} triton", nbytes,
+                      cycling(lambda q, b=bits: triton_quantized_linear(x, *q, b, gemv=False), qs)))  # fmt: skip
+        if rows == 1:  # the one-row kernel, which the default dispatch takes with CHATGLM_TRITON_GEMV=1
+            cases.append((f"INT{bits} triton gemv", nbytes,
+                          cycling(lambda q, b=bits: triton_quantized_linear(x, *q, b, gemv=True), qs)))  # fmt: skip
         cases.append((f"INT{bits} orig dequant+mm", nbytes,
                       cycling(lambda q, b=bits: quantized_linear_reference(x, *q, b), qs)))  # fmt: skip
     return cases

@@ -39,6 +39,9 @@ Kernel design (decode: x has few rows M, the weight is read once and the run is 
 Block sizes are fixed with a small heuristic (no autotune): BLOCK_N 64, BLOCK_K 128 (INT8) / 256 (INT4, i.e.
 128 packed bytes per row), both capped for small K; every load and store is masked, so N and K need not be
 multiples of the blocks (K even for INT4).
+A second kernel for one row of x (`gemv=True`, or CHATGLM_TRITON_GEMV=1): no tensor cores, each program
+multiplies BLOCK_N weight rows elementwise with x in fp32 and reduces once at the end, reading the weight in
+its stored layout. Which of the two is faster at batch 1 on a given GPU is for bench_gemv.py to say.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ import torch
 
 triton = None  # filled in by _kernels()
 tl = None
+_add = None
 
 _KERNEL_CACHE: dict = {}
 _SM_COUNT: dict = {}
@@ -91,8 +95,13 @@ def _kernels():
         import triton.language as _tl
 
         triton, tl = _triton, _tl
+        global _add
+        # tl.reduce's combine function for the GEMV kernel (a global there): tl.sum's own, which Triton's
+        # interpreter runs as one numpy sum (any other combine goes element by element, ~100x slower).
+        _add = getattr(getattr(_tl, "standard", None), "_sum_combine", None) or _triton.jit(_add_fn)
         built = {
             "linear": _triton.jit(_quantized_linear_kernel),
+            "gemv": _triton.jit(_quantized_gemv_kernel),
             "dequantize": _triton.jit(_dequantize_kernel),
         }
         _KERNEL_CACHE[key] = built
@@ -183,6 +192,70 @@ def _quantized_linear_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
+
+
+def _add_fn(a, b):
+    return a + b
+
+
+def _quantized_gemv_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    b_ptr,
+    out_ptr,
+    N,
+    K,
+    stride_xk,
+    stride_wn,
+    k_per_split,
+    BITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One row of x (decode at batch 1): BLOCK_N weight rows, read as stored (K contiguous), multiplied
+    elementwise in fp32 and summed once at the end; no tensor-core tile, so no padding of the row to 16."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    w_rows = w_ptr + offs_n[:, None] * stride_wn
+    if BITS == 8:
+        acc = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
+        offs_k = tl.arange(0, BLOCK_K)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            kk = k0 + offs_k
+            mask_k = kk < k_end
+            xv = tl.load(x_ptr + kk * stride_xk, mask=mask_k, other=0.0).to(tl.float32)
+            wt = tl.load(w_rows + kk[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
+            acc += wt.to(tl.float32) * xv[None, :]
+    else:
+        acc = tl.full((BLOCK_N, BLOCK_K // 2), 0.0, tl.float32)
+        offs_j = tl.arange(0, BLOCK_K // 2)
+        for k0 in range(k_start, k_end, BLOCK_K):  # k0 is even: k_per_split and BLOCK_K are
+            jj = k0 // 2 + offs_j  # packed byte = columns 2jj (high nibble) and 2jj+1 (low)
+            mask_j = jj * 2 < k_end
+            x_even = tl.load(x_ptr + (jj * 2) * stride_xk, mask=mask_j, other=0.0).to(tl.float32)
+            x_odd = tl.load(x_ptr + (jj * 2 + 1) * stride_xk, mask=mask_j, other=0.0).to(tl.float32)
+            wp = tl.load(w_rows + jj[None, :], mask=mask_n[:, None] & mask_j[None, :], other=0).to(tl.int32)
+            hi = (wp >> 4).to(tl.float32)  # arithmetic shifts on the sign-extended byte
+            lo = ((wp << 28) >> 28).to(tl.float32)
+            acc += hi * x_even[None, :] + lo * x_odd[None, :]
+    y = tl.reduce(acc, 1, _add)  # not tl.sum: a jit helper that the interpreter cannot call (module docstring)
+    y = y * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if SPLIT_K > 1:
+            bias = bias * (pid_k == 0).to(tl.float32)
+        y += bias
+    if SPLIT_K == 1:
+        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.atomic_add(out_ptr + offs_n, y, mask=mask_n, sem="relaxed")
 
 
 def _dequantize_kernel(
@@ -307,12 +380,16 @@ def triton_quantized_linear(
     block_k: int | None = None,
     split_k: int | None = None,
     dequant_above: int = DEQUANT_ABOVE,
+    gemv: bool | None = None,
 ) -> torch.Tensor:
     """y = x @ dequantize(weight, scale)^T + bias in x's dtype, for x [..., K] in fp16/bf16/fp32.
 
     Up to `dequant_above` rows of x: the fused weight-only kernel (fp32 accumulation). Above: dequantize with
     the Triton kernel, then torch.matmul. block_n / block_k / split_k override the heuristic (tests use small
-    blocks to keep the interpreter fast); split_k defaults to 1 off CUDA."""
+    blocks to keep the interpreter fast); split_k defaults to 1 off CUDA. gemv=True runs one row of x through
+    the GEMV kernel instead of the tensor-core one; None: when CHATGLM_TRITON_GEMV=1 and x has one row (the
+    tensor-core kernel stays the default until a GPU run of benchmarks/bench_gemv.py, which times both,
+    says otherwise)."""
     K = _check_weight(weight, scale, bits)
     N = weight.shape[0]
     if x.shape[-1] != K:
@@ -329,6 +406,12 @@ def triton_quantized_linear(
         if bias is not None:
             y += bias.to(x.dtype)
         return y.view(*lead, N)
+    if gemv is None:
+        gemv = M == 1 and os.environ.get("CHATGLM_TRITON_GEMV") == "1"
+    if gemv:
+        if M != 1:
+            raise ValueError(f"the GEMV kernel takes one row of x, got {M}")
+        return _gemv(x2, weight, scale, bits, bias, block_n, block_k, split_k).view(*lead, N)
     if M > dequant_above:
         w = triton_dequantize(weight, scale, bits, x.dtype)
         y = torch.matmul(x2, w.t())
@@ -389,6 +472,50 @@ def triton_quantized_linear(
         num_stages=3,
     )
     return out.to(x.dtype).view(*lead, N)
+
+
+def _gemv(x, weight, scale, bits, bias, block_n, block_k, split_k):
+    """The GEMV kernel's launch for x [1, K]: BLOCK_N 32 weight rows per program, BLOCK_K 256 (INT8) / 512
+    (INT4) columns per step, split-K to fill the GPU as the tensor-core kernel does."""
+    N = weight.shape[0]
+    K = x.shape[1]
+    weight, scale = weight.contiguous(), scale.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    block_n = _check_block("block_n", 32 if block_n is None else block_n, 1)
+    if block_k is None:
+        block_k = min(512 if bits == 4 else 256, max(16, _next_pow2(K)))
+    block_k = _check_block("block_k", block_k, 2 if bits == 4 else 1)
+    n_blocks, k_blocks = _cdiv(N, block_n), _cdiv(K, block_k)
+    if split_k is None:
+        split_k = 1
+        if x.is_cuda and n_blocks < 2 * _sm_count(x.device):
+            split_k = min(_cdiv(2 * _sm_count(x.device), n_blocks), k_blocks, 16)
+    split_k = max(1, min(int(split_k), k_blocks))
+    k_per_split = _cdiv(k_blocks, split_k) * block_k
+    split_k = _cdiv(K, k_per_split)
+    if split_k == 1:
+        out = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    else:
+        out = torch.zeros(1, N, dtype=torch.float32, device=x.device)
+    _kernels()["gemv"][(n_blocks, split_k)](
+        x,
+        weight,
+        scale,
+        bias if bias is not None else scale,
+        out,
+        N,
+        K,
+        x.stride(1),
+        weight.stride(0),
+        k_per_split,
+        BITS=bits,
+        HAS_BIAS=bias is not None,
+        SPLIT_K=split_k,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=4,
+    )
+    return out.to(x.dtype)
 
 
 __all__ = ["available", "clear_kernel_cache", "triton_dequantize", "triton_quantized_linear"]

@@ -79,6 +79,49 @@ def test_linear_matches_reference(device, bits, shape, lead, with_bias, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("lead", [(1,), (), (1, 1)], ids=lambda r: "x".join(map(str, r)) or "1d")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}-split{s[4]}")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gemv_matches_reference(device, bits, shape, lead, with_bias, dtype):
+    """The one-row kernel (no tensor cores) against the reference, as the tensor-core kernel above."""
+    n, k, block_n, block_k, split_k = shape
+    seed = zlib.crc32(repr(("gemv", bits, shape, lead, with_bias, dtype)).encode())
+    weight, scale = make_weight(n, k, bits, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(*lead, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).half() if with_bias else None
+    expected = quantized_linear_reference(x.float(), weight, scale, bits, bias.float() if with_bias else None)
+    to = (lambda t: t.to(device)) if device.type != "cpu" else (lambda t: t)
+    y = triton_ops.triton_quantized_linear(
+        to(x), to(weight), to(scale), bits, to(bias) if with_bias else None,
+        block_n=block_n, block_k=block_k, split_k=split_k, gemv=True,
+    )  # fmt: skip
+    assert y.dtype == dtype and y.shape == (*lead, n)
+    err = (y.cpu().float() - expected).abs().max().item()
+    assert err <= TOLERANCE[dtype] * expected.abs().max().item(), (err, expected.abs().max().item())
+
+
+def test_gemv_is_chosen_by_the_variable_for_one_row(device, monkeypatch):
+    weight, scale = make_weight(48, 64, 4, seed=5)
+    to = (lambda t: t.to(device)) if device.type != "cpu" else (lambda t: t)
+    calls = []
+    real = triton_ops._gemv
+    monkeypatch.setattr(triton_ops, "_gemv", lambda *a: calls.append(a[0].shape) or real(*a))
+    one, three = to(torch.randn(1, 64)), to(torch.randn(3, 64))
+    triton_ops.triton_quantized_linear(one, to(weight), to(scale), 4)
+    assert calls == []  # the tensor-core kernel is the default
+    monkeypatch.setenv("CHATGLM_TRITON_GEMV", "1")
+    a = triton_ops.triton_quantized_linear(one, to(weight), to(scale), 4)
+    triton_ops.triton_quantized_linear(three, to(weight), to(scale), 4)  # more rows: the tensor-core kernel
+    assert calls == [(1, 64)]
+    b = triton_ops.triton_quantized_linear(one, to(weight), to(scale), 4, gemv=False)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="one row"):
+        triton_ops.triton_quantized_linear(three, to(weight), to(scale), 4, gemv=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("bits", [4, 8])
 def test_prefill_path_dequantizes_then_matmuls(device, bits, dtype):
     n, k = 37, 100
@@ -199,8 +242,9 @@ def test_gpu_gemv_benchmark_runs_under_the_interpreter(monkeypatch):
 
     lines = bench_gemv.run_gpu(1, device="cpu", shapes=[(64, 48)], copies=2)
     rows = [ln for ln in lines[2:] if ln.strip()]
-    names = ["fp16 cuBLAS", "bf16 cuBLAS", "INT8 triton", "INT8 orig dequant+mm", "INT4 triton", "INT4 orig"]
-    assert len(rows) == 6 and all(any(n in r for r in rows) for n in names)
+    names = ["fp16 cuBLAS", "bf16 cuBLAS", "INT8 triton", "INT8 triton gemv", "INT8 orig dequant+mm",
+             "INT4 triton", "INT4 triton gemv", "INT4 orig"]  # fmt: skip
+    assert len(rows) == 8 and all(any(n in r for r in rows) for n in names)
     assert all(float(r.split()[-3]) > 0 for r in rows)  # microseconds per call
 
 
@@ -222,7 +266,8 @@ def _compile_for(kernels, arch, xdt, bits, split):
 @pytest.mark.parametrize("arch", [80, 90])
 def test_kernels_compile_for_current_gpus(monkeypatch, arch):
     """The compiled (not interpreted) kernels build to machine code for sm_80 (A100) and sm_90 (H100/H200) here,
-    without a GPU: fp16/bf16/fp32 activations, INT4/INT8, with and without split-K, plus the dequantize kernel.
+    without a GPU: fp16/bf16/fp32 activations, INT4/INT8, with and without split-K, plus the one-row (GEMV) and
+    dequantize kernels.
     On a GPU they use the tensor cores (mma in the PTX) for fp16/bf16."""
     pytest.importorskip("triton.backends.nvidia")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -237,6 +282,14 @@ def test_kernels_compile_for_current_gpus(monkeypatch, arch):
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
 
+        for xdt, bits, split in [("fp16", 4, 1), ("bf16", 8, 4), ("fp32", 4, 4)]:  # the one-row kernel
+            consts = {"BITS": bits, "HAS_BIAS": True, "SPLIT_K": split, "BLOCK_N": 32,
+                      "BLOCK_K": 512 if bits == 4 else 256}  # fmt: skip
+            sig = {"x_ptr": f"*{xdt}", "w_ptr": "*i8", "s_ptr": "*fp16", "b_ptr": "*fp16",
+                   "out_ptr": "*fp32" if split > 1 else f"*{xdt}", "N": "i32", "K": "i32", "stride_xk": "i32",
+                   "stride_wn": "i32", "k_per_split": "i32", **{name: "constexpr" for name in consts}}  # fmt: skip
+            src = ASTSource(fn=kernels["gemv"], signature=sig, constexprs=consts)
+            assert triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4}).asm["cubin"]
         for bits in (4, 8):
             consts = {"BITS": bits, "BF16_BY_HAND": False, "BLOCK_N": 64, "BLOCK_K": 128}
             sig = {"w_ptr": "*i8", "s_ptr": "*fp16", "out_ptr": "*bf16", "N": "i32", "KW": "i32", "stride_wn": "i32",
