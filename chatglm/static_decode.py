@@ -179,10 +179,22 @@ class StaticDecoder:
                     "decode='compile' on the CPU runs without the C kernels (they cannot enter a compiled "
                     "graph) and is far slower than eager decode; it is there for testing"
                 )
+            _allow_recompiles(64)
             fn = torch.compile(fn, dynamic=False)
         if self.device.type != "cuda" or self.mode == "static":
             return fn
         return _capture(fn, self.device)
+
+
+def _allow_recompiles(limit: int) -> None:
+    """Each (decoder, span) is its own specialization of one code object; past dynamo's default of 8 it would
+    quietly run the step uncompiled. Raised (never lowered) for the process."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):  # the first is the newer name of the second
+        if isinstance(getattr(dynamo_config, name, None), int):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), limit))
+            return
 
 
 def _capture(fn, device):
