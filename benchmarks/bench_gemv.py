@@ -123,7 +123,7 @@ def run(threads: int, rows: int, original: bool) -> list[str]:
 
 def gpu_cases(k, n, rows, device, copies):
     """(name, weight bytes, fn) for one shape on a GPU: cuBLAS fp16/bf16, the Triton INT8/INT4 kernels (at one
-    row both the tensor-core one and the GEMV one) and the original's approach (dequantize, then matmul). Each case cycles through `copies` weights so that the bytes
+    row both the tensor-core one and the GEMV one), PyTorch's weight-only ops and the original's approach (dequantize, then matmul). Each case cycles through `copies` weights so that the bytes
     come from HBM, not from the GPU's L2 cache."""
     from quantization.ops import quantized_linear_reference
     from quantization.triton_ops import triton_quantized_linear
@@ -155,7 +155,40 @@ def gpu_cases(k, n, rows, device, copies):
                           cycling(lambda q, b=bits: triton_quantized_linear(x, *q, b, gemv=True), qs)))  # fmt: skip
         cases.append((f"INT{bits} orig dequant+mm", nbytes,
                       cycling(lambda q, b=bits: quantized_linear_reference(x, *q, b), qs)))  # fmt: skip
+        if str(device).startswith("cuda"):  # PyTorch's own weight-only CUDA ops, where this build has them
+            try:
+                case = torch_op_case(x, qs, bits, k)
+                case[2]()
+                cases.append(case)
+            except Exception as e:  # absent or refused in this build: say so, go on
+                print(f"# INT{bits} torch op skipped at {k}->{n}: {type(e).__name__}: {str(e)[:120]}", flush=True)
     return cases
+
+
+def torch_op_case(x, qs, bits, k):
+    """aten._weight_int8pack_mm, or tinygemm's aten._weight_int4pack_mm on weights repacked for it (unsigned
+    nibbles with a zero point of 8, one scale per row repeated per group), cycling like the others."""
+    xb = x.bfloat16()
+    nbytes = qs[0][0].numel() + qs[0][1].numel() * 2
+    if bits == 8:
+        ws = [(q, s.bfloat16()) for q, s in qs]
+        fn = lambda w: torch.ops.aten._weight_int8pack_mm(xb, *w)  # noqa: E731
+    else:
+        group = next(g for g in (256, 128, 64, 32) if k % g == 0)
+        ws = []
+        for q, s in qs:
+            u = (unpack_int4(q).to(torch.int32) + 8).to(torch.uint8)
+            packed = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).contiguous(), 8)
+            sz = torch.stack([s.float(), torch.zeros_like(s.float())], -1).bfloat16()  # [n, 2]
+            ws.append((packed, sz.unsqueeze(0).expand(k // group, -1, -1).contiguous()))
+        fn = lambda w: torch.ops.aten._weight_int4pack_mm(xb, w[0], group, w[1])  # noqa: E731
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(ws)
+        return fn(ws[state["i"]])
+
+    return (f"INT{bits} torch op", nbytes, call)
 
 
 def run_gpu(rows: int, device: str = "cuda", shapes=None, copies: int | None = None) -> list[str]:
