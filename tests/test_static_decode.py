@@ -239,11 +239,15 @@ def test_forced_tokens_check_on_cpu(tiny):
 
 
 @needs_cuda
-@pytest.mark.parametrize("mode", ["cuda_graph", "compile"])
-@pytest.mark.parametrize("bits", [0, 4])
-def test_cuda_decode_equals_eager(tiny_dirs, mode, bits):
-    model = chatglm.load_model(str(tiny_dirs["v2"]), dtype=torch.float16, quantization_bit=bits or None)
-    _follows_eager(model.cuda().eval(), chatglm.load_tokenizer(str(tiny_dirs["v2"])), mode, "cuda", 3e-2)
+@pytest.mark.parametrize(
+    "version, mode, bits",
+    [("v2", "cuda_graph", 0), ("v2", "cuda_graph", 4), ("v2", "compile", 0), ("v2", "compile", 4),
+     ("v1", "cuda_graph", 0), ("v3", "cuda_graph", 8)],
+)  # fmt: skip
+def test_cuda_decode_equals_eager(tiny_dirs, version, mode, bits):
+    path = str(tiny_dirs[version])
+    model = chatglm.load_model(path, dtype=torch.float16, quantization_bit=bits or None)
+    _follows_eager(model.cuda().eval(), chatglm.load_tokenizer(path), mode, "cuda", 3e-2)
 
 
 def test_v1_rotary_tables_are_sized_once_per_forward(tiny_dirs):
