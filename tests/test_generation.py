@@ -125,6 +125,11 @@ def test_warpers_match_definitions():
     bad = torch.tensor([[float("nan"), 1.0, 2.0, 3.0, 4.0, 5.0]])
     fixed = InvalidScoreLogitsProcessor()(None, bad)
     assert fixed.argmax().item() == 5 and torch.isfinite(fixed).all()
+    for value in (float("inf"), float("-inf")):  # the original's guard also takes infinities
+        worse = torch.tensor([[1.0, value, 2.0, 3.0, 4.0, 0.0]])
+        assert InvalidScoreLogitsProcessor()(None, worse).argmax().item() == 5
+    fine = torch.tensor([[1.0, 9.0, 2.0, 3.0, 4.0, 0.0]])
+    assert torch.equal(InvalidScoreLogitsProcessor()(None, fine.clone()), fine)  # untouched when all finite
 
 
 def test_stream_decoder_holds_back_partial_characters(tiny):
