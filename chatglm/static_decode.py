@@ -25,6 +25,7 @@ Modes: "static" (the fixed-shape step run eagerly: the reference the others are 
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 
 import torch
@@ -35,6 +36,7 @@ from .kv_cache import KVCache, StaticSpan, _Storage, cache_length
 
 logger = logging.getLogger(__name__)
 _warned: set[str] = set()
+_lock = threading.Lock()
 
 MODES = ("eager", "static", "cuda_graph", "compile")
 MIN_SPAN = 256  # the smallest attention bucket; the next ones double up to the capacity
@@ -224,20 +226,25 @@ def get_decoder(model, batch: int, need: int, mode: str) -> StaticDecoder:
     one is dropped). When the kept one is busy (servers interleave the steps of two requests), this
     generation gets a private one."""
     capacity = _round_up(need)
-    kept = model.__dict__.setdefault("_static_decoders", {})
     signature = tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters())
     key = (batch, mode)
-    dec, sig = kept.get(key, (None, None))
-    if dec is not None and sig == signature:
-        if dec.busy:
+    with _lock:  # two threads must not both take the kept decoder
+        kept = model.__dict__.setdefault("_static_decoders", {})
+        dec, sig = kept.get(key, (None, None))
+        if dec is not None and sig == signature and not dec.busy:
+            dec.busy = True
+        elif dec is not None and sig == signature:
+            dec = None  # busy: a private one, made below
+        else:
+            kept.pop(key, None)  # free the old buffers and graphs before allocating new ones
             dec = StaticDecoder(model, batch, capacity, mode)
-        elif dec.capacity < capacity:
-            dec.grow(capacity)
-    else:
-        kept.pop(key, None)  # free the old buffers and graphs before allocating new ones
+            dec.busy = True
+            kept[key] = (dec, signature)
+    if dec is None:
         dec = StaticDecoder(model, batch, capacity, mode)
-        kept[key] = (dec, signature)
-    dec.busy = True
+        dec.busy = True
+    elif dec.capacity < capacity:
+        dec.grow(capacity)
     return dec
 
 

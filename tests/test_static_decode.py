@@ -164,6 +164,27 @@ def test_interleaved_generations_do_not_share_buffers(tiny):
     assert not kept.busy  # released when its generation ended
 
 
+def test_threads_without_a_lock_each_get_their_own_buffers(tiny):
+    import threading
+
+    model, tok = tiny["v2"]
+    prompts = [tok([p], return_tensors="pt")["input_ids"] for p in ("你好", "Hello", "What is 1+1?", "再见")]
+    kw = dict(max_new_tokens=40, eos_token_id=[-1], do_sample=False)
+    expected = [model.generate(ids, decode="eager", **kw).tolist() for ids in prompts]
+    got = [None] * len(prompts)
+
+    def run(i):
+        got[i] = model.generate(prompts[i], decode="static", **kw).tolist()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == expected
+    assert not model._static_decoders[(1, "static")][0].busy
+
+
 def test_decoder_is_kept_and_rebuilt_when_the_weights_move(tiny_dirs):
     model = chatglm.load_model(str(tiny_dirs["v2"]), dtype=torch.float32).eval()
     first = get_decoder(model, 1, 100, "static")
