@@ -214,7 +214,7 @@ def _capture(fn, device):
 
     def replay():
         graph.replay()
-        return out
+        return out.clone()  # the graph's output is overwritten by the next replay: callers may keep the logits
 
     return replay
 
