@@ -183,9 +183,9 @@ class StaticDecoder:
                 )
             _allow_recompiles(64)
             fn = torch.compile(fn, dynamic=False)
-        if self.device.type != "cuda" or self.mode == "static":
-            return fn
-        return _capture(fn, self.device)
+        if self.mode == "cuda_graph" or (self.mode == "compile" and self.device.type == "cuda"):
+            return _capture(fn, self.device)
+        return fn
 
 
 def _allow_recompiles(limit: int) -> None:

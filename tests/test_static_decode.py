@@ -253,6 +253,34 @@ def _follows_eager(model, tok, mode, device, atol):
         torch.testing.assert_close(logits, logits_e, atol=atol, rtol=atol)
 
 
+def test_graph_replay_semantics_on_cpu(tiny_dirs, monkeypatch):
+    """A CUDA graph replays the recorded kernels on the same tensors and runs no Python: a step that baked a
+    per-step Python value (a length, a position) into the recording would replay it wrongly. make_fx records the
+    step the same way on the CPU (aten ops on the same tensors), so "cuda_graph" runs here on that stand-in."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from chatglm import layers, static_decode
+
+    monkeypatch.setattr(static_decode, "_device_for", lambda model, mode: torch.device("cpu"))
+    monkeypatch.setattr(layers, "get_cpu_kernel", lambda: None)  # ctypes calls would be missing from a recording
+    recorded = []
+
+    def record(fn, device):
+        fn()  # the warm-up, as the real capture does
+        graph = make_fx(fn)()
+        recorded.append(graph)
+        return lambda: graph().clone()
+
+    monkeypatch.setattr(static_decode, "_capture", record)
+    model = chatglm.load_model(str(tiny_dirs["v2"]), dtype=torch.float32).eval()
+    tok = chatglm.load_tokenizer(str(tiny_dirs["v2"]))
+    kw = dict(_batch(tok), max_new_tokens=300, eos_token_id=[-1])
+    _assert_same(_run(model, "cuda_graph", **kw), _run(model, "eager", **kw))
+    assert len(recorded) == 2  # one recording per span: 256, then 512
+    _assert_same(_run(model, "cuda_graph", **kw), _run(model, "eager", **kw))  # replayed, not recorded again
+    assert len(recorded) == 2
+
+
 def test_forced_tokens_check_on_cpu(tiny):
     """The GPU test's method, on the CPU with the fixed-shape step run eagerly."""
     model, tok = tiny["v2"]
