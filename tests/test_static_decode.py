@@ -253,7 +253,8 @@ def _follows_eager(model, tok, mode, device, atol):
         torch.testing.assert_close(logits, logits_e, atol=atol, rtol=atol)
 
 
-def test_graph_replay_semantics_on_cpu(tiny_dirs, monkeypatch):
+@pytest.mark.parametrize("version, bits", [("v2", 0), ("v1", 0), ("v3", 4)])
+def test_graph_replay_semantics_on_cpu(tiny_dirs, monkeypatch, version, bits):
     """A CUDA graph replays the recorded kernels on the same tensors and runs no Python: a step that baked a
     per-step Python value (a length, a position) into the recording would replay it wrongly. make_fx records the
     step the same way on the CPU (aten ops on the same tensors), so "cuda_graph" runs here on that stand-in."""
@@ -272,8 +273,10 @@ def test_graph_replay_semantics_on_cpu(tiny_dirs, monkeypatch):
         return lambda: graph().clone()
 
     monkeypatch.setattr(static_decode, "_capture", record)
-    model = chatglm.load_model(str(tiny_dirs["v2"]), dtype=torch.float32).eval()
-    tok = chatglm.load_tokenizer(str(tiny_dirs["v2"]))
+    path = str(tiny_dirs[version])
+    model = chatglm.load_model(path, dtype=torch.float32, quantization_bit=bits or None).eval()
+    monkeypatch.setattr("quantization.ops.get_cpu_kernel", lambda: None)  # INT4: the PyTorch path, recordable
+    tok = chatglm.load_tokenizer(path)
     kw = dict(_batch(tok), max_new_tokens=300, eos_token_id=[-1])
     _assert_same(_run(model, "cuda_graph", **kw), _run(model, "eager", **kw))
     assert len(recorded) == 2  # one recording per span: 256, then 512
