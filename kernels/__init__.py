@@ -21,6 +21,8 @@ import threading
 
 import torch
 
+from . import torch_ops
+
 logger = logging.getLogger(__name__)
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPU_SOURCE = os.path.join(HERE, "quantization_kernels.c")
@@ -267,6 +269,7 @@ def cpu_fast_paths() -> bool:
 
 
 @functools.cache
+@torch.compiler.assume_constant_result  # torch.compile takes the answer, not the reading of /proc/cpuinfo
 def native_half_gemm(dtype: torch.dtype) -> bool:
     """Whether this CPU has matrix instructions for `dtype` (bf16: AVX512-BF16/AMX/ARM BF16; fp16: AVX512-FP16,
     AMX-FP16, ARM FP16). Without them torch's half-precision CPU GEMM is emulated and several times slower than
@@ -288,10 +291,11 @@ def native_half_gemm(dtype: torch.dtype) -> bool:
 
 def get_cpu_kernel() -> CpuKernel | None:
     """The compiled CPU kernels, or None (the PyTorch reference is then used). Set CHATGLM_NO_CPU_KERNEL=1
-    to force the fallback. None while torch.compile traces: ctypes calls cannot be part of a compiled graph."""
+    to force the fallback. While torch.compile traces, the same kernels as PyTorch operators
+    (kernels/torch_ops.py): a ctypes call cannot be part of a compiled graph, an operator can."""
     global _cpu_kernel, _cpu_tried
     if torch.compiler.is_compiling():
-        return None
+        return torch_ops.COMPILED if _cpu_kernel is not None else None
     if _cpu_tried:
         return _cpu_kernel
     with _lock:

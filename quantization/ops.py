@@ -70,6 +70,8 @@ def cached_fp32(owner, name: str) -> torch.Tensor | None:
     t = getattr(owner, name)
     if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
         return t
+    if torch.compiler.is_compiling():  # inside a compiled graph the conversion is one fused op, always fresh
+        return t.float().contiguous()
     cache = owner.__dict__.setdefault("_fp32_cache", {})
     version = -1 if t.is_inference() else t._version  # inference tensors keep no version counter
     key = (t.data_ptr(), version, t.dtype, t.device)
