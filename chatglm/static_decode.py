@@ -24,29 +24,18 @@ Modes: "static" (the fixed-shape step run eagerly: the reference the others are 
 
 from __future__ import annotations
 
-import logging
 import threading
 import weakref
 
 import torch
 
-from kernels import get_cpu_kernel
-
 from .kv_cache import KVCache, StaticSpan, _Storage, cache_length
 
-logger = logging.getLogger(__name__)
-_warned: set[str] = set()
 _lock = threading.Lock()
 
 MODES = ("eager", "static", "cuda_graph", "compile")
 MIN_SPAN = 256  # the smallest attention bucket; the next ones double up to the capacity
 CAPACITY_STEP = 256  # capacities are rounded up to a multiple of this, so nearby lengths share a decoder
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        logger.warning(message)
 
 
 def check_mode(mode: str) -> str:
@@ -175,12 +164,7 @@ class StaticDecoder:
         if any(t is None for t in self.storage.k):
             raise RuntimeError("static decode: the prefill did not fill every layer's buffers")
         fn = lambda: self._forward(span)  # noqa: E731
-        if self.mode == "compile":
-            if self.device.type == "cpu" and get_cpu_kernel() is not None:
-                _warn_once(
-                    "decode='compile' on the CPU runs without the C kernels (they cannot enter a compiled "
-                    "graph) and is far slower than eager decode; it is there for testing"
-                )
+        if self.mode == "compile":  # on the CPU the C kernels enter the graph as operators (kernels/torch_ops.py)
             _allow_recompiles(64)
             fn = torch.compile(fn, dynamic=False)
         if self.mode == "cuda_graph" or (self.mode == "compile" and self.device.type == "cuda"):

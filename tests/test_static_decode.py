@@ -102,6 +102,30 @@ def test_compiled_step_equals_eager(tiny):
     _assert_same(_run(model, "compile", **kw), eager)  # the second generation reuses the compiled step
 
 
+@pytest.mark.parametrize("dtype, bits", [(torch.bfloat16, 0), (torch.bfloat16, 4)], ids=["bf16", "int4"])
+def test_compiled_step_keeps_the_cpu_kernels(tiny_dirs, dtype, bits):
+    """The C kernels enter the compiled step as operators (kernels/torch_ops.py): one graph, no breaks, the
+    operators in it, and eager decode's tokens."""
+    import torch._dynamo
+
+    from kernels import get_cpu_kernel
+
+    if get_cpu_kernel() is None:
+        pytest.skip("no CPU kernels here (no compiler)")
+    path = str(tiny_dirs["v3"])
+    model = chatglm.load_model(path, dtype=dtype, quantization_bit=bits or None).eval()
+    tok = chatglm.load_tokenizer(path)
+    kw = dict(_batch(tok), max_new_tokens=12, eos_token_id=[-1])
+    _assert_same(_run(model, "compile", **kw), _run(model, "eager", **kw), atol=1e-4)
+    decoder = model._static_decoders[(2, "compile")][0]
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(lambda: decoder._forward(256))()
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    code = "\n".join(g.code for g in explained.graphs)
+    wanted = ["cpu_rms_norm", "cpu_rotary_", "cpu_silu_mul", "cpu_linear" if bits else "cpu_half_linear"]
+    assert all(name in code for name in wanted), code[:2000]
+
+
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_static_step_with_ptuning_prefix(tiny_dirs, version):
     path = str(tiny_dirs[version])
