@@ -164,7 +164,11 @@ class StaticDecoder:
         if any(t is None for t in self.storage.k):
             raise RuntimeError("static decode: the prefill did not fill every layer's buffers")
         fn = lambda: self._forward(span)  # noqa: E731
-        if self.mode == "compile":  # on the CPU the C kernels enter the graph as operators (kernels/torch_ops.py)
+        if self.mode == "compile":
+            if self.device.type == "cpu":
+                from kernels import torch_ops
+
+                torch_ops.register()  # the C kernels enter the graph as operators
             _allow_recompiles(64)
             fn = torch.compile(fn, dynamic=False)
         if self.mode == "cuda_graph" or (self.mode == "compile" and self.device.type == "cuda"):

@@ -9,7 +9,6 @@ single-threaded build), and callers use the PyTorch reference instead.
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import logging
 import os
@@ -268,12 +267,21 @@ def cpu_fast_paths() -> bool:
     return not os.environ.get("CHATGLM_NO_CPU_KERNEL")
 
 
-@functools.cache
-@torch.compiler.assume_constant_result  # torch.compile takes the answer, not the reading of /proc/cpuinfo
+_native_half: dict = {}
+
+
 def native_half_gemm(dtype: torch.dtype) -> bool:
     """Whether this CPU has matrix instructions for `dtype` (bf16: AVX512-BF16/AMX/ARM BF16; fp16: AVX512-FP16,
     AMX-FP16, ARM FP16). Without them torch's half-precision CPU GEMM is emulated and several times slower than
-    fp32: prefill then goes through our kernels, and the activations are computed in fp32."""
+    fp32: prefill then goes through our kernels, and the activations are computed in fp32. Kept in a plain dict
+    (not functools.cache): torch.compile then reads the answer that eager code found, not /proc/cpuinfo."""
+    hit = _native_half.get(dtype)
+    if hit is None:
+        hit = _native_half[dtype] = _read_native_half(dtype)
+    return hit
+
+
+def _read_native_half(dtype: torch.dtype) -> bool:
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             flags = set()
@@ -295,7 +303,7 @@ def get_cpu_kernel() -> CpuKernel | None:
     (kernels/torch_ops.py): a ctypes call cannot be part of a compiled graph, an operator can."""
     global _cpu_kernel, _cpu_tried
     if torch.compiler.is_compiling():
-        return torch_ops.COMPILED if _cpu_kernel is not None else None
+        return torch_ops.COMPILED if _cpu_kernel is not None and torch_ops.registered else None
     if _cpu_tried:
         return _cpu_kernel
     with _lock:

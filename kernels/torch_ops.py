@@ -6,11 +6,14 @@ kernel call or, as `get_cpu_kernel` did before, leave the kernels out. Registere
 tracing, so a compiled decode step keeps them.
 
 `CompiledKernel` has the methods of `kernels.CpuKernel` that the model calls, each going through its
-operator; `kernels.get_cpu_kernel()` returns it while torch.compile traces. Eager code keeps calling the
+operator; `kernels.get_cpu_kernel()` returns it while torch.compile traces, once `register()` has run (the
+compiled decode step runs it; call it before compiling the model yourself). Eager code keeps calling the
 ctypes wrapper directly (an operator costs a few microseconds of dispatch per call).
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 from torch.library import custom_op
@@ -25,55 +28,64 @@ def _kernel():
     return kernel
 
 
-@custom_op("chatglm::cpu_linear", mutates_args=())
-def cpu_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bits: int,
-               bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-    return _kernel().linear(x, weight, scale, bits, bias)
+registered = False
+_register_lock = threading.Lock()
 
 
-@cpu_linear.register_fake
-def _(x, weight, scale, bits, bias):
-    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+def register() -> None:
+    """Define the operators (once per process). Called before torch.compile builds a decode step; not at
+    import, because defining operators loads torch.compile's machinery (and triton, where installed)."""
+    global registered
+    with _register_lock:
+        if registered:
+            return
+        _define()
+        registered = True
 
 
-@custom_op("chatglm::cpu_half_linear", mutates_args=())
-def cpu_half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return _kernel().half_linear(x, weight, bias)
+def _define() -> None:
+    @custom_op("chatglm::cpu_linear", mutates_args=())
+    def cpu_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bits: int,
+                   bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        return _kernel().linear(x, weight, scale, bits, bias)
 
+    @cpu_linear.register_fake
+    def _(x, weight, scale, bits, bias):
+        return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
-@cpu_half_linear.register_fake
-def _(x, weight, bias):
-    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+    @custom_op("chatglm::cpu_half_linear", mutates_args=())
+    def cpu_half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return _kernel().half_linear(x, weight, bias)
 
+    @cpu_half_linear.register_fake
+    def _(x, weight, bias):
+        return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
-@custom_op("chatglm::cpu_rms_norm", mutates_args=())
-def cpu_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return _kernel().rms_norm(x, weight, eps)
+    @custom_op("chatglm::cpu_rms_norm", mutates_args=())
+    def cpu_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return _kernel().rms_norm(x, weight, eps)
 
+    @cpu_rms_norm.register_fake
+    def _(x, weight, eps):
+        return torch.empty_like(x)
 
-@cpu_rms_norm.register_fake
-def _(x, weight, eps):
-    return torch.empty_like(x)
+    @custom_op("chatglm::cpu_rotary_", mutates_args=("x",))
+    def cpu_rotary_(
+        x: torch.Tensor, rows: int, row_stride: int, heads: int, head_dim: int, cos_sin: torch.Tensor
+    ) -> None:
+        _kernel().rotary_(x, rows, row_stride, heads, head_dim, cos_sin)
 
+    @cpu_rotary_.register_fake
+    def _(x, rows, row_stride, heads, head_dim, cos_sin):
+        return None
 
-@custom_op("chatglm::cpu_rotary_", mutates_args=("x",))
-def cpu_rotary_(x: torch.Tensor, rows: int, row_stride: int, heads: int, head_dim: int, cos_sin: torch.Tensor) -> None:
-    _kernel().rotary_(x, rows, row_stride, heads, head_dim, cos_sin)
+    @custom_op("chatglm::cpu_silu_mul", mutates_args=())
+    def cpu_silu_mul(h: torch.Tensor) -> torch.Tensor:
+        return _kernel().silu_mul(h)
 
-
-@cpu_rotary_.register_fake
-def _(x, rows, row_stride, heads, head_dim, cos_sin):
-    return None
-
-
-@custom_op("chatglm::cpu_silu_mul", mutates_args=())
-def cpu_silu_mul(h: torch.Tensor) -> torch.Tensor:
-    return _kernel().silu_mul(h)
-
-
-@cpu_silu_mul.register_fake
-def _(h):
-    return h.new_empty(*h.shape[:-1], h.shape[-1] // 2)
+    @cpu_silu_mul.register_fake
+    def _(h):
+        return h.new_empty(*h.shape[:-1], h.shape[-1] // 2)
 
 
 class CompiledKernel:
