@@ -132,15 +132,6 @@ def gpu_cases(k, n, rows, device, copies):
     x = torch.randn(rows, k, device=device, dtype=torch.float16, generator=g)
     cases = []
 
-    def cycling(fn, weights):
-        state = {"i": 0}
-
-        def call():
-            state["i"] = (state["i"] + 1) % len(weights)
-            return fn(weights[state["i"]])
-
-        return call
-
     for dtype, name in ((torch.float16, "fp16 cuBLAS"), (torch.bfloat16, "bf16 cuBLAS")):
         ws = [torch.randn(n, k, device=device, generator=g).to(dtype) for _ in range(copies)]
         xd = x.to(dtype)
@@ -182,13 +173,18 @@ def torch_op_case(x, qs, bits, k):
             sz = torch.stack([s.float(), torch.zeros_like(s.float())], -1).bfloat16()  # [n, 2]
             ws.append((packed, sz.unsqueeze(0).expand(k // group, -1, -1).contiguous()))
         fn = lambda w: torch.ops.aten._weight_int4pack_mm(xb, w[0], group, w[1])  # noqa: E731
+    return (f"INT{bits} torch op", nbytes, cycling(fn, ws))
+
+
+def cycling(fn, weights):
+    """fn over the next of `weights` at each call, so that on a GPU the bytes come from HBM, not from L2."""
     state = {"i": 0}
 
     def call():
-        state["i"] = (state["i"] + 1) % len(ws)
-        return fn(ws[state["i"]])
+        state["i"] = (state["i"] + 1) % len(weights)
+        return fn(weights[state["i"]])
 
-    return (f"INT{bits} torch op", nbytes, call)
+    return call
 
 
 def run_gpu(rows: int, device: str = "cuda", shapes=None, copies: int | None = None) -> list[str]:

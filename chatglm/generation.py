@@ -172,13 +172,14 @@ def generate_stream(
     state = model._init_generation(input_ids, attention_mask, position_ids, past_key_values)
     decoder = None
     decode = check_mode(decode or getattr(model, "decode_mode", None) or "eager")
+    # Room for the prompt and the first tokens (one token for a prompt past max_length); either cache grows
+    # (doubling) when a long reply needs more.
+    room = max(prompt_len + 1, min(max_length, prompt_len + 256))
+    capacity = cache_length(past_key_values) + (model.config.pre_seq_len or 0) + room
     if decode != "eager":
         if kv_cache != "static":
             raise ValueError(f"decode={decode!r} needs kv_cache='static'")
-        # Room for the prompt and the first tokens, as the eager cache below; the decoder grows when needed.
-        room = max(prompt_len + 1, min(max_length, prompt_len + 256))  # a prompt past max_length: one token
-        need = cache_length(past_key_values) + (model.config.pre_seq_len or 0) + room
-        decoder = get_decoder(model, b, need, decode)
+        decoder = get_decoder(model, b, capacity, decode)
         try:
             keys = state.get("keep", state["attention_mask"])  # v1 keeps a 2D mask beside the original's 3D one
             state["past_key_values"] = decoder.begin(keys, prompt_len, past_key_values)
@@ -186,8 +187,6 @@ def generate_stream(
             decoder.release()
             raise
     elif kv_cache == "static":
-        # Room for the prompt and the first tokens; the cache doubles when a long reply needs more.
-        capacity = cache_length(past_key_values) + (model.config.pre_seq_len or 0) + min(max_length, prompt_len + 256)
         if past_key_values is None:
             state["past_key_values"] = KVCache.empty(model.config.num_layers, capacity)
         else:  # a copy: the caller's cache stays valid (a retry from an older turn, two branches)

@@ -24,8 +24,14 @@ class _Storage:
         self.v: list[torch.Tensor | None] = [None] * num_layers
         self.capacity = capacity
         self.filled = 0  # positions written by the generation that owns this storage
-        self.zeroed = False  # allocate zero-filled (the fixed-span attention of static_decode masks, and 0 * NaN
-        # of uninitialized memory would still be NaN)
+        # Zero-filled buffers: the fixed-span attention of static_decode reads masked positions too, and 0 * NaN
+        # of uninitialized memory would still be NaN.
+        self.zeroed = False
+
+    def new_buffer(self, like: torch.Tensor, capacity: int) -> torch.Tensor:
+        """A layer's buffer [b, heads, capacity, d] in `like`'s dtype and device."""
+        alloc = like.new_zeros if self.zeroed else like.new_empty
+        return alloc(like.shape[0], like.shape[1], capacity, like.shape[3])
 
 
 class KVCache:
@@ -80,9 +86,7 @@ class KVCache:
             for bufs in (s.k, s.v):
                 old = bufs[i]
                 if old is not None:
-                    new = (old.new_zeros if s.zeroed else old.new_empty)(
-                        old.shape[0], old.shape[1], new_cap, old.shape[3]
-                    )
+                    new = s.new_buffer(old, new_cap)
                     new[:, :, : s.filled] = old[:, :, : s.filled]
                     bufs[i] = new
         s.capacity = new_cap
@@ -94,8 +98,7 @@ class KVCache:
             raise RuntimeError(f"KV cache overflow: {end} > capacity {s.capacity} (call reserve first)")
         for bufs, t in ((s.k, k), (s.v, v)):
             if bufs[i] is None:
-                new = t.new_zeros if s.zeroed else t.new_empty
-                bufs[i] = new(t.shape[0], t.shape[1], s.capacity, t.shape[3])
+                bufs[i] = s.new_buffer(t, s.capacity)
             bufs[i][:, :, start:end] = t
 
     def append(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -175,9 +175,7 @@ class ChatGLMModel(nn.Module):
         mask = glm_mask(input_ids, self.config, attention_mask, cached, prefix, x.device)
         # Every layer's rotary table covers these positions before the layers run: one read of the largest
         # position per forward, not one per layer (on a GPU each read waits for all queued work).
-        need = int(position_ids.max()) + 1
-        for layer in self.layers:
-            layer.attention.rotary_emb.table(need, layer.attention.rotary_emb.inv_freq.device)
+        self.rope_tables(int(position_ids.max()) + 1)
         hidden = []
         presents = []
         for i, layer in enumerate(self.layers):
@@ -190,6 +188,11 @@ class ChatGLMModel(nn.Module):
             hidden.append(x)
         static = isinstance(past_key_values, KVCache)
         return x, past_key_values.advance(s) if static else tuple(presents), hidden
+
+    def rope_tables(self, need: int, device=None) -> list[torch.Tensor]:
+        """Every layer's rotary table sized for `need` positions, on `device` or where that layer lives."""
+        return [layer.attention.rotary_emb.table(need, device or layer.attention.rotary_emb.inv_freq.device)
+                for layer in self.layers]  # fmt: skip
 
 
 def _left_pads(attention_mask, b, s):
@@ -322,4 +325,4 @@ class ChatGLMForConditionalGeneration(ChatGLMCausalLM):
     def _rope_table(self, positions: int, device):
         # Each layer keeps its own table (its own inv_freq buffer); the decoder holds on to all of them, since
         # a captured graph reads them by address.
-        return [layer.attention.rotary_emb.table(positions, device) for layer in self.transformer.layers]
+        return self.transformer.rope_tables(positions, device)

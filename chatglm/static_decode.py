@@ -58,7 +58,7 @@ class StaticDecoder:
 
     def __init__(self, model, batch: int, capacity: int, mode: str):
         self.device = _device_for(model, mode)
-        self.model, self.batch, self.capacity, self.mode = model, batch, capacity, mode
+        self.model, self.batch, self.mode = model, batch, mode
         self.storage = _Storage(model.config.num_layers, capacity)
         self.storage.zeroed = True
         self.rope = model._rope_table(capacity, self.device)  # kept: a captured graph reads it by address
@@ -71,6 +71,10 @@ class StaticDecoder:
         self._steps: dict[int, object] = {}  # span -> callable running one step
         self._handed: weakref.WeakSet[KVCache] = weakref.WeakSet()
         self.busy = False  # a generation is using the buffers (get_decoder .. release)
+
+    @property
+    def capacity(self) -> int:
+        return self.storage.capacity
 
     def release(self) -> None:
         """The generation is over: the buffers may serve the next one."""
@@ -138,20 +142,14 @@ class StaticDecoder:
 
     def grow(self, need: int) -> None:
         """Room for `need` positions (at least double): the buffers are copied, the steps made again."""
-        capacity = max(_round_up(need), 2 * self.capacity)
-        s = self.storage
-        for bufs in (s.k, s.v):
-            for i, old in enumerate(bufs):
-                if old is not None:
-                    bufs[i] = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
-                    bufs[i][:, :, : s.filled] = old[:, :, : s.filled]
-        s.capacity = capacity
+        old = self.capacity
+        KVCache(self.storage, 0).reserve(max(_round_up(need), 2 * old))  # copies what is filled, zero beyond
+        capacity = self.capacity
         key_valid = torch.ones(self.batch, capacity, dtype=torch.bool, device=self.device)
-        key_valid[:, : self.capacity] = self.key_valid
+        key_valid[:, :old] = self.key_valid
         self.key_valid, self.positions = key_valid, torch.arange(capacity, device=self.device)
         self.rope = self.model._rope_table(capacity, self.device)
         self._steps.clear()  # graphs read the old buffers by address
-        self.capacity = capacity
 
     # --- the fixed-shape step, per span ---
     def _forward(self, span: int) -> torch.Tensor:

@@ -406,13 +406,7 @@ def triton_quantized_linear(
         if bias is not None:
             y += bias.to(x.dtype)
         return y.view(*lead, N)
-    if gemv is None:
-        gemv = M == 1 and os.environ.get("CHATGLM_TRITON_GEMV") == "1"
-    if gemv:
-        if M != 1:
-            raise ValueError(f"the GEMV kernel takes one row of x, got {M}")
-        return _gemv(x2, weight, scale, bits, bias, block_n, block_k, split_k).view(*lead, N)
-    if M > dequant_above:
+    if M > dequant_above and not gemv:
         w = triton_dequantize(weight, scale, bits, x.dtype)
         y = torch.matmul(x2, w.t())
         if bias is not None:
@@ -421,6 +415,12 @@ def triton_quantized_linear(
 
     weight, scale = weight.contiguous(), scale.contiguous()
     bias = bias.contiguous() if bias is not None else None
+    if gemv is None:
+        gemv = M == 1 and os.environ.get("CHATGLM_TRITON_GEMV") == "1"
+    if gemv:
+        if M != 1:
+            raise ValueError(f"the GEMV kernel takes one row of x, got {M}")
+        return _gemv(x2, weight, scale, bits, bias, block_n, block_k, split_k).view(*lead, N)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     min_k = 32 if bits == 4 else 16  # tl.dot needs 16 on the K side; INT4 runs it on BLOCK_K / 2
@@ -431,21 +431,9 @@ def triton_quantized_linear(
     block_n = _check_block("block_n", block_n, 16)
     block_k = _check_block("block_k", block_k, min_k)
     block_m = min(MAX_BLOCK_M, max(16, _next_pow2(M)))
-    n_blocks, m_blocks, k_blocks = _cdiv(N, block_n), _cdiv(M, block_m), _cdiv(K, block_k)
-    if split_k is None:
-        split_k = 1
-        if x.is_cuda:  # fill the GPU: about two programs per SM
-            target = 2 * _sm_count(x.device)
-            if n_blocks * m_blocks < target:
-                split_k = min(_cdiv(target, n_blocks * m_blocks), k_blocks, 16)
-    split_k = max(1, min(int(split_k), k_blocks))
-    k_per_split = _cdiv(k_blocks, split_k) * block_k
-    split_k = _cdiv(K, k_per_split)  # no empty splits
-
-    if split_k == 1:
-        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    else:
-        out = torch.zeros(M, N, dtype=torch.float32, device=x.device)
+    n_blocks, m_blocks = _cdiv(N, block_n), _cdiv(M, block_m)
+    split_k, k_per_split = _split_k(x, split_k, n_blocks * m_blocks, K, block_k)
+    out = _output(x, M, N, split_k)
     grid = (n_blocks, m_blocks, split_k)
     _kernels()["linear"][grid](
         x2,
@@ -474,29 +462,39 @@ def triton_quantized_linear(
     return out.to(x.dtype).view(*lead, N)
 
 
+def _split_k(x, split_k, programs, K, block_k):
+    """(K splits, columns per split) for a launch of `programs` output blocks: by default enough splits for
+    about two programs per SM on a GPU (at most 16), one elsewhere; never an empty split."""
+    k_blocks = _cdiv(K, block_k)
+    if split_k is None:
+        split_k = 1
+        target = 2 * _sm_count(x.device) if x.is_cuda else 0
+        if programs < target:
+            split_k = min(_cdiv(target, programs), k_blocks, 16)
+    split_k = max(1, min(int(split_k), k_blocks))
+    k_per_split = _cdiv(k_blocks, split_k) * block_k
+    return _cdiv(K, k_per_split), k_per_split
+
+
+def _output(x, M, N, split_k):
+    """The kernels' output: x's dtype, or a zeroed fp32 one that the K splits add into."""
+    if split_k == 1:
+        return torch.empty(M, N, dtype=x.dtype, device=x.device)
+    return torch.zeros(M, N, dtype=torch.float32, device=x.device)
+
+
 def _gemv(x, weight, scale, bits, bias, block_n, block_k, split_k):
     """The GEMV kernel's launch for x [1, K]: BLOCK_N 32 weight rows per program, BLOCK_K 256 (INT8) / 512
     (INT4) columns per step, split-K to fill the GPU as the tensor-core kernel does."""
     N = weight.shape[0]
     K = x.shape[1]
-    weight, scale = weight.contiguous(), scale.contiguous()
-    bias = bias.contiguous() if bias is not None else None
     block_n = _check_block("block_n", 32 if block_n is None else block_n, 1)
     if block_k is None:
         block_k = min(512 if bits == 4 else 256, max(16, _next_pow2(K)))
     block_k = _check_block("block_k", block_k, 2 if bits == 4 else 1)
-    n_blocks, k_blocks = _cdiv(N, block_n), _cdiv(K, block_k)
-    if split_k is None:
-        split_k = 1
-        if x.is_cuda and n_blocks < 2 * _sm_count(x.device):
-            split_k = min(_cdiv(2 * _sm_count(x.device), n_blocks), k_blocks, 16)
-    split_k = max(1, min(int(split_k), k_blocks))
-    k_per_split = _cdiv(k_blocks, split_k) * block_k
-    split_k = _cdiv(K, k_per_split)
-    if split_k == 1:
-        out = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    else:
-        out = torch.zeros(1, N, dtype=torch.float32, device=x.device)
+    n_blocks = _cdiv(N, block_n)
+    split_k, k_per_split = _split_k(x, split_k, n_blocks, K, block_k)
+    out = _output(x, 1, N, split_k)
     _kernels()["gemv"][(n_blocks, split_k)](
         x,
         weight,
