@@ -24,11 +24,48 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+_INTERPRETER_PROBE = {}
+
+
+def interpreter_failure():
+    """Why Triton's interpreter cannot run a loop with a run-time bound here, or None when it can. Triton 3.6's
+    interpreter turns such a bound into a Python int from a 1-element array, which NumPy 2.4 and newer refuse
+    ("only 0-dimensional arrays can be converted to Python scalars"); the kernels themselves compile and run on a
+    GPU with it. Asked once, with a kernel of the probe's own, after TRITON_INTERPRET=1 is set."""
+    if "why" not in _INTERPRETER_PROBE:
+
+        @triton.jit
+        def _count(out_ptr, n):
+            total = 0
+            for _ in range(0, n, 1):
+                total += 1
+            triton.language.store(out_ptr, total)
+
+        out = torch.zeros(1, dtype=torch.int32)
+        try:
+            _count[(1,)](out, 3)
+            why = None if out.item() == 3 else f"the probe loop counted {out.item()}, not 3"
+        except Exception as e:  # the interpreter's own failure, whatever it is
+            why = f"{type(e).__name__}: {e}"
+        _INTERPRETER_PROBE["why"] = why
+    return _INTERPRETER_PROBE["why"]
+
+
+def interpret(monkeypatch):
+    """Set TRITON_INTERPRET=1 for this test, and skip it, saying why, where this Triton cannot interpret loops."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    why = interpreter_failure()
+    if why:
+        import numpy
+
+        pytest.skip(f"Triton {triton.__version__}'s interpreter fails with NumPy {numpy.__version__}: {why}")
+
+
 @pytest.fixture(params=["interpreter", "cuda"])
 def device(request, monkeypatch):
     """The device the tensors live on, with TRITON_INTERPRET set to match before any kernel is built."""
     if request.param == "interpreter":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        interpret(monkeypatch)
         return torch.device("cpu")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
@@ -236,7 +273,7 @@ def test_quantized_tiny_model_on_cuda_runs_triton_and_matches_cpu(tiny_dirs, bit
 def test_gpu_gemv_benchmark_runs_under_the_interpreter(monkeypatch):
     """benchmarks/bench_gemv.py --device cuda, run here on a tiny shape on the CPU under the interpreter: the
     table is produced, one row per backend, with a time per call (the GPU session then only has to run it)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    interpret(monkeypatch)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import bench_gemv
 
