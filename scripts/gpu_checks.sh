@@ -24,16 +24,18 @@ for step in $STEPS; do
     tests) # the Triton kernels compiled on the GPU, the quantized tiny model on CUDA, utils' cuda:0+cpu split,
         # decode steps replayed as CUDA graphs and compiled (fp16 and INT4) against eager decode
         "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_ops.py tests/test_utils.py \
-            tests/test_static_decode.py -k "cuda" 2>&1 | tee "$OUT/cuda-tests.txt" | tail -15 ;;
+            tests/test_static_decode.py -k "cuda" --durations=8 2>&1 | tee "$OUT/cuda-tests.txt" | tail -25 ;;
     gemv) # GEMV at the real shapes: Triton INT8/INT4 against cuBLAS fp16/bf16, GB/s against the copy bandwidth
         "$PY" benchmarks/bench_gemv.py --device cuda 2>&1 | tee "$OUT/gemv-cuda.txt" ;;
-    generate) # end to end (4 blocks at full width, scaled to 28): eager decode, CUDA-graph decode, reference
-        "$PY" benchmarks/bench_generate.py --device cuda --config "$CONFIG" --modes fp16 bf16 int8 int4 \
-            --threads 1 --paths ours ref graph 2>&1 | tee "$OUT/generate-cuda.txt" ;;
+    generate) # end to end, all 28 blocks (the GPU holds them; nothing is scaled): eager decode, CUDA-graph
+        # decode, reference
+        "$PY" benchmarks/bench_generate.py --device cuda --config "$CONFIG" --layers 28 \
+            --modes fp16 bf16 int8 int4 --threads 1 --paths ours ref graph 2>&1 | tee "$OUT/generate-cuda.txt" ;;
     context) # memory at a 32K context, INT4, all 28 blocks (the original claims ~11 GB for chatglm2-6b-32k)
         "$PY" benchmarks/bench_generate.py --device cuda --config "$CONFIG" --context 32768 --modes int4 \
             --threads 1 2>&1 | tee "$OUT/context-cuda.txt" ;;
-    compile) # torch.compile, then captured in a graph: compiling takes minutes, so it has a time limit
+    compile) # torch.compile, then captured in a graph: compiling takes minutes, so it has a time limit and
+        # 4 blocks at full width (scaled to 28)
         timeout 240 "$PY" benchmarks/bench_generate.py --device cuda --config "$CONFIG" --modes fp16 int4 \
             --threads 1 --paths ours compile 2>&1 | tee "$OUT/generate-cuda-compile.txt" ;;
     *) echo "unknown step $step (tests gemv generate context compile)" >&2; exit 2 ;;
