@@ -123,8 +123,9 @@ def run(threads: int, rows: int, original: bool) -> list[str]:
 
 def gpu_cases(k, n, rows, device, copies):
     """(name, weight bytes, fn) for one shape on a GPU: cuBLAS fp16/bf16, the Triton INT8/INT4 kernels (at one
-    row both the tensor-core one and the GEMV one), PyTorch's weight-only ops and the original's approach (dequantize, then matmul). Each case cycles through `copies` weights so that the bytes
-    come from HBM, not from the GPU's L2 cache."""
+    row both the tensor-core one and the GEMV one), PyTorch's weight-only ops and the original's approach
+    (dequantize, then matmul). Each case cycles through `copies` weights so that the bytes come from HBM, not
+    from the GPU's L2 cache."""
     from quantization.ops import quantized_linear_reference
     from quantization.triton_ops import triton_quantized_linear
 

@@ -245,7 +245,7 @@ def _quantized_gemv_kernel(
             hi = (wp >> 4).to(tl.float32)  # arithmetic shifts on the sign-extended byte
             lo = ((wp << 28) >> 28).to(tl.float32)
             acc += hi * x_even[None, :] + lo * x_odd[None, :]
-    y = tl.reduce(acc, 1, _add)  # not tl.sum: a jit helper that the interpreter cannot call (module docstring)
+    y = tl.reduce(acc, 1, _add)  # not tl.sum: a jit helper that the interpreter cannot call (see _kernels)
     y = y * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)

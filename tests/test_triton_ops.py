@@ -3,6 +3,7 @@
 On the CPU they run under Triton's interpreter (TRITON_INTERPRET=1, set before the kernels are first built);
 with a CUDA device the same checks also run compiled on the GPU."""
 
+import functools
 import importlib
 import subprocess
 import sys
@@ -24,31 +25,26 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-_INTERPRETER_PROBE = {}
-
-
+@functools.cache
 def interpreter_failure():
     """Why Triton's interpreter cannot run a loop with a run-time bound here, or None when it can. Triton 3.6's
     interpreter turns such a bound into a Python int from a 1-element array, which NumPy 2.4 and newer refuse
     ("only 0-dimensional arrays can be converted to Python scalars"); the kernels themselves compile and run on a
     GPU with it. Asked once, with a kernel of the probe's own, after TRITON_INTERPRET=1 is set."""
-    if "why" not in _INTERPRETER_PROBE:
 
-        @triton.jit
-        def _count(out_ptr, n):
-            total = 0
-            for _ in range(0, n, 1):
-                total += 1
-            triton.language.store(out_ptr, total)
+    @triton.jit
+    def _count(out_ptr, n):
+        total = 0
+        for _ in range(0, n, 1):
+            total += 1
+        triton.language.store(out_ptr, total)
 
-        out = torch.zeros(1, dtype=torch.int32)
-        try:
-            _count[(1,)](out, 3)
-            why = None if out.item() == 3 else f"the probe loop counted {out.item()}, not 3"
-        except Exception as e:  # the interpreter's own failure, whatever it is
-            why = f"{type(e).__name__}: {e}"
-        _INTERPRETER_PROBE["why"] = why
-    return _INTERPRETER_PROBE["why"]
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _count[(1,)](out, 3)
+    except Exception as e:  # the interpreter's own failure, whatever it is
+        return f"{type(e).__name__}: {e}"
+    return None if out.item() == 3 else f"the probe loop counted {out.item()}, not 3"
 
 
 def interpret(monkeypatch):
