@@ -42,6 +42,7 @@ from chatglm.hugepages import move_to_huge_pages
 from chatglm.loading import model_class, read_shard, weight_files
 from chatglm.loading import resolve_dtype as _parse_dtype
 from chatglm.static_decode import MODES, check_mode, check_model
+from kernels import native_half_gemm
 
 logger = logging.getLogger("chatglm.utils")
 
@@ -210,16 +211,9 @@ def _check_num_gpus(num_gpus: int, gpus: int) -> None:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True where PyTorch's CPU matmuls run bf16 well: AVX-512 (with or without BF16) or AMX, or ARM bf16."""
-    capability = str(torch.backends.cpu.get_cpu_capability()).upper()
-    if "AVX512" in capability or "AMX" in capability:
-        return True
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            flags = {w for line in f if line.startswith(("flags", "Features")) for w in line.split()}
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    """True where PyTorch's CPU matmuls run bf16 on native instructions (AVX512-BF16, AMX, ARM bf16): the one
+    probe, kernels.native_half_gemm (AVX-512 without BF16 emulates bf16 and is not enough)."""
+    return native_half_gemm(torch.bfloat16)
 
 
 def default_dtype(device: str) -> torch.dtype:

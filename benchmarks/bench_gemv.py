@@ -307,14 +307,7 @@ def main():
         print("\n".join(run_gpu(args.rows, args.device)))
         return
     kernel = get_cpu_kernel()
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
-    except OSError:
-        pass
-    print(f"# bench_gemv: torch {torch.__version__}, {cpu} ({platform.machine()}), {os.cpu_count()} cpus, "
-          f"torch cpu capability {torch.backends.cpu.get_cpu_capability()}, "
+    print(f"# bench_gemv: torch {torch.__version__}, {platform.machine()}, {kernels.cpu_summary()}, "
           f"our kernels: {kernel.simd + (' + OpenMP' if kernel.openmp else '') if kernel else 'not built'}, "
           f"OpenMP runtimes loaded: {kernels.openmp_runtimes()}")  # fmt: skip
     for t in args.threads:

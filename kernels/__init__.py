@@ -4,6 +4,16 @@
 when the compiler accepts it on this CPU), caches the shared library by a hash of the source, flags, compiler
 and CPU, and loads it with ctypes. When gcc or OpenMP is missing it says so once and returns None (or a
 single-threaded build), and callers use the PyTorch reference instead.
+
+CHATGLM_CPU_ISA (read once) picks the instruction set the kernels are built for, so that every CPU path can be
+run on any machine that can execute it:
+  native    (default) -march=native: the AVX2/FMA/F16C intrinsics, and whatever else the compiler finds here
+            (AVX-512 code generation on such a CPU);
+  avx2      -march=x86-64-v3: exactly what an AVX2-only CPU runs, even on an AVX-512 one; the CPU is also
+            treated as having no native bf16/fp16 GEMM (`native_half_gemm`);
+  portable  -DCHATGLM_PORTABLE: the plain C path without intrinsics; no native half GEMM either.
+To reproduce an AVX2-only machine whole, cap torch too (read by torch at start-up, before any of this):
+  CHATGLM_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 """
 
 from __future__ import annotations
@@ -54,19 +64,74 @@ def _try_compile(cc: str, flags: list[str], out: str) -> str | None:
     return None if proc.returncode == 0 else (proc.stderr.strip() or f"{cc} exited {proc.returncode}")
 
 
-def _build(cc: str, portable: bool = False) -> str | None:
-    """Compile (or find in the cache) the CPU kernel library; None when no build works. `portable` defines
-    CHATGLM_PORTABLE: no intrinsics, the plain C path only (what a CPU without AVX2/FMA runs)."""
+ISAS = ("native", "avx2", "portable")
+_isa: list = []
+
+
+def cpu_isa() -> str:
+    """CHATGLM_CPU_ISA, read once: "native" (default), "avx2" or "portable" (see the module docstring)."""
+    if not _isa:
+        value = (os.environ.get("CHATGLM_CPU_ISA") or "native").strip().lower()
+        if value not in ISAS:
+            raise ValueError(f"CHATGLM_CPU_ISA={value!r} is not one of {', '.join(ISAS)}")
+        _isa.append(value)
+    return _isa[0]
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return {w for line in f if line.startswith(("flags", "Features")) for w in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16",
+              "avx512_fp16", "amx_bf16", "amx_int8", "neon", "asimd", "bf16", "i8mm", "sve")  # fmt: skip
+
+
+def cpu_summary() -> str:
+    """One line for benchmark headers: the CPU model, its SIMD flags that matter here, and the switches that
+    change which paths run (CHATGLM_CPU_ISA, torch's ATEN_CPU_CAPABILITY, oneDNN's ONEDNN_MAX_CPU_ISA)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    flags = cpu_flags()
+    caps = [
+        f"CHATGLM_CPU_ISA={cpu_isa()}",
+        f"torch {torch.backends.cpu.get_cpu_capability()}",
+        *(f"{v}={os.environ[v]}" for v in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if os.environ.get(v)),
+    ]
+    return f"{model}, {os.cpu_count()} cpus, flags {' '.join(f for f in SIMD_FLAGS if f in flags)}; {', '.join(caps)}"
+
+
+def can_run(isa: str) -> bool:
+    """Whether this CPU executes the kernels built for `isa`."""
+    if isa == "avx2":
+        return platform.machine().lower() in ("x86_64", "amd64") and {"avx2", "fma", "f16c"} <= cpu_flags()
+    return isa in ISAS
+
+
+def _build(cc: str, isa: str = "native") -> str | None:
+    """Compile (or find in the cache) the CPU kernel library for `isa` (see ISAS); None when no build works."""
+    if isa not in ISAS:
+        raise ValueError(f"unknown CPU instruction set {isa!r}: use one of {', '.join(ISAS)}")
     with open(CPU_SOURCE, "rb") as f:
         source = f.read()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    base = ["-O3", "-fPIC", "-shared", "-std=c99"] + (["-DCHATGLM_PORTABLE"] if portable else [])
-    attempts = [
-        [*base, "-fopenmp", "-march=native"],
-        [*base, "-fopenmp"],
-        [*base, "-march=native"],  # no OpenMP: one thread
-        base,
-    ]
+    base = ["-O3", "-fPIC", "-shared", "-std=c99"] + (["-DCHATGLM_PORTABLE"] if isa == "portable" else [])
+    if isa == "avx2":  # x86-64-v3 is AVX2+FMA+F16C+BMI; older compilers know only the separate switches
+        archs = [["-march=x86-64-v3"], ["-mavx2", "-mfma", "-mf16c"]]
+    else:
+        archs = [["-march=native"]]
+    attempts = [[*base, "-fopenmp", *a] for a in archs] + [[*base, "-fopenmp"]]
+    attempts += [[*base, *a] for a in archs] + [base]  # no OpenMP: one thread
+    if isa == "avx2":  # without the AVX2 switches the build would be portable C: not what was asked for
+        attempts = [a for a in attempts if any(f.startswith(("-march", "-mavx2")) for f in a)]
     errors = []
     for flags in attempts:
         key = hashlib.sha256(source + " ".join(flags).encode() + version.encode() + _cpu_signature().encode())
@@ -98,8 +163,9 @@ QUANTIZE_ACTIVATIONS = {4: True, 8: True}
 class CpuKernel:
     """ctypes wrapper around the compiled library. Inputs are contiguous CPU tensors."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, isa: str = "native"):
         self.path = path
+        self.isa = isa
         self.lib = ctypes.CDLL(path)
         p, i = ctypes.c_void_p, ctypes.c_int
         for name in ("w8_linear", "w4_linear", "w8_linear_f"):
@@ -119,7 +185,9 @@ class CpuKernel:
         self.lib.attention_decode_f32.restype = i
         self.lib.silu_mul_f32.argtypes = [p, p, i, i]
         self.openmp = bool(self.lib.has_openmp())
-        self.simd = {0: "portable C", 2: "AVX2+FMA", 3: "AVX2+FMA+F16C"}.get(self.lib.simd_level(), "?")
+        self.simd = {0: "portable C", 2: "AVX2+FMA", 3: "AVX2+FMA+F16C", 4: "AVX2+FMA+F16C, AVX-512 codegen"}.get(
+            self.lib.simd_level(), "?"
+        )
         self._threads = None
 
     def _sync_threads(self):
@@ -241,12 +309,12 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
 
 
-def build_cpu_kernel(portable: bool = False) -> CpuKernel | None:
-    """A fresh (uncached in-process) build: `portable=True` is the plain C path without intrinsics. For tests
-    and benchmarks; the model uses get_cpu_kernel()."""
+def build_cpu_kernel(isa: str = "native") -> CpuKernel | None:
+    """A fresh (uncached in-process) build for `isa` ("native", "avx2", "portable"). For tests and benchmarks;
+    the model uses get_cpu_kernel(), built for cpu_isa()."""
     cc = _compiler()
-    path = _build(cc, portable) if cc else None
-    return CpuKernel(path) if path else None
+    path = _build(cc, isa) if cc else None
+    return CpuKernel(path, isa) if path else None
 
 
 def openmp_runtimes() -> list[str]:
@@ -282,13 +350,10 @@ def native_half_gemm(dtype: torch.dtype) -> bool:
 
 
 def _read_native_half(dtype: torch.dtype) -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            flags = set()
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    flags.update(line.split(":", 1)[1].split())
-    except OSError:
+    if cpu_isa() != "native":  # CHATGLM_CPU_ISA=avx2/portable: behave as a CPU without such instructions
+        return dtype == torch.float32
+    flags = cpu_flags()
+    if not flags:
         return platform.machine().lower() in ("arm64", "aarch64")  # Apple silicon has bf16/fp16 units
     if dtype == torch.bfloat16:
         return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
@@ -320,8 +385,8 @@ def get_cpu_kernel() -> CpuKernel | None:
             )
             return None
         try:
-            path = _build(cc)
-            _cpu_kernel = CpuKernel(path) if path else None
+            path = _build(cc, cpu_isa())
+            _cpu_kernel = CpuKernel(path, cpu_isa()) if path else None
         except OSError as e:
             logger.warning("could not load the CPU quantization kernels (%s); using the PyTorch fallback", e)
             _cpu_kernel = None

@@ -62,9 +62,12 @@ int has_openmp(void) {
 #endif
 }
 
-/* Which SIMD path this build has: 0 portable C, 2 AVX2+FMA (+F16C: 3). */
+/* Which SIMD path this build has: 0 portable C, 2 AVX2+FMA (+F16C: 3; 4 when the compiler may also use
+ * AVX-512 for the code around the intrinsics, as -march=native does on such a CPU). */
 int simd_level(void) {
-#if defined(USE_F16C)
+#if defined(USE_F16C) && defined(__AVX512F__)
+    return 4;
+#elif defined(USE_F16C)
     return 3;
 #elif defined(USE_AVX2)
     return 2;

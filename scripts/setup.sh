@@ -4,19 +4,24 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+step() { echo "==> [$(date +%H:%M:%S)] $*"; }
 if [ ! -x .venv/bin/python ]; then
-  echo "creating virtual environment in .venv"
+  step "creating the virtual environment .venv"
   "$PY" -m venv .venv
 fi
+step "pip: upgrading pip"
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch first and pinned, so nothing later drags in a CUDA build.
-.venv/bin/python -m pip install --quiet "torch==2.13.0"
+step "pip: torch 2.13.0 (CPU build; a few hundred MB on a fresh machine)"
+.venv/bin/python -m pip install "torch==2.13.0"
 if [ "${1:-}" = "dev" ]; then
-  .venv/bin/python -m pip install --quiet -r requirements-dev.txt
+  step "pip: requirements-dev.txt (the toolkit's packages and the test tools)"
+  .venv/bin/python -m pip install -r requirements-dev.txt
   # Triton: the CUDA INT4/INT8 kernels; the tests run them on the CPU under its interpreter. A CUDA torch brings
   # its own matching triton, so it is installed only where none imports.
-  .venv/bin/python -c "import triton" 2>/dev/null || .venv/bin/python -m pip install --quiet "triton==3.9.0"
+  .venv/bin/python -c "import triton" 2>/dev/null || { step "pip: triton 3.9.0"; .venv/bin/python -m pip install "triton==3.9.0"; }
 else
-  .venv/bin/python -m pip install --quiet -r requirements.txt
+  step "pip: requirements.txt"
+  .venv/bin/python -m pip install -r requirements.txt
 fi
 .venv/bin/python -c "import torch, transformers, sentencepiece; print('ready: torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -4,6 +4,15 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("CHATGLM_NO_PROGRESS", "1")
+# torch 2.13's inductor cache does not key its kernels on the vector ISA that ATEN_CPU_CAPABILITY picks: a run
+# capped at avx2 reuses AVX-512 code built by an uncapped run and overflows its 8-lane vectors. One cache per cap.
+if os.environ.get("ATEN_CPU_CAPABILITY"):
+    import tempfile
+
+    os.environ.setdefault(
+        "TORCHINDUCTOR_CACHE_DIR",
+        os.path.join(tempfile.gettempdir(), f"torchinductor-{os.getuid()}-{os.environ['ATEN_CPU_CAPABILITY']}"),
+    )
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = REPO / "tests" / "data" / "golden"

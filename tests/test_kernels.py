@@ -1,7 +1,8 @@
 """The CPU kernels (kernels/quantization_kernels.c) against PyTorch references, in both builds.
 
-Builds: the default one (-march=native: AVX2/FMA/F16C intrinsics where the CPU has them) and the portable one
-(-DCHATGLM_PORTABLE: plain C, what a CPU without AVX2 runs). Tolerances:
+Builds, each where this CPU can run it: the one the model uses (kernels.cpu_isa(): -march=native unless
+CHATGLM_CPU_ISA says otherwise), the AVX2 one (-march=x86-64-v3: what an AVX2-only CPU runs, built here even on
+an AVX-512 CPU) and the portable one (-DCHATGLM_PORTABLE: plain C, what a CPU without AVX2 runs). Tolerances:
 - activation quantization (int8 per 64 columns): bit-exact against the PyTorch emulation;
 - INT8/INT4 "q" kernels: the integer sums are exact, so against the emulation (dequantized x, float64) the only
   error is fp32 accumulation: |y - ref| <= 1e-5 * sum|terms|; against the float reference (x unrounded) the
@@ -40,13 +41,17 @@ SHAPES = [
 ]
 
 
-@pytest.fixture(scope="module", params=["native", "portable"])
+@pytest.fixture(scope="module", params=["default", "avx2", "portable"])
 def kernel(request):
-    k = kernels.get_cpu_kernel() if request.param == "native" else kernels.build_cpu_kernel(portable=True)
+    if request.param == "avx2" and not kernels.can_run("avx2"):
+        pytest.skip("this CPU cannot run the AVX2 kernels")
+    k = kernels.get_cpu_kernel() if request.param == "default" else kernels.build_cpu_kernel(request.param)
     if k is None:
         pytest.skip("the CPU kernels could not be built here (gcc missing)")
     if request.param == "portable":
         assert k.simd == "portable C"
+    if request.param == "avx2":
+        assert k.simd == "AVX2+FMA+F16C"  # the intrinsics, and no AVX-512 code from the compiler
     return k
 
 
@@ -311,3 +316,20 @@ def test_glm2_decode_with_helpers_equals_torch_path(tiny_dirs, monkeypatch):
     slow = run()
     assert torch.equal(fast.argmax(-1), slow.argmax(-1))
     assert torch.allclose(fast, slow, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_isa_switch_is_read_once_and_checked():
+    """CHATGLM_CPU_ISA forces a build (and, off "native", a CPU without native half GEMM); a bad value is one
+    clear error."""
+    code = (
+        "import torch, kernels; k = kernels.get_cpu_kernel();"
+        "print(kernels.cpu_isa(), k and k.isa, k and k.simd, kernels.native_half_gemm(torch.bfloat16), sep='|')"
+    )
+    env = {**os.environ, "CHATGLM_CPU_ISA": "portable"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    isa, built, simd, native = out.strip().split("|")
+    assert isa == "portable" and native == "False"
+    assert (built, simd) in (("portable", "portable C"), ("None", "None"))  # None only where gcc is missing
+    env["CHATGLM_CPU_ISA"] = "avx9"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "CHATGLM_CPU_ISA='avx9' is not one of native, avx2, portable" in proc.stderr

@@ -105,25 +105,30 @@ def test_compiled_step_equals_eager(tiny):
 @pytest.mark.parametrize("dtype, bits", [(torch.bfloat16, 0), (torch.bfloat16, 4)], ids=["bf16", "int4"])
 def test_compiled_step_keeps_the_cpu_kernels(tiny_dirs, dtype, bits):
     """The C kernels enter the compiled step as operators (kernels/torch_ops.py): one graph, no breaks, the
-    operators in it, and eager decode's tokens."""
+    operators in it, and eager decode's logits at every step (each step forced onto eager's token)."""
     import torch._dynamo
 
-    from kernels import get_cpu_kernel
+    from kernels import get_cpu_kernel, native_half_gemm
 
     if get_cpu_kernel() is None:
         pytest.skip("no CPU kernels here (no compiler)")
     path = str(tiny_dirs["v3"])
     model = chatglm.load_model(path, dtype=dtype, quantization_bit=bits or None).eval()
     tok = chatglm.load_tokenizer(path)
-    kw = dict(_batch(tok), max_new_tokens=12, eos_token_id=[-1])
-    _assert_same(_run(model, "compile", **kw), _run(model, "eager", **kw), atol=1e-4)
+    # Tight where the trunk computes in fp32 (no native bf16: the kernels take fp32 activations); with native
+    # bf16 the activations are bf16, which inductor's fused kernels round at other points than eager's ops:
+    # a few bf16 steps (2^-6 each at these logits' magnitude ~2), measured up to 0.043 on INT4.
+    atol = 1e-4 if not native_half_gemm(dtype) else 8 * 2**-6
+    _follows_eager(model, tok, "compile", "cpu", atol, new=12)
     decoder = model._static_decoders[(2, "compile")][0]
     with torch.inference_mode():
         explained = torch._dynamo.explain(lambda: decoder._forward(256))()
     assert explained.graph_count == 1 and explained.graph_break_count == 0
     code = "\n".join(g.code for g in explained.graphs)
-    wanted = ["cpu_rms_norm", "cpu_rotary_", "cpu_silu_mul", "cpu_linear" if bits else "cpu_half_linear"]
-    assert all(name in code for name in wanted), code[:2000]
+    wanted = ["cpu_linear" if bits else "cpu_half_linear"]
+    if not native_half_gemm(dtype):  # the fp32-activation helpers; bf16 activations take torch's own ops
+        wanted += ["cpu_rms_norm", "cpu_rotary_", "cpu_silu_mul"]
+    assert all(f"torch.ops.chatglm.{name}" in code for name in wanted), code[:2000]
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
@@ -261,10 +266,10 @@ def test_utils_decode_flag(tiny_dirs):
         parser.parse_args(["--decode", "turbo"])
 
 
-def _follows_eager(model, tok, mode, device, atol):
-    """Generate 300 tokens in `mode`, twice, each step forced onto eager decode's token (fp16 greedy may flip a
-    near-tie and then part ways); every step's logits close to eager's."""
-    kw = dict(_batch(tok, device), max_new_tokens=300, eos_token_id=[-1])
+def _follows_eager(model, tok, mode, device, atol, new=300):
+    """Generate `new` tokens in `mode`, twice, each step forced onto eager decode's token (fp16/bf16 greedy may
+    flip a near-tie and then part ways); every step's logits close to eager's."""
+    kw = dict(_batch(tok, device), max_new_tokens=new, eos_token_id=[-1])
     ids_e, logits_e = _run(model, "eager", **kw)
 
     def follow_eager(input_ids, scores):
@@ -273,7 +278,7 @@ def _follows_eager(model, tok, mode, device, atol):
 
     for _ in range(2):  # the second generation replays what the first one captured or compiled
         ids, logits = _run(model, mode, extra=[follow_eager], **kw)
-        assert ids.tolist() == ids_e.tolist() and ids.shape[1] == kw["input_ids"].shape[1] + 300
+        assert ids.tolist() == ids_e.tolist() and ids.shape[1] == kw["input_ids"].shape[1] + new
         torch.testing.assert_close(logits, logits_e, atol=atol, rtol=atol)
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import chatglm
+import kernels
 import utils
 from chatglm.loading import model_class
 from quantization import QuantizedLinear
@@ -86,11 +87,12 @@ def test_default_dtype_per_device(monkeypatch):
     monkeypatch.setattr(utils, "cpu_has_fast_bf16", lambda: False)
     assert utils.default_dtype("cpu") == torch.float32
     monkeypatch.undo()
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert utils.cpu_has_fast_bf16()
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(OSError()))
-    assert not utils.cpu_has_fast_bf16()
+    # One probe for both (kernels.native_half_gemm): native bf16 instructions, not merely AVX-512.
+    for flags, fast in [({"avx512f", "avx512bw"}, False), ({"avx512f", "avx512_bf16"}, True), ({"amx_bf16"}, True)]:
+        monkeypatch.setattr(kernels, "_native_half", {})
+        monkeypatch.setattr(kernels, "_isa", ["native"])  # the probe itself, whatever CHATGLM_CPU_ISA says
+        monkeypatch.setattr(kernels, "cpu_flags", lambda flags=flags: flags)
+        assert utils.cpu_has_fast_bf16() is fast and kernels.native_half_gemm(torch.bfloat16) is fast
 
 
 @pytest.mark.parametrize("fast_bf16", [True, False])
