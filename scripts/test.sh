@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up from scratch (virtual environment, packages) and run the checks CI runs: formatter, linter, the quick
 # benchmark gate, the test suite, and the CPU-dependent tests again on the AVX2 path (an AVX-512 machine also
-# runs what an AVX2-only one does). About 6 minutes on 2 cores with the packages cached, 10 on a fresh machine.
+# runs what an AVX2-only one does). About 4 minutes on 2 cores with the packages there, 10 on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step() { echo "==> [$(date +%H:%M:%S)] $*"; }
@@ -33,7 +33,7 @@ run_pytest() {
   fi
   [ "$rc" -eq 0 ] || exit "$rc"
 }
-step "test suite (pytest, about 3 minutes)"
+step "test suite (pytest, about 2 minutes)"
 run_pytest "$@"
 # The tests whose path depends on the CPU, again as an AVX2-only machine runs them: our kernels built for AVX2,
 # torch's kernels and oneDNN capped at AVX2 (so bf16 matmuls are not native). Skipped where that is this machine
