@@ -124,14 +124,11 @@ def _build(cc: str, isa: str = "native") -> str | None:
         source = f.read()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     base = ["-O3", "-fPIC", "-shared", "-std=c99"] + (["-DCHATGLM_PORTABLE"] if isa == "portable" else [])
-    if isa == "avx2":  # x86-64-v3 is AVX2+FMA+F16C+BMI; older compilers know only the separate switches
-        archs = [["-march=x86-64-v3"], ["-mavx2", "-mfma", "-mf16c"]]
+    if isa == "avx2":  # x86-64-v3 is AVX2+FMA+F16C+BMI; older compilers know only the separate switches.
+        archs = [["-march=x86-64-v3"], ["-mavx2", "-mfma", "-mf16c"]]  # no fallback without them: that is portable C
     else:
-        archs = [["-march=native"]]
-    attempts = [[*base, "-fopenmp", *a] for a in archs] + [[*base, "-fopenmp"]]
-    attempts += [[*base, *a] for a in archs] + [base]  # no OpenMP: one thread
-    if isa == "avx2":  # without the AVX2 switches the build would be portable C: not what was asked for
-        attempts = [a for a in attempts if any(f.startswith(("-march", "-mavx2")) for f in a)]
+        archs = [["-march=native"], []]
+    attempts = [[*base, *omp, *a] for omp in (["-fopenmp"], []) for a in archs]  # no OpenMP: one thread
     errors = []
     for flags in attempts:
         key = hashlib.sha256(source + " ".join(flags).encode() + version.encode() + _cpu_signature().encode())
