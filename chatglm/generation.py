@@ -1,7 +1,8 @@
-"""Sampling, the generation loop, and the original chat / stream_chat API of each generation.
+"""The generation loop, and the original chat / stream_chat API of each generation.
 
-The loop is small free functions (logits processing, sampling, one generator); `generate` and `chat` are
-thin wrappers over `generate_stream`. The model classes provide two hooks: `_init_generation` (inputs of
+The loop is one generator over a `GenerationPlan` (generation_config.py: transformers' options as its
+processors, warpers and stopping criteria; sampling.py: our sampler); `generate` and `chat` are thin wrappers
+over it. The model classes provide two hooks: `_init_generation` (inputs of
 the first forward) and `_next_generation_inputs` (inputs of each decode step).
 """
 
@@ -11,11 +12,23 @@ import ast
 import copy
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
+from transformers import GenerationConfig
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from .generation_config import default_generation_config, plan_generation
 from .kv_cache import KVCache, cache_length
+from .sampling import (  # noqa: F401  (re-exported: the names callers have imported from here)
+    NUCLEUS_CANDIDATES,
+    InvalidScoreLogitsProcessor,
+    SuppressUndecodableLogitsProcessor,
+    apply_repetition_penalty,
+    candidate_probs,
+    sample_next,
+    warp,
+)
 from .static_decode import check_mode, get_decoder
 
 logger = logging.getLogger(__name__)
@@ -25,156 +38,60 @@ CHAT_DEFAULTS = {"v1": (2048, 0.7, 0.95), "v2": (8192, 0.8, 0.8), "v3": (8192, 0
 FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids", "past_key_values")
 
 
-class InvalidScoreLogitsProcessor:
-    """The original guard: on nan/inf scores, put all the mass on token 5."""
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if not bool(torch.isfinite(scores).all()):  # one read back to the host per step, not two
-            scores.zero_()
-            scores[..., 5] = 5e4
-        return scores
-
-
-def apply_repetition_penalty(input_ids, scores, penalty: float):
-    # Tokens already present: divide positive scores by the penalty, multiply negative ones (CTRL, as HF).
-    seen = torch.gather(scores, 1, input_ids)
-    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
-    return scores.scatter(1, input_ids, seen)
-
-
-def warp(scores, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
-    """Temperature, then top-k, then top-p (nucleus), in the order transformers applies them."""
-    if temperature is not None and temperature != 1.0:
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        scores = scores / temperature
-    if top_k and 0 < top_k < scores.shape[-1]:
-        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        sorted_scores, order = torch.sort(scores, descending=False)
-        cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum <= (1 - top_p)
-        drop[..., -1:] = False  # always keep the most likely token
-        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return scores
-
-
-def sample_next(
-    input_ids,
-    logits,
-    do_sample=True,
-    temperature=1.0,
-    top_k=50,
-    top_p=1.0,
-    repetition_penalty=1.0,
-    logits_processor=None,
-    generator=None,
-):
-    """Next token per row from the last-position logits [b, vocab]."""
-    scores = logits.float()
-    if repetition_penalty is not None and repetition_penalty != 1.0:
-        scores = apply_repetition_penalty(input_ids, scores, repetition_penalty)
-    for proc in logits_processor or ():
-        scores = proc(input_ids, scores)
-    if not do_sample:
-        return scores.argmax(dim=-1)
-    window = candidate_probs(scores, temperature, top_k, top_p)
-    if window is None:  # the nucleus is wider than the candidate window: the plain full-vocabulary path
-        probs = warp(scores, temperature, top_k, top_p).softmax(dim=-1)
-        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
-    probs, ids = window
-    return ids.gather(1, torch.multinomial(probs, num_samples=1, generator=generator)).squeeze(1)
-
-
-# Candidates looked at when sampling with top_p and no top_k: the nucleus of a chat model is almost always
-# far smaller. A full sort of a 65K vocabulary costs tens of ms per token on a CPU; top-k of it well under one.
-NUCLEUS_CANDIDATES = 256
-
-
-def candidate_probs(scores, temperature=1.0, top_k=0, top_p=1.0):
-    """`warp(...).softmax()` restricted to its non-zero entries: (probs [b, w], token ids [b, w]), or None.
-
-    Same distribution as `warp` (temperature, top-k, then top-p, transformers' order), found from a top-k
-    window instead of a sort of the whole vocabulary. None when the window cannot hold the answer exactly
-    (ties at the k-th score, or a nucleus wider than the window); the caller then uses `warp`.
-    """
-    if temperature is not None and temperature != 1.0:
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        scores = scores / temperature
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    vocab = scores.shape[-1]
-    k = top_k if top_k and 0 < top_k < vocab else 0
-    nucleus = top_p is not None and top_p < 1.0
-    window = k or (min(NUCLEUS_CANDIDATES, vocab) if nucleus else vocab)
-    vals, ids = torch.topk(scores, window, dim=-1)  # sorted, most likely first
-    if k and bool(((scores >= vals[:, -1:]).sum(-1) > k).any()):
-        return None  # warp keeps every token tied with the k-th; the window holds only k of them
-    norm = vals if k else scores  # top-k renormalizes over the k kept tokens
-    probs = (vals - torch.logsumexp(norm, dim=-1, keepdim=True)).exp()
-    if nucleus:
-        before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
-        if not k and window < vocab and bool((probs.sum(-1) < top_p).any()):
-            return None
-        keep = before < top_p
-        keep[:, 0] = True
-        probs = probs * keep
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-    return probs, ids
-
-
-@torch.inference_mode()
 def generate_stream(
     model,
     input_ids,
     attention_mask=None,
     position_ids=None,
     past_key_values=None,
-    max_length=None,
-    max_new_tokens=None,
-    eos_token_id=None,
-    pad_token_id=None,
     return_past_key_values=False,
     kv_cache="static",
     decode=None,
-    **sampling,
+    **options,
 ) -> Iterator:
     """Yield the growing sequences [b, prompt + new] after every new token (and the KV cache if asked).
 
+    options: what transformers' `generate` takes (max_new_tokens, do_sample, streamer, stopping_criteria,
+    generation_config, ...; see chatglm/generation_config.py), plus `generator` (a torch.Generator for sampling).
     kv_cache="static" (default) writes keys and values in place into a preallocated `KVCache`; "concat" grows
     the original's tuple cache with torch.cat at every step (kept as the reference-style path for benchmarks).
     decode: "eager" (default), or a fixed-shape decode step (chatglm/static_decode.py): "cuda_graph",
     "compile", or "static" (that step run eagerly). None takes `model.decode_mode` when set.
     """
-    num_beams = sampling.pop("num_beams", 1)
-    if num_beams and num_beams != 1:
-        raise ValueError("beam search is not supported; use num_beams=1")
-    for unused in ("use_cache", "output_scores", "return_dict_in_generate", "synced_gpus", "streamer"):
-        sampling.pop(unused, None)
+    input_ids, attention_mask, position_ids = _unpack_inputs(input_ids, attention_mask, position_ids)
+    plan = plan_generation(model, input_ids.shape[1], options, input_ids.device)
+    yield from _generate(model, plan, input_ids, attention_mask, position_ids, past_key_values,
+                         return_past_key_values, kv_cache, decode)  # fmt: skip
+
+
+def _unpack_inputs(input_ids, attention_mask, position_ids):
+    """A tokenizer's output passed whole as input_ids (ChatGLM3's demos pass apply_chat_template's)."""
+    if isinstance(input_ids, Mapping):
+        attention_mask = input_ids.get("attention_mask") if attention_mask is None else attention_mask
+        position_ids = input_ids.get("position_ids") if position_ids is None else position_ids
+        input_ids = input_ids["input_ids"]
+    if input_ids is None:
+        raise ValueError("generate needs input_ids (inputs_embeds alone is not supported)")
+    return input_ids, attention_mask, position_ids
+
+
+@torch.inference_mode()
+def _generate(model, plan, input_ids, attention_mask, position_ids, past_key_values, return_past_key_values,
+              kv_cache, decode):  # fmt: skip
+    n = plan.config.num_return_sequences or 1
+    if n > 1:  # each prompt n times, as transformers expands its inputs
+        if past_key_values is not None:
+            raise ValueError("num_return_sequences > 1 cannot continue from past_key_values")
+        input_ids, attention_mask, position_ids = (
+            None if t is None else t.repeat_interleave(n, dim=0) for t in (input_ids, attention_mask, position_ids)
+        )
     b, prompt_len = input_ids.shape
-    if max_new_tokens is not None:
-        max_length = prompt_len + max_new_tokens
-    if max_length is None:
-        max_length = prompt_len + 20
-    if prompt_len >= max_length:
-        logger.warning("input length %d >= max_length %d: generating a single token", prompt_len, max_length)
-    eos = eos_token_id if eos_token_id is not None else model.config.eos_token_id
-    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
-    pad = pad_token_id if pad_token_id is not None else model.config.pad_token_id
-    unknown = set(sampling) - {"do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
-                               "logits_processor", "generator"}  # fmt: skip
-    if unknown:
-        raise TypeError(f"unexpected generation arguments: {', '.join(sorted(unknown))}")
     state = model._init_generation(input_ids, attention_mask, position_ids, past_key_values)
     decoder = None
     decode = check_mode(decode or getattr(model, "decode_mode", None) or "eager")
     # Room for the prompt and the first tokens (one token for a prompt past max_length); either cache grows
     # (doubling) when a long reply needs more.
-    room = max(prompt_len + 1, min(max_length, prompt_len + 256))
+    room = max(prompt_len + 1, min(plan.max_length, prompt_len + 256))
     capacity = cache_length(past_key_values) + (model.config.pre_seq_len or 0) + room
     if decode != "eager":
         if kv_cache != "static":
@@ -193,16 +110,20 @@ def generate_stream(
             state["past_key_values"] = KVCache.from_past(past_key_values, capacity)
     elif kv_cache != "concat":
         raise ValueError(f"kv_cache must be 'static' or 'concat', got {kv_cache!r}")
-    unfinished = torch.ones(b, dtype=torch.bool, device=input_ids.device)
+    if plan.streamer is not None:
+        plan.streamer.put(input_ids.cpu())  # the prompt first, as transformers does (skip_prompt drops it)
     try:
-        yield from _loop(model, state, decoder, input_ids, unfinished, eos, pad, max_length,
-                         return_past_key_values, sampling)  # fmt: skip
+        yield from _loop(model, plan, state, decoder, input_ids, return_past_key_values)
     finally:
         if decoder is not None:
             decoder.release()
+        if plan.streamer is not None:
+            plan.streamer.end()  # also on an error or an abandoned stream: a reader in another thread never hangs
 
 
-def _loop(model, state, decoder, input_ids, unfinished, eos, pad, max_length, return_past_key_values, sampling):
+def _loop(model, plan, state, decoder, input_ids, return_past_key_values):
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    eos = torch.tensor(plan.eos, device=input_ids.device)
     prefill = True
     while True:
         if decoder is None or prefill:
@@ -213,32 +134,21 @@ def _loop(model, state, decoder, input_ids, unfinished, eos, pad, max_length, re
             logits = decoder.step(state["input_ids"], state["position_ids"], cache)
             past = cache.advance(1)
         prefill = False
-        next_tokens = sample_next(input_ids, logits, **sampling)
-        next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad or 0))
+        next_tokens, scores = plan.choose(input_ids, logits)
+        next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, plan.pad or 0))
         input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=1)
+        if plan.streamer is not None:
+            plan.streamer.put(next_tokens.cpu())
         unfinished &= ~torch.isin(next_tokens, eos)
+        stopped = plan.stopped(input_ids, scores)
+        if stopped is not None:
+            unfinished &= ~stopped
         if decoder is not None and return_past_key_values:
             decoder.track(past)  # moved out of the decoder's buffers before the next generation reuses them
         yield (input_ids, past) if return_past_key_values else input_ids
-        if not unfinished.any() or input_ids.shape[1] >= max_length:
+        if not unfinished.any() or input_ids.shape[1] >= plan.max_length:
             return
         state = model._next_generation_inputs(state, next_tokens, past)
-
-
-class SuppressUndecodableLogitsProcessor:
-    """Never pick ids past the tokenizer's vocabulary (rows of the padded embedding that decode to nothing).
-
-    The originals could sample them from a damaged or random model and then fail in decode; a trained model
-    gives them no mass, so this changes nothing for it.
-    """
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if scores.shape[-1] > self.vocab_size:
-            scores[..., self.vocab_size :] = float("-inf")
-        return scores
 
 
 class StreamDecoder:
@@ -321,13 +231,40 @@ def _last(iterable):
 class ChatGLMGenerationMixin:
     """generate / stream_generate / chat / stream_chat, faithful to each generation's original."""
 
-    def generate(self, input_ids, attention_mask=None, position_ids=None, **kwargs) -> torch.Tensor:
-        """Batched generation from (left-padded) prompts; returns [b, prompt + new] like transformers."""
-        out = _last(generate_stream(self, input_ids, attention_mask, position_ids, **kwargs))
-        return out[0] if kwargs.get("return_past_key_values") else out
+    @property
+    def generation_config(self) -> GenerationConfig:
+        """The defaults `generate` starts from: the checkpoint's generation_config.json, or the config's ids."""
+        gc = self.__dict__.get("_generation_config")
+        if gc is None:
+            gc = self.__dict__["_generation_config"] = default_generation_config(self.config)
+        return gc
 
-    def stream_generate(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
-        yield from generate_stream(self, input_ids, attention_mask, position_ids, **kwargs)
+    @generation_config.setter
+    def generation_config(self, value: GenerationConfig):
+        self.__dict__["_generation_config"] = value
+
+    def generate(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        """transformers' `generate` on (left-padded) prompts: [b, prompt + new] ids, or with
+        return_dict_in_generate=True a `GenerateDecoderOnlyOutput` (sequences, and scores / logits when asked).
+        Takes every option transformers' takes except beam search and assisted decoding (see
+        chatglm/generation_config.py), plus decode= and kv_cache= (see `generate_stream`)."""
+        return_past = kwargs.pop("return_past_key_values", False)
+        decode, kv_cache = kwargs.pop("decode", None), kwargs.pop("kv_cache", "static")
+        past = kwargs.pop("past_key_values", None)
+        input_ids, attention_mask, position_ids = _unpack_inputs(input_ids, attention_mask, position_ids)
+        plan = plan_generation(self, input_ids.shape[1], kwargs, input_ids.device)
+        want_past = return_past or bool(plan.config.return_dict_in_generate)
+        out = _last(_generate(self, plan, input_ids, attention_mask, position_ids, past, want_past, kv_cache,
+                              decode))  # fmt: skip
+        sequences, cache = out if want_past else (out, None)
+        if plan.config.return_dict_in_generate:
+            return GenerateDecoderOnlyOutput(
+                sequences=sequences,
+                scores=tuple(plan.scores) if plan.config.output_scores else None,
+                logits=tuple(plan.logits) if plan.config.output_logits else None,
+                past_key_values=cache,
+            )
+        return (sequences, cache) if return_past else sequences
 
     def _chat_version(self, tokenizer) -> str:
         return getattr(tokenizer, "chatglm_version", None) or self.config.chatglm_version

@@ -16,6 +16,7 @@ import sys
 import torch
 
 from .config import ChatGLMConfig
+from .generation_config import load_generation_config
 from .hugepages import move_to_huge_pages
 
 logger = logging.getLogger(__name__)
@@ -155,6 +156,7 @@ def load_model(path: str, config: ChatGLMConfig | None = None, dtype=None, devic
     if device is not None and torch.device(device).type == "cpu":
         move_to_huge_pages(model)
     model.name_or_path = path
+    model.generation_config = load_generation_config(path, config)
     return model
 
 
@@ -208,6 +210,8 @@ def _materialize(model, dtype, init_prefix: bool):
 def save_model(model, save_directory: str, max_shard_size: int | str = "2GB", safe_serialization: bool = True):
     """Write config.json and the weights (sharded, with an index) in the original layout."""
     os.makedirs(save_directory, exist_ok=True)
+    # generation_config.json, as transformers writes it; first, since transformers refuses an inconsistent one
+    model.generation_config.save_pretrained(save_directory)
     limit = _parse_size(max_shard_size)
     # Clone so tied / shared tensors (v1 lm_head) become separate entries, as the originals store them.
     state = {k: _cast(k, v.detach().to("cpu"), v.dtype).contiguous().clone() for k, v in model.state_dict().items()}

@@ -10,6 +10,7 @@ directory and returns the tokenizer of the right generation:
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import re
@@ -24,6 +25,53 @@ from .config import detect_version
 
 V1_VOCAB_FILE = "ice_text.model"
 V2_VOCAB_FILE = "tokenizer.model"
+
+# Chat templates: `apply_chat_template(messages, add_generation_prompt=True)` gives exactly the ids of the
+# original prompt builders (v1/v2 `build_prompt` then the special tokens, v3 `build_chat_input`). The original
+# encodes some pieces of a prompt separately (v3: each message's "metadata\n" and its content), which text alone
+# cannot express, so the rendered text is tokenized by `_tokenize_chat`, which splits where the original does.
+V1_CHAT_TEMPLATE = (
+    "{% set ns = namespace(round=0) %}"
+    "{% if messages | length == 1 and messages[0]['role'] == 'user' %}{{ messages[0]['content'] }}"
+    "{% else %}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}[Round {{ ns.round }}]\n问：{{ message['content'] }}\n答："
+    "{% set ns.round = ns.round + 1 %}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}\n"
+    "{% else %}{{ raise_exception('ChatGLM-6B has user and assistant turns only, not ' ~ message['role']) }}"
+    "{% endif %}{% endfor %}{% endif %}"
+    "{% if add_generation_prompt %}[gMASK]<sop>{% endif %}"
+)
+V2_CHAT_TEMPLATE = (
+    "[gMASK]sop{% set ns = namespace(round=0) %}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{% set ns.round = ns.round + 1 %}"
+    "[Round {{ ns.round }}]\n\n问：{{ message['content'] }}\n\n答："
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}\n\n"
+    "{% else %}{{ raise_exception('ChatGLM2-6B has user and assistant turns only, not ' ~ message['role']) }}"
+    "{% endif %}{% endfor %}"
+)
+V3_TOOLS_PROMPT = "Answer the following questions as best as you can. You have access to the following tools:"
+V3_CHAT_TEMPLATE = (
+    "[gMASK]sop"
+    # tools passed to apply_chat_template (OpenAI style or plain) become ChatGLM3's system message with tools
+    "{% if tools and not (messages and messages[0]['role'] == 'system' and messages[0]['tools'] is defined) %}"
+    "{% set ns = namespace(tools=[]) %}{% for tool in tools %}"
+    "{% set ns.tools = ns.tools + [tool['function'] if tool['function'] is defined else tool] %}{% endfor %}"
+    "<|system|>\n" + V3_TOOLS_PROMPT + "\n{{ ns.tools | tojson(indent=4) }}"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{% set role = 'observation' if message['role'] == 'tool' else message['role'] %}"
+    "{% if role not in ['system', 'user', 'assistant', 'observation'] %}"
+    "{{ raise_exception('unknown role ' ~ message['role'] ~ ': expected system, user, assistant or observation') }}"
+    "{% endif %}"
+    "<|{{ role }}|>{{ message['metadata'] if message['metadata'] is defined else '' }}\n"
+    "{{ message['content'] if message['content'] is defined else '' }}"
+    "{% if role == 'system' and message['tools'] is defined %}{{ '\\n' }}{{ message['tools'] | tojson(indent=4) }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+# Set while apply_chat_template tokenizes what its template rendered.
+_CHAT_TEXT = contextvars.ContextVar("chatglm_chat_text", default=False)
 
 
 def _read_json(path: str) -> dict:
@@ -73,7 +121,21 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
     # --- what every generation shares -------------------------------------------------------------------
     def tokenize(self, text: str, **kwargs) -> list[str]:
         # The originals hand text straight to SentencePiece; no added-token splitting.
+        return self._tokenize_chat(text) if _CHAT_TEXT.get() else self._tokenize_plain(text)
+
+    def _tokenize_plain(self, text: str) -> list[str]:
         return self._tokenize(text)
+
+    def apply_chat_template(self, conversation, *args, **kwargs):
+        """transformers' apply_chat_template; the rendered prompt is tokenized as the original builds it."""
+        token = _CHAT_TEXT.set(True)
+        try:
+            return super().apply_chat_template(conversation, *args, **kwargs)
+        finally:
+            _CHAT_TEXT.reset(token)
+
+    def _tokenize_chat(self, text: str) -> list[str]:
+        raise NotImplementedError
 
     def _decode(self, token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=None, **kwargs) -> str:
         if isinstance(token_ids, int):
@@ -161,6 +223,7 @@ class GLMTokenizer(ChatGLMTokenizer):
         unk_token="<unk>",
         num_image_tokens=20000,
         clean_up_tokenization_spaces=True,  # the transformers default the original ran with
+        chat_template=None,
         **kwargs,
     ):
         self.vocab_file = vocab_file
@@ -183,6 +246,7 @@ class GLMTokenizer(ChatGLMTokenizer):
             unk_token=unk_token,
             num_image_tokens=num_image_tokens,
             clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+            chat_template=chat_template or V1_CHAT_TEMPLATE,
             **kwargs,
         )
 
@@ -217,7 +281,7 @@ class GLMTokenizer(ChatGLMTokenizer):
             text = text.replace(f"<|blank_{n}|>", " " * n)
         return text
 
-    def tokenize(self, text: str, **kwargs) -> list[str]:
+    def _tokenize_plain(self, text: str) -> list[str]:
         # As transformers 4.30 did for the original: the named special tokens written in the text
         # (<sop>, <eop>, [MASK], <pad>, <unk>; not [gMASK]) are kept whole, with the spaces next to them dropped.
         specials = [t for t in (self.bos_token, self.eos_token, self.mask_token, self.pad_token, self.unk_token) if t]
@@ -237,6 +301,13 @@ class GLMTokenizer(ChatGLMTokenizer):
 
     def _tokenize(self, text, **kwargs):
         return self.sp.encode_as_pieces(self._preprocess(text))
+
+    def _tokenize_chat(self, text: str) -> list[str]:
+        # build_prompt's text, then [gMASK] <sop> as build_inputs_with_special_tokens appends them
+        suffix = self.gmask_token + self.bos_token
+        if text.endswith(suffix):
+            return self._tokenize_plain(text[: -len(suffix)]) + [self.gmask_token, self.bos_token]
+        return self._tokenize_plain(text)
 
     def _convert_token_to_id(self, token: str) -> int:
         if token.startswith("<image_") and token.endswith(">") and token[7:-1].isdigit():
@@ -316,7 +387,10 @@ class GLM2Tokenizer(ChatGLMTokenizer):
     chatglm_version = "v2"
     command_tokens = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"]
 
-    def __init__(self, vocab_file, padding_side="left", clean_up_tokenization_spaces=False, **kwargs):
+    default_chat_template = V2_CHAT_TEMPLATE
+
+    def __init__(self, vocab_file, padding_side="left", clean_up_tokenization_spaces=False, chat_template=None,
+                 **kwargs):  # fmt: skip
         self.vocab_file = vocab_file
         self.sp = spm.SentencePieceProcessor(model_file=vocab_file)
         n = self.sp.vocab_size()
@@ -331,6 +405,7 @@ class GLM2Tokenizer(ChatGLMTokenizer):
             unk_token="<unk>",
             pad_token="<unk>",
             eos_token="</s>",
+            chat_template=chat_template or self.default_chat_template,
             **kwargs,
         )
 
@@ -378,6 +453,24 @@ class GLM2Tokenizer(ChatGLMTokenizer):
     def get_prefix_tokens(self) -> list[int]:
         return [self.get_command("[gMASK]"), self.get_command("sop")]
 
+    _role_re = None  # v3: the role tokens
+
+    def _tokenize_chat(self, text: str) -> list[str]:
+        # "[gMASK]sop", then (v3) each role token followed by "metadata\n" and the content, each encoded apart
+        pieces = []
+        if text.startswith("[gMASK]sop"):
+            pieces, text = ["[gMASK]", "sop"], text[len("[gMASK]sop") :]
+        parts = self._role_re.split(text) if self._role_re is not None else [text]
+        roles = self._role_re.findall(text) if self._role_re is not None else []
+        pieces += self.sp.encode_as_pieces(parts[0]) if parts[0] else []
+        for role, part in zip(roles, parts[1:]):
+            pieces.append(role)
+            head, newline, content = part.partition("\n")
+            for segment in (head + newline, content):
+                if segment:
+                    pieces += self.sp.encode_as_pieces(segment)
+        return pieces
+
     def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
         ids = self.get_prefix_tokens() + token_ids_0
         if token_ids_1 is not None:
@@ -416,6 +509,7 @@ class GLM3Tokenizer(GLM2Tokenizer):
     """ChatGLM3-6B (v3) tokenizer: v2 plus the role tokens and build_chat_input."""
 
     chatglm_version = "v3"
+    default_chat_template = V3_CHAT_TEMPLATE
     role_tokens = ["<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
     command_tokens = GLM2Tokenizer.command_tokens + role_tokens
     _role_re = re.compile("|".join(re.escape(t) for t in role_tokens))

@@ -121,3 +121,68 @@ def test_v3_encode_special_tokens_splits_role_tokens():
     assert 64795 not in plain.encode(text)
     assert split.encode(text)[2] == 64795
     assert split.encode(text)[3:] == plain.encode("你好")[2:]
+
+
+def _as_messages(version, case):
+    """A golden chat prompt as the messages list apply_chat_template takes."""
+    if version == "v3":
+        return case["history"] + [{"role": case["role"], "content": case["query"]}]
+    pairs = [
+        m for q, r in case["history"] for m in ({"role": "user", "content": q}, {"role": "assistant", "content": r})
+    ]
+    return pairs + [{"role": "user", "content": case["query"]}]
+
+
+def test_chat_template_gives_the_original_prompt_ids(real):
+    """apply_chat_template = the ids THUDM's own prompt builders produced (the golden file), for every role."""
+    version, tok = real
+    assert tok.chat_template  # present though the release's tokenizer_config.json has none
+    for case in GOLD[version]["chat_prompts"]:
+        messages = _as_messages(version, case)
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert ids == case["input_ids"], case.get("name", case["query"])
+        batch = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+        assert batch["input_ids"][0].tolist() == case["input_ids"]
+
+
+V3_HARD_HISTORY = [
+    {"role": "system", "content": "你是助手 <b>&\"x\"\n第二行", "tools": [{"name": "track", "description": "追踪",
+                                                                      "parameters": {"symbol": "str"}}]},
+    {"role": "user", "content": "查一下 AAPL\n多行\n\n 文本  "},
+    {"role": "assistant", "metadata": "track", "content": " ```python\ntool_call(symbol='AAPL')\n```"},
+    {"role": "observation", "content": '{"price": 12.5}'},
+    {"role": "assistant", "content": "AAPL 价格 12.5\n"},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("role", ["user", "observation", "system", "assistant"])
+def test_v3_chat_template_equals_build_chat_input(role):
+    tok = load_tokenizer(str(real_model_dir("v3")))
+    for history in ([], V3_HARD_HISTORY):
+        for query in ("你好", "  two\nlines\n", ""):
+            expected = tok.build_chat_input(query, history=history, role=role)["input_ids"][0].tolist()
+            messages = history + [{"role": role, "content": query}]
+            assert tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False) == expected
+            without = tok.apply_chat_template(messages, return_dict=False)
+            assert without == expected[:-1]  # no generation prompt: no trailing <|assistant|>
+
+
+def test_v3_chat_template_takes_tools_as_transformers_passes_them():
+    tok = load_tokenizer(str(real_model_dir("v3")))
+    tool = {"name": "track", "description": "追踪股票", "parameters": {"type": "object", "properties": {}}}
+    system = {"role": "system", "content": "Answer the following questions as best as you can. You have access to "
+              "the following tools:", "tools": [tool]}  # fmt: skip
+    expected = tok.build_chat_input("hi", history=[system])["input_ids"][0].tolist()
+    messages = [{"role": "user", "content": "hi"}]
+    for tools in ([tool], [{"type": "function", "function": tool}]):
+        assert tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, return_dict=False) == expected
+
+
+def test_chat_template_refuses_roles_the_format_lacks():
+    for version in ("v1", "v2"):
+        tok = load_tokenizer(str(real_model_dir(version)))
+        with pytest.raises(Exception, match="user and assistant turns only"):
+            tok.apply_chat_template([{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}])
+    tok = load_tokenizer(str(real_model_dir("v3")))
+    with pytest.raises(Exception, match="unknown role"):
+        tok.apply_chat_template([{"role": "narrator", "content": "x"}])
