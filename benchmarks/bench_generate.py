@@ -23,8 +23,8 @@ Each (mode, threads, path) runs in a fresh process, so its peak memory is its ow
 Paths: "ours" (fused kernels, preallocated KV cache, windowed sampler, CPU weights in huge pages), "graph",
 "compile" and "static" (ours with the fixed-shape decode step of chatglm/static_decode.py, replayed as a CUDA
 graph, compiled with torch.compile, or run eagerly; their steps are captured in an untimed run first) and "ref"
-(the reference-style path: plain float matmul, dequantize-then-matmul for INT8/INT4, the KV cache concatenated
-every step; CHATGLM_NO_CPU_KERNEL=1, CHATGLM_NO_HUGE_PAGES=1 and CHATGLM_NO_TRITON=1 in that process). The
+(the reference-style path: plain float matmul, dequantize-then-matmul for INT8/INT4, the KV cache copied whole
+every step as the original's torch.cat does; CHATGLM_NO_CPU_KERNEL=1, CHATGLM_NO_HUGE_PAGES=1 and CHATGLM_NO_TRITON=1 in that process). The
 copy bandwidth behind the floor is the better of ordinary memory and huge pages, so huge pages do not flatter
 the ratio.
 """
@@ -150,16 +150,31 @@ def peak_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def timed_stream(model, ids, new: int, kv_cache: str, device: str, decode: str = "eager"):
-    """(seconds to the first token, seconds per token after it) of a greedy generate_stream."""
+def reference_stream(model, ids, new: int):
+    """The original's greedy decode loop: the cache handed back as the original's tuple at every step, which the
+    next forward copies into a new cache, as the original's torch.cat copies the whole cache per step."""
+    from chatglm.generation import FORWARD_KEYS
+
+    state = model._init_generation(ids, None, None, None)
+    for _ in range(new):
+        out = model(**{k: state[k] for k in FORWARD_KEYS}, use_cache=True, return_last_logit=True)
+        tokens = out.logits[:, -1].argmax(-1)
+        yield tokens
+        state = model._next_generation_inputs(state, tokens, out.past_key_values)  # a tuple: copied next step
+
+
+def timed_stream(model, ids, new: int, ref: bool, device: str, decode: str = "eager"):
+    """(seconds to the first token, seconds per token after it) of a greedy generate_stream (or the reference)."""
     from chatglm.generation import generate_stream
 
     sync(device)
     start = time.perf_counter()
     first = last = None
     n = 0
-    for _ in generate_stream(model, ids, do_sample=False, max_new_tokens=new, eos_token_id=[-1], kv_cache=kv_cache,
-                             decode=decode):  # fmt: skip
+    steps = reference_stream(model, ids, new) if ref else generate_stream(
+        model, ids, do_sample=False, max_new_tokens=new, eos_token_id=[-1], decode=decode
+    )  # fmt: skip
+    for _ in steps:
         sync(device)
         now = time.perf_counter()
         first = first or now
@@ -176,7 +191,7 @@ def worker(args) -> dict:
     model, real_layers = build(args.config, args.layers, DTYPES[dtype_name], bits, device)
     vocab = getattr(model.config, "padded_vocab_size", None) or model.config.vocab_size  # v1 has only the latter
     g = torch.Generator().manual_seed(1)
-    kv = "concat" if ref else "static"
+    kv = ref
     decode = DECODE_PATHS.get(args.path, "eager")
     with torch.inference_mode():
         small = torch.randint(100, min(vocab, 60000), (1, 8), generator=g).to(device)

@@ -7,6 +7,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .generation import ChatGLMGenerationMixin
+from .kv_cache import KVCache
 from .loading import ChatGLMLoadingMixin
 
 
@@ -28,8 +29,10 @@ class ChatGLMCausalLM(ChatGLMGenerationMixin, ChatGLMLoadingMixin, nn.Module):
                 inputs_embeds=None, labels=None, use_cache=True, return_last_logit=False,
                 output_hidden_states=False, return_dict=True, **kwargs):  # fmt: skip
         hidden, presents, all_hidden = self.transformer(
-            input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, output_hidden_states
+            input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, output_hidden_states, use_cache
         )
+        if presents is not None and not isinstance(past_key_values, KVCache):
+            presents = presents.to_tuple()  # the API boundary: callers of the original get its tuple back
         if return_last_logit:
             hidden = hidden[:, -1:]
         logits = self.output_head()(hidden)

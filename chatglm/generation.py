@@ -45,7 +45,6 @@ def generate_stream(
     position_ids=None,
     past_key_values=None,
     return_past_key_values=False,
-    kv_cache="static",
     decode=None,
     **options,
 ) -> Iterator:
@@ -53,15 +52,15 @@ def generate_stream(
 
     options: what transformers' `generate` takes (max_new_tokens, do_sample, streamer, stopping_criteria,
     generation_config, ...; see chatglm/generation_config.py), plus `generator` (a torch.Generator for sampling).
-    kv_cache="static" (default) writes keys and values in place into a preallocated `KVCache`; "concat" grows
-    the original's tuple cache with torch.cat at every step (kept as the reference-style path for benchmarks).
+    Keys and values are written in place into a preallocated `KVCache` (a `past_key_values` passed in, the
+    original's tuple or a cache from an earlier call, is copied first and never changed).
     decode: "eager" (default), or a fixed-shape decode step (chatglm/static_decode.py): "cuda_graph",
     "compile", or "static" (that step run eagerly). None takes `model.decode_mode` when set.
     """
     input_ids, attention_mask, position_ids = _unpack_inputs(input_ids, attention_mask, position_ids)
     plan = plan_generation(model, input_ids.shape[1], options, input_ids.device)
     yield from _generate(model, plan, input_ids, attention_mask, position_ids, past_key_values,
-                         return_past_key_values, kv_cache, decode)  # fmt: skip
+                         return_past_key_values, decode)  # fmt: skip
 
 
 def _unpack_inputs(input_ids, attention_mask, position_ids):
@@ -77,7 +76,7 @@ def _unpack_inputs(input_ids, attention_mask, position_ids):
 
 @torch.inference_mode()
 def _generate(model, plan, input_ids, attention_mask, position_ids, past_key_values, return_past_key_values,
-              kv_cache, decode):  # fmt: skip
+              decode):  # fmt: skip
     n = plan.config.num_return_sequences or 1
     if n > 1:  # each prompt n times, as transformers expands its inputs
         if past_key_values is not None:
@@ -94,8 +93,6 @@ def _generate(model, plan, input_ids, attention_mask, position_ids, past_key_val
     room = max(prompt_len + 1, min(plan.max_length, prompt_len + 256))
     capacity = cache_length(past_key_values) + (model.config.pre_seq_len or 0) + room
     if decode != "eager":
-        if kv_cache != "static":
-            raise ValueError(f"decode={decode!r} needs kv_cache='static'")
         decoder = get_decoder(model, b, capacity, decode)
         try:
             keys = state.get("keep", state["attention_mask"])  # v1 keeps a 2D mask beside the original's 3D one
@@ -103,13 +100,10 @@ def _generate(model, plan, input_ids, attention_mask, position_ids, past_key_val
         except BaseException:
             decoder.release()
             raise
-    elif kv_cache == "static":
-        if past_key_values is None:
-            state["past_key_values"] = KVCache.empty(model.config.num_layers, capacity)
-        else:  # a copy: the caller's cache stays valid (a retry from an older turn, two branches)
-            state["past_key_values"] = KVCache.from_past(past_key_values, capacity)
-    elif kv_cache != "concat":
-        raise ValueError(f"kv_cache must be 'static' or 'concat', got {kv_cache!r}")
+    elif past_key_values is None:
+        state["past_key_values"] = KVCache.empty(model.config.num_layers, capacity)
+    else:  # a copy: the caller's cache stays valid (a retry from an older turn, two branches)
+        state["past_key_values"] = KVCache.from_past(past_key_values, capacity)
     if plan.streamer is not None:
         plan.streamer.put(input_ids.cpu())  # the prompt first, as transformers does (skip_prompt drops it)
     try:
@@ -247,15 +241,14 @@ class ChatGLMGenerationMixin:
         """transformers' `generate` on (left-padded) prompts: [b, prompt + new] ids, or with
         return_dict_in_generate=True a `GenerateDecoderOnlyOutput` (sequences, and scores / logits when asked).
         Takes every option transformers' takes except beam search and assisted decoding (see
-        chatglm/generation_config.py), plus decode= and kv_cache= (see `generate_stream`)."""
+        chatglm/generation_config.py), plus decode= (see `generate_stream`)."""
         return_past = kwargs.pop("return_past_key_values", False)
-        decode, kv_cache = kwargs.pop("decode", None), kwargs.pop("kv_cache", "static")
+        decode = kwargs.pop("decode", None)
         past = kwargs.pop("past_key_values", None)
         input_ids, attention_mask, position_ids = _unpack_inputs(input_ids, attention_mask, position_ids)
         plan = plan_generation(self, input_ids.shape[1], kwargs, input_ids.device)
         want_past = return_past or bool(plan.config.return_dict_in_generate)
-        out = _last(_generate(self, plan, input_ids, attention_mask, position_ids, past, want_past, kv_cache,
-                              decode))  # fmt: skip
+        out = _last(_generate(self, plan, input_ids, attention_mask, position_ids, past, want_past, decode))
         sequences, cache = out if want_past else (out, None)
         if plan.config.return_dict_in_generate:
             return GenerateDecoderOnlyOutput(

@@ -1,16 +1,25 @@
-"""A preallocated KV cache that the attention layers write into in place (no concatenation per step).
+"""The one KV cache of both architectures: keys and values preallocated per layer and written in place, each row
+of the batch at its own position.
 
-The original grows its cache with `torch.cat` at every layer of every step: each new token copies the
-whole cache once more (quadratic traffic over a reply, and two copies alive at once at the peak). Here each
-layer owns a buffer [b, kv_heads, capacity, head_dim] allocated on first use (on the layer's own device, so
-multi-GPU maps work) and grown by doubling; a step writes its new keys and values at [length, length + s)
-and attends over a view of [0, length + s).
+The original grows its cache with `torch.cat` at every layer of every step: each new token copies the whole cache
+once more (quadratic traffic over a reply, and two copies alive at once at the peak). Here each layer owns a
+buffer [rows, kv_heads, capacity, head_dim], allocated on first use (on the layer's own device, so multi-GPU maps
+work) and grown by doubling. Positions not written yet are zero: a fixed-span step, and rows shorter than the
+longest, read them under a mask, and 0 * NaN of uninitialized memory would still be NaN. Attention reads a view of the positions written so far; nothing is copied per step.
 
-For everything that reads a cache, a `KVCache` looks like the original tuple: `len(cache)` layers and
-`cache[i] == (k, v)`, each [b, kv_heads, length, head_dim]. A cache object is a snapshot: its `length` never
-changes; `generate_stream` yields a new snapshot per step over the same storage. Storage is only appended
-to past every snapshot's length, and a cache handed back to `generate` (the next chat turn, a retry from an
-older turn) is copied first, so an old snapshot never sees another branch's tokens.
+A `KVCache` is a snapshot: `lengths` (one int for every row, or one per row) never changes; a forward returns
+the next snapshot over the same storage (`advance`). Storage is only written past every snapshot's length, and a
+cache handed back to `generate` (the next chat turn, a retry from an older turn) is copied first, so an old
+snapshot never sees another branch's tokens.
+
+Two ways to write, one object:
+- eager (prompt and decode): a layer's new keys go at each row's own length (one slice when the rows agree),
+  and the layer attends over [0, the longest row's end);
+- the fixed-shape decode step (chatglm/static_decode.py): `at(pos, span)` gives a cache whose writes go to the
+  positions held in a tensor (so the step can be captured or compiled once) and whose reads cover a fixed span.
+
+The original's tuple `past_key_values` (one (k, v) per layer, [b, kv_heads, length, head_dim]) exists only at
+the API boundary: `from_past` copies one in, and a cache reads as one (`len(cache)`, `cache[i] == (k, v)`).
 """
 
 from __future__ import annotations
@@ -23,23 +32,26 @@ class _Storage:
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
         self.capacity = capacity
-        self.filled = 0  # positions written by the generation that owns this storage
-        # Zero-filled buffers: the fixed-span attention of static_decode reads masked positions too, and 0 * NaN
-        # of uninitialized memory would still be NaN.
-        self.zeroed = False
+        self.filled = 0  # positions written by the generation that owns this storage (the longest row)
 
-    def new_buffer(self, like: torch.Tensor, capacity: int) -> torch.Tensor:
-        """A layer's buffer [b, heads, capacity, d] in `like`'s dtype and device."""
-        alloc = like.new_zeros if self.zeroed else like.new_empty
-        return alloc(like.shape[0], like.shape[1], capacity, like.shape[3])
+    def new_buffer(self, like: torch.Tensor, capacity: int, written: int = 0) -> torch.Tensor:
+        """A layer's buffer [rows, heads, capacity, d] in `like`'s dtype and device, zero past `written` (the
+        positions the caller fills at once)."""
+        buf = like.new_empty(like.shape[0], like.shape[1], capacity, like.shape[3])
+        buf[:, :, written:].zero_()
+        return buf
 
 
 class KVCache:
-    """A snapshot of `length` cached positions over shared, growable per-layer buffers."""
+    """A snapshot of the cached positions (`lengths`: an int for every row, or a tuple, one per row) over shared,
+    growable per-layer buffers; in fixed-step mode (`pos` set) writes go to tensor positions within `span`."""
 
-    def __init__(self, storage: _Storage, length: int = 0):
-        self._storage = storage
-        self.length = length
+    __slots__ = ("_storage", "lengths", "pos", "span", "__weakref__")
+
+    def __init__(self, storage: _Storage, lengths: int | tuple[int, ...] = 0, pos=None, span=None):
+        if not isinstance(lengths, int) and len(set(lengths)) == 1:
+            lengths = lengths[0]  # rows that agree are one length: slice writes
+        self._storage, self.lengths, self.pos, self.span = storage, lengths, pos, span
 
     @classmethod
     def empty(cls, num_layers: int, capacity: int) -> KVCache:
@@ -47,14 +59,23 @@ class KVCache:
 
     @classmethod
     def from_past(cls, past, capacity: int) -> KVCache:
-        """A fresh cache holding a copy of `past` (a KVCache or a tuple of per-layer (k, v))."""
-        length = past[0][0].shape[2]
-        cache = cls.empty(len(past), max(capacity, length))
+        """A fresh cache holding a copy of `past` (a KVCache or the original's tuple of per-layer (k, v))."""
+        return cls.empty(len(past), max(capacity, cache_length(past))).copy_in(past)
+
+    def copy_in(self, past) -> KVCache:
+        """The snapshot after writing a copy of `past` at the start of this (cleared) storage."""
+        length = cache_length(past)
+        self.reserve(length - self.length)
         for i in range(len(past)):
-            k, v = past[i]
-            cache._write(i, k, v, 0)
-        cache._storage.filled = length
-        return cache.snapshot(length)
+            self._write_slice(i, *past[i], 0)
+        self._storage.filled = max(self._storage.filled, length)
+        return KVCache(self._storage, past.lengths if isinstance(past, KVCache) else length)
+
+    # --- reading, as the original's tuple ---
+    @property
+    def length(self) -> int:
+        """Positions of the longest row."""
+        return self.lengths if isinstance(self.lengths, int) else max(self.lengths)
 
     def __len__(self) -> int:
         return len(self._storage.k)
@@ -68,104 +89,124 @@ class KVCache:
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
+    def to_tuple(self) -> tuple:
+        """The original's form: a tuple of per-layer (k, v) views (no copy)."""
+        return tuple(self)
+
     @property
     def capacity(self) -> int:
         return self._storage.capacity
 
-    def snapshot(self, length: int) -> KVCache:
-        return KVCache(self._storage, length)
+    def is_written(self) -> bool:
+        """Every layer has its buffers (a forward has run)."""
+        return all(k is not None for k in self._storage.k)
+
+    def shares_storage(self, other: KVCache) -> bool:
+        return self._storage is other._storage
+
+    # --- snapshots ---
+    def advance(self, n: int) -> KVCache:
+        """The snapshot after a forward of n new positions in every row (all layers written)."""
+        s = self._storage
+        lengths = self.lengths + n if isinstance(self.lengths, int) else tuple(x + n for x in self.lengths)
+        s.filled = max(s.filled, self.length + n)
+        return KVCache(s, lengths)
+
+    def at(self, pos: torch.Tensor, span: int) -> KVCache:
+        """This cache in fixed-step mode: writes at `pos` ([1], every row, or [rows]), reads [0, span)."""
+        return KVCache(self._storage, self.lengths, pos, span)
 
     def reserve(self, extra: int) -> None:
-        """Make room for `extra` positions after this snapshot (doubling, so growth is amortized)."""
+        """Make room for `extra` positions after the longest row (doubling, so growth is amortized)."""
         s = self._storage
         need = self.length + extra
         if need <= s.capacity:
             return
         new_cap = max(need, 2 * s.capacity)
-        for i in range(len(s.k)):
-            for bufs in (s.k, s.v):
-                old = bufs[i]
+        for bufs in (s.k, s.v):
+            for i, old in enumerate(bufs):
                 if old is not None:
-                    new = s.new_buffer(old, new_cap)
+                    new = s.new_buffer(old, new_cap, s.filled)
                     new[:, :, : s.filled] = old[:, :, : s.filled]
                     bufs[i] = new
         s.capacity = new_cap
 
-    def _write(self, i: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+    def clear(self) -> KVCache:
+        """An empty cache over this storage, its written positions zeroed (a fixed-span step reads them)."""
+        s = self._storage
+        for buf in s.k + s.v:
+            if buf is not None:
+                buf[:, :, : s.filled].zero_()
+        s.filled = 0
+        return KVCache(s, 0)
+
+    @staticmethod
+    def rehome(snapshots) -> None:
+        """Give these snapshots (all over one storage) a copy of it of their own, so that storage can be reused."""
+        snapshots = list(snapshots)
+        if not snapshots:
+            return
+        longest = max(snapshots, key=lambda c: c.length)
+        own = KVCache.from_past(KVCache(longest._storage, longest.length), 1)._storage
+        for c in snapshots:
+            c._storage = own
+
+    # --- writing (layer i, from its attention) ---
+    def append(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's new keys/values [rows, heads, s, d] written at each row's position; returns what the layer
+        attends over: [rows, heads, end, d] with end the longest row's new length (or the fixed span)."""
+        s = self._storage
+        if self.pos is not None:
+            return self._write_at(i, k, v)
+        n = k.shape[2]
+        if isinstance(self.lengths, int):
+            self._write_slice(i, k, v, self.lengths)
+        else:
+            if self.length + n > s.capacity:
+                raise RuntimeError(f"KV cache overflow: {self.length + n} > capacity {s.capacity} (call reserve)")
+            for bufs, t in ((s.k, k), (s.v, v)):
+                if bufs[i] is None:
+                    bufs[i] = s.new_buffer(t, s.capacity)
+                rows = torch.arange(t.shape[0], device=t.device)[:, None]
+                positions = torch.tensor(self.lengths, device=t.device)[:, None] + torch.arange(n, device=t.device)
+                bufs[i][rows, :, positions] = t.transpose(1, 2).to(bufs[i].dtype)  # [rows, s, heads, d]
+        end = self.length + n
+        return s.k[i][:, :, :end], s.v[i][:, :, :end]
+
+    def append_all(self, past) -> KVCache:
+        """The snapshot after writing a whole tuple-style cache (the P-Tuning prefix) after every row."""
+        n = past[0][0].shape[2]
+        self.reserve(n)
+        for i in range(len(past)):
+            self.append(i, *past[i])
+        return self.advance(n)
+
+    def _write_slice(self, i: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         s = self._storage
         end = start + k.shape[2]
         if end > s.capacity:
             raise RuntimeError(f"KV cache overflow: {end} > capacity {s.capacity} (call reserve first)")
         for bufs, t in ((s.k, k), (s.v, v)):
             if bufs[i] is None:
-                bufs[i] = s.new_buffer(t, s.capacity)
+                bufs[i] = s.new_buffer(t, s.capacity, end if start == 0 else 0)
             bufs[i][:, :, start:end] = t
 
-    def append(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer i's keys/values for this step written after `length`; returns the views [0, length + s)."""
+    def _write_at(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # The fixed-shape step: one new position per row, at the tensor `pos` (no Python value from the data).
         s = self._storage
-        self._write(i, k, v, self.length)
-        end = self.length + k.shape[2]
-        return s.k[i][:, :, :end], s.v[i][:, :, :end]
-
-    def append_all(self, past) -> KVCache:
-        """The snapshot after writing a whole tuple-style cache (the P-Tuning prefix) at the end."""
-        n = past[0][0].shape[2]
-        self.reserve(n)
-        for i in range(len(past)):
-            k, v = past[i]
-            self._write(i, k, v, self.length)
-        return self.advance(n)
-
-    def layer(self, i: int) -> _LayerView:
-        return _LayerView(self, i)
-
-    def advance(self, n: int) -> KVCache:
-        """The snapshot after a forward of n new positions (all layers appended)."""
-        s = self._storage
-        s.filled = max(s.filled, self.length + n)
-        return self.snapshot(self.length + n)
-
-
-class _LayerView:
-    """What one layer gets: where to append its keys and values (no `.to`, so device hooks leave it alone)."""
-
-    __slots__ = ("cache", "i")
-
-    def __init__(self, cache: KVCache, i: int):
-        self.cache, self.i = cache, i
-
-
-class StaticSpan:
-    """The cache of one fixed-shape decode step (chatglm/static_decode.py): per-layer buffers of fixed capacity,
-    the write position as a 1-element tensor (not a Python int, so the step can be captured or compiled once),
-    and the span of positions attended over (a bucket >= position + 1; the mask hides what lies past it)."""
-
-    __slots__ = ("k", "v", "pos", "span")
-
-    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], pos: torch.Tensor, span: int):
-        self.k, self.v, self.pos, self.span = k, v, pos, span
-
-    def layer(self, i: int) -> _StaticLayer:
-        return _StaticLayer(self, i)
-
-
-class _StaticLayer:
-    __slots__ = ("cache", "i")
-
-    def __init__(self, cache: StaticSpan, i: int):
-        self.cache, self.i = cache, i
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.cache
-        kb, vb = c.k[self.i], c.v[self.i]
-        kb.index_copy_(2, c.pos, k.to(kb.dtype))
-        vb.index_copy_(2, c.pos, v.to(vb.dtype))
-        return kb[:, :, : c.span], vb[:, :, : c.span]
+        kb, vb = s.k[i], s.v[i]
+        if self.pos.numel() == 1:  # every row at the same position
+            kb.index_copy_(2, self.pos, k.to(kb.dtype))
+            vb.index_copy_(2, self.pos, v.to(vb.dtype))
+        else:
+            rows = torch.arange(kb.shape[0], device=kb.device)
+            kb[rows, :, self.pos] = k[:, :, 0].to(kb.dtype)
+            vb[rows, :, self.pos] = v[:, :, 0].to(vb.dtype)
+        return kb[:, :, : self.span], vb[:, :, : self.span]
 
 
 def cache_length(past) -> int:
-    """Positions held by a cache of either kind (0 for None)."""
+    """Positions held by a cache (the longest row of a KVCache, the original tuple's length; 0 for None)."""
     if past is None:
         return 0
     if isinstance(past, KVCache):
@@ -173,19 +214,11 @@ def cache_length(past) -> int:
     return past[0][0].shape[2]
 
 
-def layer_cache(past, i: int):
-    """The per-layer argument for layer i: a view into a KVCache, the (k, v) tuple, or None."""
-    if past is None:
-        return None
-    return past.layer(i) if isinstance(past, (KVCache, StaticSpan)) else past[i]
-
-
-def extend(kv_cache, k: torch.Tensor, v: torch.Tensor):
-    """The keys/values a layer attends over: in place in a KVCache, or the original's concatenation."""
-    if isinstance(kv_cache, _LayerView):
-        return kv_cache.cache.append(kv_cache.i, k, v)
-    if isinstance(kv_cache, _StaticLayer):
-        return kv_cache.append(k, v)
-    if kv_cache is None:
-        return k, v
-    return torch.cat([kv_cache[0], k], dim=2), torch.cat([kv_cache[1], v], dim=2)
+def open_cache(past, num_layers: int, new: int, use_cache: bool = True) -> KVCache | None:
+    """The cache a forward of `new` positions writes into: `past` itself when it is a KVCache, a copy of the
+    original's tuple, a new one, or None when no cache is wanted (training without a prefix)."""
+    if isinstance(past, KVCache):
+        return past
+    if past is not None:
+        return KVCache.from_past(past, cache_length(past) + new)
+    return KVCache.empty(num_layers, new) if use_cache else None

@@ -5,7 +5,8 @@ GeLU MLP, 2D rotary positions (position and block position, each on half of the 
 context before `<sop>` and causal generation after it, lm_head tied to the word embeddings. Module and
 parameter names are the original ones. Tensors are batch-first here ([b, s, ...]); the original is seq-first.
 
-KV cache: a tuple with one (k, v) per layer, each [b, heads, s, head_dim] (P-Tuning prefix first).
+KV cache: a `KVCache` (chatglm/kv_cache.py) that each attention layer writes into; the original's tuple of per-layer
+(k, v), each [b, heads, s, head_dim] (P-Tuning prefix first), is what `forward` takes and returns at the API.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 
 from .base import ChatGLMCausalLM
 from .config import ChatGLMConfig
-from .kv_cache import KVCache, cache_length, extend, layer_cache
+from .kv_cache import KVCache, cache_length, open_cache
 from .layers import LayerNorm, Linear, compute_dtype
 from .prefix_encoder import PrefixEncoder
 
@@ -93,12 +94,13 @@ class SelfAttention(nn.Module):
         k1, k2 = k.chunk(2, dim=-1)
         q = torch.cat([apply_rotary(q1, cos1, sin1), apply_rotary(q2, cos2, sin2)], dim=-1)
         k = torch.cat([apply_rotary(k1, cos1, sin1), apply_rotary(k2, cos2, sin2)], dim=-1)
-        k, v = extend(kv_cache, k, v)
+        if kv_cache is not None:
+            k, v = kv_cache.append(self.layer_id, k, v)  # [b, heads, cached + s (or the fixed span), d]
         # The original divides q by sqrt(d) * (layer_id + 1) and multiplies the fp32 scores back by
         # (layer_id + 1): an fp16 overflow guard that cancels out, so plain SDPA scaling is the same.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).reshape(b, s, h)
-        return self.dense(out), (k, v)
+        return self.dense(out)
 
 
 class GLU(nn.Module):
@@ -126,10 +128,10 @@ class GLMBlock(nn.Module):
 
     def forward(self, x, position_ids, mask, kv_cache):
         ln = self.input_layernorm(x)
-        attn, kv = self.attention(ln, position_ids, mask, kv_cache)
+        attn = self.attention(ln, position_ids, mask, kv_cache)
         x = ln * self.alpha + attn  # residual from the normed input, scaled
         ln = self.post_attention_layernorm(x)
-        return ln * self.alpha + self.mlp(ln), kv
+        return ln * self.alpha + self.mlp(ln)
 
 
 class ChatGLMModel(nn.Module):
@@ -156,20 +158,21 @@ class ChatGLMModel(nn.Module):
         past_key_values=None,
         inputs_embeds=None,
         output_hidden_states=False,
+        use_cache=True,
     ):
         x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         x = x.to(compute_dtype(x))
         b, s = x.shape[:2]
         prefix = self.pre_seq_len or 0
-        if prefix and cache_length(past_key_values) == 0:
+        cache = open_cache(past_key_values, self.num_layers, s, use_cache)
+        if prefix and cache_length(cache) == 0:
             prefix_kv = self.prefix_encoder.past_key_values(
                 b, self.num_layers, self.heads, self.head_dim, x.device, x.dtype
             )
-            static = isinstance(past_key_values, KVCache)
-            past_key_values = past_key_values.append_all(prefix_kv) if static else prefix_kv
-        if isinstance(past_key_values, KVCache):
-            past_key_values.reserve(s)
-        cached = cache_length(past_key_values)
+            cache = (cache or KVCache.empty(self.num_layers, prefix + s)).append_all(prefix_kv)
+        if cache is not None:
+            cache.reserve(s)
+        cached = cache_length(cache)
         if position_ids is None:
             position_ids = glm_position_ids(input_ids, self.config, attention_mask)
         mask = glm_mask(input_ids, self.config, attention_mask, cached, prefix, x.device)
@@ -177,17 +180,14 @@ class ChatGLMModel(nn.Module):
         # position per forward, not one per layer (on a GPU each read waits for all queued work).
         self.rope_tables(int(position_ids.max()) + 1)
         hidden = []
-        presents = []
-        for i, layer in enumerate(self.layers):
+        for layer in self.layers:
             if output_hidden_states:
                 hidden.append(x)
-            x, kv = layer(x, position_ids, mask, layer_cache(past_key_values, i))
-            presents.append(kv)
+            x = layer(x, position_ids, mask, cache)
         x = self.final_layernorm(x)
         if output_hidden_states:
             hidden.append(x)
-        static = isinstance(past_key_values, KVCache)
-        return x, past_key_values.advance(s) if static else tuple(presents), hidden
+        return x, None if cache is None else cache.advance(s), hidden
 
     def rope_tables(self, need: int, device=None) -> list[torch.Tensor]:
         """Every layer's rotary table sized for `need` positions, on `device` or where that layer lives."""
@@ -313,13 +313,13 @@ class ChatGLMForConditionalGeneration(ChatGLMCausalLM):
             layer.attention.rotary_emb.reset_parameters()
         self.tie_weights()
 
-    def _decode_step(self, tokens, position_ids, mask, span, rope_table):
+    def _decode_step(self, tokens, position_ids, mask, cache, rope_table):
         """Last-position logits [b, vocab] of one decode step of fixed shape (chatglm/static_decode.py)."""
         t = self.transformer
         x = t.word_embeddings(tokens)
         x = x.to(compute_dtype(x))
-        for i, layer in enumerate(t.layers):
-            x, _ = layer(x, position_ids, mask, span.layer(i))
+        for layer in t.layers:
+            x = layer(x, position_ids, mask, cache)
         return self.lm_head(t.final_layernorm(x))[:, -1]
 
     def _rope_table(self, positions: int, device):

@@ -5,7 +5,8 @@ head (pairwise interleaved), SwiGLU MLP, untied output layer. Module and paramet
 ones, so the original shards load without any remapping. Tensors here are batch-first ([b, s, ...]); the
 original is seq-first, which changes nothing numerically.
 
-KV cache: a tuple with one (k, v) per layer, each [b, groups, s, head_dim] (P-Tuning prefix first).
+KV cache: a `KVCache` (chatglm/kv_cache.py) that each attention layer writes into; the original's tuple of per-layer
+(k, v), each [b, groups, s, head_dim] (P-Tuning prefix first), is what `forward` takes and returns at the API.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 
 from .base import ChatGLMCausalLM
 from .config import ChatGLMConfig
-from .kv_cache import KVCache, cache_length, extend, layer_cache
+from .kv_cache import KVCache, cache_length, open_cache
 from .layers import LayerNorm, Linear, compute_dtype, cpu_kernel_for
 from .prefix_encoder import PrefixEncoder
 
@@ -91,8 +92,9 @@ def decode_attention(q, k, v):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config: ChatGLMConfig, device=None, dtype=None):
+    def __init__(self, config: ChatGLMConfig, layer_index: int = 0, device=None, dtype=None):
         super().__init__()
+        self.layer_index = layer_index  # where this layer's keys and values live in the cache
         self.heads = config.num_attention_heads
         self.head_dim = config.kv_channels
         self.groups = config.multi_query_group_num if config.multi_query_attention else self.heads
@@ -117,11 +119,12 @@ class SelfAttention(nn.Module):
         q = qk[:, :, : self.heads].transpose(1, 2)  # [b, heads, s, d]
         k = qk[:, :, self.heads :].transpose(1, 2)  # [b, groups, s, d]
         v = qkv[..., q_size + kv_size :].view(b, s, self.groups, self.head_dim).transpose(1, 2)
-        k, v = extend(kv_cache, k, v)
+        if kv_cache is not None:
+            k, v = kv_cache.append(self.layer_index, k, v)  # [b, groups, cached + s (or the fixed span), d]
         # Head h reads KV group h // (heads / groups), as the original's expand does.
         if s == 1 and mask is None and kernel is not None and k.stride() == v.stride() and k.stride(-1) == 1:
             out = kernel.attention_decode(qkv.view(b, -1), k, v, self.heads, self.head_dim**-0.5)
-            return self.dense(out.view(b, 1, q_size)), (k, v)
+            return self.dense(out.view(b, 1, q_size))
         if s == 1 and mask is None and q.dtype == torch.float32 and q.device.type == "cpu":
             out = decode_attention(q, k, v)
         elif mask is None:
@@ -133,7 +136,7 @@ class SelfAttention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.groups != self.heads)
         out = out.transpose(1, 2).reshape(b, s, q_size)
-        return self.dense(out), (k, v)
+        return self.dense(out)
 
 
 class MLP(nn.Module):
@@ -159,7 +162,7 @@ class GLMBlock(nn.Module):
         self.post_ln_residual = config.apply_residual_connection_post_layernorm
         norm = RMSNorm if config.rmsnorm else LayerNorm
         self.input_layernorm = norm(config.hidden_size, eps=config.layernorm_epsilon, device=device, dtype=dtype)
-        self.self_attention = SelfAttention(config, device=device, dtype=dtype)
+        self.self_attention = SelfAttention(config, layer_number - 1, device=device, dtype=dtype)
         self.post_attention_layernorm = norm(
             config.hidden_size, eps=config.layernorm_epsilon, device=device, dtype=dtype
         )
@@ -167,10 +170,10 @@ class GLMBlock(nn.Module):
 
     def forward(self, x, rope, mask, kv_cache):
         ln = self.input_layernorm(x)
-        attn, kv = self.self_attention(ln, rope, mask, kv_cache)
+        attn = self.self_attention(ln, rope, mask, kv_cache)
         x = (ln if self.post_ln_residual else x) + attn
         ln = self.post_attention_layernorm(x)
-        return (ln if self.post_ln_residual else x) + self.mlp(ln), kv
+        return (ln if self.post_ln_residual else x) + self.mlp(ln)
 
 
 class GLMTransformer(nn.Module):
@@ -184,22 +187,17 @@ class GLMTransformer(nn.Module):
             norm = RMSNorm if config.rmsnorm else LayerNorm
             self.final_layernorm = norm(config.hidden_size, eps=config.layernorm_epsilon, device=device, dtype=dtype)
 
-    def forward(self, x, rope, mask, past_key_values, output_hidden_states=False):
-        presents, hidden = [], []
-        for i, layer in enumerate(self.layers):
+    def forward(self, x, rope, mask, cache, output_hidden_states=False):
+        hidden = []
+        for layer in self.layers:
             if output_hidden_states:
                 hidden.append(x)
-            x, kv = layer(x, rope, mask, layer_cache(past_key_values, i))
-            presents.append(kv)
-        if isinstance(past_key_values, KVCache):
-            presents = past_key_values.advance(x.shape[1])
-        else:
-            presents = tuple(presents)
+            x = layer(x, rope, mask, cache)
         if self.post_layer_norm:
             x = self.final_layernorm(x)
         if output_hidden_states:
             hidden.append(x)
-        return x, presents, hidden
+        return x, hidden
 
 
 class Embedding(nn.Module):
@@ -239,20 +237,21 @@ class ChatGLMModel(nn.Module):
         past_key_values=None,
         inputs_embeds=None,
         output_hidden_states=False,
+        use_cache=True,
     ):
         x = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
         x = x.to(compute_dtype(x))
         b, s = x.shape[:2]
         prefix = self.pre_seq_len or 0
-        if prefix and cache_length(past_key_values) == 0:
+        cache = open_cache(past_key_values, self.num_layers, s, use_cache)
+        if prefix and cache_length(cache) == 0:
             prefix_kv = self.prefix_encoder.past_key_values(
                 b, self.num_layers, self.groups, self.kv_channels, x.device, x.dtype
             )
-            static = isinstance(past_key_values, KVCache)
-            past_key_values = past_key_values.append_all(prefix_kv) if static else prefix_kv
-        if isinstance(past_key_values, KVCache):
-            past_key_values.reserve(s)
-        cached = cache_length(past_key_values)
+            cache = (cache or KVCache.empty(self.num_layers, prefix + s)).append_all(prefix_kv)
+        if cache is not None:
+            cache.reserve(s)
+        cached = cache_length(cache)
         past = cached - prefix  # tokens of real text already in the cache
         if attention_mask is not None and attention_mask.shape[-1] == s and past > 0:
             attention_mask = torch.cat([attention_mask.new_ones(b, past), attention_mask], dim=1)
@@ -263,8 +262,8 @@ class ChatGLMModel(nn.Module):
                 position_ids = torch.arange(past, past + s, device=x.device).unsqueeze(0).expand(b, -1)
         rope = self.rotary_pos_emb(position_ids, x.dtype)
         mask = build_mask(attention_mask, b, s, cached, prefix, x.device)
-        hidden, presents, all_hidden = self.encoder(x, rope, mask, past_key_values, output_hidden_states)
-        return hidden, presents, all_hidden
+        hidden, all_hidden = self.encoder(x, rope, mask, cache, output_hidden_states)
+        return hidden, None if cache is None else cache.advance(s), all_hidden
 
 
 def build_mask(attention_mask, b, s, cached, prefix, device):
@@ -330,14 +329,14 @@ class ChatGLMForConditionalGeneration(ChatGLMCausalLM):
     def _reset_buffers(self):
         self.transformer.rotary_pos_emb.reset_parameters()
 
-    def _decode_step(self, tokens, position_ids, mask, span, rope_table):
+    def _decode_step(self, tokens, position_ids, mask, cache, rope_table):
         """Last-position logits [b, vocab] of one decode step of fixed shape (chatglm/static_decode.py): no
         Python value depends on the data, so the step can be captured in a CUDA graph or compiled."""
         t = self.transformer
         x = t.embedding(tokens)
         x = x.to(compute_dtype(x))
         rope = rope_table[position_ids].to(x.dtype)
-        hidden, _, _ = t.encoder(x, rope, mask, span)
+        hidden, _ = t.encoder(x, rope, mask, cache)
         return self.output_head()(hidden)[:, -1]
 
     def _rope_table(self, positions: int, device):

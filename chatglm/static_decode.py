@@ -29,7 +29,7 @@ import weakref
 
 import torch
 
-from .kv_cache import KVCache, StaticSpan, _Storage, cache_length
+from .kv_cache import KVCache, cache_length
 
 _lock = threading.Lock()
 
@@ -59,8 +59,7 @@ class StaticDecoder:
     def __init__(self, model, batch: int, capacity: int, mode: str):
         self.device = _device_for(model, mode)
         self.model, self.batch, self.mode = model, batch, mode
-        self.storage = _Storage(model.config.num_layers, capacity)
-        self.storage.zeroed = True
+        self.cache = KVCache.empty(model.config.num_layers, capacity)  # its buffers serve every generation
         self.rope = model._rope_table(capacity, self.device)  # kept: a captured graph reads it by address
         self.key_valid = torch.ones(batch, capacity, dtype=torch.bool, device=self.device)
         self.positions = torch.arange(capacity, device=self.device)
@@ -74,7 +73,7 @@ class StaticDecoder:
 
     @property
     def capacity(self) -> int:
-        return self.storage.capacity
+        return self.cache.capacity
 
     def release(self) -> None:
         """The generation is over: the buffers may serve the next one."""
@@ -87,22 +86,14 @@ class StaticDecoder:
         `attention_mask` [b, n] (0 = left padding) covers the last n keys up to the end of the `prompt_len`-token
         prompt (v2/v3: the cached text and the prompt; v1: the prompt); the keys it marks 0 are never attended.
         Keys before it (the P-Tuning prefix, v1's cache) are all attended."""
-        self._release_snapshots()
-        s = self.storage
-        for buf in s.k + s.v:  # masked positions are still read: clear what the last generation wrote
-            if buf is not None:
-                buf[:, :, : s.filled].zero_()
-        s.filled = 0
+        KVCache.rehome(c for c in self._handed if c.shares_storage(self.cache))  # kept by callers: moved out
+        self._handed = weakref.WeakSet()
+        cache = self.cache.clear()  # masked positions are still read: what the last generation wrote is zeroed
         cached = cache_length(past_key_values) if past_key_values is not None else self.model.config.pre_seq_len or 0
         if cached + prompt_len + 1 > self.capacity:  # the prefill must not grow the storage behind our back
             self.grow(cached + prompt_len + 1)
-        cache = KVCache(s, 0)
         if past_key_values is not None:
-            for i in range(len(past_key_values)):
-                k, v = past_key_values[i]
-                cache._write(i, k, v, 0)
-            s.filled = cached
-            cache = cache.snapshot(cached)
+            cache = cache.copy_in(past_key_values)
         start = cached + prompt_len - attention_mask.shape[1]
         self.key_valid.fill_(True)
         self.key_valid[:, start : start + attention_mask.shape[1]] = attention_mask.to(self.device).bool()
@@ -112,15 +103,6 @@ class StaticDecoder:
         """Remember a snapshot handed to the caller, to move it out before these buffers are reused."""
         self._handed.add(snapshot)
         return snapshot
-
-    def _release_snapshots(self) -> None:
-        alive = [c for c in self._handed if c._storage is self.storage]
-        self._handed = weakref.WeakSet()
-        if not alive:
-            return
-        own = KVCache.from_past(KVCache(self.storage, max(c.length for c in alive)), 1)._storage
-        for c in alive:
-            c._storage = own
 
     def step(self, tokens, position_ids, cache: KVCache) -> torch.Tensor:
         """Logits [b, vocab] of the next position after `cache`; writes its keys and values at cache.length."""
@@ -136,14 +118,12 @@ class StaticDecoder:
         run = self._steps.get(span)
         if run is None:
             run = self._steps[span] = self._make_step(span)
-        out = run()
-        self.storage.filled = max(self.storage.filled, length + 1)
-        return out
+        return run()
 
     def grow(self, need: int) -> None:
         """Room for `need` positions (at least double): the buffers are copied, the steps made again."""
         old = self.capacity
-        KVCache(self.storage, 0).reserve(max(_round_up(need), 2 * old))  # copies what is filled, zero beyond
+        self.cache.reserve(max(_round_up(need), 2 * old))  # copies what is filled, zero beyond
         capacity = self.capacity
         key_valid = torch.ones(self.batch, capacity, dtype=torch.bool, device=self.device)
         key_valid[:, :old] = self.key_valid
@@ -153,13 +133,11 @@ class StaticDecoder:
 
     # --- the fixed-shape step, per span ---
     def _forward(self, span: int) -> torch.Tensor:
-        s = self.storage
         mask = (self.key_valid[:, :span] & (self.positions[:span] <= self.pos))[:, None, None, :]
-        cache = StaticSpan(s.k, s.v, self.pos, span)
-        return self.model._decode_step(self.tokens, self.position_ids, mask, cache, self.rope)
+        return self.model._decode_step(self.tokens, self.position_ids, mask, self.cache.at(self.pos, span), self.rope)
 
     def _make_step(self, span: int):
-        if any(t is None for t in self.storage.k):
+        if not self.cache.is_written():
             raise RuntimeError("static decode: the prefill did not fill every layer's buffers")
         fn = lambda: self._forward(span)  # noqa: E731
         if self.mode == "compile":

@@ -68,7 +68,7 @@ def test_decoder_grows_mid_reply(tiny):
     kw = dict(input_ids=ids, max_new_tokens=600, eos_token_id=[-1])
     static = _run(model, "static", **kw)  # room for prompt + 256 at first, then 2x when the reply needs it
     decoder = model._static_decoders[(1, "static")][0]
-    assert decoder.capacity >= ids.shape[1] + 600 and decoder.storage.capacity == decoder.capacity
+    assert decoder.capacity >= ids.shape[1] + 600 and decoder.cache.capacity == decoder.capacity
     _assert_same(static, _run(model, "eager", **kw))
 
 
@@ -90,7 +90,7 @@ def test_begin_makes_room_for_the_prompt(tiny_dirs):
     mask[0, :5] = 0
     cache = dec.begin(mask, 600)
     dec.release()
-    assert cache.length == 0 and dec.capacity >= 601 and dec.storage.capacity == dec.capacity
+    assert cache.length == 0 and dec.capacity >= 601 and dec.cache.capacity == dec.capacity
     assert dec.key_valid.shape == (2, dec.capacity) and not dec.key_valid[0, :5].any() and dec.key_valid[1].all()
 
 
@@ -242,8 +242,6 @@ def test_bad_requests(tiny):
         model.generate(ids, decode="cuda_graph", max_new_tokens=2)
     with pytest.raises(ValueError, match="decode must be one of"):
         model.generate(ids, decode="fast", max_new_tokens=2)
-    with pytest.raises(ValueError, match="kv_cache='static'"):
-        model.generate(ids, decode="static", kv_cache="concat", max_new_tokens=2)
     # A failed start leaves no decoder marked busy.
     dec = get_decoder(model, 1, 16, "static")
     assert dec is model._static_decoders[(1, "static")][0]
