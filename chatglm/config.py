@@ -98,6 +98,53 @@ def detect_version(config: dict, tokenizer_config: dict | None = None, path: str
     return "v2"
 
 
+# Sizes that must be positive integers when a config.json gives them (a string, a float such as 1e9, or a
+# negative number is reported before anything is built).
+SIZE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "padded_vocab_size", "vocab_size",
+               "ffn_hidden_size", "kv_channels", "multi_query_group_num", "inner_hidden_size", "seq_length",
+               "max_sequence_length")  # fmt: skip
+
+
+def read_json_object(file: str) -> dict:
+    """A JSON object from `file`, or a ValueError that names the file and says what is wrong."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file}: not UTF-8 text ({e.reason})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object {{...}}, found a {type(data).__name__}")
+    return data
+
+
+def check_fields(data: dict, file: str) -> None:
+    """Types and ranges of the fields that size the model, checked before a model is built from them."""
+    for key in SIZE_FIELDS:
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{file}: {key!r} must be a positive integer, got {value!r}")
+    pre = data.get("pre_seq_len")
+    if pre is not None and (isinstance(pre, bool) or not isinstance(pre, int) or pre < 1):
+        raise ValueError(f"{file}: 'pre_seq_len' must be a positive integer or null, got {pre!r}")
+    bits = data.get("quantization_bit")
+    if bits not in (None, 0, 4, 8):
+        raise ValueError(f"{file}: 'quantization_bit' must be 0, 4 or 8, got {bits!r}")
+
+
+def parameter_count(config) -> int:
+    """Parameters the config describes (both architectures), to compare with what the weight files can hold."""
+    h, n = config.hidden_size, config.num_layers
+    if config.arch == 1:
+        inner = config.inner_hidden_size or 4 * h
+        return n * (4 * h * h + 2 * h * inner + 9 * h) + 2 * config.vocab_size * h
+    heads, kv, f = config.num_attention_heads, config.kv_channels, config.ffn_hidden_size
+    groups = config.multi_query_group_num if config.multi_query_attention else heads
+    qkv = (heads + 2 * groups) * kv
+    return n * (h * qkv + qkv + heads * kv * h + 3 * h * f + 2 * h) + 2 * config.padded_vocab_size * h
+
+
 def _names_say_v3(names) -> bool:
     return any(n and "chatglm3" in str(n).lower() for n in names)
 
@@ -173,13 +220,10 @@ class ChatGLMConfig(PretrainedConfig):
         config_file = os.path.join(path, "config.json")
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"no config.json in {path!r}: is this a ChatGLM checkpoint directory?")
-        with open(config_file, encoding="utf-8") as f:
-            data = json.load(f)
-        tok_cfg = {}
+        data = read_json_object(config_file)
+        check_fields(data, config_file)
         tok_file = os.path.join(path, "tokenizer_config.json")
-        if os.path.isfile(tok_file):
-            with open(tok_file, encoding="utf-8") as f:
-                tok_cfg = json.load(f)
+        tok_cfg = read_json_object(tok_file) if os.path.isfile(tok_file) else {}
         version = overrides.pop("chatglm_version", None) or detect_version(data, tok_cfg, path)
         data.update(overrides)
         config = cls(**{k: v for k, v in data.items() if k != "chatglm_version"}, chatglm_version=version)

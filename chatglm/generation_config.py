@@ -13,7 +13,6 @@ beam-search length penalty at one beam, a cache implementation: ours is always p
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from transformers import GenerationConfig
 from transformers.generation import logits_process as lp
 from transformers.generation.stopping_criteria import MaxTimeCriteria, StoppingCriteriaList, StopStringCriteria
 
+from .config import read_json_object
 from .sampling import apply_repetition_penalty, sample_next, warp
 
 logger = logging.getLogger(__name__)
@@ -78,13 +78,10 @@ def load_generation_config(path: str, config) -> GenerationConfig:
     """The checkpoint's generation_config.json, or one made from the model config (eos / pad / bos ids)."""
     file = os.path.join(str(path), GENERATION_CONFIG_FILE)
     if os.path.isfile(file):
+        data = read_json_object(file)
         try:
-            with open(file, encoding="utf-8") as f:
-                data = json.load(f)
-            if not isinstance(data, dict):
-                raise ValueError(f"a JSON object is expected, not {type(data).__name__}")
             return GenerationConfig.from_dict(data)
-        except (ValueError, OSError, TypeError) as e:
+        except (ValueError, TypeError) as e:
             raise ValueError(f"{file}: not a valid generation config ({e})") from None
     return default_generation_config(config)
 

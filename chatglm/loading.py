@@ -10,12 +10,15 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
+import re
 import sys
 
 import torch
 
-from .config import ChatGLMConfig
+from .atomic import replacing_directory
+from .config import ChatGLMConfig, parameter_count, read_json_object
 from .generation_config import load_generation_config
 from .hugepages import move_to_huge_pages
 
@@ -52,22 +55,86 @@ def model_class(config: ChatGLMConfig):
     return ChatGLMForConditionalGeneration
 
 
+WEIGHT_SHARD = re.compile(r"^(pytorch_model|model)-\d+-of-\d+\.(bin|safetensors)$")
+FORMATS = {"safetensors": ("model.safetensors.index.json", "model.safetensors"),
+           "bin": ("pytorch_model.bin.index.json", "pytorch_model.bin")}  # fmt: skip
+
+
+def is_weight_file(name: str) -> bool:
+    """A file name of the weights of either format (index, single file, shard)."""
+    return name in INDEX_FILES or name in SINGLE_FILES or WEIGHT_SHARD.match(name) is not None
+
+
+def _index_files(path: str, index: str) -> list[str]:
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ValueError(f"{index}: no 'weight_map' object of tensor names to file names")
+    files = list(dict.fromkeys(weight_map.values()))
+    for f in files:
+        parts = f.replace("\\", "/").split("/")
+        if os.path.isabs(f) or ".." in parts or not f.strip():
+            raise ValueError(f"{index}: shard {f!r} lies outside the checkpoint directory; refused")
+    missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        raise FileNotFoundError(f"{index} lists shards that are missing: {', '.join(missing)}")
+    return [os.path.join(path, f) for f in files]
+
+
+def _weight_set(path: str, fmt: str) -> list[str] | None:
+    """The files of the checkpoint's complete weight set in one format, or None."""
+    index, single = FORMATS[fmt]
+    if os.path.isfile(os.path.join(path, index)):
+        return _index_files(path, os.path.join(path, index))
+    return [os.path.join(path, single)] if os.path.isfile(os.path.join(path, single)) else None
+
+
 def weight_files(path: str) -> list[str]:
-    """The checkpoint's shard files, in index order."""
-    for name in INDEX_FILES:
-        index = os.path.join(path, name)
-        if os.path.isfile(index):
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-            files = list(dict.fromkeys(weight_map.values()))
-            missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
-            if missing:
-                raise FileNotFoundError(f"{name} in {path!r} lists shards that are missing: {', '.join(missing)}")
-            return [os.path.join(path, f) for f in files]
-    for name in SINGLE_FILES:
-        if os.path.isfile(os.path.join(path, name)):
-            return [os.path.join(path, name)]
-    raise FileNotFoundError(f"no weights in {path!r}: expected one of {', '.join(INDEX_FILES + SINGLE_FILES)}")
+    """The checkpoint's shard files, in index order. With both formats (THUDM's chatglm3-6b ships both), they
+    must hold the same weights: two different sets are an error naming both, never a silent choice."""
+    found = {fmt: files for fmt in FORMATS if (files := _weight_set(path, fmt))}
+    if not found:
+        raise FileNotFoundError(f"no weights in {path!r}: expected one of {', '.join(INDEX_FILES + SINGLE_FILES)}")
+    if len(found) == 2:
+        entries = [i if os.path.isfile(os.path.join(path, i)) else f for i, f in FORMATS.values()]
+        _check_same_weights(found["safetensors"], found["bin"], f"{path!r} holds two different weight sets, "
+                            f"{entries[0]} and {entries[1]}")  # fmt: skip
+    return found.get("safetensors") or found["bin"]
+
+
+def _check_same_weights(st_files: list[str], bin_files: list[str], problem: str, sample: int = 4) -> None:
+    """The tensor names of both sets, and the values of the few smallest tensors (cheap: safetensors and
+    mmap-loaded .bin read only what is touched), must agree."""
+    from safetensors import safe_open
+
+    shapes, where = {}, {}
+    for file in st_files:
+        with safe_open(file, "pt") as f:
+            for key in f.keys():
+                shapes[key], where[key] = f.get_slice(key).get_shape(), file
+    bin_tensors = {}
+    for file in bin_files:
+        bin_tensors.update(read_shard(file))
+    if set(bin_tensors) != set(shapes):
+        raise ValueError(f"{problem} (not the same tensor names): remove the stale one")
+    smallest = sorted(shapes, key=lambda k: (math.prod(shapes[k]), k))[:sample]
+    for key in smallest:
+        with safe_open(where[key], "pt") as f:
+            a = f.get_tensor(key)
+        if not torch.equal(a, bin_tensors[key]):
+            raise ValueError(f"{problem} ({key!r} differs): remove the stale one")
+
+
+def _check_fits(config, files: list[str], path: str) -> None:
+    """The sizes in config.json must fit the weight files (a num_layers of 10**9 would otherwise build a model
+    until memory runs out before any weight is read)."""
+    disk = sum(os.path.getsize(f) for f in files)
+    params = parameter_count(config)
+    if params // 2 > 2 * disk + 2**20:  # INT4 (half a byte per parameter) is the densest layout there is
+        raise ValueError(
+            f"{os.path.join(path, 'config.json')}: its sizes (num_layers={config.num_layers}, "
+            f"hidden_size={config.hidden_size}) describe {params:,} parameters, more than its weight files "
+            f"({disk:,} bytes) can hold"
+        )
 
 
 def read_shard(file: str) -> dict[str, torch.Tensor]:
@@ -111,6 +178,7 @@ def load_model(path: str, config: ChatGLMConfig | None = None, dtype=None, devic
     bits = quantization_bit or saved_bits
     torch_dtype = resolve_dtype(dtype, config)
     files = weight_files(path)
+    _check_fits(config, files, path)
     config.quantization_bit = 0  # the model is built float, then its layers are swapped
     with torch.device("meta"):
         model = model_class(config)(config, dtype=torch_dtype)
@@ -208,8 +276,17 @@ def _materialize(model, dtype, init_prefix: bool):
 
 
 def save_model(model, save_directory: str, max_shard_size: int | str = "2GB", safe_serialization: bool = True):
-    """Write config.json and the weights (sharded, with an index) in the original layout."""
-    os.makedirs(save_directory, exist_ok=True)
+    """Write config.json and the weights (sharded, with an index) in the original layout.
+
+    All at once: the files are written into a new directory beside the target which then replaces it, so the
+    target holds either the old checkpoint or the new one (chatglm/atomic.py). The old weights of either format
+    go; its other files (the tokenizer, a README) stay.
+    """
+    with replacing_directory(save_directory, keep=lambda name: not is_weight_file(name)) as out:
+        _write_checkpoint(model, out, max_shard_size, safe_serialization)
+
+
+def _write_checkpoint(model, save_directory: str, max_shard_size, safe_serialization: bool) -> None:
     # generation_config.json, as transformers writes it; first, since transformers refuses an inconsistent one
     model.generation_config.save_pretrained(save_directory)
     limit = _parse_size(max_shard_size)

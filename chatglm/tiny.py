@@ -13,10 +13,12 @@ import argparse
 import io
 import json
 import os
+import shutil
 import tempfile
 
 import torch
 
+from .atomic import replacing_directory
 from .config import ChatGLMConfig
 from .loading import model_class, save_model
 
@@ -91,13 +93,22 @@ def tokenizer_config(version: str) -> dict:
     return cfg
 
 
-def make_tiny_checkpoint(out: str, version: str = "v3", seed: int = 0, fmt: str = "bin", shards: int = 2) -> str:
-    """Write the checkpoint to `out` and return it."""
-    import sentencepiece as spm
-
+def make_tiny_checkpoint(out: str, version: str = "v3", seed: int = 0, fmt: str = "bin", shards: int = 2,
+                         force: bool = False) -> str:  # fmt: skip
+    """Write the checkpoint to `out` and return it. A directory that holds anything already is refused unless
+    `force`, which replaces it whole; either way the checkpoint appears all at once (chatglm/atomic.py)."""
     if version not in ("v1", "v2", "v3"):
         raise ValueError(f"version must be v1, v2 or v3, got {version!r}")
-    os.makedirs(out, exist_ok=True)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not force:
+        raise FileExistsError(f"{out!r} is not empty: choose a new directory, or pass --force to replace it whole")
+    with replacing_directory(out, keep=lambda name: False) as tmp:
+        _write_tiny(tmp, version, seed, fmt, shards)
+    return out
+
+
+def _write_tiny(out: str, version: str, seed: int, fmt: str, shards: int) -> None:
+    import sentencepiece as spm
+
     tok_file = os.path.join(out, "ice_text.model" if version == "v1" else "tokenizer.model")
     train_tokenizer(version, tok_file)
     sp = spm.SentencePieceProcessor(model_file=tok_file)
@@ -113,7 +124,6 @@ def make_tiny_checkpoint(out: str, version: str = "v3", seed: int = 0, fmt: str 
     save_model(model, out, max_shard_size=total // shards + 1, safe_serialization=fmt == "safetensors")
     with open(os.path.join(out, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(tokenizer_config(version), f, indent=2, ensure_ascii=False)
-    return out
 
 
 def default_tiny_model(version: str = "v3") -> str:
@@ -123,11 +133,11 @@ def default_tiny_model(version: str = "v3") -> str:
     if not os.path.isfile(os.path.join(out, "config.json")):
         os.makedirs(root, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=root)
-        make_tiny_checkpoint(tmp, version)
+        _write_tiny(tmp, version, 0, "bin", 2)
         try:
             os.replace(tmp, out)  # atomic: a half-written model is never picked up
         except OSError:  # another process won the race
-            pass
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -138,8 +148,12 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--format", choices=["bin", "safetensors"], default="bin")
     parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--force", action="store_true", help="replace OUT whole if it holds anything")
     args = parser.parse_args(argv)
-    make_tiny_checkpoint(args.out, args.version, args.seed, args.format, args.shards)
+    try:
+        make_tiny_checkpoint(args.out, args.version, args.seed, args.format, args.shards, force=args.force)
+    except (OSError, ValueError) as e:
+        parser.exit(2, f"error: {e}\n")
     print(f"wrote a tiny random ChatGLM {args.version} checkpoint to {args.out}")
 
 

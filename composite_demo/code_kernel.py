@@ -7,15 +7,22 @@ The kernel spec is IPYKERNEL (default "python3": the spec ipykernel installs int
 runs the same Python as the demo, whatever else is in the user's Jupyter folders). Another kernel: install it (`python -m ipykernel install --user --name NAME` from the
 Python it should run) and start the demo with IPYKERNEL=NAME; `jupyter kernelspec list` shows what exists.
 
-Each call runs with a timeout (COMPOSITE_DEMO_CODE_TIMEOUT, default 30 s); past it the kernel is interrupted (and
-restarted if it does not stop). Text output, errors (traceback without ANSI colours) and matplotlib figures (as PNG
-bytes; the kernel starts with the inline backend) come back. A kernel that died is started again on the next call.
+Limits (model-written code runs here, on the machine of the user who started the demo):
+- time: each call runs with a timeout (COMPOSITE_DEMO_CODE_TIMEOUT, default 30 s); past it the kernel is interrupted
+  (and restarted if it does not stop);
+- memory: the kernel's address space is capped (COMPOSITE_DEMO_CODE_MEMORY_MB, default 8192; 0 for none) where the
+  platform allows it (Linux and other Unix with RLIMIT_AS): an allocation past it raises MemoryError in the cell;
+- output: at most COMPOSITE_DEMO_MAX_OUTPUT characters of text (default 20000) and 8 figures are kept per call,
+  and the result says how much was dropped.
+Text output, errors (traceback without ANSI colours) and matplotlib figures (as PNG bytes; the kernel starts with
+the inline backend) come back. A kernel that died is started again on the next call.
 """
 
 from __future__ import annotations
 
 import atexit
 import base64
+import contextlib
 import os
 import queue
 import re
@@ -29,6 +36,18 @@ from dataclasses import dataclass, field
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 DEFAULT_TIMEOUT = float(os.environ.get("COMPOSITE_DEMO_CODE_TIMEOUT", "30"))
+MEMORY_MB = int(os.environ.get("COMPOSITE_DEMO_CODE_MEMORY_MB", "8192"))
+MAX_OUTPUT = int(os.environ.get("COMPOSITE_DEMO_MAX_OUTPUT", "20000"))
+MAX_IMAGES = 8
+# Run silently in each new kernel: the address-space cap (the kernel is a process of its own, so the demo is not).
+LIMIT_MEMORY = """
+try:
+    import resource as _r
+    _r.setrlimit(_r.RLIMIT_AS, ({limit}, _r.getrlimit(_r.RLIMIT_AS)[1]))
+    del _r
+except (ImportError, ValueError, OSError):
+    pass
+"""
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 
 
@@ -57,11 +76,28 @@ class ExecutionResult:
     error: str | None = None
     timed_out: bool = False
     restarted: bool = False  # the kernel died (or would not stop) and was started again: its variables are gone
+    dropped_chars: int = 0  # text past MAX_OUTPUT, not kept
+    dropped_images: int = 0
+
+    def add_text(self, text: str) -> None:
+        room = max(MAX_OUTPUT - len(self.text), 0)
+        self.text += text[:room]
+        self.dropped_chars += max(len(text) - room, 0)
+
+    def add_image(self, png: bytes) -> None:
+        if len(self.images) < MAX_IMAGES:
+            self.images.append(png)
+        else:
+            self.dropped_images += 1
 
     def observation(self) -> str:
         """What the model is told about the run."""
         parts = [self.text.rstrip("\n")] if self.text.strip() else []
+        if self.dropped_chars:
+            parts.append(f"[output truncated: {self.dropped_chars} more characters were not kept]")
         parts += ["[Image]"] * len(self.images)
+        if self.dropped_images:
+            parts.append(f"[{self.dropped_images} more images were not kept]")
         if self.error:
             parts.append(self.error)
         return "\n".join(parts)
@@ -75,7 +111,7 @@ class CodeKernel:
     """One Jupyter kernel with its working folder; `execute` is serialised by a lock."""
 
     def __init__(self, kernel_name: str | None = None, workdir: str | None = None, timeout: float | None = None,
-                 startup_timeout: float = 60.0, interrupt_grace: float = 5.0):  # fmt: skip
+                 startup_timeout: float = 60.0, interrupt_grace: float = 5.0, memory_mb: int | None = None):  # fmt: skip
         self.kernel_name = kernel_name or kernel_name_from_env()
         self._own_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="chatglm3-ci-")
@@ -83,6 +119,7 @@ class CodeKernel:
         self.timeout = DEFAULT_TIMEOUT if timeout is None else timeout
         self.startup_timeout = startup_timeout
         self.interrupt_grace = interrupt_grace
+        self.memory_mb = MEMORY_MB if memory_mb is None else memory_mb
         self.km = self.kc = None
         self._ipc_dir: str | None = None
         self._lock = threading.RLock()
@@ -125,6 +162,10 @@ class CodeKernel:
                 km.shutdown_kernel(now=True)
                 raise KernelError(f"the Jupyter kernel {self.kernel_name!r} did not start: {e}") from None
             self.km, self.kc = km, kc
+            if self.memory_mb:
+                kc.execute(LIMIT_MEMORY.format(limit=self.memory_mb * 2**20), silent=True, store_history=False)
+                with contextlib.suppress(queue.Empty):
+                    kc.get_shell_msg(timeout=self.startup_timeout)  # applied before any user code runs
             return self
 
     def is_alive(self) -> bool:
@@ -214,13 +255,13 @@ class CodeKernel:
                 continue
             kind, content = msg["msg_type"], msg["content"]
             if kind == "stream":
-                result.text += content.get("text", "")
+                result.add_text(content.get("text", ""))
             elif kind in ("execute_result", "display_data"):
                 data = content.get("data", {})
                 if "image/png" in data:
-                    result.images.append(base64.b64decode(data["image/png"]))
+                    result.add_image(base64.b64decode(data["image/png"]))
                 elif "text/plain" in data:
-                    result.text += data["text/plain"] + "\n"
+                    result.add_text(data["text/plain"] + "\n")
             elif kind == "error":
                 if content.get("ename") == "KeyboardInterrupt" and result.timed_out:
                     continue

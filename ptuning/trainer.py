@@ -15,6 +15,9 @@ import torch
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
+from chatglm.atomic import replacing_directory
+from chatglm.loading import is_weight_file
+
 WEIGHTS_NAME = "pytorch_model.bin"
 logger = logging.getLogger(__name__)
 
@@ -35,18 +38,20 @@ class PrefixTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
-        os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
-        if self.save_trainable_only:
-            torch.save(trainable_state_dict(model), os.path.join(output_dir, WEIGHTS_NAME))
-            model.config.save_pretrained(output_dir)
-            for config in getattr(model, "peft_config", {}).values():  # LoRA: adapter_config.json
-                config.save_pretrained(output_dir)
-        else:  # ZeRO-2 keeps whole parameters on every rank, so the module's own weights are complete
-            model.save_pretrained(output_dir)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        # All files at once: the directory holds the old checkpoint or the new one, never some of each
+        # (an interrupted save); what else it holds (earlier checkpoints, logs) stays.
+        with replacing_directory(output_dir, keep=lambda name: not is_weight_file(name)) as out:
+            if self.save_trainable_only:
+                torch.save(trainable_state_dict(model), os.path.join(out, WEIGHTS_NAME))
+                model.config.save_pretrained(out)
+                for config in getattr(model, "peft_config", {}).values():  # LoRA: adapter_config.json
+                    config.save_pretrained(out)
+            else:  # ZeRO-2 keeps whole parameters on every rank, so the module's own weights are complete
+                model.save_pretrained(out)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(out)
+            torch.save(self.args, os.path.join(out, TRAINING_ARGS_NAME))
 
     def floating_point_ops(self, inputs) -> int:
         # transformers asks PreTrainedModel.num_parameters(exclude_embeddings=True); ours counts everything.

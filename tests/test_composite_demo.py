@@ -511,6 +511,20 @@ def test_kernel_interrupts_a_run_past_the_timeout(kernel):
     assert kernel.execute("y").text == "7\n"  # interrupted, not restarted
 
 
+def test_kernel_keeps_a_bounded_output_and_says_so(kernel):
+    result = kernel.execute("print('x' * 20_000_000)", timeout=60)  # 20 MB of output
+    assert len(result.text) == code_kernel.MAX_OUTPUT and result.dropped_chars == 20_000_001 - code_kernel.MAX_OUTPUT
+    assert f"[output truncated: {result.dropped_chars} more characters were not kept]" in result.observation()
+    assert kernel.execute("print('still here')").text == "still here\n"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS is enforced on Linux")
+def test_kernel_memory_is_capped(kernel):
+    result = kernel.execute(f"x = bytearray({(code_kernel.MEMORY_MB + 512) * 2**20})")
+    assert result.error and "MemoryError" in result.error
+    assert kernel.execute("print(1 + 1)").text == "2\n"  # the kernel lives on
+
+
 def test_kernel_returns_matplotlib_figures_as_png(kernel):
     result = kernel.execute(PLOT)
     assert (
