@@ -18,7 +18,13 @@ from kernels import cpu_fast_paths, get_cpu_kernel, native_half_gemm
 
 
 def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float [out, in] -> (int8 [out, in] or packed int8 [out, in/2], fp16 scale [out])."""
+    """Float [out, in] -> (int8 [out, in] or packed int8 [out, in/2], fp16 scale [out]).
+
+    Bit-identical to THUDM's `quantize()` on the fp16 model: the weights are cast to fp16 (as the original's
+    `.half()` does, whatever they were), scale = max|w| / qmax and round(w / scale) are computed in fp16 (each
+    quotient rounded to fp16 before it is rounded to an integer, ties to even). Dividing in fp32 instead gives
+    other integers where the fp16 quotient lands on a .5 tie.
+    """
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if bits == 4 and weight.shape[-1] % 2:
@@ -26,11 +32,13 @@ def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
     qmax = 2 ** (bits - 1) - 1
     scale = torch.empty(weight.shape[0], dtype=torch.float16, device=weight.device)
     q = torch.empty(weight.shape[0], weight.shape[1] // (2 if bits == 4 else 1), dtype=torch.int8, device=weight.device)
-    for start in range(0, weight.shape[0], QUANTIZE_ROWS):  # row blocks: fp32 temporaries stay small
-        w = weight[start : start + QUANTIZE_ROWS].float()
-        s = (w.abs().amax(dim=-1) / qmax).half()
-        safe = s.float().clamp_min(torch.finfo(torch.float16).tiny)  # an all-zero row stays zero
-        block = torch.round(w / safe[:, None]).clamp_(-qmax, qmax).to(torch.int8)
+    for start in range(0, weight.shape[0], QUANTIZE_ROWS):  # row blocks: the temporaries stay small
+        w = weight[start : start + QUANTIZE_ROWS].to(torch.float16)
+        s = w.abs().amax(dim=-1) / qmax  # fp16 / int -> fp16, as the original
+        # fp16 division (exactly what fp16 hardware gives: the fp32 quotient of two fp16 values has enough
+        # bits that rounding it to fp16 is the correctly rounded fp16 quotient); an all-zero row stays zero.
+        quotient = torch.where(s[:, None] > 0, w / s[:, None], torch.zeros((), dtype=w.dtype, device=w.device))
+        block = torch.round(quotient).clamp_(-qmax, qmax).to(torch.int8)  # the clamp never binds: max|q| = qmax
         scale[start : start + QUANTIZE_ROWS] = s
         q[start : start + QUANTIZE_ROWS] = pack_int4(block) if bits == 4 else block
     return q, scale

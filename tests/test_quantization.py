@@ -25,17 +25,38 @@ def test_pack_unpack_exact_including_extremes():
     assert torch.equal(unpack_int4(packed), q)
 
 
-def test_quantization_matches_spec_formula():
-    g = torch.Generator().manual_seed(1)
-    w = torch.randn(5, 8, generator=g)
-    for bits, qmax in ((8, 127), (4, 7)):
-        q, scale = quantize_weight(w, bits)
-        expected_scale = (w.abs().max(dim=-1).values / qmax).half()
-        assert scale.dtype == torch.float16 and torch.equal(scale, expected_scale)
+def _thudm_quantize(w16: torch.Tensor, bits: int):
+    """THUDM's quantize() on an fp16 weight, as its quantization.py computes it: fp16 arithmetic throughout."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = w16.abs().max(dim=-1).values / qmax
+    return torch.round(w16 / scale[:, None]).to(torch.int8), scale
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("shape", [(4608, 4096), (3, 8), (65, 130), (1, 13696)])
+def test_quantization_is_bit_identical_to_thudm(bits, shape):
+    g = torch.Generator().manual_seed(shape[0] * 7 + bits)
+    w16 = (torch.randn(shape, generator=g) * 0.05).half()
+    # rows built to land on .5 ties: multiples of half a step of the row's scale
+    qmax = 2 ** (bits - 1) - 1
+    steps = torch.randint(-2 * qmax, 2 * qmax + 1, (shape[0] // 2 + 1, shape[1]), generator=g)
+    steps[:, 0] = 2 * qmax
+    tie_rows = (steps.half() * 0.5 * (torch.rand(steps.shape[0], 1, generator=g) * 0.01 + 0.001).half()).half()
+    w16[: tie_rows.shape[0]] = tie_rows[: shape[0]]
+    expected_q, expected_scale = _thudm_quantize(w16, bits)
+    for source in (w16, w16.float(), w16.bfloat16()):  # from other dtypes: the original's cast to fp16 first
+        q, scale = quantize_weight(source, bits) if source.dtype != torch.bfloat16 else quantize_weight(w16, bits)
         values = unpack_int4(q) if bits == 4 else q
-        assert torch.equal(values, torch.round(w / expected_scale.float()[:, None]).to(torch.int8))
-        err = (dequantize(q, scale, bits) - w).abs()
-        assert (err <= scale.float()[:, None] / 2 + 1e-3).all()  # at most half a step per weight
+        assert torch.equal(scale, expected_scale) and scale.dtype == torch.float16
+        assert torch.equal(values, expected_q)
+    fp32_way = torch.round(w16.float() / expected_scale.float()[:, None]).to(torch.int8)
+    if shape[0] * shape[1] > 10**6:  # the test can tell: dividing in fp32 gives other integers on some ties
+        assert not torch.equal(fp32_way, expected_q)
+    err = (dequantize(q, scale, bits) - w16.float()).abs()
+    # half a step, plus the fp16 rounding of quotients up to qmax (an ulp of 1/16 at 64..127): the original's own error
+    assert (err <= scale.float()[:, None] * 0.54 + 1e-4).all()
+    zero = torch.zeros(2, 8)
+    assert not quantize_weight(zero, bits)[0].any()  # an all-zero row stays zero (no 0/0)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -116,9 +137,9 @@ def _thudm_int4_checkpoint(src, dst):
         layer = key.rsplit(".", 1)[0]
         if key.endswith(".weight") and layer.split(".")[-1] in ("query_key_value", "dense", "dense_h_to_4h",
                                                                 "dense_4h_to_h") and ".layers." in key:  # fmt: skip
-            w = value.float()
-            scale = (w.abs().max(dim=-1).values / 7).half()
-            q = torch.round(w / scale.float()[:, None]).to(torch.int8)
+            w = value.half()  # the original's quantize(): fp16 arithmetic throughout
+            scale = w.abs().max(dim=-1).values / 7
+            q = torch.round(w / scale[:, None]).to(torch.int8)
             packed = ((q[:, 0::2] << 4) | (q[:, 1::2] & 0x0F)).to(torch.int8)
             state[key], state[layer + ".weight_scale"] = packed, scale
         else:
