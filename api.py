@@ -71,14 +71,14 @@ def create_app(model, tokenizer, max_body_bytes: int = DEFAULT_MAX_BODY, concurr
 
 
 def main(argv=None):
-    from utils import add_model_args, load_from_args  # here, so that the app imports without the loaders
+    from utils import add_model_args, load_or_exit  # here, so that the app imports without the loaders
 
     parser = argparse.ArgumentParser(description="ChatGLM HTTP API (POST / with a prompt and a history)")
     add_model_args(parser)
     add_server_args(parser, port=8000)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    model, tokenizer = load_from_args(args)
+    model, tokenizer = load_or_exit(args)
     import uvicorn
 
     uvicorn.run(create_app(model, tokenizer, args.max_body_bytes), host=args.host, port=args.port, workers=1)

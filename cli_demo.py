@@ -10,11 +10,10 @@ import argparse
 import json
 import sys
 
-from utils import add_model_args, load_from_args
+from utils import add_model_args, load_or_exit
 
 NAMES = {"v1": "ChatGLM-6B", "v2": "ChatGLM2-6B", "v3": "ChatGLM3-6B"}
 TINY_MAX_LENGTH = 256  # the tiny model's replies are noise: keep them short
-LOAD_ERRORS = (OSError, ValueError, RuntimeError, NotImplementedError)
 
 
 def show(response) -> str:
@@ -28,11 +27,7 @@ def main(argv=None) -> int:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--temperature", type=float, default=None)
     args = parser.parse_args(argv)
-    try:
-        model, tokenizer = load_from_args(args)
-    except LOAD_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    model, tokenizer = load_or_exit(args)
     version = model.config.chatglm_version
     welcome = f"欢迎使用 {NAMES[version]} 模型，输入内容即可进行对话，clear 清空对话历史，stop 终止程序"
     max_length = args.max_length or (TINY_MAX_LENGTH if args.tiny else None)

@@ -232,14 +232,14 @@ async def sse(items, head: dict, include_usage: bool):
 
 
 def main(argv=None):
-    from utils import add_model_args, load_from_args  # here, so that the app imports without the loaders
+    from utils import add_model_args, load_or_exit  # here, so that the app imports without the loaders
 
     parser = argparse.ArgumentParser(description="OpenAI-compatible ChatGLM API (/v1/chat/completions)")
     add_model_args(parser)
     add_server_args(parser, port=8000)
     parser.add_argument("--model-name", default=None, help="model id in /v1/models (default: chatglmN-6b)")
     args = parser.parse_args(argv)
-    model, tokenizer = load_from_args(args)
+    model, tokenizer = load_or_exit(args)
     import uvicorn
 
     app = create_app(model, tokenizer, args.model_name, args.max_body_bytes)

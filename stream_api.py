@@ -15,6 +15,7 @@ import argparse
 import json
 
 from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
 
 from chatglm.serving import (
     DEFAULT_MAX_BODY,
@@ -47,6 +48,11 @@ def create_app(model, tokenizer, workers: int = 4, max_waiting: int = 16, ttl: f
     @app.errorhandler(413)
     def too_large(e):
         return {"code": 413, "msg": f"request body is larger than {max_body_bytes} bytes"}, 413
+
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException):  # 404, 405 (a GET on a POST route), ...: JSON like every other error
+        allow = getattr(e, "valid_methods", None)
+        return {"code": e.code, "msg": e.description}, e.code, {"Allow": ", ".join(allow)} if allow else {}
 
     def body() -> dict:
         return parse_json_body(request.get_data(cache=False), max_body_bytes)
@@ -109,7 +115,7 @@ def create_app(model, tokenizer, workers: int = 4, max_waiting: int = 16, ttl: f
 
 
 def main(argv=None):
-    from utils import add_model_args, load_from_args  # here, so that the app imports without the loaders
+    from utils import add_model_args, load_or_exit  # here, so that the app imports without the loaders
 
     parser = argparse.ArgumentParser(description="ChatGLM polling stream API (POST /chat, POST /get_response)")
     add_model_args(parser)
@@ -118,7 +124,7 @@ def main(argv=None):
     parser.add_argument("--queue-size", type=int, default=16, help="requests waiting beyond those (code 100 when full)")
     parser.add_argument("--ttl", type=float, default=600.0, help="seconds a finished reply is kept after it was read")
     args = parser.parse_args(argv)
-    model, tokenizer = load_from_args(args)
+    model, tokenizer = load_or_exit(args)
     app = create_app(model, tokenizer, args.workers, args.queue_size, args.ttl, max_body_bytes=args.max_body_bytes)
     app.run(host=args.host, port=args.port, threaded=True)
 

@@ -134,6 +134,19 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, NotImplementedError)
+
+
+def load_or_exit(args):
+    """`load_from_args` for entry scripts: a wrong path or a broken checkpoint is one line on stderr (no
+    traceback) and exit status 2."""
+    try:
+        return load_from_args(args)
+    except LOAD_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def load_from_args(args):
     """(model, tokenizer) from a namespace parsed with `add_model_args`; sets args.tiny when no model path was given."""
     try:

@@ -95,7 +95,7 @@ def build_demo(model, tokenizer, max_length: int | None = None) -> gr.Blocks:
 
 
 def main(argv=None) -> int:
-    from utils import add_model_args, load_from_args
+    from utils import add_model_args, load_or_exit
 
     parser = argparse.ArgumentParser(description="Chat with ChatGLM in the browser (Gradio).")
     add_model_args(parser)
@@ -104,11 +104,7 @@ def main(argv=None) -> int:
     parser.add_argument("--share", action="store_true", help="also publish through a public gradio.live link")
     parser.add_argument("--max-length", type=int, default=None, help="the Maximum length slider's starting value")
     args = parser.parse_args(argv)
-    try:
-        model, tokenizer = load_from_args(args)
-    except (OSError, ValueError, RuntimeError, NotImplementedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    model, tokenizer = load_or_exit(args)
     if not args.model_path and args.max_length is None:
         args.max_length = 256  # the tiny model's replies are noise: keep them short
     demo = build_demo(model, tokenizer, max_length=args.max_length)

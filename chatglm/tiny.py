@@ -142,12 +142,14 @@ def default_tiny_model(version: str = "v3") -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--version", choices=["v1", "v2", "v3"], default="v3")
-    parser.add_argument("--out", required=True, help="directory to write")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--format", choices=["bin", "safetensors"], default="bin")
-    parser.add_argument("--shards", type=int, default=2)
+    parser = argparse.ArgumentParser(prog="python -m chatglm.tiny", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", choices=["v1", "v2", "v3"], default="v3",
+                        help="generation: v1 ChatGLM-6B, v2 ChatGLM2-6B, v3 ChatGLM3-6B (default v3)")  # fmt: skip
+    parser.add_argument("--out", required=True, help="directory to write (new or empty; see --force)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the weights (same seed, same files)")
+    parser.add_argument("--format", choices=["bin", "safetensors"], default="bin",
+                        help="weight file format (default bin, as the releases)")  # fmt: skip
+    parser.add_argument("--shards", type=int, default=2, help="number of weight shards, with an index (default 2)")
     parser.add_argument("--force", action="store_true", help="replace OUT whole if it holds anything")
     args = parser.parse_args(argv)
     try:

@@ -671,3 +671,35 @@ def test_stream_api_server_sent_events(tiny):
         assert client.get("/events/unknown").status_code == 404
     finally:
         app.extensions["chatglm_queue"].close()
+
+
+def test_stream_api_answers_every_http_error_in_json(tiny):
+    app = stream_api.create_app(*tiny["v2"])
+    try:
+        client = app.test_client()
+        for method, path, status in (("get", "/chat", 405), ("get", "/get_response", 405), ("get", "/nope", 404)):
+            r = getattr(client, method)(path)
+            assert r.status_code == status and r.is_json, (path, r.data[:80])
+            assert r.get_json()["code"] == status and r.get_json()["msg"]
+        assert "POST" in client.get("/chat").headers["Allow"]
+    finally:
+        app.extensions["chatglm_queue"].close()
+
+
+@pytest.mark.parametrize("script", ["api.py", "stream_api.py", "openai_api.py", "cli_demo.py", "web_demo.py"])
+def test_entry_point_with_a_wrong_model_path_prints_one_line(script, tmp_path):
+    proc = subprocess.run([sys.executable, script, "--model-path", str(tmp_path / "nonexistent"), "--device", "cpu"],
+                          cwd=str(REPO), capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "nonexistent" in errors[0] and "does not exist" in errors[0]
+
+
+def test_tiny_tool_help_names_the_command_and_every_option():
+    proc = subprocess.run([sys.executable, "-m", "chatglm.tiny", "--help"], cwd=str(REPO), capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m chatglm.tiny")
+    for help_text in ("generation: v1 ChatGLM-6B", "directory to write", "random seed", "weight file format",
+                      "number of weight shards", "replace OUT whole"):  # fmt: skip
+        assert help_text in " ".join(proc.stdout.split()), help_text  # every option says what it does
