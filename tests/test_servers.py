@@ -547,7 +547,8 @@ def wait_finished(client, rid):
 def test_stream_api_queue_states_codes_and_ttl(tiny):
     model, tok = tiny["v2"]
     gated = Gated(model)
-    app = stream_api.create_app(gated, tok, workers=1, max_waiting=1, ttl=0.3)
+    ttl = 1.0  # long enough that a loaded machine reads a result back in time (right after it is first read)
+    app = stream_api.create_app(gated, tok, workers=1, max_waiting=1, ttl=ttl)
     client = app.test_client()
     try:
         gen = {"max_length": 40, "temperature": 0}
@@ -568,12 +569,12 @@ def test_stream_api_queue_states_codes_and_ttl(tiny):
 
         gated.gate.set()
         a = wait_finished(client, "a")
+        # read: kept ttl seconds more (read again at once), then gone
+        assert post(client, "/get_response", {"request_id": "a"})["response"] == a
         b = wait_finished(client, "b")
         assert a["response"] == expected(model, tok, "你好", max_length=40)[0]
         assert b["response"] == expected(model, tok, "今天天气", max_length=40)[0]
-        # read: kept ttl seconds more, then gone
-        assert post(client, "/get_response", {"request_id": "a"})["response"] == a
-        time.sleep(0.45)
+        time.sleep(ttl + 0.2)
         assert post(client, "/get_response", {"request_id": "a"})["code"] == 102
         # a finished id may be used again
         assert post(client, "/chat", {"request_id": "b", "query": "again", **gen})["code"] == 0

@@ -9,6 +9,7 @@ import tempfile
 import time
 import urllib.request
 
+import psutil
 import pytest
 
 from .conftest import REPO
@@ -140,9 +141,9 @@ def test_streamlit_demo_in_a_browser(browser, tiny_dirs, tmp_path):
 
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    args = ["-m", "streamlit", "run", "web_demo_streamlit.py", "--server.headless", "true", "--server.port", str(port),
-            "--server.address", "127.0.0.1", "--server.fileWatcherType", "none",
-            "--browser.gatherUsageStats", "false", "--", "--device", "cpu", "--max-length", "40"]  # fmt: skip
+    # no address or statistics flags: the repository's .streamlit/config.toml must keep the page local and quiet
+    args = ["-m", "streamlit", "run", "web_demo_streamlit.py", "--server.port", str(port),
+            "--server.fileWatcherType", "none", "--", "--device", "cpu", "--max-length", "40"]  # fmt: skip
     env = {"MODEL_PATH": str(tiny_dirs["v3"]), "CHATGLM_CACHE": str(tmp_path)}
     proc = start_server(args, env, tmp_path / "log", url)
     d = browser
@@ -155,6 +156,10 @@ def test_streamlit_demo_in_a_browser(browser, tiny_dirs, tmp_path):
                  90, "the user message and the answer")  # fmt: skip
         assert d.find_elements(By.CSS_SELECTOR, "[data-testid=stChatMessageAvatarUser]")
         screenshot(d, "web_demo_streamlit.png")
+        listening = {c.laddr.ip for c in psutil.Process(proc.pid).net_connections("tcp") if c.status == "LISTEN"}
+        assert listening == {"127.0.0.1"}, listening  # loopback only, never every interface
+        log = (tmp_path / "log").read_text()
+        assert "Network URL" not in log and "External URL" not in log and "usage statistics" not in log.lower()
     finally:
         stop_server(proc)
 
