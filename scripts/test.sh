@@ -33,7 +33,7 @@ run_pytest() {
   fi
   [ "$rc" -eq 0 ] || exit "$rc"
 }
-step "test suite (pytest, about 2 minutes)"
+step "test suite (pytest, about 7 minutes on 2 cores)"
 run_pytest "$@"
 # The tests whose path depends on the CPU, again as an AVX2-only machine runs them: our kernels built for AVX2,
 # torch's kernels and oneDNN capped at AVX2 (so bf16 matmuls are not native). Skipped where that is this machine
