@@ -242,22 +242,27 @@ class ChatGLMGenerationMixin:
         return_dict_in_generate=True a `GenerateDecoderOnlyOutput` (sequences, and scores / logits when asked).
         Takes every option transformers' takes except beam search and assisted decoding (see
         chatglm/generation_config.py), plus decode= (see `generate_stream`)."""
-        return_past = kwargs.pop("return_past_key_values", False)
+        kwargs.pop("return_past_key_values", None)  # a stream_generate option: generate returns the ids
         decode = kwargs.pop("decode", None)
         past = kwargs.pop("past_key_values", None)
         input_ids, attention_mask, position_ids = _unpack_inputs(input_ids, attention_mask, position_ids)
         plan = plan_generation(self, input_ids.shape[1], kwargs, input_ids.device)
-        want_past = return_past or bool(plan.config.return_dict_in_generate)
-        out = _last(_generate(self, plan, input_ids, attention_mask, position_ids, past, want_past, decode))
-        sequences, cache = out if want_past else (out, None)
-        if plan.config.return_dict_in_generate:
-            return GenerateDecoderOnlyOutput(
-                sequences=sequences,
-                scores=tuple(plan.scores) if plan.config.output_scores else None,
-                logits=tuple(plan.logits) if plan.config.output_logits else None,
-                past_key_values=cache,
-            )
-        return (sequences, cache) if return_past else sequences
+        as_dict = bool(plan.config.return_dict_in_generate)
+        out = _last(_generate(self, plan, input_ids, attention_mask, position_ids, past, as_dict, decode))
+        if not as_dict:
+            return out
+        sequences, cache = out
+        return GenerateDecoderOnlyOutput(
+            sequences=sequences,
+            scores=tuple(plan.scores) if plan.config.output_scores else None,
+            logits=tuple(plan.logits) if plan.config.output_logits else None,
+            past_key_values=cache,
+        )
+
+    def stream_generate(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
+        """The original's stream_generate: the growing ids after every token (with the cache when
+        return_past_key_values=True)."""
+        yield from generate_stream(self, input_ids, attention_mask, position_ids, **kwargs)
 
     def _chat_version(self, tokenizer) -> str:
         return getattr(tokenizer, "chatglm_version", None) or self.config.chatglm_version

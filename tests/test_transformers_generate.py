@@ -326,3 +326,14 @@ def test_chatglm3_basic_demo_pattern_runs_unchanged(tiny):
     generate_kwargs.pop("streamer")
     out = model.generate(**generate_kwargs)
     assert reply == tokenizer.decode(out[0, expected["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def test_stream_generate_and_return_past_key_values_keep_the_original_api(tiny):
+    model, tok = tiny["v2"]
+    ids = _prompt(tok, "v2")
+    final = _greedy(model, ids, n=4)
+    steps = list(model.stream_generate(ids, do_sample=False, max_new_tokens=4, eos_token_id=[-1],
+                                       return_past_key_values=True))  # fmt: skip
+    assert len(steps) == 4 and torch.equal(steps[-1][0], final)
+    assert steps[-1][1].length == final.shape[1] - 1  # the cache holds every position but the last token
+    assert torch.equal(_greedy(model, ids, n=4, return_past_key_values=True), final)  # generate returns the ids
