@@ -5,7 +5,8 @@ The original grows its cache with `torch.cat` at every layer of every step: each
 once more (quadratic traffic over a reply, and two copies alive at once at the peak). Here each layer owns a
 buffer [rows, kv_heads, capacity, head_dim], allocated on first use (on the layer's own device, so multi-GPU maps
 work) and grown by doubling. Positions not written yet are zero: a fixed-span step, and rows shorter than the
-longest, read them under a mask, and 0 * NaN of uninitialized memory would still be NaN. Attention reads a view of the positions written so far; nothing is copied per step.
+longest, read them under a mask, and 0 * NaN of uninitialized memory would still be NaN. Attention reads a view
+of the positions written so far; nothing is copied per step.
 
 A `KVCache` is a snapshot: `lengths` (one int for every row, or one per row) never changes; a forward returns
 the next snapshot over the same storage (`advance`). Storage is only written past every snapshot's length, and a
@@ -161,15 +162,11 @@ class KVCache:
         n = k.shape[2]
         if isinstance(self.lengths, int):
             self._write_slice(i, k, v, self.lengths)
-        else:
-            if self.length + n > s.capacity:
-                raise RuntimeError(f"KV cache overflow: {self.length + n} > capacity {s.capacity} (call reserve)")
-            for bufs, t in ((s.k, k), (s.v, v)):
-                if bufs[i] is None:
-                    bufs[i] = s.new_buffer(t, s.capacity)
-                rows = torch.arange(t.shape[0], device=t.device)[:, None]
-                positions = torch.tensor(self.lengths, device=t.device)[:, None] + torch.arange(n, device=t.device)
-                bufs[i][rows, :, positions] = t.transpose(1, 2).to(bufs[i].dtype)  # [rows, s, heads, d]
+        else:  # rows at their own positions: one indexed write per tensor
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            positions = torch.tensor(self.lengths, device=k.device)[:, None] + torch.arange(n, device=k.device)
+            for buf, t in zip(self._buffers(i, k, v, self.length + n, 0), (k, v)):
+                buf[rows, :, positions] = t.transpose(1, 2).to(buf.dtype)  # [rows, s, heads, d]
         end = self.length + n
         return s.k[i][:, :, :end], s.v[i][:, :, :end]
 
@@ -181,15 +178,20 @@ class KVCache:
             self.append(i, *past[i])
         return self.advance(n)
 
-    def _write_slice(self, i: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+    def _buffers(self, i: int, k: torch.Tensor, v: torch.Tensor, end: int, written: int):
+        """Layer i's key and value buffers, allocated on first use (zero past `written`), with room up to `end`."""
         s = self._storage
-        end = start + k.shape[2]
         if end > s.capacity:
             raise RuntimeError(f"KV cache overflow: {end} > capacity {s.capacity} (call reserve first)")
         for bufs, t in ((s.k, k), (s.v, v)):
             if bufs[i] is None:
-                bufs[i] = s.new_buffer(t, s.capacity, end if start == 0 else 0)
-            bufs[i][:, :, start:end] = t
+                bufs[i] = s.new_buffer(t, s.capacity, written)
+        return s.k[i], s.v[i]
+
+    def _write_slice(self, i: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        end = start + k.shape[2]
+        for buf, t in zip(self._buffers(i, k, v, end, end if start == 0 else 0), (k, v)):
+            buf[:, :, start:end] = t
 
     def _write_at(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # The fixed-shape step: one new position per row, at the tensor `pos` (no Python value from the data).
