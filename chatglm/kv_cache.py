@@ -9,15 +9,18 @@ longest, read them under a mask, and 0 * NaN of uninitialized memory would still
 of the positions written so far; nothing is copied per step.
 
 A `KVCache` is a snapshot: `lengths` (one int for every row, or one per row) never changes; a forward returns
-the next snapshot over the same storage (`advance`). Storage is only written past every snapshot's length, and a
+the next snapshot over the same storage (`advance`). A storage made with `slots` holds that many rows, and a
+snapshot may cover some of them (`select`): a sequence is prefilled alone into its slot, then decodes in one batch
+with the others, each at its own length; rows outside a snapshot are neither read nor written. Storage is only written past every snapshot's length, and a
 cache handed back to `generate` (the next chat turn, a retry from an older turn) is copied first, so an old
 snapshot never sees another branch's tokens.
 
 Two ways to write, one object:
 - eager (prompt and decode): a layer's new keys go at each row's own length (one slice when the rows agree),
   and the layer attends over [0, the longest row's end);
-- the fixed-shape decode step (chatglm/static_decode.py): `at(pos, span)` gives a cache whose writes go to the
-  positions held in a tensor (so the step can be captured or compiled once) and whose reads cover a fixed span.
+- the fixed-shape decode step (chatglm/static_decode.py): `at(pos, span, key_valid)` gives a cache whose writes go
+  to the positions held in a tensor (so the step can be captured or compiled once), whose reads cover a fixed
+  span, and which gives the step's attention mask (`step_mask`) from tensors alone.
 
 The original's tuple `past_key_values` (one (k, v) per layer, [b, kv_heads, length, head_dim]) exists only at
 the API boundary: `from_past` copies one in, and a cache reads as one (`len(cache)`, `cache[i] == (k, v)`).
@@ -29,34 +32,50 @@ import torch
 
 
 class _Storage:
-    def __init__(self, num_layers: int, capacity: int):
+    def __init__(self, num_layers: int, capacity: int, slots: int | None = None):
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
         self.capacity = capacity
+        self.slots = slots  # rows of every buffer (None: the rows of the first write)
         self.filled = 0  # positions written by the generation that owns this storage (the longest row)
 
     def new_buffer(self, like: torch.Tensor, capacity: int, written: int = 0) -> torch.Tensor:
-        """A layer's buffer [rows, heads, capacity, d] in `like`'s dtype and device, zero past `written` (the
+        """A layer's buffer [slots, heads, capacity, d] in `like`'s dtype and device, zero past `written` (the
         positions the caller fills at once)."""
-        buf = like.new_empty(like.shape[0], like.shape[1], capacity, like.shape[3])
+        rows = like.shape[0] if self.slots is None else self.slots
+        buf = like.new_empty(rows, like.shape[1], capacity, like.shape[3])
         buf[:, :, written:].zero_()
         return buf
 
 
 class KVCache:
-    """A snapshot of the cached positions (`lengths`: an int for every row, or a tuple, one per row) over shared,
-    growable per-layer buffers; in fixed-step mode (`pos` set) writes go to tensor positions within `span`."""
+    """A snapshot of the cached positions (`lengths`: an int for every row, or a tuple, one per row) of some rows
+    (`rows`: slot indices, None = all) of shared, growable per-layer buffers; in fixed-step mode (`pos` set)
+    writes go to tensor positions and reads cover `span` positions."""
 
-    __slots__ = ("_storage", "lengths", "pos", "span", "__weakref__")
+    __slots__ = ("_storage", "lengths", "rows", "pos", "span", "key_valid", "__weakref__")
 
-    def __init__(self, storage: _Storage, lengths: int | tuple[int, ...] = 0, pos=None, span=None):
+    def __init__(self, storage: _Storage, lengths: int | tuple[int, ...] = 0, rows=None, pos=None, span=None,
+                 key_valid=None):  # fmt: skip
         if not isinstance(lengths, int) and len(set(lengths)) == 1:
             lengths = lengths[0]  # rows that agree are one length: slice writes
-        self._storage, self.lengths, self.pos, self.span = storage, lengths, pos, span
+        self._storage, self.lengths, self.rows = storage, lengths, rows
+        self.pos, self.span, self.key_valid = pos, span, key_valid
 
     @classmethod
-    def empty(cls, num_layers: int, capacity: int) -> KVCache:
-        return cls(_Storage(num_layers, max(int(capacity), 1)))
+    def empty(cls, num_layers: int, capacity: int, slots: int | None = None) -> KVCache:
+        """A new storage; with `slots`, of that many rows, to be used through `select`."""
+        return cls(_Storage(num_layers, max(int(capacity), 1), slots))
+
+    def select(self, rows, lengths: int | tuple[int, ...]) -> KVCache:
+        """A snapshot of these rows (slot indices) of a storage made with `slots`, each at its length."""
+        rows = tuple(int(r) for r in rows)
+        slots = self._storage.slots
+        if slots is None or not rows or min(rows) < 0 or max(rows) >= slots or len(set(rows)) != len(rows):
+            raise ValueError(f"rows {rows} are not distinct slots of this cache (slots: {slots})")
+        if not isinstance(lengths, int) and len(lengths) != len(rows):
+            raise ValueError(f"{len(rows)} rows need {len(rows)} lengths, got {len(lengths)}")
+        return KVCache(self._storage, lengths, rows)
 
     @classmethod
     def from_past(cls, past, capacity: int) -> KVCache:
@@ -85,7 +104,8 @@ class KVCache:
         s = self._storage
         if s.k[i] is None:
             raise IndexError(f"layer {i} of the cache was never written")
-        return s.k[i][:, :, : self.length], s.v[i][:, :, : self.length]
+        rows = self._row_index(s.k[i].device)
+        return s.k[i][rows, :, : self.length], s.v[i][rows, :, : self.length]
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -111,11 +131,20 @@ class KVCache:
         s = self._storage
         lengths = self.lengths + n if isinstance(self.lengths, int) else tuple(x + n for x in self.lengths)
         s.filled = max(s.filled, self.length + n)
-        return KVCache(s, lengths)
+        return KVCache(s, lengths, self.rows)
 
-    def at(self, pos: torch.Tensor, span: int) -> KVCache:
-        """This cache in fixed-step mode: writes at `pos` ([1], every row, or [rows]), reads [0, span)."""
-        return KVCache(self._storage, self.lengths, pos, span)
+    def at(self, pos: torch.Tensor, span: int, key_valid: torch.Tensor | None = None) -> KVCache:
+        """This cache (all its rows) in fixed-step mode: writes at `pos` ([1], every row, or [rows]), reads
+        [0, span); `key_valid` [rows, >= span] (False = a padding key) joins the step's mask."""
+        return KVCache(self._storage, self.lengths, None, pos, span, key_valid)
+
+    def step_mask(self) -> torch.Tensor:
+        """Fixed-step mode: bool [rows or 1, 1, 1, span], True where a row's query may attend (keys up to its own
+        position, padding excluded). Built from tensors only, so it can be captured or compiled."""
+        keys = torch.arange(self.span, device=self.pos.device) <= self.pos[:, None]  # [rows or 1, span]
+        if self.key_valid is not None:
+            keys = keys & self.key_valid[:, : self.span]
+        return keys[:, None, None, :]
 
     def reserve(self, extra: int) -> None:
         """Make room for `extra` positions after the longest row (doubling, so growth is amortized)."""
@@ -163,12 +192,13 @@ class KVCache:
         if isinstance(self.lengths, int):
             self._write_slice(i, k, v, self.lengths)
         else:  # rows at their own positions: one indexed write per tensor
-            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            rows = self._row_numbers(k)[:, None]
             positions = torch.tensor(self.lengths, device=k.device)[:, None] + torch.arange(n, device=k.device)
             for buf, t in zip(self._buffers(i, k, v, self.length + n, 0), (k, v)):
                 buf[rows, :, positions] = t.transpose(1, 2).to(buf.dtype)  # [rows, s, heads, d]
         end = self.length + n
-        return s.k[i][:, :, :end], s.v[i][:, :, :end]
+        rows = self._row_index(k.device)  # a slice (a view) unless the rows are scattered (then a gather)
+        return s.k[i][rows, :, :end], s.v[i][rows, :, :end]
 
     def append_all(self, past) -> KVCache:
         """The snapshot after writing a whole tuple-style cache (the P-Tuning prefix) after every row."""
@@ -188,10 +218,28 @@ class KVCache:
                 bufs[i] = s.new_buffer(t, s.capacity, written)
         return s.k[i], s.v[i]
 
+    def _row_index(self, device):
+        """The snapshot's rows of a buffer: every row, a slice of consecutive slots, or an index tensor."""
+        r = self.rows
+        if r is None:
+            return slice(None)
+        if r == tuple(range(r[0], r[0] + len(r))):
+            return slice(r[0], r[0] + len(r))
+        return torch.tensor(r, device=device)
+
+    def _row_numbers(self, t: torch.Tensor) -> torch.Tensor:
+        return (
+            torch.tensor(self.rows, device=t.device)
+            if self.rows is not None
+            else torch.arange(t.shape[0], device=t.device)
+        )
+
     def _write_slice(self, i: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         end = start + k.shape[2]
-        for buf, t in zip(self._buffers(i, k, v, end, end if start == 0 else 0), (k, v)):
-            buf[:, :, start:end] = t
+        written = end if start == 0 and self.rows is None else 0  # other slots' rows are not written here
+        rows = self._row_index(k.device)
+        for buf, t in zip(self._buffers(i, k, v, end, written), (k, v)):
+            buf[rows, :, start:end] = t
 
     def _write_at(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # The fixed-shape step: one new position per row, at the tensor `pos` (no Python value from the data).
@@ -200,7 +248,7 @@ class KVCache:
         if self.pos.numel() == 1:  # every row at the same position
             kb.index_copy_(2, self.pos, k.to(kb.dtype))
             vb.index_copy_(2, self.pos, v.to(vb.dtype))
-        else:
+        else:  # each row at its own position
             rows = torch.arange(kb.shape[0], device=kb.device)
             kb[rows, :, self.pos] = k[:, :, 0].to(kb.dtype)
             vb[rows, :, self.pos] = v[:, :, 0].to(vb.dtype)
@@ -216,11 +264,21 @@ def cache_length(past) -> int:
     return past[0][0].shape[2]
 
 
-def open_cache(past, num_layers: int, new: int, use_cache: bool = True) -> KVCache | None:
-    """The cache a forward of `new` positions writes into: `past` itself when it is a KVCache, a copy of the
-    original's tuple, a new one, or None when no cache is wanted (training without a prefix)."""
+def open_cache(past, num_layers: int, new: int, use_cache: bool = True, prefix=None) -> KVCache | None:
+    """The cache a forward of `new` positions writes into, with room for them: `past` itself when it is a
+    KVCache, a copy of the original's tuple, a new one, or None when no cache is wanted (training without a
+    prefix). `prefix` (a function returning the P-Tuning prefix as a tuple cache) fills an empty cache first."""
     if isinstance(past, KVCache):
-        return past
-    if past is not None:
-        return KVCache.from_past(past, cache_length(past) + new)
-    return KVCache.empty(num_layers, new) if use_cache else None
+        cache = past
+    elif past is not None:
+        cache = KVCache.from_past(past, cache_length(past) + new)
+    else:
+        cache = None
+    if prefix is not None and cache_length(cache) == 0:
+        kv = prefix()
+        cache = (cache or KVCache.empty(num_layers, cache_length(kv) + new)).append_all(kv)
+    elif cache is None and use_cache:
+        cache = KVCache.empty(num_layers, new)
+    if cache is not None:
+        cache.reserve(new)
+    return cache

@@ -17,7 +17,7 @@ from torch import nn
 
 from .base import ChatGLMCausalLM
 from .config import ChatGLMConfig
-from .kv_cache import KVCache, cache_length, open_cache
+from .kv_cache import KVCache, open_cache
 from .layers import LayerNorm, Linear, compute_dtype
 from .prefix_encoder import PrefixEncoder
 
@@ -160,25 +160,30 @@ class ChatGLMModel(nn.Module):
         output_hidden_states=False,
         use_cache=True,
     ):
+        """The one forward: a prompt, a decode step, or a batch of rows each at its own position.
+
+        input_ids [b, s]: the new tokens. position_ids [b, 2, s]: positions and block positions (default: those of
+        a prompt, from its <sop> and mask token). attention_mask: [b, cached + s] keep-mask (0 = left padding),
+        or the original's [b, 1, s, cached + s] (True = masked), or None. past_key_values: a KVCache, written in
+        place with each row at its own length (or, in fixed-step mode, at tensor positions under the cache's
+        own mask: no Python value read from the data); the original's tuple (copied); or None.
+        Returns (hidden [b, s, hidden], the cache after these tokens, per-layer hidden states when asked)."""
         x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        x = x.to(compute_dtype(x))
+        x = x.to(compute_dtype(x))  # [b, s, hidden]
         b, s = x.shape[:2]
-        prefix = self.pre_seq_len or 0
-        cache = open_cache(past_key_values, self.num_layers, s, use_cache)
-        if prefix and cache_length(cache) == 0:
-            prefix_kv = self.prefix_encoder.past_key_values(
-                b, self.num_layers, self.heads, self.head_dim, x.device, x.dtype
-            )
-            cache = (cache or KVCache.empty(self.num_layers, prefix + s)).append_all(prefix_kv)
-        if cache is not None:
-            cache.reserve(s)
-        cached = cache_length(cache)
-        if position_ids is None:
-            position_ids = glm_position_ids(input_ids, self.config, attention_mask)
-        mask = glm_mask(input_ids, self.config, attention_mask, cached, prefix, x.device)
-        # Every layer's rotary table covers these positions before the layers run: one read of the largest
-        # position per forward, not one per layer (on a GPU each read waits for all queued work).
-        self.rope_tables(int(position_ids.max()) + 1)
+        fixed = isinstance(past_key_values, KVCache) and past_key_values.pos is not None
+        if fixed:  # the fixed-shape decode step (chatglm/static_decode.py sized the rotary tables)
+            cache, mask = past_key_values, past_key_values.step_mask()
+        else:
+            prefix = self.pre_seq_len or 0
+            cache = open_cache(past_key_values, self.num_layers, s, use_cache, self._prefix(b, x) if prefix else None)
+            cached = 0 if cache is None else cache.lengths  # per row when the rows are at their own positions
+            if position_ids is None:
+                position_ids = glm_position_ids(input_ids, self.config, attention_mask)
+            mask = glm_mask(input_ids, self.config, attention_mask, cached, x.device)
+            # Every layer's rotary table covers these positions before the layers run: one read of the largest
+            # position per forward, not one per layer (on a GPU each read waits for all queued work).
+            self.rope_tables(int(position_ids.max()) + 1)
         hidden = []
         for layer in self.layers:
             if output_hidden_states:
@@ -187,7 +192,11 @@ class ChatGLMModel(nn.Module):
         x = self.final_layernorm(x)
         if output_hidden_states:
             hidden.append(x)
-        return x, None if cache is None else cache.advance(s), hidden
+        return x, cache if cache is None or fixed else cache.advance(s), hidden
+
+    def _prefix(self, b, x):
+        return lambda: self.prefix_encoder.past_key_values(b, self.num_layers, self.heads, self.head_dim, x.device,
+                                                           x.dtype)  # fmt: skip
 
     def rope_tables(self, need: int, device=None) -> list[torch.Tensor]:
         """Every layer's rotary table sized for `need` positions, on `device` or where that layer lives."""
@@ -224,35 +233,47 @@ def glm_position_ids(input_ids, config, attention_mask=None):
     return out
 
 
-def glm_mask(input_ids, config, attention_mask, cached, prefix, device):
-    """Bool [b, 1, s, cached + s], True = may attend; None when every key is visible to every query."""
+def glm_mask(input_ids, config, attention_mask, cached, device):
+    """Bool [b, 1, s, cached + s], True = may attend; None when every key is visible to every query.
+
+    cached: positions already in the cache (prefix included), one int, or a tuple with one per row (rows at
+    their own positions: row r's keys past cached[r] + s are not its own and stay hidden)."""
     b, s = input_ids.shape
+    per_row = not isinstance(cached, int)
+    end = (max(cached) if per_row else cached) + s
     if attention_mask is not None and attention_mask.dim() >= 3:  # the original's mask, True = masked
+        if per_row:
+            raise ValueError("rows at their own positions take no 4D attention mask")
         allowed = ~attention_mask.reshape(b, 1, attention_mask.shape[-2], attention_mask.shape[-1]).bool()
         allowed = allowed[:, :, -s:]
         if allowed.shape[-1] < cached + s:  # prefix columns are always visible
             allowed = torch.cat([allowed.new_ones(b, 1, s, cached + s - allowed.shape[-1]), allowed], dim=-1)
+        starts = torch.full((b,), cached, device=device)
     else:
         keep = None
-        if attention_mask is not None:
+        if attention_mask is not None and not (per_row and bool(attention_mask.all())):
+            if per_row:
+                raise ValueError("rows at their own positions take no padding mask")
             keep = attention_mask.bool()
             if keep.shape[-1] < cached + s:
                 keep = torch.cat([keep.new_ones(b, cached + s - keep.shape[-1]), keep], dim=-1)
-        if s == 1:
+        if s == 1 and not per_row:
             return None if keep is None or bool(keep.all()) else keep[:, None, None, :]
         # Bidirectional over the context (everything before <sop>), causal after it.
+        starts = torch.tensor(cached, device=device) if per_row else torch.full((b,), cached, device=device)
         pads = _left_pads(attention_mask, b, s)
         ctx = []
         for seq, pad in zip(input_ids.tolist(), pads):
             ctx.append(seq.index(config.bos_token_id) if config.bos_token_id in seq[pad:] else s)
-        ctx = torch.tensor(ctx, device=device)[:, None, None, None] + cached
-        j = torch.arange(cached + s, device=device)
-        i = torch.arange(s, device=device)[:, None] + cached
-        allowed = (j[None, None, None, :] < ctx) | (j <= i)[None, None]
+        ctx = (torch.tensor(ctx, device=device) + starts)[:, None, None, None]
+        j = torch.arange(end, device=device)
+        i = (starts[:, None] + torch.arange(s, device=device))[:, None, :, None]  # [b, 1, s, 1] absolute
+        allowed = (j < ctx) | (j <= i)  # [b, 1, s, end]: nothing past a row's own last key
         if keep is not None:
             allowed = allowed & keep[:, None, None, :]
+    rows = torch.arange(b, device=device)[:, None]
     diag = torch.arange(s, device=device)
-    allowed[..., diag, cached + diag] = True  # a padded query sees itself: no all-masked row (NaN)
+    allowed[rows, 0, diag, starts[:, None] + diag] = True  # a padded query sees itself: no all-masked row (NaN)
     return allowed
 
 
@@ -312,17 +333,3 @@ class ChatGLMForConditionalGeneration(ChatGLMCausalLM):
         for layer in self.transformer.layers:
             layer.attention.rotary_emb.reset_parameters()
         self.tie_weights()
-
-    def _decode_step(self, tokens, position_ids, mask, cache, rope_table):
-        """Last-position logits [b, vocab] of one decode step of fixed shape (chatglm/static_decode.py)."""
-        t = self.transformer
-        x = t.word_embeddings(tokens)
-        x = x.to(compute_dtype(x))
-        for layer in t.layers:
-            x = layer(x, position_ids, mask, cache)
-        return self.lm_head(t.final_layernorm(x))[:, -1]
-
-    def _rope_table(self, positions: int, device):
-        # Each layer keeps its own table (its own inv_freq buffer); the decoder holds on to all of them, since
-        # a captured graph reads them by address.
-        return self.transformer.rope_tables(positions, device)

@@ -68,8 +68,9 @@ class RotaryEmbedding(nn.Module):
         return cache
 
     def forward(self, position_ids, dtype):
-        # -> [b, s, dim/2, 2] (cos, sin), computed in fp32 then cast like the original's cache.
-        return self.table(int(position_ids.max()) + 1, position_ids.device)[position_ids].to(dtype)
+        # -> [b, s, dim/2, 2] (cos, sin), computed in fp32 then cast like the original's cache. The caller has
+        # sized the table (`table`): no position is read back to the host here.
+        return self._cache[position_ids].to(dtype)
 
 
 def apply_rotary(x, rope):
@@ -239,35 +240,57 @@ class ChatGLMModel(nn.Module):
         output_hidden_states=False,
         use_cache=True,
     ):
+        """The one forward: a prompt, a decode step, or a batch of rows each at its own position.
+
+        input_ids [b, s]: the new tokens. position_ids [b, s]: their positions (default: after each row's cached
+        text). attention_mask [b, cached text + s]: 0 marks left padding (or None). past_key_values: a KVCache,
+        written in place with each row at its own length (or, in fixed-step mode, at tensor positions under the
+        cache's own mask: no Python value read from the data); the original's tuple (copied); or None.
+        Returns (hidden [b, s, hidden], the cache after these tokens, per-layer hidden states when asked)."""
         x = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
-        x = x.to(compute_dtype(x))
+        x = x.to(compute_dtype(x))  # [b, s, hidden]
         b, s = x.shape[:2]
-        prefix = self.pre_seq_len or 0
-        cache = open_cache(past_key_values, self.num_layers, s, use_cache)
-        if prefix and cache_length(cache) == 0:
-            prefix_kv = self.prefix_encoder.past_key_values(
-                b, self.num_layers, self.groups, self.kv_channels, x.device, x.dtype
-            )
-            cache = (cache or KVCache.empty(self.num_layers, prefix + s)).append_all(prefix_kv)
-        if cache is not None:
-            cache.reserve(s)
-        cached = cache_length(cache)
-        past = cached - prefix  # tokens of real text already in the cache
-        if attention_mask is not None and attention_mask.shape[-1] == s and past > 0:
-            attention_mask = torch.cat([attention_mask.new_ones(b, past), attention_mask], dim=1)
-        if position_ids is None:
-            if attention_mask is not None:
+        fixed = isinstance(past_key_values, KVCache) and past_key_values.pos is not None
+        if fixed:  # the fixed-shape decode step (chatglm/static_decode.py sized the rotary table)
+            cache, mask = past_key_values, past_key_values.step_mask()
+        else:
+            prefix = self.pre_seq_len or 0
+            cache = open_cache(past_key_values, self.num_layers, s, use_cache, self._prefix(b, x) if prefix else None)
+            cached = 0 if cache is None else cache.lengths  # per row when the rows are at their own positions
+            per_row = not isinstance(cached, int)
+            if not per_row and attention_mask is not None and attention_mask.shape[-1] == s and cached > prefix:
+                attention_mask = torch.cat([attention_mask.new_ones(b, cached - prefix), attention_mask], dim=1)
+            if position_ids is None and attention_mask is not None and not per_row:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -s:]
-            else:
-                position_ids = torch.arange(past, past + s, device=x.device).unsqueeze(0).expand(b, -1)
-        rope = self.rotary_pos_emb(position_ids, x.dtype)
-        mask = build_mask(attention_mask, b, s, cached, prefix, x.device)
+            elif position_ids is None:  # each row's text continues after what it has cached
+                past = torch.as_tensor(cached, device=x.device).view(-1, 1) - prefix  # [b or 1, 1]
+                position_ids = (past + torch.arange(s, device=x.device)).expand(b, -1)
+            mask = build_mask(attention_mask, b, s, cached, prefix, x.device)
+            self.rotary_pos_emb.table(int(position_ids.max()) + 1, x.device)
+        rope = self.rotary_pos_emb(position_ids, x.dtype)  # [b, s, rotary/2, 2]
         hidden, all_hidden = self.encoder(x, rope, mask, cache, output_hidden_states)
-        return hidden, None if cache is None else cache.advance(s), all_hidden
+        return hidden, cache if cache is None or fixed else cache.advance(s), all_hidden
+
+    def _prefix(self, b, x):
+        return lambda: self.prefix_encoder.past_key_values(b, self.num_layers, self.groups, self.kv_channels,
+                                                           x.device, x.dtype)  # fmt: skip
+
+    def rope_tables(self, need: int, device) -> list[torch.Tensor]:
+        """The rotary table sized for `need` positions (a fixed-shape step reads it without sizing it)."""
+        return [self.rotary_pos_emb.table(need, device)]
 
 
 def build_mask(attention_mask, b, s, cached, prefix, device):
-    """Bool [b, 1, s, cached + s] (True = may attend), or None when plain causal attention is right."""
+    """Bool [b, 1, s, cached + s] (True = may attend), or None when plain causal attention is right.
+
+    cached: positions already in the cache (prefix included), one int, or a tuple with one per row (rows at
+    their own positions: row r's query i is at cached[r] + i and sees keys 0 .. cached[r] + i)."""
+    if not isinstance(cached, int):
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("rows at their own positions take no padding mask")
+        starts = torch.tensor(cached, device=device)[:, None] + torch.arange(s, device=device)  # [b, s]
+        keys = torch.arange(max(cached) + s, device=device)
+        return (keys[None, None, :] <= starts[:, :, None])[:, None]  # [b, 1, s, longest + s]
     padded = attention_mask is not None and not bool(attention_mask.all())
     if not padded and (cached == 0 or s == 1):
         return None if cached == 0 or s == 1 else _causal(s, cached, device).expand(b, 1, s, cached + s)
@@ -328,16 +351,3 @@ class ChatGLMForConditionalGeneration(ChatGLMCausalLM):
 
     def _reset_buffers(self):
         self.transformer.rotary_pos_emb.reset_parameters()
-
-    def _decode_step(self, tokens, position_ids, mask, cache, rope_table):
-        """Last-position logits [b, vocab] of one decode step of fixed shape (chatglm/static_decode.py): no
-        Python value depends on the data, so the step can be captured in a CUDA graph or compiled."""
-        t = self.transformer
-        x = t.embedding(tokens)
-        x = x.to(compute_dtype(x))
-        rope = rope_table[position_ids].to(x.dtype)
-        hidden, _ = t.encoder(x, rope, mask, cache)
-        return self.output_head()(hidden)[:, -1]
-
-    def _rope_table(self, positions: int, device):
-        return self.transformer.rotary_pos_emb.table(positions, device)

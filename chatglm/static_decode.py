@@ -12,8 +12,10 @@ step static here:
   shape) per bucket, made the first time a generation reaches it;
 - the rotary table is precomputed up to the capacity and indexed by the position tensor.
 
-Each model class (GLM for v1, GLM2 for v2/v3) provides the step as `_decode_step`, and `_rope_table`. The
-prompt (prefill) runs eagerly and writes into the same buffers, so a reply costs no copy. A decoder is kept on
+The step is the model's one forward (`model.transformer`) on a cache in fixed-step mode (`KVCache.at`), which
+also gives the step's mask from tensors; the decoder sizes the rotary tables up to its capacity first. The
+prompt (prefill) runs eagerly and writes into the same buffers, so a reply costs no copy. Rows may stand at
+different positions (one per-row position tensor). A decoder is kept on
 the model per (batch, mode) and grows (doubling, its steps made again) when a reply needs more room. Its
 buffers serve every generation: the `past_key_values` snapshots it hands out are moved to storage of their own
 before a later generation reuses the buffers, so a kept cache (the next chat turn, a retry) stays valid.
@@ -59,14 +61,14 @@ class StaticDecoder:
     def __init__(self, model, batch: int, capacity: int, mode: str):
         self.device = _device_for(model, mode)
         self.model, self.batch, self.mode = model, batch, mode
-        self.cache = KVCache.empty(model.config.num_layers, capacity)  # its buffers serve every generation
-        self.rope = model._rope_table(capacity, self.device)  # kept: a captured graph reads it by address
+        # Its buffers serve every generation; one row per sequence (`select` prefills one row alone).
+        self.cache = KVCache.empty(model.config.num_layers, capacity, slots=batch)
+        self.rope = model.transformer.rope_tables(capacity, self.device)  # kept: a graph reads them by address
         self.key_valid = torch.ones(batch, capacity, dtype=torch.bool, device=self.device)
-        self.positions = torch.arange(capacity, device=self.device)
         # The step's inputs: fixed tensors that each step overwrites (a CUDA graph reads these addresses).
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.position_ids = None  # [b, 1] (v2/v3) or [b, 2, 1] (v1): shaped by the first step
-        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(batch, dtype=torch.long, device=self.device)  # each row's write position
         self._steps: dict[int, object] = {}  # span -> callable running one step
         self._handed: weakref.WeakSet[KVCache] = weakref.WeakSet()
         self.busy = False  # a generation is using the buffers (get_decoder .. release)
@@ -105,7 +107,8 @@ class StaticDecoder:
         return snapshot
 
     def step(self, tokens, position_ids, cache: KVCache) -> torch.Tensor:
-        """Logits [b, vocab] of the next position after `cache`; writes its keys and values at cache.length."""
+        """Logits [b, vocab] of the next position after `cache` (every row of the decoder, each at its own
+        length); writes each row's keys and values at its length."""
         length = cache.length
         if length >= self.capacity:
             self.grow(length + 1)
@@ -114,7 +117,10 @@ class StaticDecoder:
             self.position_ids = torch.zeros_like(position_ids, device=self.device)
         self.tokens.copy_(tokens.view(self.batch, 1))
         self.position_ids.copy_(position_ids)
-        self.pos.fill_(length)
+        if isinstance(cache.lengths, int):
+            self.pos.fill_(cache.lengths)
+        else:
+            self.pos.copy_(torch.tensor(cache.lengths))
         run = self._steps.get(span)
         if run is None:
             run = self._steps[span] = self._make_step(span)
@@ -127,14 +133,15 @@ class StaticDecoder:
         capacity = self.capacity
         key_valid = torch.ones(self.batch, capacity, dtype=torch.bool, device=self.device)
         key_valid[:, :old] = self.key_valid
-        self.key_valid, self.positions = key_valid, torch.arange(capacity, device=self.device)
-        self.rope = self.model._rope_table(capacity, self.device)
+        self.key_valid = key_valid
+        self.rope = self.model.transformer.rope_tables(capacity, self.device)
         self._steps.clear()  # graphs read the old buffers by address
 
     # --- the fixed-shape step, per span ---
     def _forward(self, span: int) -> torch.Tensor:
-        mask = (self.key_valid[:, :span] & (self.positions[:span] <= self.pos))[:, None, None, :]
-        return self.model._decode_step(self.tokens, self.position_ids, mask, self.cache.at(self.pos, span), self.rope)
+        cache = self.cache.at(self.pos, span, self.key_valid)
+        hidden = self.model.transformer(self.tokens, self.position_ids, past_key_values=cache)[0]  # [b, 1, h]
+        return self.model.output_head()(hidden)[:, -1]
 
     def _make_step(self, span: int):
         if not self.cache.is_written():
@@ -224,7 +231,9 @@ def check_model(model, mode: str) -> None:
 
 
 def _device_for(model, mode: str) -> torch.device:
-    if not hasattr(model, "_decode_step"):
+    from .base import ChatGLMCausalLM  # here: base imports generation, which imports this module
+
+    if not isinstance(model, ChatGLMCausalLM):
         raise ValueError(f"decode={mode!r} needs a ChatGLM model of this package, not {type(model).__name__}")
     devices = {p.device for p in model.parameters()}
     if len(devices) != 1:

@@ -57,7 +57,7 @@ def test_v1_position_ids_and_mask_match_original():
     model, gold = _load("v1")
     ids = torch.tensor([gold["input_ids"]])
     assert glm_position_ids(ids, model.config)[0].tolist() == gold["position_ids"]
-    allowed = glm_mask(ids, model.config, None, 0, 0, ids.device)[0, 0]
+    allowed = glm_mask(ids, model.config, None, 0, ids.device)[0, 0]
     assert (~allowed).int().tolist() == gold["attention_mask_true_is_masked"]
 
 
