@@ -10,10 +10,9 @@ import argparse
 import json
 import sys
 
-from utils import add_model_args, load_or_exit
+from utils import TINY_MAX_NEW_TOKENS, add_model_args, load_or_exit
 
 NAMES = {"v1": "ChatGLM-6B", "v2": "ChatGLM2-6B", "v3": "ChatGLM3-6B"}
-TINY_MAX_LENGTH = 256  # the tiny model's replies are noise: keep them short
 
 
 def show(response) -> str:
@@ -30,7 +29,7 @@ def main(argv=None) -> int:
     model, tokenizer = load_or_exit(args)
     version = model.config.chatglm_version
     welcome = f"欢迎使用 {NAMES[version]} 模型，输入内容即可进行对话，clear 清空对话历史，stop 终止程序"
-    max_length = args.max_length or (TINY_MAX_LENGTH if args.tiny else None)
+    max_length = args.max_length or (TINY_MAX_NEW_TOKENS if args.tiny else None)
     gen = dict(max_length=max_length, top_p=args.top_p, temperature=args.temperature)
     history, past = [], None
     print(welcome)

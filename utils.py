@@ -147,13 +147,16 @@ def load_or_exit(args):
         raise SystemExit(2) from None
 
 
+TINY_MAX_NEW_TOKENS = 256  # the tiny model's replies are noise: the demos and servers keep them short
+
+
 def load_from_args(args):
     """(model, tokenizer) from a namespace parsed with `add_model_args`; sets args.tiny when no model path was given."""
     try:
         args.tiny = not getattr(args, "model_path", None)
     except AttributeError:  # a read-only namespace
         pass
-    return load_model_and_tokenizer(
+    model, tokenizer = load_model_and_tokenizer(
         model_path=getattr(args, "model_path", None),
         tokenizer_path=getattr(args, "tokenizer_path", None),
         device=getattr(args, "device", None) or "auto",
@@ -165,6 +168,12 @@ def load_from_args(args):
         tiny_version=getattr(args, "tiny_version", None) or "v3",
         decode=getattr(args, "decode", None) or "eager",
     )
+    if not getattr(args, "model_path", None):
+        model.default_max_new_tokens = TINY_MAX_NEW_TOKENS  # read by the servers (chatglm/serving.py)
+        model.tiny_notice = tiny_notice(model.config.chatglm_version)  # shown by the pages
+        print(f"Note: the tiny model's replies are kept to {TINY_MAX_NEW_TOKENS} tokens unless a request or option asks "
+              "for another length.", file=sys.stderr, flush=True)  # fmt: skip
+    return model, tokenizer
 
 
 # --- devices, dtypes, threads -------------------------------------------------------------------------------
@@ -398,13 +407,14 @@ def _model_path(model_path, tiny_version: str) -> str:
     from chatglm.tiny import default_tiny_model
 
     path = default_tiny_model(tiny_version)
-    print(
-        f"Note: no model path was given, so the built-in tiny random {NAMES[tiny_version]} model is used and its "
-        "answers are random text; set MODEL_PATH or --model-path to a real checkpoint directory to chat for real.",
-        file=sys.stderr,
-        flush=True,
-    )
+    print(f"Note: {tiny_notice(tiny_version)}", file=sys.stderr, flush=True)
     return path
+
+
+def tiny_notice(version: str) -> str:
+    """What the terminal and every page say when the built-in tiny random model runs."""
+    return (f"No model path was given, so the built-in tiny random {NAMES[version]} model is used and its answers "
+            "are random text; set MODEL_PATH or --model-path to a real checkpoint directory to chat for real.")  # fmt: skip
 
 
 def _place(model, device: str):

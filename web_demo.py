@@ -66,6 +66,8 @@ def build_demo(model, tokenizer, max_length: int | None = None) -> gr.Blocks:
 
     with gr.Blocks(title=NAMES[version], analytics_enabled=False) as demo:
         gr.HTML(f'<h1 align="center">{NAMES[version]}</h1>')
+        if getattr(model, "tiny_notice", None):  # the built-in tiny random model: say so on the page
+            gr.Markdown(model.tiny_notice, elem_id="tiny-notice")
         chatbot = gr.Chatbot(
             label=NAMES[version], latex_delimiters=LATEX, height=480, buttons=["copy", "copy_all"], elem_id="chatbot"
         )
@@ -95,7 +97,7 @@ def build_demo(model, tokenizer, max_length: int | None = None) -> gr.Blocks:
 
 
 def main(argv=None) -> int:
-    from utils import add_model_args, load_or_exit
+    from utils import TINY_MAX_NEW_TOKENS, add_model_args, load_or_exit
 
     parser = argparse.ArgumentParser(description="Chat with ChatGLM in the browser (Gradio).")
     add_model_args(parser)
@@ -106,7 +108,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     model, tokenizer = load_or_exit(args)
     if not args.model_path and args.max_length is None:
-        args.max_length = 256  # the tiny model's replies are noise: keep them short
+        args.max_length = TINY_MAX_NEW_TOKENS
     demo = build_demo(model, tokenizer, max_length=args.max_length)
     demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, share=args.share)
     return 0

@@ -17,7 +17,7 @@ import threading
 
 import streamlit as st
 
-from utils import add_model_args, load_from_args
+from utils import TINY_MAX_NEW_TOKENS, add_model_args, load_from_args
 
 NAMES = {"v1": "ChatGLM-6B", "v2": "ChatGLM2-6B", "v3": "ChatGLM3-6B"}
 DEFAULTS = {"v1": (2048, 0.7, 0.95), "v2": (8192, 0.8, 0.95), "v3": (8192, 0.8, 0.6)}  # max_length, top_p, temp
@@ -33,7 +33,7 @@ def get_model():
     args, _ = parser.parse_known_args(sys.argv[1:])  # what follows `--` on the streamlit command line
     model, tokenizer = load_from_args(args)
     if not args.model_path and args.max_length is None:
-        args.max_length = 256  # the tiny model's replies are noise: keep them short
+        args.max_length = TINY_MAX_NEW_TOKENS
     return model, tokenizer, args
 
 
@@ -75,6 +75,8 @@ if st.sidebar.button("清理会话历史 (clear history)", key="clean"):
     st.rerun()
 
 st.title(NAMES[version])
+if getattr(model, "tiny_notice", None):  # the built-in tiny random model: say so on the page
+    st.info(model.tiny_notice)
 for role, text in messages(st.session_state.history):
     with st.chat_message(role):
         st.markdown(text)

@@ -162,8 +162,11 @@ def context_length(model) -> int:
 
 
 def generation_kwargs(model, max_length=None, top_p=None, temperature=None, max_temperature=MAX_TEMPERATURE) -> dict:
-    """Checked chat() arguments; None keeps the model's default. temperature 0 means greedy decoding."""
+    """Checked chat() arguments; None keeps the model's default (for the built-in tiny model, the
+    `default_max_new_tokens` its loader set). temperature 0 means greedy decoding."""
     gen = {}
+    if max_length is None and getattr(model, "default_max_new_tokens", None):
+        gen["max_new_tokens"] = model.default_max_new_tokens
     if max_length is not None:
         limit = context_length(model)
         if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= limit:

@@ -704,3 +704,37 @@ def test_tiny_tool_help_names_the_command_and_every_option():
     for help_text in ("generation: v1 ChatGLM-6B", "directory to write", "random seed", "weight file format",
                       "number of weight shards", "replace OUT whole"):  # fmt: skip
         assert help_text in " ".join(proc.stdout.split()), help_text  # every option says what it does
+
+
+def test_servers_keep_the_tiny_models_replies_short(capsys):
+    """With no model path (the built-in tiny random model) the servers default to 256 new tokens, as the demos
+    do, and say so at startup; a request that asks for a length gets it."""
+    import argparse
+
+    import utils
+
+    args = utils.add_model_args(argparse.ArgumentParser()).parse_args(["--device", "cpu", "--tiny-version", "v2"])
+    model, tokenizer = utils.load_from_args(args)
+    assert model.default_max_new_tokens == utils.TINY_MAX_NEW_TOKENS == 256
+    assert "kept to 256 tokens" in capsys.readouterr().err
+    spy = Spy(model)
+    messages = [{"role": "user", "content": "x"}]
+    with TestClient(api.create_app(spy, tokenizer)) as client:
+        client.post("/", json={"prompt": "hi"})
+        client.post("/", json={"prompt": "hi", "max_length": 100})
+    with TestClient(openai_api.create_app(spy, tokenizer)) as client:
+        client.post("/v1/chat/completions", json={"messages": messages})
+        client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 7})
+    app = stream_api.create_app(spy, tokenizer)
+    try:
+        client = app.test_client()
+        assert post(client, "/chat", {"request_id": "t", "query": "hi", "history": []})["code"] == 0
+        wait_finished(client, "t")
+    finally:
+        app.extensions["chatglm_queue"].close()
+    calls = [{k: v for k, v in c.items() if k in ("max_length", "max_new_tokens")} for c in spy.calls]
+    assert calls == [{"max_new_tokens": 256}, {"max_length": 100}, {"max_new_tokens": 256}, {"max_new_tokens": 7},
+                     {"max_new_tokens": 256}]  # fmt: skip
+    with TestClient(openai_api.create_app(model, tokenizer)) as client:  # the real model stops there
+        usage = client.post("/v1/chat/completions", json={"messages": messages, "temperature": 0}).json()["usage"]
+        assert usage["completion_tokens"] <= 256

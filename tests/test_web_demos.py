@@ -222,3 +222,33 @@ def test_gradio_demo_handlers_every_generation(tiny, version):
     assert [m["role"] for m in chat] == ["user", "assistant", "user", "assistant"]
     assert len(history) == (2 if version != "v3" else 4)
     assert (past is None) == (version == "v1")  # ChatGLM2/3 keep the KV cache for the next turn
+
+
+def test_pages_say_when_the_tiny_model_runs(tmp_path, monkeypatch, capsys):
+    """With no model path both pages show the notice the terminal prints, in the same words."""
+    import argparse
+
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    import utils
+    import web_demo
+
+    monkeypatch.delenv("MODEL_PATH", raising=False)
+    monkeypatch.setenv("CHATGLM_CACHE", str(tmp_path))
+    args = utils.add_model_args(argparse.ArgumentParser()).parse_args(["--device", "cpu", "--tiny-version", "v2"])
+    model, tokenizer = utils.load_from_args(args)
+    notice = utils.tiny_notice("v2")
+    assert f"Note: {notice}" in capsys.readouterr().err
+    demo = web_demo.build_demo(model, tokenizer)
+    shown = [c.get("props", {}).get("value") for c in demo.config["components"]]
+    assert notice in shown
+    monkeypatch.setenv("DEVICE", "cpu")
+    monkeypatch.setattr(sys, "argv", ["web_demo_streamlit.py"])
+    st.cache_resource.clear()
+    try:
+        at = AppTest.from_file(str(REPO / "web_demo_streamlit.py"), default_timeout=60).run()
+        assert not at.exception
+        assert [i.value for i in at.info] == [utils.tiny_notice("v3")]  # the page's default tiny model is v3
+    finally:
+        st.cache_resource.clear()
