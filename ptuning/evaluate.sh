@@ -4,8 +4,8 @@
 # Behaves like THUDM/ChatGLM-6B ptuning/evaluate.sh; settings come from the environment, extra arguments go to main.py.
 set -euo pipefail
 cd "$(dirname "$0")"
+PY=${PYTHON:-$([ -x ../.venv/bin/python ] && echo ../.venv/bin/python || echo python3)}  # the repository's .venv when set up
 
-PRE_SEQ_LEN=${PRE_SEQ_LEN:-128}
 CHECKPOINT=${CHECKPOINT:-adgen-chatglm-6b-pt-128-2e-2}
 STEP=${STEP:-3000}
 MODEL_PATH=${MODEL_PATH:-THUDM/chatglm-6b}
@@ -13,7 +13,7 @@ VAL_FILE=${VAL_FILE:-AdvertiseGen/dev.json}
 OUTPUT_DIR=${OUTPUT_DIR:-./output/$CHECKPOINT}
 QUANTIZATION_BIT=${QUANTIZATION_BIT-4}
 
-${PYTHON:-python3} main.py \
+"$PY" main.py \
     --do_predict \
     --validation_file "$VAL_FILE" \
     --test_file "$VAL_FILE" \
@@ -27,6 +27,6 @@ ${PYTHON:-python3} main.py \
     --max_target_length "${MAX_TARGET_LENGTH:-64}" \
     --per_device_eval_batch_size "${EVAL_BATCH_SIZE:-1}" \
     --predict_with_generate \
-    --pre_seq_len "$PRE_SEQ_LEN" \
+    ${PRE_SEQ_LEN:+--pre_seq_len "$PRE_SEQ_LEN"} \
     ${QUANTIZATION_BIT:+--quantization_bit "$QUANTIZATION_BIT"} \
     "$@"

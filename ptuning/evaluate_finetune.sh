@@ -3,12 +3,13 @@
 # Behaves like THUDM/ChatGLM-6B ptuning/evaluate_finetune.sh; settings come from the environment.
 set -euo pipefail
 cd "$(dirname "$0")"
+PY=${PYTHON:-$([ -x ../.venv/bin/python ] && echo ../.venv/bin/python || echo python3)}  # the repository's .venv when set up
 
 CHECKPOINT=${CHECKPOINT:-adgen-chatglm-6b-ft-1e-4}
 STEP=${STEP:-3000}
 VAL_FILE=${VAL_FILE:-AdvertiseGen/dev.json}
 
-${PYTHON:-python3} main.py \
+"$PY" main.py \
     --do_predict \
     --validation_file "$VAL_FILE" \
     --test_file "$VAL_FILE" \

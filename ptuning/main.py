@@ -90,11 +90,14 @@ def main(argv=None):
     args.remove_unused_columns = False  # our collator reads the "generate" mark and builds the batch itself
     tuning = bool(model_args.pre_seq_len or model_args.ptuning_checkpoint or model_args.lora_rank
                   or model_args.lora_checkpoint)  # fmt: skip
-    model, tok = load_model_and_tokenizer(
-        model_args.model_name_or_path, model_args.ptuning_checkpoint, model_args.pre_seq_len,
-        model_args.prefix_projection, model_args.quantization_bit, model_args.lora_rank, model_args.lora_alpha,
-        model_args.lora_dropout, model_args.lora_checkpoint, model_args.model_dtype, training=args.do_train,
-    )  # fmt: skip
+    try:
+        model, tok = load_model_and_tokenizer(
+            model_args.model_name_or_path, model_args.ptuning_checkpoint, model_args.pre_seq_len,
+            model_args.prefix_projection, model_args.quantization_bit, model_args.lora_rank, model_args.lora_alpha,
+            model_args.lora_dropout, model_args.lora_checkpoint, model_args.model_dtype, training=args.do_train,
+        )  # fmt: skip
+    except (OSError, ValueError) as e:  # a wrong path, a missing file, a checkpoint that does not fit: one line
+        raise DataError(str(e)) from None
     version = tok.chatglm_version
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("ChatGLM %s, %d trainable parameters of %d", version, trainable, model.num_parameters())

@@ -5,6 +5,7 @@
 # are passed on to main.py. A restarted run resumes from the last checkpoint in OUTPUT_DIR (OVERWRITE=1: start over).
 set -euo pipefail
 cd "$(dirname "$0")"
+PY=${PYTHON:-$([ -x ../.venv/bin/python ] && echo ../.venv/bin/python || echo python3)}  # the repository's .venv when set up
 
 PRE_SEQ_LEN=${PRE_SEQ_LEN:-128}
 LR=${LR:-2e-2}
@@ -14,7 +15,7 @@ VAL_FILE=${VAL_FILE:-AdvertiseGen/dev.json}
 OUTPUT_DIR=${OUTPUT_DIR:-output/adgen-chatglm-6b-pt-$PRE_SEQ_LEN-$LR}
 QUANTIZATION_BIT=${QUANTIZATION_BIT-4}  # set it empty to train on the float model
 
-${PYTHON:-python3} main.py \
+"$PY" main.py \
     --do_train \
     --train_file "$TRAIN_FILE" \
     --validation_file "$VAL_FILE" \

@@ -3,6 +3,7 @@
 # Behaves like THUDM/ChatGLM-6B ptuning/train_chat.sh; settings come from the environment, extra arguments go to main.py.
 set -euo pipefail
 cd "$(dirname "$0")"
+PY=${PYTHON:-$([ -x ../.venv/bin/python ] && echo ../.venv/bin/python || echo python3)}  # the repository's .venv when set up
 
 PRE_SEQ_LEN=${PRE_SEQ_LEN:-128}
 LR=${LR:-1e-2}
@@ -12,7 +13,7 @@ CHAT_VAL_DATA=${CHAT_VAL_DATA:-data/tiny_chat.json}
 CHECKPOINT_NAME=${CHECKPOINT_NAME:-output/chat-chatglm-6b-pt-$PRE_SEQ_LEN-$LR}
 QUANTIZATION_BIT=${QUANTIZATION_BIT-4}
 
-${PYTHON:-python3} main.py \
+"$PY" main.py \
     --do_train \
     --train_file "$CHAT_TRAIN_DATA" \
     --validation_file "$CHAT_VAL_DATA" \

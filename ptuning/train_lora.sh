@@ -3,12 +3,13 @@
 # (lr 5e-4). Checkpoints hold only the LoRA matrices (pytorch_model.bin + adapter_config.json).
 set -euo pipefail
 cd "$(dirname "$0")"
+PY=${PYTHON:-$([ -x ../.venv/bin/python ] && echo ../.venv/bin/python || echo python3)}  # the repository's .venv when set up
 
 LORA_RANK=${LORA_RANK:-8}
 LR=${LR:-5e-4}
 MODEL_PATH=${MODEL_PATH:-THUDM/chatglm-6b}
 
-${PYTHON:-python3} main.py \
+"$PY" main.py \
     --do_train \
     --train_file "${TRAIN_FILE:-AdvertiseGen/train.json}" \
     --prompt_column content \

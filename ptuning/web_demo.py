@@ -60,11 +60,15 @@ def main(argv=None) -> None:
     from transformers import HfArgumentParser
 
     (args,) = HfArgumentParser(ModelArguments).parse_args_into_dataclasses(args=argv)
-    model, tokenizer = load_model_and_tokenizer(
-        args.model_name_or_path, args.ptuning_checkpoint, args.pre_seq_len, args.prefix_projection,
-        args.quantization_bit, lora_checkpoint=args.lora_checkpoint, dtype=args.model_dtype, training=False,
-        device="cuda" if torch.cuda.is_available() else None,
-    )  # fmt: skip
+    try:
+        model, tokenizer = load_model_and_tokenizer(
+            args.model_name_or_path, args.ptuning_checkpoint, args.pre_seq_len, args.prefix_projection,
+            args.quantization_bit, lora_checkpoint=args.lora_checkpoint, dtype=args.model_dtype, training=False,
+            device="cuda" if torch.cuda.is_available() else None,
+        )  # fmt: skip
+    except (OSError, ValueError) as e:  # a wrong path, a missing file, a checkpoint that does not fit: one line
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     model.eval()
     create_demo(model, tokenizer).queue().launch(share=False, inbrowser=True)
 

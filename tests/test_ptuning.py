@@ -258,6 +258,7 @@ def test_train_and_evaluate_scripts_with_env_overrides(tiny_dirs, tmp_path):
     assert config["pre_seq_len"] == 4 and config["quantization_bit"] == 4
     assert len(logged_losses(tmp_path)) == 4 and "'loss'" in run.stdout  # progress is printed
     env.update(STEP="4", VAL_FILE=DEV)
+    del env["PRE_SEQ_LEN"]  # evaluate.sh reads it (and prefix_projection) from the checkpoint
     run = subprocess.run(["bash", str(PT / "evaluate.sh"), "--max_predict_samples", "2", *QUIET], env=env,
                          capture_output=True, text=True)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
@@ -288,8 +289,9 @@ def test_every_script_passes_arguments_main_accepts(tmp_path):
             del argv[argv.index("--deepspeed") : argv.index("--deepspeed") + 2]
         argv = [a for a in argv if a not in ("--fp16", "--fp16_full_eval")]  # need a GPU
         model_args, data_args, args = parse_args(argv + ["--report_to", "none"])
-        if script in ("train.sh", "evaluate.sh"):
-            assert model_args.pre_seq_len == 128 and model_args.quantization_bit == 4
+        if script in ("train.sh", "evaluate.sh"):  # evaluate.sh reads pre_seq_len from the checkpoint
+            assert model_args.pre_seq_len == (128 if script == "train.sh" else None)
+            assert model_args.quantization_bit == 4
             assert data_args.max_source_length == 64 and data_args.max_target_length == 64
         if script == "train.sh":
             assert args.learning_rate == 2e-2 and args.gradient_accumulation_steps == 16 and args.max_steps == 3000
@@ -326,3 +328,26 @@ def test_web_demo_streams_a_reply_with_the_checkpoint(tiny_dirs, trained):
     assert [m["role"] for m in chatbot] == ["user", "assistant"] and history[0][0] == "你好"
     pytest.importorskip("gradio")
     assert web_demo.create_demo(model, tok) is not None
+
+
+@pytest.mark.parametrize("script", ["main.py", "web_demo.py"])
+def test_ptuning_entry_points_print_one_line_on_a_wrong_model_path(script, tmp_path):
+    argv = [sys.executable, str(PT / script), "--model_name_or_path", str(tmp_path / "missing")]
+    if script == "main.py":
+        argv += ["--do_predict", "--test_file", DEV, "--prompt_column", "content", "--response_column", "summary",
+                 "--output_dir", str(tmp_path / "out"), "--report_to", "none"]  # fmt: skip
+    run = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert run.returncode == 2, run.stderr[-2000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "missing" in errors[0] and "Traceback" not in run.stderr
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or not (REPO / ".venv" / "bin" / "python").exists(),
+                    reason="needs bash and the repository's .venv")  # fmt: skip
+def test_scripts_find_the_repository_venv_themselves():
+    """Without PYTHON set, the scripts run main.py with the repository's .venv (bare python3 lacks the packages)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "VIRTUAL_ENV", "PYTHONPATH")}
+    env["PATH"] = "/usr/bin:/bin"  # no venv on PATH
+    run = subprocess.run(["bash", str(PT / "train.sh"), "--help"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "--pre_seq_len" in run.stdout
