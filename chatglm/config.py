@@ -7,6 +7,8 @@ import os
 
 from transformers import PretrainedConfig
 
+from kernels.settings import settings
+
 # Defaults of the original configuration_chatglm.py files (6B values), per architecture.
 GLM_DEFAULTS = dict(  # ChatGLM-6B (v1)
     vocab_size=150528,
@@ -73,9 +75,7 @@ def detect_version(config: dict, tokenizer_config: dict | None = None, path: str
     tokenizer.model and architecture, so names are all there is to tell them apart.
     """
     tokenizer_config = tokenizer_config or {}
-    explicit = (
-        os.environ.get("CHATGLM_VERSION") or config.get("chatglm_version") or tokenizer_config.get("chatglm_version")
-    )
+    explicit = settings.version or config.get("chatglm_version") or tokenizer_config.get("chatglm_version")
     if explicit:
         if explicit not in VERSIONS:
             raise ValueError(f"chatglm_version must be one of {VERSIONS}, got {explicit!r}")

@@ -18,9 +18,10 @@ import ctypes
 import functools
 import logging
 import mmap
-import os
 
 import torch
+
+from kernels.settings import settings
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def thp_mode() -> str:
 
 
 def enabled() -> bool:
-    return os.environ.get("CHATGLM_NO_HUGE_PAGES", "") in ("", "0") and thp_mode() in ("always", "madvise")
+    return settings.huge_pages and thp_mode() in ("always", "madvise")
 
 
 @functools.lru_cache(maxsize=1)

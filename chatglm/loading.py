@@ -17,6 +17,8 @@ import sys
 
 import torch
 
+from kernels.settings import settings
+
 from .atomic import replacing_directory
 from .config import ChatGLMConfig, parameter_count, read_json_object
 from .generation_config import load_generation_config
@@ -152,7 +154,7 @@ def read_shard(file: str) -> dict[str, torch.Tensor]:
 
 
 def _show_progress() -> bool:
-    return sys.stderr.isatty() and os.environ.get("CHATGLM_NO_PROGRESS") is None
+    return sys.stderr.isatty() and settings.progress
 
 
 def load_model(path: str, config: ChatGLMConfig | None = None, dtype=None, device=None, quantization_bit=None,

@@ -15,10 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.settings import settings
+
 from .base import ChatGLMCausalLM
 from .config import ChatGLMConfig
 from .kv_cache import KVCache, open_cache
-from .layers import LayerNorm, Linear, compute_dtype
+from .layers import Attention, LayerNorm, Linear, compute_dtype, use_kernels
 from .prefix_encoder import PrefixEncoder
 
 MAX_LINES = 600  # keep this file small enough to read in one sitting
@@ -80,6 +82,7 @@ class SelfAttention(nn.Module):
         h = config.hidden_size
         self.query_key_value = Linear(h, 3 * h, device=device, dtype=dtype)
         self.dense = Linear(h, h, device=device, dtype=dtype)
+        self.core_attention = Attention()  # no parameters: a swappable kernel (layers.py)
 
     def forward(self, x, position_ids, mask, kv_cache):
         b, s, h = x.shape
@@ -98,7 +101,7 @@ class SelfAttention(nn.Module):
             k, v = kv_cache.append(self.layer_id, k, v)  # [b, heads, cached + s (or the fixed span), d]
         # The original divides q by sqrt(d) * (layer_id + 1) and multiplies the fp32 scores back by
         # (layer_id + 1): an fp16 overflow guard that cancels out, so plain SDPA scaling is the same.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = self.core_attention(q, k, v, mask)  # [b, heads, s, d]
         out = out.transpose(1, 2).reshape(b, s, h)
         return self.dense(out)
 
@@ -288,6 +291,7 @@ class ChatGLMForConditionalGeneration(ChatGLMCausalLM):
         self.tie_weights()
         if config.pre_seq_len is not None:
             self.freeze_for_prefix_tuning()
+        use_kernels(self, settings.cpu_kernels)
 
     def tie_weights(self):
         # Tied while both are float; an INT8/INT4 model with quantized embeddings keeps two tensors.

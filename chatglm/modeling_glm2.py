@@ -12,33 +12,17 @@ KV cache: a `KVCache` (chatglm/kv_cache.py) that each attention layer writes int
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from kernels.settings import settings
 
 from .base import ChatGLMCausalLM
 from .config import ChatGLMConfig
 from .kv_cache import KVCache, cache_length, open_cache
-from .layers import LayerNorm, Linear, compute_dtype, cpu_kernel_for
+from .layers import Attention, LayerNorm, Linear, RMSNorm, Rotary, SwiGLU, compute_dtype, use_kernels
 from .prefix_encoder import PrefixEncoder
 
 MAX_LINES = 600  # keep this file small enough to read in one sitting
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, hidden_size, eps=1e-5, device=None, dtype=None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(hidden_size, device=device, dtype=dtype))
-        self.eps = eps
-
-    def forward(self, x):
-        kernel = cpu_kernel_for(x)
-        if kernel is not None and x.is_contiguous() and self.weight.is_contiguous():  # one C call
-            return kernel.rms_norm(x, self.weight, self.eps)
-        if x.dtype == torch.float32:  # the same arithmetic in one fused op (decode runs this 57 times a token)
-            return F.rms_norm(x, (x.shape[-1],), self.weight.float(), self.eps)
-        # Statistics in fp32 whatever the weights are (the original does the same).
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return (self.weight * (x * torch.rsqrt(variance + self.eps))).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -73,25 +57,6 @@ class RotaryEmbedding(nn.Module):
         return self._cache[position_ids].to(dtype)
 
 
-def apply_rotary(x, rope):
-    # x: [b, s, heads, d]; rope: [b, s, r/2, 2]; rotate pairs (x[2i], x[2i+1]) of the first r dims.
-    r = rope.shape[-2] * 2
-    xs = x[..., :r].unflatten(-1, (r // 2, 2))
-    cos, sin = rope[:, :, None, :, 0], rope[:, :, None, :, 1]  # [b, s, 1, r/2]
-    out = torch.stack([xs[..., 0] * cos - xs[..., 1] * sin, xs[..., 1] * cos + xs[..., 0] * sin], dim=-1)
-    return torch.cat([out.flatten(-2), x[..., r:]], dim=-1)
-
-
-def decode_attention(q, k, v):
-    """One query per row over the whole cache, KV groups shared by consecutive heads: two batched matmuls.
-    On the CPU this is 2-4x faster than SDPA's flash kernel for a single query (300-8000 cached positions)."""
-    b, heads, _, d = q.shape
-    groups = k.shape[1]
-    qg = q.reshape(b, groups, heads // groups, d)  # head h -> group h // (heads / groups)
-    probs = (torch.matmul(qg, k.transpose(-1, -2)) * d**-0.5).softmax(dim=-1)
-    return torch.matmul(probs, v).reshape(b, heads, 1, d)
-
-
 class SelfAttention(nn.Module):
     def __init__(self, config: ChatGLMConfig, layer_index: int = 0, device=None, dtype=None):
         super().__init__()
@@ -105,39 +70,22 @@ class SelfAttention(nn.Module):
         self.dense = Linear(
             self.heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear, device=device, dtype=dtype
         )
+        self.rotary, self.core_attention = Rotary(), Attention()  # no parameters: swappable kernels (layers.py)
 
     def forward(self, x, rope, mask, kv_cache):
         b, s, _ = x.shape
-        qkv = self.query_key_value(x)
+        qkv = self.query_key_value(x)  # [b, s, (heads + 2 groups) * d]: q, k, v
         q_size, kv_size = self.heads * self.head_dim, self.groups * self.head_dim
-        kernel = cpu_kernel_for(qkv) if qkv.is_contiguous() and rope.is_contiguous() else None
-        # q and k are adjacent in the projection: one rotary pass over both (in place with the C kernel).
+        # q and k are adjacent in the projection: one rotary pass over both (in place with the kernel).
         qk = qkv[..., : q_size + kv_size].view(b, s, self.heads + self.groups, self.head_dim)
-        if kernel is not None and rope.dtype == torch.float32:
-            kernel.rotary_(qkv, b * s, qkv.shape[-1], self.heads + self.groups, self.head_dim, rope.view(b * s, -1, 2))
-        else:
-            qk = apply_rotary(qk, rope)
+        qk = self.rotary(qk, rope)
         q = qk[:, :, : self.heads].transpose(1, 2)  # [b, heads, s, d]
         k = qk[:, :, self.heads :].transpose(1, 2)  # [b, groups, s, d]
         v = qkv[..., q_size + kv_size :].view(b, s, self.groups, self.head_dim).transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.append(self.layer_index, k, v)  # [b, groups, cached + s (or the fixed span), d]
-        # Head h reads KV group h // (heads / groups), as the original's expand does.
-        if s == 1 and mask is None and kernel is not None and k.stride() == v.stride() and k.stride(-1) == 1:
-            out = kernel.attention_decode(qkv.view(b, -1), k, v, self.heads, self.head_dim**-0.5)
-            return self.dense(out.view(b, 1, q_size))
-        if s == 1 and mask is None and q.dtype == torch.float32 and q.device.type == "cpu":
-            out = decode_attention(q, k, v)
-        elif mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, enable_gqa=self.groups != self.heads)
-        elif s == 1:  # one query with a mask (fixed-span decode, padded batches): a group's heads as its rows,
-            # so no kernel repeats the keys and values per head (what enable_gqa does once a mask is given)
-            qg = q.reshape(b, self.groups, self.heads // self.groups, self.head_dim)
-            out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask).view(b, self.heads, 1, self.head_dim)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.groups != self.heads)
-        out = out.transpose(1, 2).reshape(b, s, q_size)
-        return self.dense(out)
+        out = self.core_attention(q, k, v, mask)  # [b, heads, s, d]; head h reads KV group h // (heads / groups)
+        return self.dense(out.transpose(1, 2).reshape(b, s, q_size))
 
 
 class MLP(nn.Module):
@@ -146,14 +94,10 @@ class MLP(nn.Module):
         h, f, bias = config.hidden_size, config.ffn_hidden_size, config.add_bias_linear
         self.dense_h_to_4h = Linear(h, 2 * f, bias=bias, device=device, dtype=dtype)  # [gate | up]
         self.dense_4h_to_h = Linear(f, h, bias=bias, device=device, dtype=dtype)
+        self.activation = SwiGLU()
 
     def forward(self, x):
-        h = self.dense_h_to_4h(x)
-        kernel = cpu_kernel_for(h) if h.is_contiguous() else None
-        if kernel is not None:
-            return self.dense_4h_to_h(kernel.silu_mul(h))
-        gate, up = h.chunk(2, dim=-1)
-        return self.dense_4h_to_h(F.silu(gate) * up)
+        return self.dense_4h_to_h(self.activation(self.dense_h_to_4h(x)))  # [b, s, 2f] -> [b, s, f] -> [b, s, h]
 
 
 class GLMBlock(nn.Module):
@@ -318,6 +262,7 @@ class ChatGLMForConditionalGeneration(ChatGLMCausalLM):
         self.transformer = ChatGLMModel(config, device=device, dtype=dtype)
         if config.pre_seq_len is not None:
             self.freeze_for_prefix_tuning()
+        use_kernels(self, settings.cpu_kernels)
 
     def output_head(self) -> nn.Module:
         return self.transformer.output_layer

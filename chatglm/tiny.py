@@ -18,6 +18,8 @@ import tempfile
 
 import torch
 
+from kernels.settings import settings
+
 from .atomic import replacing_directory
 from .config import ChatGLMConfig
 from .loading import model_class, save_model
@@ -128,7 +130,7 @@ def _write_tiny(out: str, version: str, seed: int, fmt: str, shards: int) -> Non
 
 def default_tiny_model(version: str = "v3") -> str:
     """The built-in model of the demos: built once into the user cache directory."""
-    root = os.environ.get("CHATGLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "chatglm-toolkit")
+    root = settings.model_cache
     out = os.path.join(root, f"tiny-{version}")
     if not os.path.isfile(os.path.join(out, "config.json")):
         os.makedirs(root, exist_ok=True)

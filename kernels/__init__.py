@@ -31,6 +31,7 @@ import threading
 import torch
 
 from . import torch_ops
+from .settings import settings
 
 logger = logging.getLogger(__name__)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -41,9 +42,7 @@ _cpu_tried = False
 
 
 def cache_dir() -> str:
-    root = os.environ.get("CHATGLM_KERNEL_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "chatglm-toolkit", "kernels"
-    )
+    root = settings.kernel_cache
     os.makedirs(root, exist_ok=True)
     return root
 
@@ -65,17 +64,14 @@ def _try_compile(cc: str, flags: list[str], out: str) -> str | None:
 
 
 ISAS = ("native", "avx2", "portable")
-_isa: list = []
 
 
 def cpu_isa() -> str:
-    """CHATGLM_CPU_ISA, read once: "native" (default), "avx2" or "portable" (see the module docstring)."""
-    if not _isa:
-        value = (os.environ.get("CHATGLM_CPU_ISA") or "native").strip().lower()
-        if value not in ISAS:
-            raise ValueError(f"CHATGLM_CPU_ISA={value!r} is not one of {', '.join(ISAS)}")
-        _isa.append(value)
-    return _isa[0]
+    """settings.cpu_isa (CHATGLM_CPU_ISA): "native" (default), "avx2" or "portable" (see the module docstring)."""
+    value = settings.cpu_isa
+    if value not in ISAS:
+        raise ValueError(f"CHATGLM_CPU_ISA={value!r} is not one of {', '.join(ISAS)}")
+    return value
 
 
 def cpu_flags() -> set[str]:
@@ -207,7 +203,7 @@ class CpuKernel:
         y = torch.empty(m, n, dtype=torch.float32)
         bias = bias.float().contiguous() if bias is not None else None
         if quantize_activations is None:
-            quantize_activations = QUANTIZE_ACTIVATIONS[bits] and not os.environ.get("CHATGLM_CPU_FLOAT_ACTIVATIONS")
+            quantize_activations = QUANTIZE_ACTIVATIONS[bits] and not settings.cpu_float_activations
         if quantize_activations:
             fn = self.lib.w8_linear if bits == 8 else self.lib.w4_linear
             if fn(self._ptr(x), self._ptr(weight), self._ptr(scale_f32), self._ptr(bias), self._ptr(y), m, n, k):
@@ -327,9 +323,9 @@ def openmp_runtimes() -> list[str]:
 
 
 def cpu_fast_paths() -> bool:
-    """False when CHATGLM_NO_CPU_KERNEL is set: the kernels and every CPU fast path are off (the original's
-    paths, for comparison)."""
-    return not os.environ.get("CHATGLM_NO_CPU_KERNEL")
+    """settings.cpu_kernels (off with CHATGLM_NO_CPU_KERNEL=1): off, the kernels and every CPU fast path are
+    off (the original's paths, for comparison)."""
+    return settings.cpu_kernels
 
 
 _native_half: dict = {}

@@ -9,12 +9,12 @@ INT4 packs two values per byte, the even column in the HIGH nibble: byte = (q[2j
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 
 from kernels import cpu_fast_paths, get_cpu_kernel, native_half_gemm
+from kernels.settings import settings
 
 
 def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,15 +116,21 @@ def quantized_linear(x, weight, scale, bits, bias=None, owner=None):
     return quantized_linear_reference(x, weight, scale, bits, bias)
 
 
-@functools.lru_cache(maxsize=1)
 def cuda_kernels() -> bool:
     """Whether quantized layers on CUDA run the Triton kernels (quantization/triton_ops.py): triton imports and
-    CHATGLM_NO_TRITON is unset. Otherwise they run the reference (dequantize, then matmul), with a warning
-    from utils.load_model. cpm_kernels, the original's CUDA kernels, carry no code for current GPUs (sm_90)
+    settings.triton holds (CHATGLM_NO_TRITON unset). Otherwise they run the reference (dequantize, then
+    matmul), with a warning from utils.load_model. cpm_kernels, the original's CUDA kernels, carry no code for current GPUs (sm_90)
     and are not used."""
+
+    return settings.triton and _triton_imports()
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_imports() -> bool:
+    """triton_ops.available(), asked once per process (a failing import is slow to repeat at every layer)."""
     from .triton_ops import available
 
-    return not os.environ.get("CHATGLM_NO_TRITON") and available()
+    return available()
 
 
 def _by_row_chunks(x, fn):
@@ -167,7 +173,13 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             w = weight.contiguous()
             b = cached_fp32(owner, "bias") if owner is not None else bias
             return _by_row_chunks(x, lambda flat: kernel.half_linear(flat, w, b))
-    if weight.dtype != x.dtype:  # F.linear needs one dtype; the kernel path accepts mixed ones, so this does too
+    return linear_reference(x, weight, bias)
+
+
+def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear in x's dtype: weight and bias cast to it when they differ (the kernels accept mixed dtypes, so the
+    reference does too)."""
+    if weight.dtype != x.dtype:
         weight, bias = weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None
     return F.linear(x, weight, bias)
 

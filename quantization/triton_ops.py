@@ -50,6 +50,8 @@ import os
 
 import torch
 
+from kernels.settings import settings
+
 triton = None  # filled in by _kernels()
 tl = None
 _add = None
@@ -416,7 +418,7 @@ def triton_quantized_linear(
     weight, scale = weight.contiguous(), scale.contiguous()
     bias = bias.contiguous() if bias is not None else None
     if gemv is None:
-        gemv = M == 1 and os.environ.get("CHATGLM_TRITON_GEMV") == "1"
+        gemv = M == 1 and settings.triton_gemv
     if gemv:
         if M != 1:
             raise ValueError(f"the GEMV kernel takes one row of x, got {M}")

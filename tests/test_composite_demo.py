@@ -19,6 +19,7 @@ from composite_demo.agent import Mode
 from composite_demo.client import Client, set_client_factory
 from composite_demo.conversation import Message, Role, extract_code, from_history, to_history
 from composite_demo.tool_registry import REGISTRY, ToolCallError, ToolRegistry, dump_tool_list, load_tool_list
+from kernels.settings import settings
 
 from .composite_double import ScriptedModel, tool_then_answer
 from .conftest import REPO
@@ -609,7 +610,7 @@ def page(tiny_dirs, tmp_path, monkeypatch):
 
     (tmp_path / "tiny-v3").symlink_to(tiny_dirs["v3"])  # the built-in model, already built
     monkeypatch.delenv("MODEL_PATH", raising=False)
-    monkeypatch.setenv("CHATGLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(settings, "model_cache", str(tmp_path))
     monkeypatch.setenv("DEVICE", "cpu")
     monkeypatch.delenv("COMPOSITE_DEMO_ENABLE_SHELL", raising=False)
     monkeypatch.setattr(sys, "argv", ["main.py"])

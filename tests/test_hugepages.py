@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from chatglm import hugepages
+from kernels.settings import settings
 
 
 def _vm_flags(address: int) -> str:
@@ -37,7 +38,7 @@ def test_tensor_copy_is_exact_and_advised():
 def test_model_moves_in_place_and_gives_the_same_logits(tiny_dirs, monkeypatch):
     import chatglm
 
-    monkeypatch.delenv("CHATGLM_NO_HUGE_PAGES", raising=False)
+    monkeypatch.setattr(settings, "huge_pages", True)
     monkeypatch.setattr(hugepages, "thp_mode", lambda: "madvise")
     model = chatglm.load_model(str(tiny_dirs["v1"]), dtype="fp32").eval()
     ids = torch.randint(5, 100, (1, 7), generator=torch.Generator().manual_seed(1))
@@ -64,9 +65,9 @@ def test_off_switches(tiny_dirs, monkeypatch):
     import chatglm
 
     model = chatglm.load_model(str(tiny_dirs["v2"]), dtype="fp32")
-    monkeypatch.setenv("CHATGLM_NO_HUGE_PAGES", "1")
-    assert hugepages.move_to_huge_pages(model, min_bytes=1) == 0
-    monkeypatch.delenv("CHATGLM_NO_HUGE_PAGES")
+    with settings.override(huge_pages=False):
+        assert hugepages.move_to_huge_pages(model, min_bytes=1) == 0
+    monkeypatch.setattr(settings, "huge_pages", True)
     monkeypatch.setattr(hugepages, "THP_SETTING", "/nonexistent/transparent_hugepage/enabled")
     assert hugepages.thp_mode() == "" and hugepages.move_to_huge_pages(model, min_bytes=1) == 0
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import native_half_gemm
+from kernels.settings import settings
 from quantization import fast_linear, quantize_weight
 from quantization.ops import dequantize, quantized_linear_reference
 
@@ -194,7 +195,7 @@ def test_float_activations_env(monkeypatch):
         pytest.skip("the CPU kernels could not be built here (gcc missing)")
     w, x, bias = _data((1, 256, 8), 0)
     q, scale = quantize_weight(w, 4)
-    monkeypatch.setenv("CHATGLM_CPU_FLOAT_ACTIVATIONS", "1")
+    monkeypatch.setattr(settings, "cpu_float_activations", True)
     a = kernel.linear(x, q, scale.float(), 4, bias)
     assert torch.equal(a, kernel.linear(x, q, scale.float(), 4, bias, quantize_activations=False))
     ref = quantized_linear_reference(x.double(), q, scale, 4, bias.double())
@@ -242,7 +243,7 @@ def test_rms_norm_helper(kernel, n, wdtype):
 
 @pytest.mark.parametrize(("rows", "heads", "head_dim", "rot"), [(1, 34, 128, 64), (5, 3, 8, 8), (2, 2, 6, 2)])
 def test_rotary_helper_equals_apply_rotary(kernel, rows, heads, head_dim, rot):
-    from chatglm.modeling_glm2 import apply_rotary
+    from chatglm.layers import apply_rotary
 
     g = torch.Generator().manual_seed(rows * heads)
     width = heads * head_dim + 11  # a row holds more than the rotated heads (v follows q and k)
@@ -260,7 +261,7 @@ def test_rotary_helper_equals_apply_rotary(kernel, rows, heads, head_dim, rot):
 )
 def test_attention_decode_helper(kernel, threads, b, heads, groups, t, d):
     from chatglm.kv_cache import KVCache
-    from chatglm.modeling_glm2 import decode_attention
+    from chatglm.layers import decode_attention
 
     g = torch.Generator().manual_seed(t + heads)
     cache = KVCache.empty(1, t + 9)  # strided views into a preallocated cache, as decode sees them
@@ -286,9 +287,10 @@ def test_silu_mul_helper(kernel, f):
 
 
 def test_glm2_decode_with_helpers_equals_torch_path(tiny_dirs, monkeypatch):
-    """The tiny v2 model decodes the same tokens, with close logits, with the C helpers and with the torch ops."""
+    """The tiny v2 model decodes the same tokens, with close logits, with the kernel modules and with their torch
+    references swapped back (chatglm/layers.py)."""
     import chatglm
-    from chatglm import modeling_glm2
+    from chatglm import layers
 
     model = chatglm.load_model(str(tiny_dirs["v2"]), dtype="fp32").eval()
     ids = torch.randint(5, 100, (2, 6), generator=torch.Generator().manual_seed(0))
@@ -308,12 +310,14 @@ def test_glm2_decode_with_helpers_equals_torch_path(tiny_dirs, monkeypatch):
     if kernels.get_cpu_kernel() is None:
         pytest.skip("the CPU kernels could not be built here (gcc missing)")
     used = []
-    real = modeling_glm2.cpu_kernel_for
-    monkeypatch.setattr(modeling_glm2, "cpu_kernel_for", lambda x: used.append(real(x)) or used[-1])
+    real = layers.cpu_kernel_for
+    monkeypatch.setattr(layers, "cpu_kernel_for", lambda x: used.append(real(x)) or used[-1])
     fast = run()
     assert used and all(k is not None for k in used)  # every helper site took the C path
-    monkeypatch.setattr(modeling_glm2, "cpu_kernel_for", lambda x: None)
+    used.clear()
+    layers.use_kernels(model, False)
     slow = run()
+    assert not used  # the references never ask for a kernel
     assert torch.equal(fast.argmax(-1), slow.argmax(-1))
     assert torch.allclose(fast, slow, rtol=1e-4, atol=1e-4)
 

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from chatglm import load_model, load_tokenizer
 from kernels import get_cpu_kernel
+from kernels.settings import settings
 from quantization import QuantizedLinear, dequantize, pack_int4, quantize, quantize_weight, unpack_int4
 from quantization.ops import quantized_linear_reference
 
@@ -94,7 +95,7 @@ def test_quantized_linear_dtypes_and_fallback(monkeypatch):
     assert q(x.bfloat16()).dtype == torch.bfloat16
     import kernels
 
-    monkeypatch.setenv("CHATGLM_CPU_FLOAT_ACTIVATIONS", "1")
+    monkeypatch.setattr(settings, "cpu_float_activations", True)
     y_float = q(x)  # the kernel with fp32 activations, when it is built
     monkeypatch.setattr(kernels, "_cpu_kernel", None)
     monkeypatch.setattr(kernels, "_cpu_tried", True)

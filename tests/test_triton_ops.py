@@ -16,6 +16,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 import quantization  # noqa: E402
+from kernels.settings import settings  # noqa: E402
 from quantization import triton_ops  # noqa: E402
 from quantization.ops import dequantize, pack_int4, quantized_linear_reference  # noqa: E402
 
@@ -144,7 +145,7 @@ def test_gemv_is_chosen_by_the_variable_for_one_row(device, monkeypatch):
     one, three = to(torch.randn(1, 64)), to(torch.randn(3, 64))
     triton_ops.triton_quantized_linear(one, to(weight), to(scale), 4)
     assert calls == []  # the tensor-core kernel is the default
-    monkeypatch.setenv("CHATGLM_TRITON_GEMV", "1")
+    monkeypatch.setattr(settings, "triton_gemv", True)
     a = triton_ops.triton_quantized_linear(one, to(weight), to(scale), 4)
     triton_ops.triton_quantized_linear(three, to(weight), to(scale), 4)  # more rows: the tensor-core kernel
     assert calls == [(1, 64)]
@@ -249,7 +250,7 @@ def test_quantized_tiny_model_on_cuda_runs_triton_and_matches_cpu(tiny_dirs, bit
     import chatglm
     from quantization import ops
 
-    ops.cuda_kernels.cache_clear()
+    ops._triton_imports.cache_clear()
     assert ops.cuda_kernels()
     model = chatglm.load_model(str(tiny_dirs["v2"]), dtype="fp32", quantization_bit=bits).eval()
     ids = torch.randint(5, 100, (2, 9), generator=torch.Generator().manual_seed(3))

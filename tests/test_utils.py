@@ -15,6 +15,7 @@ import chatglm
 import kernels
 import utils
 from chatglm.loading import model_class
+from kernels.settings import settings
 from quantization import QuantizedLinear
 
 from .conftest import real_model_dir
@@ -90,7 +91,7 @@ def test_default_dtype_per_device(monkeypatch):
     # One probe for both (kernels.native_half_gemm): native bf16 instructions, not merely AVX-512.
     for flags, fast in [({"avx512f", "avx512bw"}, False), ({"avx512f", "avx512_bf16"}, True), ({"amx_bf16"}, True)]:
         monkeypatch.setattr(kernels, "_native_half", {})
-        monkeypatch.setattr(kernels, "_isa", ["native"])  # the probe itself, whatever CHATGLM_CPU_ISA says
+        monkeypatch.setattr(settings, "cpu_isa", "native")  # the probe itself, whatever CHATGLM_CPU_ISA says
         monkeypatch.setattr(kernels, "cpu_flags", lambda flags=flags: flags)
         assert utils.cpu_has_fast_bf16() is fast and kernels.native_half_gemm(torch.bfloat16) is fast
 
@@ -133,19 +134,14 @@ def test_cuda_path_fp16_and_bf16_fallback(tiny_dirs, fake_cuda, monkeypatch, cap
 
 @pytest.fixture
 def triton_switch(monkeypatch):
-    """Set whether the Triton CUDA kernels count as available (CHATGLM_NO_TRITON), resetting the cached check."""
-    from quantization import ops
+    """Set whether the Triton CUDA kernels count as available (settings.triton, CHATGLM_NO_TRITON)."""
 
     def switch(on: bool):
         if on:
             pytest.importorskip("triton")
-            monkeypatch.delenv("CHATGLM_NO_TRITON", raising=False)
-        else:
-            monkeypatch.setenv("CHATGLM_NO_TRITON", "1")
-        ops.cuda_kernels.cache_clear()
+        monkeypatch.setattr(settings, "triton", on)
 
     yield switch
-    ops.cuda_kernels.cache_clear()
 
 
 def test_quantized_on_cuda_warns_once_without_triton(tiny_dirs, fake_cuda, caplog, triton_switch):
@@ -243,7 +239,7 @@ def test_bad_model_path_and_bad_values(tmp_path, tiny_dirs):
 
 def test_no_model_path_uses_the_tiny_model_and_says_so_once(tiny_dirs, tmp_path, monkeypatch, capsys):
     (tmp_path / "tiny-v1").symlink_to(tiny_dirs["v1"])  # the cache the demos build, already built
-    monkeypatch.setenv("CHATGLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(settings, "model_cache", str(tmp_path))
     model, tokenizer = utils.load_model_and_tokenizer(None, device="cpu", tiny_version="v1")
     assert model.config.chatglm_version == "v1" == tokenizer.chatglm_version
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]

@@ -12,6 +12,8 @@ import urllib.request
 import psutil
 import pytest
 
+from kernels.settings import settings
+
 from .conftest import REPO
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -170,7 +172,7 @@ def test_streamlit_demo_with_apptest(tiny_dirs, tmp_path, monkeypatch, version):
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("MODEL_PATH", str(tiny_dirs[version]))
-    monkeypatch.setenv("CHATGLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(settings, "model_cache", str(tmp_path))
     monkeypatch.setenv("DEVICE", "cpu")
     monkeypatch.setattr(sys, "argv", ["web_demo_streamlit.py"])  # not pytest's arguments
     st.cache_resource.clear()  # the model is cached per process: load this test's one
@@ -235,7 +237,7 @@ def test_pages_say_when_the_tiny_model_runs(tmp_path, monkeypatch, capsys):
     import web_demo
 
     monkeypatch.delenv("MODEL_PATH", raising=False)
-    monkeypatch.setenv("CHATGLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(settings, "model_cache", str(tmp_path))
     args = utils.add_model_args(argparse.ArgumentParser()).parse_args(["--device", "cpu", "--tiny-version", "v2"])
     model, tokenizer = utils.load_from_args(args)
     notice = utils.tiny_notice("v2")
