@@ -59,8 +59,32 @@ def generate_stream(
     """
     input_ids, attention_mask, position_ids = _unpack_inputs(input_ids, attention_mask, position_ids)
     plan = plan_generation(model, input_ids.shape[1], options, input_ids.device)
-    yield from _generate(model, plan, input_ids, attention_mask, position_ids, past_key_values,
-                         return_past_key_values, decode)  # fmt: skip
+    engine = getattr(model, "engine", None)  # chatglm/engine.py: many requests batched together
+    if engine is not None and engine.can_take(plan, input_ids, attention_mask, position_ids, past_key_values,
+                                              return_past_key_values, decode):  # fmt: skip
+        yield from engine.stream(plan, input_ids)
+        return
+    steps = _generate(model, plan, input_ids, attention_mask, position_ids, past_key_values, return_past_key_values,
+                      decode)  # fmt: skip
+    yield from steps if engine is None else _locked(model, steps)
+
+
+def _locked(model, steps):
+    """Each step under the model lock: a request the engine does not take never runs beside its steps."""
+    from .engine import model_lock
+
+    lock = model_lock(model)
+    try:
+        while True:
+            with lock:
+                try:
+                    item = next(steps)
+                except StopIteration:
+                    return
+            yield item
+    finally:
+        with lock:
+            steps.close()
 
 
 def _unpack_inputs(input_ids, attention_mask, position_ids):

@@ -10,16 +10,17 @@ the non-streaming answer is the same deltas joined, so the two always agree.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+from .engine import model_lock
 from .generation import CHAT_DEFAULTS
 
 logger = logging.getLogger(__name__)
@@ -192,18 +193,6 @@ def _finite(x) -> bool:
 
 # --- one model, many requests -------------------------------------------------------------------------------
 
-_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_locks_guard = threading.Lock()
-
-
-def model_lock(model) -> threading.Lock:
-    """The process-wide lock of one model: held for each forward step of any request."""
-    with _locks_guard:
-        lock = _locks.get(model)
-        if lock is None:
-            lock = _locks[model] = threading.Lock()
-        return lock
-
 
 def free_cuda_cache(model) -> None:
     """The originals' torch_gc(): return cached blocks to the driver after a request, only when on CUDA."""
@@ -222,8 +211,9 @@ def free_cuda_cache(model) -> None:
 
 
 def locked_steps(model, iterator, cancel: threading.Event | None = None) -> Iterator:
-    """Items of `iterator` (a model.stream_chat), each step computed under the model lock; stops on `cancel`."""
-    lock = model_lock(model)
+    """Items of `iterator` (a model.stream_chat), each step computed under the model lock; stops on `cancel`.
+    A model with an engine (chatglm/engine.py) takes its lock itself, step by step."""
+    lock = model_lock(model) if getattr(model, "engine", None) is None else contextlib.nullcontext()
     it = iter(iterator)
     try:
         while cancel is None or not cancel.is_set():

@@ -1,0 +1,232 @@
+"""One engine per model that serves many requests at once: continuous batching over the one forward.
+
+Requests join the running batch at any step and leave when done. Each has a slot of one KV cache (`KVCache` with
+`slots`) and its own generation plan (sampling parameters, stop criteria, max length: generation_config.py), so a
+request's greedy reply is the one it gets alone. One thread runs the steps; each step is
+
+  1. drop the requests whose reader left (the consumer closed its stream: a client disconnected, a cancel);
+  2. admit waiting requests into free slots;
+  3. prefill one chunk (at most `prefill_chunk` tokens) of the oldest request still reading its prompt, so the
+     running streams keep getting tokens while a long prompt is read (ChatGLM-6B, whose prompt attends both ways,
+     is prefilled whole);
+  4. decode one token for every request past its prompt, in one forward: each row at its own position. The rows
+     run are the slots from the lowest running one to the highest (a view of the cache, no copy); a slot between
+     them that is free or still prefilling gets a dummy token whose output is ignored and whose key is written
+     where that slot writes next anyway.
+
+Bounded: `max_batch` requests run, `max_waiting` more wait; beyond that `submit` raises `EngineBusy` (servers
+answer 503 with Retry-After). Each step runs under `model_lock(model)`, so other users of the model (a request
+the engine does not take, a CUDA cache release) never run a forward at the same time.
+
+`generation.generate_stream` hands a request to the model's engine (`attach(model)`) when the engine can take
+it: one sequence, no cache passed in or asked back, eager decode, no streamer. Everything else runs as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import weakref
+from collections import deque
+
+import torch
+
+from .kv_cache import KVCache
+
+logger = logging.getLogger(__name__)
+
+_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_locks_guard = threading.Lock()
+
+
+def model_lock(model) -> threading.Lock:
+    """The process-wide lock of one model: held for each forward step of any request."""
+    with _locks_guard:
+        lock = _locks.get(model)
+        if lock is None:
+            lock = _locks[model] = threading.Lock()
+        return lock
+
+
+class EngineBusy(RuntimeError):
+    """Every slot runs and the waiting line is full: try again later."""
+
+
+_END = object()
+
+
+class _Request:
+    def __init__(self, plan, input_ids, state):
+        self.plan, self.ids, self.state = plan, input_ids, state  # ids [1, prompt + generated]
+        self.prompt = state["input_ids"]  # [1, n]
+        self.position_ids = state["position_ids"]  # [1, n] (v2/v3) or [1, 2, n] (v1)
+        self.out: queue.SimpleQueue = queue.SimpleQueue()
+        self.slot: int | None = None
+        self.length = 0  # positions written in its slot (the P-Tuning prefix included)
+        self.read = 0  # prompt tokens prefilled
+        self.next = None  # the inputs of its next decode step, once prefilled
+        self.left = False  # its reader is gone
+
+
+class Engine:
+    def __init__(self, model, max_batch: int = 8, max_waiting: int = 64, prefill_chunk: int = 512,
+                 capacity: int = 512):  # fmt: skip
+        if max_batch < 1 or max_waiting < 0 or prefill_chunk < 1:
+            raise ValueError("max_batch and prefill_chunk must be >= 1 and max_waiting >= 0")
+        self.model, self.max_batch, self.max_waiting = model, max_batch, max_waiting
+        self.chunked = model.config.chatglm_version != "v1"  # v1's prompt attends both ways: read whole
+        self.prefill_chunk = prefill_chunk
+        self.cache = KVCache.empty(model.config.num_layers, capacity, slots=max_batch)  # grows by doubling
+        self.slots: list[_Request | None] = [None] * max_batch
+        self.waiting: deque[_Request] = deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self.steps = 0  # decode forwards run (for tests and benchmarks)
+        self._thread = threading.Thread(target=self._run, name="chatglm-engine", daemon=True)
+        self._thread.start()
+
+    # --- the client side ---
+    def can_take(self, plan, input_ids, attention_mask, position_ids, past_key_values, return_past_key_values,
+                 decode) -> bool:  # fmt: skip
+        return (
+            not self._closed
+            and threading.current_thread() is not self._thread
+            and input_ids.shape[0] == 1
+            and (attention_mask is None or bool(attention_mask.all()))
+            and position_ids is None
+            and past_key_values is None
+            and not return_past_key_values
+            and decode in (None, "eager")
+            and getattr(self.model, "decode_mode", None) in (None, "eager")
+            and plan.streamer is None
+            and (plan.config.num_return_sequences or 1) == 1
+        )
+
+    def stream(self, plan, input_ids):
+        """Yield the growing sequence [1, prompt + new] after every new token, as generate_stream does."""
+        req = _Request(plan, input_ids, self.model._init_generation(input_ids))
+        with self._cv:
+            if self._closed:
+                raise EngineBusy("the engine is shut down")
+            if len(self.waiting) >= self.max_waiting and None not in self.slots:
+                raise EngineBusy(f"{self.max_batch} requests running and {len(self.waiting)} waiting")
+            self.waiting.append(req)
+            self._cv.notify()
+        try:
+            while True:
+                item = req.out.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            with self._cv:
+                req.left = True
+                self._cv.notify()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+
+    def load(self) -> tuple[int, int]:
+        """(requests running, requests waiting)."""
+        with self._cv:
+            return sum(r is not None for r in self.slots), len(self.waiting)
+
+    # --- the step loop ---
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not self._closed and not self.waiting and not any(self.slots):
+                        self._cv.wait()
+                    if self._closed:
+                        for req in [*self.waiting, *(r for r in self.slots if r is not None)]:
+                            req.out.put(EngineBusy("the engine is shut down"))
+                        return
+                    self._admit()
+                running = [r for r in self.slots if r is not None]
+                try:
+                    with model_lock(self.model):
+                        self._prefill_one()
+                        self._decode()
+                except Exception as e:  # noqa: BLE001  (handed to every request of the failed step)
+                    logger.exception("engine step failed")
+                    for req in running:
+                        self._finish(req, e)
+
+    def _admit(self) -> None:
+        for req in list(self.slots):
+            if req is not None and req.left:
+                self._finish(req)
+        self.waiting = deque(r for r in self.waiting if not r.left)
+        while self.waiting and None in self.slots:
+            req = self.waiting.popleft()
+            req.slot = self.slots.index(None)
+            self.slots[req.slot] = req
+
+    def _finish(self, req: _Request, error: BaseException | None = None) -> None:
+        if req.slot is not None and self.slots[req.slot] is req:
+            self.slots[req.slot] = None
+        req.out.put(error if error is not None else _END)
+
+    def _prefill_one(self) -> None:
+        req = next((r for r in self.slots if r is not None and r.next is None), None)
+        if req is None:
+            return
+        n = req.prompt.shape[1]
+        end = min(n, req.read + self.prefill_chunk) if self.chunked else n
+        out = self.model(input_ids=req.prompt[:, req.read : end], position_ids=req.position_ids[..., req.read : end],
+                         past_key_values=self.cache.select([req.slot], req.length), return_last_logit=True)  # fmt: skip
+        req.length, req.read = out.past_key_values.length, end
+        if end == n:
+            self._emit(req, out.logits[:, -1])
+
+    def _decode(self) -> None:
+        rows = [r for r in self.slots if r is not None and r.next is not None]
+        if not rows:
+            return
+        lo, hi = min(r.slot for r in rows), max(r.slot for r in rows)
+        like = rows[0].next
+        batch = [self.slots[s] if self.slots[s] in rows else None for s in range(lo, hi + 1)]
+        ids = torch.cat([r.next["input_ids"] if r else torch.zeros_like(like["input_ids"]) for r in batch])
+        pos = torch.cat([r.next["position_ids"] if r else torch.zeros_like(like["position_ids"]) for r in batch])
+        lengths = tuple(r.length if r else self._idle_length(s) for s, r in zip(range(lo, hi + 1), batch))
+        out = self.model(input_ids=ids, position_ids=pos, past_key_values=self.cache.select(range(lo, hi + 1), lengths),
+                         return_last_logit=True)  # fmt: skip
+        self.steps += 1
+        logits = out.logits[:, -1]
+        for i, req in enumerate(batch):
+            if req is not None:
+                req.length += 1
+                self._emit(req, logits[i : i + 1])
+
+    def _idle_length(self, slot: int) -> int:
+        """Where a slot not decoding this step may take a dummy key: its own next write position."""
+        req = self.slots[slot]
+        return req.length if req is not None else 0
+
+    def _emit(self, req: _Request, logits) -> None:
+        """Choose the request's next token from its logits [1, vocab], hand the sequence over, stop or go on."""
+        plan = req.plan
+        tokens, scores = plan.choose(req.ids, logits)
+        req.ids = torch.cat([req.ids, tokens[:, None]], dim=1)
+        req.out.put(req.ids)
+        done = int(tokens[0]) in plan.eos or req.ids.shape[1] >= plan.max_length
+        stopped = plan.stopped(req.ids, scores)
+        if done or (stopped is not None and bool(stopped[0])) or req.left:
+            self._finish(req)
+        else:
+            req.next = self.model._next_generation_inputs(req.next or req.state, tokens, None)
+
+
+def attach(model, **options) -> Engine:
+    """Give the model an engine (options: Engine's); generate_stream, stream_chat and chat then go through it."""
+    engine = getattr(model, "engine", None)
+    if engine is None:
+        engine = model.engine = Engine(model, **options)
+    return engine

@@ -1,0 +1,122 @@
+"""The engine (chatglm/engine.py): many requests batched together, each getting the reply it gets alone.
+
+Requests arrive from threads at different times with different prompt lengths and lengths of reply, some leave
+early; the engine prefills long prompts in chunks beside the running decode and batches the decode steps. Every
+reply is compared with the same request run alone without the engine (greedy, and sampled with its own seed)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+import chatglm
+from chatglm.engine import Engine, EngineBusy, attach
+from chatglm.generation import generate_stream
+
+PROMPTS = ["你好", "Hello world, how are you today? A longer prompt than the others, by far.", "What is 1 + 1?",
+           "晚上睡不着应该怎么办", "One more"]  # fmt: skip
+NEW = [12, 4, 10, 7, 9]  # the second leaves first
+
+
+def _model(tiny_dirs, version, bits=0):
+    path = str(tiny_dirs[version])
+    return (chatglm.load_model(path, dtype=torch.float32, quantization_bit=bits or None).eval(),
+            chatglm.load_tokenizer(path))  # fmt: skip
+
+
+def _options(i, sample):
+    if sample:
+        return dict(do_sample=True, top_p=0.9, temperature=0.8, generator=torch.Generator().manual_seed(i))
+    return dict(do_sample=False)
+
+
+def _reply(model, ids, n, options):
+    out = None
+    for out in generate_stream(model, ids, max_new_tokens=n, eos_token_id=[-1], **options):  # noqa: B007
+        pass
+    return out[0, ids.shape[1] :].tolist()
+
+
+def _together(model, prompts, sample, stagger=0.02):
+    """Each request on its own thread, started `stagger` seconds apart."""
+    replies, errors = [None] * len(prompts), []
+
+    def run(i):
+        try:
+            replies[i] = _reply(model, prompts[i], NEW[i], _options(i, sample))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+        time.sleep(stagger)
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    return replies
+
+
+@pytest.mark.parametrize("bits", [0, 4], ids=["fp32", "int4"])
+@pytest.mark.parametrize("version", ["v1", "v2", "v3"])
+def test_requests_batched_together_get_their_replies_alone(tiny_dirs, version, bits):
+    model, tok = _model(tiny_dirs, version, bits)
+    prompts = [tok([p], return_tensors="pt")["input_ids"] for p in PROMPTS]
+    alone = {s: [_reply(model, p, n, _options(i, s)) for i, (p, n) in enumerate(zip(prompts, NEW))]
+             for s in (False, True)}  # fmt: skip
+    engine = attach(model, max_batch=3, prefill_chunk=5)  # fewer slots than requests: some wait; chunked prompts
+    try:
+        for sample in (False, True):
+            before = engine.steps
+            assert _together(model, prompts, sample) == alone[sample]
+            assert engine.steps - before < sum(NEW)  # decode steps were shared: batched, not one by one
+        assert engine.load() == (0, 0)
+    finally:
+        engine.close()
+
+
+def test_chat_through_the_engine_is_the_chat_alone(tiny_dirs):
+    model, tok = _model(tiny_dirs, "v3")
+    alone = [model.chat(tok, q, do_sample=False, max_length=64)[0] for q in PROMPTS[:3]]
+    engine = attach(model, max_batch=4)
+    try:
+        got = [None] * 3
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(
+            i, model.chat(tok, PROMPTS[i], do_sample=False, max_length=64)[0])) for i in range(3)]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert got == alone
+        # What the engine does not take (a cache passed in and asked back) runs beside it, under the model lock.
+        response, history, past = model.stream_chat(tok, "你好", [], return_past_key_values=True,
+                                                    do_sample=False, max_length=64).__next__()  # fmt: skip
+        assert past is not None
+    finally:
+        engine.close()
+
+
+def test_a_reader_that_leaves_frees_its_slot(tiny_dirs):
+    model, tok = _model(tiny_dirs, "v2")
+    ids = tok(["你好"], return_tensors="pt")["input_ids"]
+    engine = Engine(model, max_batch=1, max_waiting=0)
+    model.engine = engine
+    try:
+        stream = generate_stream(model, ids, max_new_tokens=500, eos_token_id=[-1], do_sample=False)
+        next(stream), next(stream)
+        with pytest.raises(EngineBusy):  # the only slot is taken and nobody may wait
+            next(generate_stream(model, ids, max_new_tokens=3, do_sample=False))
+        steps = engine.steps
+        stream.close()  # the client left
+        deadline = time.time() + 10
+        while engine.load() != (0, 0) and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.load() == (0, 0) and engine.steps < steps + 10  # stopped, not run to 500
+        assert len(_reply(model, ids, 3, {"do_sample": False})) == 3  # the slot serves the next request
+    finally:
+        engine.close()
+    with pytest.raises(EngineBusy, match="shut down"):
+        engine.stream(None, ids).__next__()
