@@ -18,11 +18,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from chatglm.engine import EngineBusy, detach
 from chatglm.serving import (
     DEFAULT_MAX_BODY,
     AsyncRunner,
     RequestError,
+    add_batch_args,
     add_server_args,
+    check_batch_args,
     check_history,
     field,
     generation_kwargs,
@@ -30,14 +33,18 @@ from chatglm.serving import (
     now_string,
     parse_json_body,
     read_body,
+    use_engine,
 )
 
 logger = logging.getLogger("api")
 
 
 def create_app(model, tokenizer, max_body_bytes: int = DEFAULT_MAX_BODY, concurrency: int = 1,
-               max_waiting: int = 64) -> FastAPI:  # fmt: skip
-    """The app around a loaded model; generation runs on `concurrency` threads, `max_waiting` more may queue."""
+               max_waiting: int = 64, max_batch: int = 8) -> FastAPI:  # fmt: skip
+    """The app around a loaded model. With max_batch > 1 the model's engine (chatglm/engine.py) batches up to
+    max_batch requests together; else generation runs on `concurrency` threads one step at a time. `max_waiting`
+    more requests may queue; beyond that, 503 with Retry-After."""
+    batched, concurrency = use_engine(model, max_batch, max_waiting, concurrency)
     runner = AsyncRunner(concurrency, max_waiting)
     version = model.config.chatglm_version
 
@@ -45,13 +52,21 @@ def create_app(model, tokenizer, max_body_bytes: int = DEFAULT_MAX_BODY, concurr
     async def lifespan(app):
         yield
         runner.close()
+        if batched:
+            detach(model)
 
     app = FastAPI(title="ChatGLM API", lifespan=lifespan)
     app.state.runner = runner
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, e: RequestError):
-        return JSONResponse({"detail": e.message, "status": e.status}, status_code=e.status)
+        headers = {"Retry-After": "1"} if e.status == 503 else None
+        return JSONResponse({"detail": e.message, "status": e.status}, status_code=e.status, headers=headers)
+
+    @app.exception_handler(EngineBusy)
+    async def busy(request: Request, e: EngineBusy):
+        return JSONResponse({"detail": f"server busy: {e}", "status": 503}, status_code=503,
+                            headers={"Retry-After": "1"})  # fmt: skip
 
     @app.post("/")
     async def create_item(request: Request):
@@ -76,12 +91,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="ChatGLM HTTP API (POST / with a prompt and a history)")
     add_model_args(parser)
     add_server_args(parser, port=8000)
+    add_batch_args(parser)
     args = parser.parse_args(argv)
+    check_batch_args(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model, tokenizer = load_or_exit(args)
     import uvicorn
 
-    uvicorn.run(create_app(model, tokenizer, args.max_body_bytes), host=args.host, port=args.port, workers=1)
+    app = create_app(model, tokenizer, args.max_body_bytes, max_waiting=args.max_waiting, max_batch=args.max_batch)
+    uvicorn.run(app, host=args.host, port=args.port, workers=1)
 
 
 if __name__ == "__main__":

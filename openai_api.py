@@ -26,17 +26,21 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
+from chatglm.engine import EngineBusy, detach
 from chatglm.serving import (
     DEFAULT_MAX_BODY,
     AsyncRunner,
     RequestError,
+    add_batch_args,
     add_server_args,
     chat_events,
+    check_batch_args,
     context_length,
     generation_kwargs,
     openai_to_chat,
     parse_json_body,
     read_body,
+    use_engine,
 )
 
 MODEL_NAMES = {"v1": "chatglm-6b", "v2": "chatglm2-6b", "v3": "chatglm3-6b"}
@@ -110,10 +114,13 @@ def _validation_message(e: ValidationError) -> tuple[str, str | None]:
 
 
 def create_app(model, tokenizer, model_name: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
-               concurrency: int = 1, max_waiting: int = 64) -> FastAPI:  # fmt: skip
-    """The app around a loaded model; generation runs on `concurrency` threads, `max_waiting` more may queue."""
+               concurrency: int = 1, max_waiting: int = 64, max_batch: int = 8) -> FastAPI:  # fmt: skip
+    """The app around a loaded model. With max_batch > 1 the model's engine (chatglm/engine.py) batches up to
+    max_batch requests together; else generation runs on `concurrency` threads one step at a time. `max_waiting`
+    more requests may queue; beyond that, 503 with Retry-After."""
     version = model.config.chatglm_version
     model_name = model_name or MODEL_NAMES[version]
+    batched, concurrency = use_engine(model, max_batch, max_waiting, concurrency)
     runner = AsyncRunner(concurrency, max_waiting)
     created = int(time.time())
 
@@ -121,6 +128,8 @@ def create_app(model, tokenizer, model_name: str | None = None, max_body_bytes: 
     async def lifespan(app):
         yield
         runner.close()
+        if batched:
+            detach(model)
 
     app = FastAPI(title="ChatGLM OpenAI-compatible API", lifespan=lifespan)
     app.state.runner = runner
@@ -128,7 +137,13 @@ def create_app(model, tokenizer, model_name: str | None = None, max_body_bytes: 
     @app.exception_handler(RequestError)
     async def refused(request: Request, e: RequestError):
         kind = "server_busy" if e.status == 503 else "invalid_request_error"
-        return JSONResponse(error_body(e.message, kind, e.param), status_code=e.status)
+        headers = {"Retry-After": "1"} if e.status == 503 else None
+        return JSONResponse(error_body(e.message, kind, e.param), status_code=e.status, headers=headers)
+
+    @app.exception_handler(EngineBusy)
+    async def busy(request: Request, e: EngineBusy):
+        return JSONResponse(error_body(f"server busy: {e}", "server_busy"), status_code=503,
+                            headers={"Retry-After": "1"})  # fmt: skip
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
@@ -238,11 +253,14 @@ def main(argv=None):
     add_model_args(parser)
     add_server_args(parser, port=8000)
     parser.add_argument("--model-name", default=None, help="model id in /v1/models (default: chatglmN-6b)")
+    add_batch_args(parser)
     args = parser.parse_args(argv)
+    check_batch_args(parser, args)
     model, tokenizer = load_or_exit(args)
     import uvicorn
 
-    app = create_app(model, tokenizer, args.model_name, args.max_body_bytes)
+    app = create_app(model, tokenizer, args.model_name, args.max_body_bytes, max_waiting=args.max_waiting,
+                     max_batch=args.max_batch)  # fmt: skip
     uvicorn.run(app, host=args.host, port=args.port, workers=1)
 
 

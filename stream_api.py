@@ -26,6 +26,7 @@ from chatglm.serving import (
     field,
     generation_kwargs,
     parse_json_body,
+    use_engine,
 )
 
 KEEPALIVE_S = 15.0
@@ -33,7 +34,9 @@ KEEPALIVE_S = 15.0
 
 def create_app(model, tokenizer, workers: int = 4, max_waiting: int = 16, ttl: float = 600.0,
                abandon_ttl: float | None = None, max_body_bytes: int = DEFAULT_MAX_BODY) -> Flask:  # fmt: skip
-    """The app around a loaded model: `workers` replies generated at once, `max_waiting` more queued."""
+    """The app around a loaded model: `workers` replies generated at once (batched together by the model's engine,
+    chatglm/engine.py, when workers > 1), `max_waiting` more queued."""
+    use_engine(model, workers, max_waiting, workers)
     queue = PollingQueue(model, tokenizer, workers, max_waiting, ttl, abandon_ttl)
     version = model.config.chatglm_version
     app = Flask(__name__)
@@ -120,7 +123,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="ChatGLM polling stream API (POST /chat, POST /get_response)")
     add_model_args(parser)
     add_server_args(parser, port=8000)
-    parser.add_argument("--workers", type=int, default=4, help="replies generated at once (steps interleave)")
+    parser.add_argument(
+        "--workers", type=int, default=4, help="replies generated at once, batched together (default 4)"
+    )
     parser.add_argument("--queue-size", type=int, default=16, help="requests waiting beyond those (code 100 when full)")
     parser.add_argument("--ttl", type=float, default=600.0, help="seconds a finished reply is kept after it was read")
     args = parser.parse_args(argv)

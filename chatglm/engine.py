@@ -230,3 +230,10 @@ def attach(model, **options) -> Engine:
     if engine is None:
         engine = model.engine = Engine(model, **options)
     return engine
+
+
+def detach(model) -> None:
+    """Stop the model's engine (requests still running get EngineBusy) and take it off the model."""
+    engine = model.__dict__.pop("engine", None)
+    if engine is not None:
+        engine.close()

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-from .engine import model_lock
+from .engine import attach, model_lock
 from .generation import CHAT_DEFAULTS
 
 logger = logging.getLogger(__name__)
@@ -237,6 +237,30 @@ def last_step(model, iterator):
     for item in locked_steps(model, iterator):  # noqa: B007
         pass
     return item
+
+
+def use_engine(model, max_batch: int, max_waiting: int, concurrency: int) -> tuple[bool, int]:
+    """Give the model its engine when max_batch > 1 (chatglm/engine.py batches that many requests together);
+    returns (attached, the worker threads the server needs: one per running request)."""
+    from .base import ChatGLMCausalLM
+
+    if max_batch > 1 and isinstance(model, ChatGLMCausalLM):
+        attach(model, max_batch=max_batch, max_waiting=max_waiting)
+        return True, max_batch
+    return False, concurrency
+
+
+def add_batch_args(parser, default_batch: int = 8):
+    """--max-batch and --max-waiting."""
+    parser.add_argument("--max-batch", type=int, default=default_batch,
+                        help=f"requests generated together in one batch (default {default_batch}; 1: one at a "
+                             "time, as the original)")  # fmt: skip
+    parser.add_argument("--max-waiting", type=int, default=64, help="requests that may wait beyond those (503 past it)")
+
+
+def check_batch_args(parser, args) -> None:
+    if args.max_batch < 1 or args.max_waiting < 0:
+        parser.error("--max-batch must be >= 1 and --max-waiting >= 0")
 
 
 class AsyncRunner:

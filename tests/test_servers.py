@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -529,6 +530,60 @@ def test_openai_client_disconnect_frees_the_worker(tiny):
                 data=json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}).encode()),
                 timeout=TIMEOUT) as r:  # fmt: skip
             assert json.loads(r.read())["usage"]["completion_tokens"] <= 5
+
+
+@pytest.mark.parametrize("version", ["v1", "v3"])
+def test_openai_batches_concurrent_requests_each_answered_as_alone(tiny, version):
+    """8 clients at once through the engine: every answer is the one its request gets alone (greedy), and the
+    engine's decode steps were shared between them."""
+    model, tok = tiny[version]
+    questions = [f"问题 {i}: " + "你好" * i for i in range(8)]
+    lengths = [6 + 3 * (i % 4) for i in range(8)]
+    alone = [expected(model, tok, q, max_new_tokens=n)[0] for q, n in zip(questions, lengths)]
+    with TestClient(openai_api.create_app(model, tok, max_batch=4)) as client:
+        engine = model.engine
+
+        def ask(i):
+            body = {"messages": [{"role": "user", "content": questions[i]}], "temperature": 0,
+                    "max_tokens": lengths[i]}  # fmt: skip
+            r = client.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"]["content"]
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, range(8)))
+        assert answers == alone
+        assert engine.steps < sum(lengths)  # batched: fewer decode forwards than tokens
+    assert getattr(model, "engine", None) is None  # the app's shutdown stopped and removed it
+
+
+def test_openai_answers_503_with_retry_after_when_every_slot_and_the_queue_are_taken(tiny):
+    model, tok = tiny["v2"]
+    body = {"messages": [{"role": "user", "content": "写一篇长文"}], "stream": True, "max_tokens": 8000}
+    app = openai_api.create_app(model, tok, max_batch=2, max_waiting=0)
+    with serve(app) as url:
+        import http.client
+
+        host, port = url.rsplit("/", 1)[1].split(":")
+        held = []
+        for _ in range(2):  # two long streams take both slots
+            conn = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT)
+            conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                         headers={"Content-Type": "application/json"})  # fmt: skip
+            resp = conn.getresponse()
+            assert resp.status == 200 and resp.readline().startswith(b"data: ")
+            held.append((conn, resp))
+        until(lambda: model.engine.load() == (2, 0))
+        req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=TIMEOUT)
+        assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "1"
+        assert json.loads(refused.value.read())["error"]["type"] == "server_busy"
+        for conn, _ in held:  # the clients leave: their slots free up
+            conn.sock.shutdown(socket.SHUT_RDWR)
+            conn.close()
+        until(lambda: model.engine.load() == (0, 0), timeout=10)
 
 
 # --- stream_api.py --------------------------------------------------------------------------------------------
