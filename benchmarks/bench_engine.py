@@ -1,0 +1,115 @@
+"""Many users at once: generated tokens/s of N concurrent clients through the engine, next to one client alone and
+to N clients taking turns under the model lock (how every server ran before the engine), in one run.
+
+    python benchmarks/bench_engine.py                                  # chatglm2-6b width, 4 blocks, INT4, 8 clients
+    python benchmarks/bench_engine.py --model tiny                     # the tiny random v2 model
+    python benchmarks/bench_engine.py --mode bf16 --clients 4 --new 64
+
+The model is built from a real config.json at full width with `--layers` blocks and random weights (as
+bench_generate.py does), or is the tiny checkpoint. Each client is a thread streaming greedy tokens through
+generate_stream (what stream_chat and every server run), with its own random `--prompt`-token prompt, for `--new`
+tokens (no EOS). Printed per row: clients, total generated tokens, wall seconds from the first request to the last
+token, generated tokens/s, the ratio to one client alone, and whether every reply is token for token the reply its
+prompt gets alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def load(args):
+    if args.model == "tiny":
+        import chatglm
+        from chatglm.tiny import make_tiny_checkpoint
+
+        path = make_tiny_checkpoint(os.path.join(tempfile.mkdtemp(), "tiny"), "v2")
+        return chatglm.load_model(path, dtype=torch.float32).eval(), "tiny random ChatGLM2 (fp32)"
+    from benchmarks.bench_generate import MODES, build
+
+    dtype_name, bits = MODES[args.mode]
+    model, real = build(args.config, args.layers, getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}.get(
+        dtype_name, "float32")), bits, "cpu")  # fmt: skip
+    return model, f"{os.path.basename(args.config)} at full width, {args.layers} of {real} blocks, {args.mode}"
+
+
+def run(model, prompts, new: int) -> tuple[list[list[int]], float]:
+    """Each prompt on its own thread at once; (replies, wall seconds)."""
+    from chatglm.generation import generate_stream
+
+    replies = [None] * len(prompts)
+
+    def client(i):
+        out = None
+        for out in generate_stream(model, prompts[i], max_new_tokens=new, eos_token_id=[-1], do_sample=False):  # noqa: B007
+            pass
+        replies[i] = out[0, prompts[i].shape[1] :].tolist()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return replies, time.perf_counter() - start
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["full", "tiny"], default="full", help="full width (default) or tiny")
+    parser.add_argument("--config", default=os.path.join(REPO, "..", "shared", "models", "chatglm2-6b"),
+                        help="directory with the real config.json (default ../shared/models/chatglm2-6b)")  # fmt: skip
+    parser.add_argument("--layers", type=int, default=4, help="blocks built (default 4)")
+    parser.add_argument(
+        "--mode", choices=["fp32", "bf16", "int8", "int4"], default="int4", help="weights (default int4)"
+    )
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
+    parser.add_argument("--prompt", type=int, default=16, help="prompt tokens per client (default 16)")
+    parser.add_argument("--new", type=int, default=128, help="tokens generated per client (default 128)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from chatglm.engine import attach, detach
+    from kernels import cpu_summary
+
+    model, what = load(args)
+    vocab = min(getattr(model.config, "padded_vocab_size", None) or model.config.vocab_size, 60000)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(100, vocab, (1, args.prompt), generator=g) for _ in range(args.clients)]
+    print(f"# {what}; {args.clients} clients, prompt {args.prompt} tokens, {args.new} new, greedy, "
+          f"{args.threads} threads, torch {torch.__version__}")  # fmt: skip
+    print(f"# CPU: {cpu_summary()}")
+    run(model, prompts[:1], 4)  # warm up (kernel load, allocator)
+
+    alone, t1 = run(model, prompts[:1], args.new)
+    one = args.new / t1
+    solo = [alone[0]] + [run(model, [p], args.new)[0][0] for p in prompts[1:]]  # each prompt's reply alone
+    rows = [("1 client alone", 1, args.new, t1, True)]
+    replies, t = run(model, prompts, args.new)  # no engine: the steps of the clients take turns under the lock
+    rows.append((f"{args.clients} clients, one at a time (lock)", args.clients, args.new * args.clients, t,
+                 replies == solo))  # fmt: skip
+    attach(model, max_batch=args.clients)
+    try:
+        run(model, prompts[:2], 4)  # warm up the engine's cache
+        replies, t = run(model, prompts, args.new)
+        rows.append((f"{args.clients} clients, engine", args.clients, args.new * args.clients, t, replies == solo))
+    finally:
+        detach(model)
+    print(f"{'':34} {'tokens':>7} {'wall s':>7} {'tok/s':>7} {'x one':>6}  same replies")
+    for name, _, tokens, secs, same in rows:
+        print(f"{name:34} {tokens:7d} {secs:7.2f} {tokens / secs:7.2f} {tokens / secs / one:6.2f}  {same}")
+
+
+if __name__ == "__main__":
+    main()
