@@ -11,6 +11,10 @@ generate_stream (what stream_chat and every server run), with its own random `--
 tokens (no EOS). Printed per row: clients, total generated tokens, wall seconds from the first request to the last
 token, generated tokens/s, the ratio to one client alone, and whether every reply is token for token the reply its
 prompt gets alone.
+
+Then prefix reuse: time to first token of a follow-up turn whose prompt starts with a `--history`-token
+conversation the engine has just answered (its prompt and reply), against the same prompt sent cold (a fresh
+engine), and whether both give the same reply.
 """
 
 from __future__ import annotations
@@ -77,6 +81,8 @@ def main(argv=None):
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens per client (default 16)")
     parser.add_argument("--new", type=int, default=128, help="tokens generated per client (default 128)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--history", type=int, default=1000, help="shared conversation tokens of the follow-up turn "
+                        "(default 1000; 0 skips it)")  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -109,6 +115,40 @@ def main(argv=None):
     print(f"{'':34} {'tokens':>7} {'wall s':>7} {'tok/s':>7} {'x one':>6}  same replies")
     for name, _, tokens, secs, same in rows:
         print(f"{name:34} {tokens:7d} {secs:7.2f} {tokens / secs:7.2f} {tokens / secs / one:6.2f}  {same}")
+    if args.history:
+        follow_up(model, vocab, args.history, g)
+
+
+def first_token(model, ids, new=8):
+    """(seconds to the first token, the reply) of one greedy request."""
+    from chatglm.generation import generate_stream
+
+    start, first, out = time.perf_counter(), None, None
+    for out in generate_stream(model, ids, max_new_tokens=new, eos_token_id=[-1], do_sample=False):  # noqa: B007
+        first = first or time.perf_counter() - start
+    return first, out[0, ids.shape[1] :].tolist()
+
+
+def follow_up(model, vocab, history, g):
+    from chatglm.engine import attach, detach
+
+    turn1 = torch.randint(100, vocab, (1, history), generator=g)
+    question = torch.randint(100, vocab, (1, 16), generator=g)
+    try:
+        engine = attach(model, max_batch=2)
+        _, reply = first_token(model, turn1, 16)
+        turn2 = torch.cat([turn1, torch.tensor([reply[:-1]]), question], dim=1)  # history, reply, new question
+        warm, warm_reply = first_token(model, turn2)
+        reused = engine.reused
+        detach(model)
+        attach(model, max_batch=2)  # a fresh engine: nothing kept
+        cold, cold_reply = first_token(model, turn2)
+    finally:
+        detach(model)
+    print(
+        f"follow-up turn of {turn2.shape[1]} tokens ({reused} reused): ttft cold {cold:.3f} s, with the kept "
+        f"prefix {warm:.3f} s = {warm / cold:.1%} of cold; same reply: {warm_reply == cold_reply}"
+    )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,14 @@ request's greedy reply is the one it gets alone. One thread runs the steps; each
   4. decode one token for every request past its prompt, in one forward: each row at its own position. The rows
      run are the slots from the lowest running one to the highest (a view of the cache, no copy); a slot between
      them that is free or still prefilling gets a dummy token whose output is ignored and whose key is written
-     where that slot writes next anyway.
+     where that slot writes next anyway (a free slot: just past what it keeps).
+
+Prefix reuse: a slot keeps the keys and values of its last request (prompt and reply) until another request
+needs it. A new request goes to the free slot whose kept tokens share the longest prefix with its prompt, and
+only the rest of its prompt is prefilled: the follow-up turn of a conversation sent whole through a stateless API
+(openai_api.py, api.py) reads only its new tokens. Otherwise it takes the slot used least recently. Bounded by the
+slots themselves: nothing is kept beyond them. (ChatGLM-6B's prompt attends both ways, so a shared beginning does
+not mean shared keys: it always prefills whole.)
 
 Bounded: `max_batch` requests run, `max_waiting` more wait; beyond that `submit` raises `EngineBusy` (servers
 answer 503 with Retry-After). Each step runs under `model_lock(model)`, so other users of the model (a request
@@ -79,6 +86,10 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.cache = KVCache.empty(model.config.num_layers, capacity, slots=max_batch)  # grows by doubling
         self.slots: list[_Request | None] = [None] * max_batch
+        self.kept: list[torch.Tensor | None] = [None] * max_batch  # token ids whose keys a free slot still holds
+        self.last_used, self._clock = [0] * max_batch, 0
+        self.prefix = model.config.pre_seq_len or 0  # P-Tuning positions before the text in every slot
+        self.reused = 0  # prompt tokens not prefilled thanks to a kept prefix (for tests and benchmarks)
         self.waiting: deque[_Request] = deque()
         self._cv = threading.Condition()
         self._closed = False
@@ -166,12 +177,36 @@ class Engine:
         self.waiting = deque(r for r in self.waiting if not r.left)
         while self.waiting and None in self.slots:
             req = self.waiting.popleft()
-            req.slot = self.slots.index(None)
-            self.slots[req.slot] = req
+            self._place(req)
+
+    def _place(self, req: _Request) -> None:
+        """Put a request in the free slot that keeps the longest prefix of its prompt, else the least recently
+        used one; it prefills from the end of the shared prefix."""
+        free = [s for s, r in enumerate(self.slots) if r is None]
+        shared = {s: self._shared(self.kept[s], req.prompt[0]) for s in free} if self.chunked else {}
+        best = max(free, key=lambda s: (shared.get(s, 0), -self.last_used[s]))
+        n = min(shared.get(best, 0), req.prompt.shape[1] - 1)  # at least one token is read: its logits are needed
+        if n == 0:
+            best = min(free, key=lambda s: self.last_used[s])
+        req.slot, req.read, req.length = best, n, self.prefix + n if n else 0
+        self.slots[best], self.kept[best] = req, None
+        self.reused += n
+
+    @staticmethod
+    def _shared(kept, prompt) -> int:
+        if kept is None:
+            return 0
+        m = min(len(kept), len(prompt))
+        differ = (kept[:m] != prompt[:m]).nonzero()
+        return int(differ[0]) if len(differ) else m
 
     def _finish(self, req: _Request, error: BaseException | None = None) -> None:
         if req.slot is not None and self.slots[req.slot] is req:
             self.slots[req.slot] = None
+            written = req.length - self.prefix  # the tokens whose keys the slot holds: kept for a later request
+            self.kept[req.slot] = req.ids[0, :written].clone() if error is None and written > 0 else None
+            self._clock += 1
+            self.last_used[req.slot] = self._clock
         req.out.put(error if error is not None else _END)
 
     def _prefill_one(self) -> None:
@@ -206,9 +241,12 @@ class Engine:
                 self._emit(req, logits[i : i + 1])
 
     def _idle_length(self, slot: int) -> int:
-        """Where a slot not decoding this step may take a dummy key: its own next write position."""
-        req = self.slots[slot]
-        return req.length if req is not None else 0
+        """Where a slot not decoding this step may take a dummy key: its own next write position (a free slot:
+        just past the tokens it keeps)."""
+        req, kept = self.slots[slot], self.kept[slot]
+        if req is not None:
+            return req.length
+        return self.prefix + len(kept) if kept is not None else 0
 
     def _emit(self, req: _Request, logits) -> None:
         """Choose the request's next token from its logits [1, vocab], hand the sequence over, stop or go on."""

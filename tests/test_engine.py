@@ -120,3 +120,36 @@ def test_a_reader_that_leaves_frees_its_slot(tiny_dirs):
         engine.close()
     with pytest.raises(EngineBusy, match="shut down"):
         engine.stream(None, ids).__next__()
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_a_follow_up_reuses_the_kept_prefix_and_answers_as_alone(tiny_dirs, version):
+    """A slot keeps its last request's keys; a prompt that starts with that request's prompt and reply prefills
+    only the rest, also while the kept slot sat idle between running rows (dummy keys go past what it keeps)."""
+    model, tok = _model(tiny_dirs, version)
+    g = torch.Generator().manual_seed(1)
+    a, b, c = (torch.randint(5, 100, (1, n), generator=g) for n in (9, 14, 6))
+    engine = attach(model, max_batch=3)
+    try:
+        results = {}
+
+        def run(name, ids, n):
+            results[name] = _reply(model, ids, n, {"do_sample": False})
+
+        threads = [threading.Thread(target=run, args=args) for args in (("a", a, 120), ("b", b, 4), ("c", c, 120))]
+        for t in threads:  # slots 0, 1, 2 in this order; b finishes first and its slot waits between a and c
+            t.start()
+            time.sleep(0.05)
+        threads[1].join(timeout=60)
+        assert engine.kept[1] is not None and engine.load()[0] == 2
+        follow = torch.cat([b, torch.tensor([results["b"][:3]]), torch.randint(5, 100, (1, 5), generator=g)], 1)
+        before = engine.reused
+        got = _reply(model, follow, 6, {"do_sample": False})
+        assert engine.reused - before == b.shape[1] + 3  # the prompt and the reply's tokens already written
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        engine.close()
+        del model.engine
+    assert got == _reply(model, follow, 6, {"do_sample": False})  # the same follow-up alone, no engine
+    assert results["a"] == _reply(model, a, 120, {"do_sample": False})
