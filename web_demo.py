@@ -69,12 +69,14 @@ def build_demo(model, tokenizer, max_length: int | None = None) -> gr.Blocks:
         if getattr(model, "tiny_notice", None):  # the built-in tiny random model: say so on the page
             gr.Markdown(model.tiny_notice, elem_id="tiny-notice")
         chatbot = gr.Chatbot(
-            label=NAMES[version], latex_delimiters=LATEX, height=480, buttons=["copy", "copy_all"], elem_id="chatbot"
+            label=NAMES[version], latex_delimiters=LATEX, height=440, buttons=["copy", "copy_all"], elem_id="chatbot"
         )
         with gr.Row():
             with gr.Column(scale=4):
                 with gr.Column(scale=12):
-                    user_input = gr.Textbox(show_label=False, placeholder="Input...", lines=10, elem_id="user-input")
+                    # one line that grows: Enter sends, Shift+Enter starts a new line
+                    user_input = gr.Textbox(show_label=False, placeholder="Input... (Enter sends, Shift+Enter: new line)",
+                                            lines=1, max_lines=10, elem_id="user-input")  # fmt: skip
                 with gr.Column(min_width=32, scale=1):
                     submit = gr.Button("Submit", variant="primary", elem_id="submit")
             with gr.Column(scale=1):
@@ -84,7 +86,13 @@ def build_demo(model, tokenizer, max_length: int | None = None) -> gr.Blocks:
                 temperature = gr.Slider(0.01, 1, value=d_temp, step=0.01, label="Temperature")
         history, past, pending = gr.State([]), gr.State(None), gr.State("")
 
-        reply = submit.click(take_input, [user_input, chatbot], [user_input, chatbot, pending], queue=False).then(
+        reply = gr.on(
+            [submit.click, user_input.submit],
+            take_input,
+            [user_input, chatbot],
+            [user_input, chatbot, pending],
+            queue=False,
+        ).then(  # fmt: skip
             predict,
             [pending, chatbot, length, top_p, temperature, history, past],
             [chatbot, history, past],
@@ -110,7 +118,11 @@ def main(argv=None) -> int:
     if not args.model_path and args.max_length is None:
         args.max_length = TINY_MAX_NEW_TOKENS
     demo = build_demo(model, tokenizer, max_length=args.max_length)
-    demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, share=args.share)
+    # quiet: Gradio's own banner says to edit `share=True` into the code; --share is how here
+    print(f"Running on http://{args.host}:{args.port}" + ("" if args.share else " (--share also publishes a public "
+          "gradio.live link)"), flush=True)  # fmt: skip
+    demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, share=args.share,
+                                                   quiet=not args.share)  # fmt: skip
     return 0
 
 

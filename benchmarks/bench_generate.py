@@ -293,17 +293,21 @@ def fmt_row(r: dict, ref: dict | None) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=LEGEND.replace("# ", ""),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     shared = os.environ.get("CHATGLM_SHARED_MODELS") or os.path.join(REPO, "..", "shared", "models")
-    parser.add_argument("--config", default=os.path.join(shared, "chatglm2-6b"), help="a directory with config.json")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--modes", nargs="+", default=None, choices=sorted(MODES))
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--prompt", type=int, default=512)
-    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--config", default=os.path.join(shared, "chatglm2-6b"),
+                        help="a directory with a real config.json (default ../shared/models/chatglm2-6b)")  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--layers", type=int, default=4, help="blocks built at full width (default 4; figures are "
+                        "also scaled to the real count)")  # fmt: skip
+    parser.add_argument("--modes", nargs="+", default=None, choices=sorted(MODES),
+                        help="weight formats to run (default: bf16 int8 int4 on the CPU, all on CUDA)")  # fmt: skip
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts (default 1 2)")
+    parser.add_argument("--prompt", type=int, default=512, help="prompt tokens for ttft and prefill (default 512)")
+    parser.add_argument("--new", type=int, default=128, help="new tokens timed for decode (default 128)")
     parser.add_argument("--ref-new", type=int, default=24, help="new tokens for the (slow) reference path")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8, help="prompts decoded together for 'batch t/s' (default 8)")
     parser.add_argument(
         "--paths",
         nargs="+",

@@ -761,6 +761,21 @@ def test_tiny_tool_help_names_the_command_and_every_option():
         assert help_text in " ".join(proc.stdout.split()), help_text  # every option says what it does
 
 
+@pytest.mark.parametrize("script", ["benchmarks/bench_generate.py", "benchmarks/bench_engine.py"])
+def test_benchmark_help_describes_every_option_and_column(script):
+    proc = subprocess.run([sys.executable, script, "--help"], cwd=str(REPO), capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    options = [(i, m) for i, line in enumerate(lines) if (m := re.match(r"  (--[a-z-]+)(.*)$", line))]
+    assert len(options) >= 6
+    for i, m in options:  # a help text on the option's line or the next one
+        assert len(m.group(2).split()) > 1 or lines[i + 1].startswith(" " * 10), m.group(1)
+    if script.endswith("bench_generate.py"):  # the table's abbreviations are explained
+        text = " ".join(proc.stdout.split())
+        assert all(f"{abbr} =" in text for abbr in ("sc.ttft, sc.ms/t, sc.t/s", "of flr", "dec x, pre x"))
+
+
 def test_servers_keep_the_tiny_models_replies_short(capsys):
     """With no model path (the built-in tiny random model) the servers default to 256 new tokens, as the demos
     do, and say so at startup; a request that asks for a length gets it."""

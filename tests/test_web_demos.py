@@ -97,7 +97,9 @@ def screenshot(driver, name: str):
 
 
 def test_gradio_web_demo_in_a_browser(browser, tiny_dirs, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
 
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
@@ -110,12 +112,22 @@ def test_gradio_web_demo_in_a_browser(browser, tiny_dirs, tmp_path):
         return [e.text for e in d.find_elements(By.CSS_SELECTOR, f"#chatbot [data-testid={role}]")]
 
     try:
+        d.set_window_size(1400, 860)
         d.get(url)
         box = wait_for(d, lambda: d.find_elements(By.CSS_SELECTOR, "#user-input textarea"), what="the input box")[0]
         sliders = [e.get_attribute("value") for e in d.find_elements(By.CSS_SELECTOR, "input[type=number]")]
         assert sliders == ["48", "0.8", "0.95"]  # --max-length, then ChatGLM2's top_p / temperature defaults
-        box.send_keys(QUESTION)
-        d.find_element(By.CSS_SELECTOR, "#submit").click()
+        in_view = (
+            "const r = document.querySelector('#submit').getBoundingClientRect(); return [r.top, r.bottom, innerHeight]"
+        )
+        top, bottom, height = d.execute_script(in_view)
+        assert 0 <= top and bottom <= height, (top, bottom, height)  # Submit is on screen without scrolling
+        box.send_keys("first line")
+        ActionChains(d).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
+        assert box.get_attribute("value") == "first line\n" and not messages("user")  # Shift+Enter: a new line
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(Keys.DELETE)
+        box.send_keys(QUESTION, Keys.ENTER)  # Enter sends
         wait_for(d, lambda: messages("user") and any(t.strip() for t in messages("bot")), what="the streamed answer")
         assert ["".join(t.split()) for t in messages("user")] == ["你好,whatisE=mc2?"]  # LaTeX rendered by KaTeX ...
         assert d.find_elements(By.CSS_SELECTOR, "#chatbot [data-testid=user] .katex")  # ... not shown as source
@@ -134,7 +146,10 @@ def test_gradio_web_demo_in_a_browser(browser, tiny_dirs, tmp_path):
         d.find_element(By.CSS_SELECTOR, "#clear").click()
         wait_for(d, lambda: not messages("user") and not messages("bot"), timeout=20, what="an empty chat")
     finally:
+        d.set_window_size(1280, 1000)
         stop_server(proc)
+    log = (tmp_path / "log").read_text()
+    assert "share=True" not in log and "--share" in log  # the launch message names the option, not a code edit
 
 
 def test_streamlit_demo_in_a_browser(browser, tiny_dirs, tmp_path):
