@@ -557,6 +557,26 @@ def test_openai_batches_concurrent_requests_each_answered_as_alone(tiny, version
     assert getattr(model, "engine", None) is None  # the app's shutdown stopped and removed it
 
 
+def test_openai_follow_up_turn_prefills_only_its_new_tokens(tiny):
+    """The OpenAI API is stateless: the second turn sends the whole conversation again. The engine finds the first
+    turn's keys still kept in its slot and prefills only what is new; the answer is the one computed cold."""
+    model, tok = tiny["v3"]
+    first = [{"role": "user", "content": "你好, " * 20}]
+    with TestClient(openai_api.create_app(model, tok, max_batch=2)) as client:
+        body = {"messages": first, "temperature": 0, "max_tokens": 12}
+        answer = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        second = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "再说一遍"}]
+        before = model.engine.reused
+        r = client.post("/v1/chat/completions", json={"messages": second, "temperature": 0, "max_tokens": 8})
+        reused = model.engine.reused - before
+        prompt_tokens = r.json()["usage"]["prompt_tokens"]
+    first_prompt = len(tok.build_chat_input("你好, " * 20, history=[])["input_ids"][0])
+    assert first_prompt <= reused < prompt_tokens  # at least the first turn's prompt was not read again
+    history = [{"role": "user", "content": "你好, " * 20}, {"role": "assistant", "content": answer}]
+    assert r.json()["choices"][0]["message"]["content"] == expected(model, tok, "再说一遍", history,
+                                                                    max_new_tokens=8)[0]  # fmt: skip
+
+
 def test_openai_answers_503_with_retry_after_when_every_slot_and_the_queue_are_taken(tiny):
     model, tok = tiny["v2"]
     body = {"messages": [{"role": "user", "content": "写一篇长文"}], "stream": True, "max_tokens": 8000}
