@@ -1,9 +1,10 @@
 """What the HTTP servers (api.py, stream_api.py, openai_api.py) share: request checks, one model lock, worker threads.
 
-Generation is serialized per model: every step of every request (prefill, then one token at a time) runs under
-`model_lock(model)`, so requests from any thread or app never run two forwards on one model at once; with more
-than one worker their steps interleave. Async apps run generation on worker threads (`AsyncRunner`), never on
-the event loop. `chat_events` turns `model.stream_chat` into OpenAI-style deltas that never need taking back, and
+With `use_engine` (the servers' default) the model's engine (chatglm/engine.py) batches the requests of all worker
+threads together; without it every step of every request (prefill, then one token at a time) runs under
+`model_lock(model)`, so requests from any thread or app never run two forwards on one model at once, and with
+more than one worker their steps interleave. Async apps run generation on worker threads (`AsyncRunner`), never
+on the event loop. `chat_events` turns `model.stream_chat` into OpenAI-style deltas that never need taking back, and
 the non-streaming answer is the same deltas joined, so the two always agree.
 """
 
