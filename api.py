@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from chatglm.engine import EngineBusy, detach
+from chatglm.engine import detach
 from chatglm.serving import (
     DEFAULT_MAX_BODY,
     AsyncRunner,
@@ -62,11 +62,6 @@ def create_app(model, tokenizer, max_body_bytes: int = DEFAULT_MAX_BODY, concurr
     async def refused(request: Request, e: RequestError):
         headers = {"Retry-After": "1"} if e.status == 503 else None
         return JSONResponse({"detail": e.message, "status": e.status}, status_code=e.status, headers=headers)
-
-    @app.exception_handler(EngineBusy)
-    async def busy(request: Request, e: EngineBusy):
-        return JSONResponse({"detail": f"server busy: {e}", "status": 503}, status_code=503,
-                            headers={"Retry-After": "1"})  # fmt: skip
 
     @app.post("/")
     async def create_item(request: Request):

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from chatglm.engine import EngineBusy, detach
+from chatglm.engine import detach
 from chatglm.serving import (
     DEFAULT_MAX_BODY,
     AsyncRunner,
@@ -139,11 +139,6 @@ def create_app(model, tokenizer, model_name: str | None = None, max_body_bytes: 
         kind = "server_busy" if e.status == 503 else "invalid_request_error"
         headers = {"Retry-After": "1"} if e.status == 503 else None
         return JSONResponse(error_body(e.message, kind, e.param), status_code=e.status, headers=headers)
-
-    @app.exception_handler(EngineBusy)
-    async def busy(request: Request, e: EngineBusy):
-        return JSONResponse(error_body(f"server busy: {e}", "server_busy"), status_code=503,
-                            headers={"Retry-After": "1"})  # fmt: skip
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):

@@ -36,6 +36,7 @@ import queue
 import threading
 import weakref
 from collections import deque
+from collections.abc import Iterator
 
 import torch
 
@@ -54,6 +55,26 @@ def model_lock(model) -> threading.Lock:
         if lock is None:
             lock = _locks[model] = threading.Lock()
         return lock
+
+
+def locked_steps(model, iterator, cancel: threading.Event | None = None, lock=None) -> Iterator:
+    """Items of `iterator`, each computed under `lock` (default: the model lock); stops on `cancel`. The iterator
+    is closed under the lock too, also when the reader stops early."""
+    lock = model_lock(model) if lock is None else lock
+    it = iter(iterator)
+    try:
+        while cancel is None or not cancel.is_set():
+            with lock:
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+            yield item
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            with lock:
+                close()
 
 
 class EngineBusy(RuntimeError):

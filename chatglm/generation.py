@@ -66,25 +66,12 @@ def generate_stream(
         return
     steps = _generate(model, plan, input_ids, attention_mask, position_ids, past_key_values, return_past_key_values,
                       decode)  # fmt: skip
-    yield from steps if engine is None else _locked(model, steps)
+    if engine is None:
+        yield from steps
+    else:  # each step under the model lock: a request the engine does not take never runs beside its steps
+        from .engine import locked_steps
 
-
-def _locked(model, steps):
-    """Each step under the model lock: a request the engine does not take never runs beside its steps."""
-    from .engine import model_lock
-
-    lock = model_lock(model)
-    try:
-        while True:
-            with lock:
-                try:
-                    item = next(steps)
-                except StopIteration:
-                    return
-            yield item
-    finally:
-        with lock:
-            steps.close()
+        yield from locked_steps(model, steps)
 
 
 def _unpack_inputs(input_ids, attention_mask, position_ids):

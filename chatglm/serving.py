@@ -21,7 +21,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-from .engine import attach, model_lock
+from . import engine
+from .engine import EngineBusy, attach, model_lock
 from .generation import CHAT_DEFAULTS
 
 logger = logging.getLogger(__name__)
@@ -214,21 +215,10 @@ def free_cuda_cache(model) -> None:
 def locked_steps(model, iterator, cancel: threading.Event | None = None) -> Iterator:
     """Items of `iterator` (a model.stream_chat), each step computed under the model lock; stops on `cancel`.
     A model with an engine (chatglm/engine.py) takes its lock itself, step by step."""
-    lock = model_lock(model) if getattr(model, "engine", None) is None else contextlib.nullcontext()
-    it = iter(iterator)
+    lock = contextlib.nullcontext() if getattr(model, "engine", None) is not None else None
     try:
-        while cancel is None or not cancel.is_set():
-            with lock:
-                try:
-                    item = next(it)
-                except StopIteration:
-                    return
-            yield item
+        yield from engine.locked_steps(model, iterator, cancel, lock)
     finally:
-        close = getattr(it, "close", None)
-        if close is not None:
-            with lock:
-                close()
         free_cuda_cache(model)
 
 
@@ -293,8 +283,11 @@ class AsyncRunner:
             self.active -= 1
 
     async def run(self, fn):
-        """fn() on a worker thread; the event loop keeps serving meanwhile."""
-        return await asyncio.wrap_future(self._submit(fn))
+        """fn() on a worker thread; the event loop keeps serving meanwhile. A full engine is a 503."""
+        try:
+            return await asyncio.wrap_future(self._submit(fn))
+        except EngineBusy as e:
+            raise RequestError(503, f"server busy: {e}") from None
 
     def stream(self, events: Callable[[threading.Event], Iterator]):
         """Start events(cancel) on a worker thread now (503 if full); return an async iterator of its items.

@@ -136,7 +136,7 @@ def test_a_follow_up_reuses_the_kept_prefix_and_answers_as_alone(tiny_dirs, vers
         def run(name, ids, n):
             results[name] = _reply(model, ids, n, {"do_sample": False})
 
-        threads = [threading.Thread(target=run, args=args) for args in (("a", a, 120), ("b", b, 4), ("c", c, 120))]
+        threads = [threading.Thread(target=run, args=args) for args in (("a", a, 300), ("b", b, 4), ("c", c, 300))]
         for t in threads:  # slots 0, 1, 2 in this order; b finishes first and its slot waits between a and c
             t.start()
             time.sleep(0.05)
@@ -152,4 +152,4 @@ def test_a_follow_up_reuses_the_kept_prefix_and_answers_as_alone(tiny_dirs, vers
         engine.close()
         del model.engine
     assert got == _reply(model, follow, 6, {"do_sample": False})  # the same follow-up alone, no engine
-    assert results["a"] == _reply(model, a, 120, {"do_sample": False})
+    assert results["a"] == _reply(model, a, 300, {"do_sample": False})
