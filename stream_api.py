@@ -12,109 +12,11 @@ are options, and a finished reply is kept --ttl seconds after the client first r
 """
 
 import argparse
-import json
 
-from flask import Flask, Response, request
-from werkzeug.exceptions import HTTPException
+from serving.requests import add_server_args
+from serving.stream_api import create_app
 
-from chatglm.serving import (
-    DEFAULT_MAX_BODY,
-    PollingQueue,
-    RequestError,
-    add_server_args,
-    check_history,
-    field,
-    generation_kwargs,
-    parse_json_body,
-    use_engine,
-)
-
-KEEPALIVE_S = 15.0
-
-
-def create_app(model, tokenizer, workers: int = 4, max_waiting: int = 16, ttl: float = 600.0,
-               abandon_ttl: float | None = None, max_body_bytes: int = DEFAULT_MAX_BODY) -> Flask:  # fmt: skip
-    """The app around a loaded model: `workers` replies generated at once (batched together by the model's engine,
-    chatglm/engine.py, when workers > 1), `max_waiting` more queued."""
-    use_engine(model, workers, max_waiting, workers)
-    queue = PollingQueue(model, tokenizer, workers, max_waiting, ttl, abandon_ttl)
-    version = model.config.chatglm_version
-    app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
-    app.json.ensure_ascii = False  # Chinese replies readable as they are
-    app.extensions["chatglm_queue"] = queue
-
-    @app.errorhandler(RequestError)
-    def refused(e: RequestError):
-        return {"code": e.status, "msg": e.message}, e.status
-
-    @app.errorhandler(413)
-    def too_large(e):
-        return {"code": 413, "msg": f"request body is larger than {max_body_bytes} bytes"}, 413
-
-    @app.errorhandler(HTTPException)
-    def http_error(e: HTTPException):  # 404, 405 (a GET on a POST route), ...: JSON like every other error
-        allow = getattr(e, "valid_methods", None)
-        return {"code": e.code, "msg": e.description}, e.code, {"Allow": ", ".join(allow)} if allow else {}
-
-    def body() -> dict:
-        return parse_json_body(request.get_data(cache=False), max_body_bytes)
-
-    def request_id(data) -> str:
-        rid = data.get("request_id")
-        if isinstance(rid, int) and not isinstance(rid, bool):
-            rid = str(rid)
-        if not isinstance(rid, str) or not 0 < len(rid) <= 256:
-            raise RequestError(400, "'request_id' must be a non-empty string (at most 256 characters)")
-        return rid
-
-    @app.post("/chat")
-    def chat():
-        data = body()
-        rid = request_id(data)
-        query = field(data, "query", "str", required=True)
-        history = check_history(version, data.get("history"))
-        gen = generation_kwargs(model, field(data, "max_length", "int"), field(data, "top_p", "number"),
-                                field(data, "temperature", "number"))  # fmt: skip
-        code, msg = queue.submit(rid, query, history, gen)
-        return {"code": code, "msg": msg}
-
-    @app.post("/get_response")
-    def get_response():
-        rid = request_id(body())
-        state = queue.poll(rid)
-        if state is None:
-            return {"code": PollingQueue.UNKNOWN, "msg": f"request_id {rid!r} not found"}
-        state.pop("version")
-        return {"code": 0, "msg": "success", "response": state}
-
-    @app.get("/events/<rid>")
-    def events(rid):
-        if queue.poll(rid) is None:
-            return {"code": PollingQueue.UNKNOWN, "msg": f"request_id {rid!r} not found"}, 404
-
-        def stream():
-            seen, text = -1, ""
-            while True:
-                state = queue.wait_change(rid, seen, KEEPALIVE_S)
-                if state is None:
-                    return
-                if state["version"] == seen:
-                    yield ": keep-alive\n\n"
-                    continue
-                seen = state.pop("version")
-                reply = state["response"]
-                # the growing text, and what was added (null when the text was rewritten, e.g. a ChatGLM3 tool call)
-                new = isinstance(reply, str) and reply.startswith(text)
-                state["delta"] = reply[len(text) :] if new else None
-                text = reply if isinstance(reply, str) else ""
-                yield f"data: {json.dumps(state, ensure_ascii=False)}\n\n"
-                if state["is_finished"]:
-                    return
-
-        return Response(stream(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    return app
+__all__ = ["create_app", "main"]
 
 
 def main(argv=None):

@@ -169,7 +169,7 @@ def load_from_args(args):
         decode=getattr(args, "decode", None) or "eager",
     )
     if not getattr(args, "model_path", None):
-        model.default_max_new_tokens = TINY_MAX_NEW_TOKENS  # read by the servers (chatglm/serving.py)
+        model.default_max_new_tokens = TINY_MAX_NEW_TOKENS  # read by the servers (serving/requests.py)
         model.tiny_notice = tiny_notice(model.config.chatglm_version)  # shown by the pages
         print(f"Note: the tiny model's replies are kept to {TINY_MAX_NEW_TOKENS} tokens unless a request or option asks "
               "for another length.", file=sys.stderr, flush=True)  # fmt: skip

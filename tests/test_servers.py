@@ -28,7 +28,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 import api  # noqa: E402
 import openai_api  # noqa: E402
 import stream_api  # noqa: E402
-from chatglm.serving import holdback, openai_to_chat  # noqa: E402
+from serving.events import holdback
+from serving.openai_messages import openai_to_chat  # noqa: E402
 
 from .conftest import REPO  # noqa: E402
 

@@ -1,0 +1,98 @@
+"""Replies as deltas for the streaming APIs: `chat_events` turns `model.stream_chat` into OpenAI-style deltas that
+never need taking back, and the non-streaming answer is the same deltas joined, so the two always agree."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+
+from chatglm.generation import CHAT_DEFAULTS
+
+from .workers import locked_steps
+
+TIME_MARKER = "[[训练时间]]"  # the originals' process_response rewrites it: never stream half of it
+V1_PUNCT = ",!:;?"  # v1 turns these into full-width ones depending on the *next* character
+
+
+class TokenRecorder:
+    """A logits processor that only watches: prompt length, tokens generated, and the raw ids so far."""
+
+    def __init__(self):
+        self.prompt_len, self.calls, self.ids = None, 0, []
+
+    def __call__(self, input_ids, scores):
+        if self.prompt_len is None:
+            self.prompt_len = int(input_ids.shape[1])
+        self.calls += 1
+        self.ids = input_ids[0, self.prompt_len :].tolist()  # all generated but the token being chosen now
+        return scores
+
+
+def holdback(text: str, version: str, stops=()) -> int:
+    """How many trailing characters may still change or turn out to be a stop sequence."""
+    n = 0
+    for s in (TIME_MARKER, *stops):
+        for k in range(min(len(s) - 1, len(text)), n, -1):
+            if text.endswith(s[:k]):
+                n = k
+                break
+    if version == "v1" and text and text[-1] in V1_PUNCT:
+        n = max(n, 1)
+    return n
+
+
+def find_stop(text: str, stops) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def chat_events(model, tokenizer, query: str, history: list, role: str = "user", gen: dict | None = None,
+                stops=(), tools: bool = False, cancel: threading.Event | None = None) -> Iterator[dict]:  # fmt: skip
+    """Run one chat and yield {"content": delta}, then maybe {"tool_call": {"name", "arguments"}}, then
+    {"finish_reason", "usage"}. Deltas are only sent once no later token can change them, so joining them gives
+    the final text; a ChatGLM3 reply is held until its first line says whether it is text or a tool call."""
+    version = model.config.chatglm_version
+    gen = dict(gen or {})
+    rec = TokenRecorder()
+    kwargs = {"role": role} if version == "v3" else {}
+    stream = model.stream_chat(tokenizer, query, history, logits_processor=[rec], **kwargs, **gen)
+    sent, response, stopped, first_line = "", None, False, version != "v3"
+    for response, _ in locked_steps(model, stream, cancel):
+        if not first_line and isinstance(response, str):
+            first_line = "\n" in tokenizer.decode(rec.ids)
+            if not first_line:
+                continue  # ChatGLM3's metadata line is not finished: plain text, or the name of a tool?
+        if isinstance(response, dict):
+            if tools:
+                continue  # a tool call: sent whole at the end
+            response = response.get("content", "")
+        cut = find_stop(response, stops)
+        if cut is not None:
+            response, stopped = response[:cut], True
+        safe = response if stopped else response[: len(response) - holdback(response, version, stops)]
+        if len(safe) > len(sent) and safe.startswith(sent):
+            yield {"content": safe[len(sent) :]}
+            sent = safe
+        if stopped:
+            break
+    if cancel is not None and cancel.is_set():
+        return
+    finish = "stop"
+    if isinstance(response, dict) and tools and "parameters" in response:
+        finish = "tool_calls"
+        args = json.dumps(response["parameters"], ensure_ascii=False)
+        yield {"tool_call": {"name": response["name"], "arguments": args}}
+    elif not stopped:
+        if isinstance(response, dict):
+            response = response.get("content", "")
+        response = response or ""
+        if len(response) > len(sent) and response.startswith(sent):
+            yield {"content": response[len(sent) :]}
+        prompt = rec.prompt_len or 0
+        max_new, max_length = gen.get("max_new_tokens"), gen.get("max_length") or CHAT_DEFAULTS[version][0]
+        if (max_new and rec.calls >= max_new) or (not max_new and prompt + rec.calls >= max_length):
+            finish = "length"
+    prompt = rec.prompt_len or 0
+    usage = {"prompt_tokens": prompt, "completion_tokens": rec.calls, "total_tokens": prompt + rec.calls}
+    yield {"finish_reason": finish, "usage": usage}

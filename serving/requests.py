@@ -1,0 +1,182 @@
+"""Requests as the HTTP servers receive them: bodies, checked fields, histories, generation arguments, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+DEFAULT_MAX_BODY = 1 << 20  # bytes of a request body
+MAX_TEMPERATURE = 100.0
+V3_ROLES = ("system", "user", "assistant", "observation")
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP status, a message for the client, and the offending field if any."""
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+# --- request bodies and fields ------------------------------------------------------------------------------
+
+
+def _no_constants(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _check_text(data):
+    # json.loads accepts lone surrogates ("\ud800"), which no tokenizer can encode; walked without recursion
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestError(400, "request body contains a lone UTF-16 surrogate, not valid Unicode") from None
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+
+
+def parse_json_body(raw: bytes, limit: int = DEFAULT_MAX_BODY) -> dict:
+    """The JSON object of a request body, or RequestError 413 (too big) / 400 (not a JSON object of text)."""
+    if limit and len(raw) > limit:
+        raise RequestError(413, f"request body is larger than {limit} bytes")
+    if not raw.strip():
+        raise RequestError(400, "request body is empty: send a JSON object")
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
+    except UnicodeDecodeError:
+        raise RequestError(400, "request body is not UTF-8") from None
+    except (ValueError, RecursionError) as e:
+        raise RequestError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise RequestError(400, f"request body must be a JSON object, got {type(data).__name__}")
+    _check_text(data)
+    return data
+
+
+async def read_body(request, limit: int = DEFAULT_MAX_BODY) -> bytes:
+    """A Starlette request's body, refused (413) as soon as it passes `limit` bytes, chunked or not."""
+    declared = request.headers.get("content-length")
+    if limit and declared and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"request body is larger than {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if limit and size > limit:
+            raise RequestError(413, f"request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def field(data: dict, name: str, kind, required: bool = False, default=None):
+    """data[name] checked against `kind` ("str", "int", "number", "bool", "list"); None/missing -> default."""
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise RequestError(400, f"'{name}' is required", name)
+        return default
+    ok = {
+        "str": isinstance(value, str),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "list": isinstance(value, list),
+    }[kind]
+    if not ok:
+        names = {
+            "str": "a string",
+            "int": "an integer",
+            "number": "a number",
+            "bool": "true or false",
+            "list": "a list",
+        }
+        raise RequestError(400, f"'{name}' must be {names[kind]}, got {type(value).__name__}", name)
+    return value
+
+
+def check_history(version: str, history) -> list:
+    """v1/v2: a list of [query, response] string pairs; v3: a list of {"role", "content"} messages."""
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        raise RequestError(400, f"'history' must be a list, got {type(history).__name__}", "history")
+    out = []
+    for i, item in enumerate(history):
+        if version != "v3":
+            if not (isinstance(item, list) and len(item) == 2 and all(isinstance(s, str) for s in item)):
+                raise RequestError(400, f"history[{i}] must be a [query, response] pair of strings", "history")
+            out.append((item[0], item[1]))
+            continue
+        if not isinstance(item, dict):
+            raise RequestError(400, f"history[{i}] must be an object with 'role' and 'content' (ChatGLM3)", "history")
+        role, content = item.get("role"), item.get("content")
+        if role not in V3_ROLES:
+            raise RequestError(400, f"history[{i}].role must be one of {', '.join(V3_ROLES)}, got {role!r}", "history")
+        if not isinstance(content, str):
+            raise RequestError(400, f"history[{i}].content must be a string", "history")
+        msg = {"role": role, "content": content}
+        if item.get("metadata") is not None:
+            if not isinstance(item["metadata"], str):
+                raise RequestError(400, f"history[{i}].metadata must be a string", "history")
+            msg["metadata"] = item["metadata"]
+        if item.get("tools") is not None:
+            if role != "system" or not isinstance(item["tools"], list):
+                raise RequestError(400, f"history[{i}].tools must be a list on a system message", "history")
+            msg["tools"] = item["tools"]
+        out.append(msg)
+    return out
+
+
+def context_length(model) -> int:
+    config = model.config
+    n = config.max_sequence_length if config.chatglm_version == "v1" else config.seq_length
+    return int(n or 2048)
+
+
+def generation_kwargs(model, max_length=None, top_p=None, temperature=None, max_temperature=MAX_TEMPERATURE) -> dict:
+    """Checked chat() arguments; None keeps the model's default (for the built-in tiny model, the
+    `default_max_new_tokens` its loader set). temperature 0 means greedy decoding."""
+    gen = {}
+    if max_length is None and getattr(model, "default_max_new_tokens", None):
+        gen["max_new_tokens"] = model.default_max_new_tokens
+    if max_length is not None:
+        limit = context_length(model)
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= limit:
+            raise RequestError(400, f"'max_length' must be an integer from 1 to {limit}", "max_length")
+        gen["max_length"] = max_length
+    if top_p is not None:
+        if not _finite(top_p) or not 0 < top_p <= 1:
+            raise RequestError(400, "'top_p' must be a number in (0, 1]", "top_p")
+        gen["top_p"] = float(top_p)
+    if temperature is not None:
+        if not _finite(temperature) or not 0 <= temperature <= max_temperature:
+            raise RequestError(400, f"'temperature' must be a number from 0 to {max_temperature:g}", "temperature")
+        if temperature == 0:
+            gen["do_sample"] = False  # greedy: what a temperature going to 0 tends to
+        else:
+            gen["temperature"] = float(temperature)
+    return gen
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def add_server_args(parser, port: int):
+    """--host, --port and the limits every server takes."""
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
+    g.add_argument("--port", type=int, default=port, help=f"port (default {port})")
+    g.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, help="largest request body accepted")
+    return g
+
+
+def now_string() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())

@@ -1,0 +1,161 @@
+"""One model, many requests: worker threads for the servers, the engine or the model lock between them.
+
+With `use_engine` (the servers' default) the model's engine (chatglm/engine.py) batches the requests of all worker
+threads together; without it every step of every request (prefill, then one token at a time) runs under
+`model_lock(model)`, so requests from any thread or app never run two forwards on one model at once, and with
+more than one worker their steps interleave. Async apps run generation on worker threads (`AsyncRunner`), never
+on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+from chatglm import engine
+from chatglm.engine import EngineBusy, attach, model_lock
+
+from .requests import RequestError
+
+
+def free_cuda_cache(model) -> None:
+    """The originals' torch_gc(): return cached blocks to the driver after a request, only when on CUDA."""
+    try:
+        device = next(model.parameters()).device
+    except (StopIteration, AttributeError, TypeError):
+        return
+    if device.type == "cuda":
+        import torch
+
+        # Under the model lock: a decode step being captured as a CUDA graph (--decode cuda_graph) must not
+        # see the allocator hand memory back to the driver mid-capture.
+        with model_lock(model), torch.cuda.device(device):
+            torch.cuda.empty_cache()
+            torch.cuda.ipc_collect()
+
+
+def locked_steps(model, iterator, cancel: threading.Event | None = None) -> Iterator:
+    """Items of `iterator` (a model.stream_chat), each step computed under the model lock; stops on `cancel`.
+    A model with an engine (chatglm/engine.py) takes its lock itself, step by step."""
+    lock = contextlib.nullcontext() if getattr(model, "engine", None) is not None else None
+    try:
+        yield from engine.locked_steps(model, iterator, cancel, lock)
+    finally:
+        free_cuda_cache(model)
+
+
+def last_step(model, iterator):
+    """The final item of a locked stream (the whole reply of a non-streaming request)."""
+    item = None
+    for item in locked_steps(model, iterator):  # noqa: B007
+        pass
+    return item
+
+
+def use_engine(model, max_batch: int, max_waiting: int, concurrency: int) -> tuple[bool, int]:
+    """Give the model its engine when max_batch > 1 (chatglm/engine.py batches that many requests together);
+    returns (attached, the worker threads the server needs: one per running request)."""
+    from chatglm.base import ChatGLMCausalLM
+
+    if max_batch > 1 and isinstance(model, ChatGLMCausalLM):
+        attach(model, max_batch=max_batch, max_waiting=max_waiting)
+        return True, max_batch
+    return False, concurrency
+
+
+def add_batch_args(parser, default_batch: int = 8):
+    """--max-batch and --max-waiting."""
+    parser.add_argument("--max-batch", type=int, default=default_batch,
+                        help=f"requests generated together in one batch (default {default_batch}; 1: one at a "
+                             "time, as the original)")  # fmt: skip
+    parser.add_argument("--max-waiting", type=int, default=64, help="requests that may wait beyond those (503 past it)")
+
+
+def check_batch_args(parser, args) -> None:
+    if args.max_batch < 1 or args.max_waiting < 0:
+        parser.error("--max-batch must be >= 1 and --max-waiting >= 0")
+
+
+class AsyncRunner:
+    """Worker threads for an async app: `concurrency` generations at once, `max_waiting` more queued, 503 beyond."""
+
+    def __init__(self, concurrency: int = 1, max_waiting: int = 64):
+        if concurrency < 1 or max_waiting < 0:
+            raise ValueError("concurrency must be >= 1 and max_waiting >= 0")
+        self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="chatglm-gen")
+        self.capacity = concurrency + max_waiting
+        self._lock = threading.Lock()
+        self.active = 0  # admitted and not done (running or waiting)
+
+    def _submit(self, fn):
+        with self._lock:
+            if self.active >= self.capacity:
+                raise RequestError(503, f"server busy: {self.active} requests in progress or waiting, try again later")
+            self.active += 1
+        try:
+            fut = self.executor.submit(fn)
+        except RuntimeError:  # shut down
+            self._release(None)
+            raise RequestError(503, "server is shutting down") from None
+        fut.add_done_callback(self._release)  # also when cancelled before it ran
+        return fut
+
+    def _release(self, _fut):
+        with self._lock:
+            self.active -= 1
+
+    async def run(self, fn):
+        """fn() on a worker thread; the event loop keeps serving meanwhile. A full engine is a 503."""
+        try:
+            return await asyncio.wrap_future(self._submit(fn))
+        except EngineBusy as e:
+            raise RequestError(503, f"server busy: {e}") from None
+
+    def stream(self, events: Callable[[threading.Event], Iterator]):
+        """Start events(cancel) on a worker thread now (503 if full); return an async iterator of its items.
+
+        Leaving the iterator early (client gone) sets `cancel`, which stops the generation at its next step.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def put(kind, value):
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+            except RuntimeError:  # the loop is closed: nobody is listening
+                cancel.set()
+
+        def job():
+            try:
+                for item in events(cancel):
+                    if cancel.is_set():
+                        break
+                    put("item", item)
+            except Exception as e:  # noqa: BLE001  (handed to the consumer)
+                put("error", e)
+            finally:
+                put("end", None)
+
+        fut = self._submit(job)
+
+        async def items():
+            try:
+                while True:
+                    kind, value = await queue.get()
+                    if kind == "end":
+                        return
+                    if kind == "error":
+                        raise value
+                    yield value
+            finally:
+                cancel.set()
+                fut.cancel()  # not started yet: never starts
+
+        return items()
+
+    def close(self):
+        self.executor.shutdown(wait=False, cancel_futures=True)
