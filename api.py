@@ -35,7 +35,8 @@ def main(argv=None):
     import uvicorn
 
     app = create_app(model, tokenizer, args.max_body_bytes, max_waiting=args.max_waiting, max_batch=args.max_batch)
-    uvicorn.run(app, host=args.host, port=args.port, workers=1)
+    # On SIGINT/SIGTERM: 3 s for replies to finish, then running generations are cancelled.
+    uvicorn.run(app, host=args.host, port=args.port, workers=1, timeout_graceful_shutdown=3)
 
 
 if __name__ == "__main__":

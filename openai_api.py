@@ -38,7 +38,8 @@ def main(argv=None):
 
     app = create_app(model, tokenizer, args.model_name, args.max_body_bytes, max_waiting=args.max_waiting,
                      max_batch=args.max_batch)  # fmt: skip
-    uvicorn.run(app, host=args.host, port=args.port, workers=1)
+    # On SIGINT/SIGTERM: 3 s for replies to finish, then running generations are cancelled.
+    uvicorn.run(app, host=args.host, port=args.port, workers=1, timeout_graceful_shutdown=3)
 
 
 if __name__ == "__main__":

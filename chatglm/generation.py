@@ -178,6 +178,8 @@ def parse_tool_call(code: str) -> dict:
         tree = ast.parse(code.strip(), mode="eval")
     except SyntaxError as e:
         raise ValueError(f"tool call is not valid Python: {e.msg}") from None
+    except (RecursionError, MemoryError):
+        raise ValueError("tool call is nested too deeply to read") from None
     call = tree.body
     if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "tool_call"):
         raise ValueError("a tool call must be a single tool_call(...) expression")
@@ -187,7 +189,7 @@ def parse_tool_call(code: str) -> dict:
     for kw in call.keywords:
         try:
             params[kw.arg] = ast.literal_eval(kw.value)
-        except (ValueError, SyntaxError, TypeError):
+        except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
             raise ValueError(f"argument {kw.arg!r} of tool_call is not a literal") from None
     return params
 

@@ -14,13 +14,14 @@ from .requests import (
     DEFAULT_MAX_BODY,
     RequestError,
     check_history,
+    check_prompt,
     field,
     generation_kwargs,
     now_string,
     parse_json_body,
     read_body,
 )
-from .workers import AsyncRunner, last_step, use_engine
+from .workers import AsyncRunner, ClientGone, last_step, use_engine
 
 logger = logging.getLogger("api")
 
@@ -49,6 +50,10 @@ def create_app(model, tokenizer, max_body_bytes: int = DEFAULT_MAX_BODY, concurr
         headers = {"Retry-After": "1"} if e.status == 503 else None
         return JSONResponse({"detail": e.message, "status": e.status}, status_code=e.status, headers=headers)
 
+    @app.exception_handler(ClientGone)
+    async def gone(request: Request, e: ClientGone):  # nobody reads this: the client closed the connection
+        return JSONResponse({"detail": "client closed the request"}, status_code=499)
+
     @app.post("/")
     async def create_item(request: Request):
         data = parse_json_body(await read_body(request, max_body_bytes), max_body_bytes)
@@ -56,8 +61,9 @@ def create_app(model, tokenizer, max_body_bytes: int = DEFAULT_MAX_BODY, concurr
         history = check_history(version, data.get("history"))
         gen = generation_kwargs(model, field(data, "max_length", "int"), field(data, "top_p", "number"),
                                 field(data, "temperature", "number"))  # fmt: skip
+        await runner.check(lambda: check_prompt(model, tokenizer, prompt, history, gen=gen))
         response, history = await runner.run(
-            lambda: last_step(model, model.stream_chat(tokenizer, prompt, history, **gen))
+            lambda cancel: last_step(model, model.stream_chat(tokenizer, prompt, history, **gen), cancel), request
         )
         time = now_string()
         logger.info('[%s] prompt:"%s", response:"%r"', time, prompt, response)

@@ -47,6 +47,23 @@ def find_stop(text: str, stops) -> int | None:
     return min(hits) if hits else None
 
 
+def _arguments_json(params) -> str | None:
+    """A model-written tool call's arguments as JSON; None when JSON cannot carry them (sets, bytes, complex,
+    infinities, too deep or too big)."""
+    try:
+        return json.dumps(params, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError, RecursionError, MemoryError):
+        return None
+
+
+def _raw_reply(tokenizer, ids) -> str:
+    """The model's reply as it wrote it (a ChatGLM3 tool call: its name line and code), role markers cut."""
+    text = tokenizer.decode(ids)
+    for marker in ("<|observation|>", "<|user|>"):
+        text = text.split(marker)[0]
+    return text.strip()
+
+
 def chat_events(model, tokenizer, query: str, history: list, role: str = "user", gen: dict | None = None,
                 stops=(), tools: bool = False, cancel: threading.Event | None = None) -> Iterator[dict]:  # fmt: skip
     """Run one chat and yield {"content": delta}, then maybe {"tool_call": {"name", "arguments"}}, then
@@ -79,13 +96,13 @@ def chat_events(model, tokenizer, query: str, history: list, role: str = "user",
     if cancel is not None and cancel.is_set():
         return
     finish = "stop"
-    if isinstance(response, dict) and tools and "parameters" in response:
+    args = _arguments_json(response["parameters"]) if isinstance(response, dict) and "parameters" in response else None
+    if tools and args is not None:
         finish = "tool_calls"
-        args = json.dumps(response["parameters"], ensure_ascii=False)
         yield {"tool_call": {"name": response["name"], "arguments": args}}
     elif not stopped:
-        if isinstance(response, dict):
-            response = response.get("content", "")
+        if isinstance(response, dict):  # a tool call whose arguments JSON cannot carry is sent as the model wrote it
+            response = _raw_reply(tokenizer, rec.ids) if "parameters" in response else response.get("content", "")
         response = response or ""
         if len(response) > len(sent) and response.startswith(sent):
             yield {"content": response[len(sent) :]}

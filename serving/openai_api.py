@@ -17,8 +17,17 @@ from chatglm.engine import detach
 
 from .events import chat_events
 from .openai_messages import openai_to_chat
-from .requests import DEFAULT_MAX_BODY, RequestError, context_length, generation_kwargs, parse_json_body, read_body
-from .workers import AsyncRunner, use_engine
+from .requests import (
+    DEFAULT_MAX_BODY,
+    RequestError,
+    check_prompt,
+    check_tools,
+    context_length,
+    generation_kwargs,
+    parse_json_body,
+    read_body,
+)
+from .workers import AsyncRunner, ClientGone, use_engine
 
 MODEL_NAMES = {"v1": "chatglm-6b", "v2": "chatglm2-6b", "v3": "chatglm3-6b"}
 
@@ -73,7 +82,7 @@ class ChatCompletionRequest(Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     repetition_penalty: float | None = Field(None, gt=0, le=10)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
     n: int | None = Field(None, ge=1, le=1)
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -117,6 +126,10 @@ def create_app(model, tokenizer, model_name: str | None = None, max_body_bytes: 
         headers = {"Retry-After": "1"} if e.status == 503 else None
         return JSONResponse(error_body(e.message, kind, e.param), status_code=e.status, headers=headers)
 
+    @app.exception_handler(ClientGone)
+    async def gone(request: Request, e: ClientGone):  # nobody reads this: the client closed the connection
+        return JSONResponse({"detail": "client closed the request"}, status_code=499)
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
         return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code)
@@ -144,6 +157,7 @@ def create_app(model, tokenizer, model_name: str | None = None, max_body_bytes: 
         tools = [t.function.model_dump(exclude_none=True) for t in req.tools or []] if req.tool_choice != "none" else []
         if tools and version != "v3":
             raise RequestError(400, "tools need a ChatGLM3 model", "tools")
+        check_tools(tools)
         messages = [m.model_dump() for m in req.messages]
         query, history, role = openai_to_chat(version, messages, tools)
         gen = generation_kwargs(model, None, req.top_p, req.temperature, max_temperature=2.0)
@@ -163,6 +177,7 @@ def create_app(model, tokenizer, model_name: str | None = None, max_body_bytes: 
         stops = [req.stop] if isinstance(req.stop, str) else [s for s in req.stop or [] if s]
         if len(stops) > 16:
             raise RequestError(400, "'stop' takes at most 16 sequences", "stop")
+        await runner.check(lambda: check_prompt(model, tokenizer, query, history, role, gen, max_new))
 
         def events(cancel):
             return chat_events(model, tokenizer, query, history, role, gen, stops, bool(tools), cancel)
@@ -174,7 +189,7 @@ def create_app(model, tokenizer, model_name: str | None = None, max_body_bytes: 
             usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(sse(items, head, usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
-        result = await runner.run(lambda: list(events(None)))
+        result = await runner.run(lambda cancel: list(events(cancel)), request)
         content = "".join(ev.get("content", "") for ev in result)
         calls = [tool_call(ev["tool_call"]) for ev in result if "tool_call" in ev]
         end = result[-1]

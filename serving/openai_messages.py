@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .requests import RequestError
+from .requests import RequestError, check_depth
 
 TOOL_PROMPT = "Answer the following questions as best as you can. You have access to the following tools:"
 
@@ -27,8 +27,9 @@ def _text(content, i: int, allow_none: bool = False) -> str:
 def _tool_call_code(name: str, arguments: str, i: int) -> str:
     try:
         args = json.loads(arguments or "{}")
-    except ValueError:
+    except (ValueError, RecursionError):
         raise RequestError(400, f"messages[{i}]: tool call arguments of {name!r} are not JSON", "messages") from None
+    check_depth(args, "messages")
     if not isinstance(args, dict) or not all(isinstance(k, str) and k.isidentifier() for k in args):
         raise RequestError(400, f"messages[{i}]: tool call arguments must be an object of named values", "messages")
     return "```python\ntool_call(" + ", ".join(f"{k}={v!r}" for k, v in args.items()) + ")\n```"

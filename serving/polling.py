@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections import deque
@@ -17,8 +18,9 @@ class PollingQueue:
 
     At most `workers` generate at once (their steps interleave under the model lock) and `max_waiting` more wait.
     A finished result is kept `ttl` seconds after the client first read its final state, and never dropped
-    before; results nobody ever reads are dropped `abandon_ttl` seconds after finishing (None: kept).
-    All state is guarded by one condition variable.
+    before; results nobody ever reads are dropped `abandon_ttl` seconds after finishing (None: kept). Ids are
+    issued here, unguessable, unless the caller brings its own (the original protocol). `cancel` stops a request
+    waiting or running; `close` stops them all. All state is guarded by one condition variable.
     """
 
     BUSY, DUPLICATE, UNKNOWN = 100, 101, 102
@@ -38,20 +40,36 @@ class PollingQueue:
         for t in self.threads:
             t.start()
 
-    def submit(self, request_id: str, query: str, history: list, gen: dict) -> tuple[int, str]:
+    def submit(self, request_id: str | None, query: str, history: list, gen: dict) -> tuple[int, str, str]:
+        """Queue a request: (code, message, its id); a new unguessable id when `request_id` is None."""
         with self.cond:
             self._sweep()
+            request_id = request_id or secrets.token_urlsafe(18)
             old = self.entries.get(request_id)
             if old is not None and not old["is_finished"]:
-                return self.DUPLICATE, f"request_id {request_id!r} is still in process"
+                return self.DUPLICATE, f"request_id {request_id!r} is still in process", request_id
             if len(self.waiting) >= self.max_waiting + self.workers - self.running:
-                return self.BUSY, "busy now, try again later"
+                return self.BUSY, "busy now, try again later", request_id
             self.entries[request_id] = dict(query=query, history=history, gen=gen, response="", is_handled=False,
                                             is_finished=False, timestamp=time.time(), finished_at=None,
-                                            read_at=None, error=None, version=0)  # fmt: skip
+                                            read_at=None, error=None, version=0,
+                                            cancel=threading.Event())  # fmt: skip
             self.waiting.append(request_id)
             self.cond.notify_all()
-            return 0, "start process"
+            return 0, "start process", request_id
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request: taken off the queue, or its generation stopped at the next step. False if unknown."""
+        with self.cond:
+            e = self.entries.get(request_id)
+            if e is None:
+                return False
+            if not e["is_finished"]:
+                e["cancel"].set()
+                if request_id in self.waiting:
+                    self.waiting.remove(request_id)
+                    self._finish(e, "cancelled")
+            return True
 
     def poll(self, request_id: str) -> dict | None:
         """The public state of a request (None if unknown); reading a final state starts its TTL."""
@@ -96,6 +114,12 @@ class PollingQueue:
             return now - e["read_at"] >= self.ttl
         return self.abandon_ttl is not None and now - e["finished_at"] >= self.abandon_ttl
 
+    def _finish(self, e, error=None):
+        # Caller holds self.cond.
+        e.update(is_finished=True, finished_at=self.clock(), error=error, timestamp=time.time(),
+                 version=e["version"] + 1)  # fmt: skip
+        self.cond.notify_all()
+
     def _update(self, e, **changes):
         with self.cond:
             e.update(changes, timestamp=time.time(), version=e["version"] + 1)
@@ -114,16 +138,19 @@ class PollingQueue:
             error = None
             try:
                 stream = self.model.stream_chat(self.tokenizer, e["query"], e["history"], **e["gen"])
-                for response, history in locked_steps(self.model, stream):
+                for response, history in locked_steps(self.model, stream, e["cancel"]):
                     self._update(e, response=response, history=history)
             except Exception as ex:  # noqa: BLE001  (reported to the client, the worker goes on)
                 logger.exception("generation failed")
                 error = f"generation failed: {type(ex).__name__}: {ex}"
             with self.cond:
                 self.running -= 1
-                self._update(e, is_finished=True, finished_at=self.clock(), error=error)
+                self._finish(e, "cancelled" if e["cancel"].is_set() else error)
 
     def close(self):
+        """Stop: no new work is taken, and running generations stop at their next step."""
         with self.cond:
             self.closed = True
+            for e in self.entries.values():
+                e["cancel"].set()
             self.cond.notify_all()

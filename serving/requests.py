@@ -8,6 +8,9 @@ import time
 
 DEFAULT_MAX_BODY = 1 << 20  # bytes of a request body
 MAX_TEMPERATURE = 100.0
+MIN_TEMPERATURE = 1e-5  # a temperature below this samples as greedy decoding (dividing by 1e-300 overflows)
+MAX_DEPTH = 32  # nesting of JSON values the model reads: tool definitions, tool-call arguments
+MAX_TOOLS_CHARS = 256 * 1024  # the tool definitions as ChatGLM3's prompt renders them (json, indent 4)
 V3_ROLES = ("system", "user", "assistant", "observation")
 
 
@@ -129,9 +132,53 @@ def check_history(version: str, history) -> list:
         if item.get("tools") is not None:
             if role != "system" or not isinstance(item["tools"], list):
                 raise RequestError(400, f"history[{i}].tools must be a list on a system message", "history")
-            msg["tools"] = item["tools"]
+            msg["tools"] = check_tools(item["tools"], "history")
         out.append(msg)
     return out
+
+
+def check_depth(value, param: str, limit: int = MAX_DEPTH) -> None:
+    """RequestError 400 when lists/objects in `value` nest deeper than `limit` (walked without recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth >= limit:
+                raise RequestError(400, f"'{param}' nests lists/objects deeper than {limit} levels", param)
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+
+
+def check_tools(tools: list, param: str = "tools") -> list:
+    """ChatGLM3 tool definitions, bounded: nesting depth, and their size as the prompt renders them."""
+    check_depth(tools, param)
+    size = len(json.dumps(tools, indent=4, ensure_ascii=False))
+    if size > MAX_TOOLS_CHARS:
+        raise RequestError(400, f"'{param}': the tool definitions render to {size} characters in the prompt, more "
+                                f"than {MAX_TOOLS_CHARS}", param)  # fmt: skip
+    return tools
+
+
+def check_prompt(model, tokenizer, query: str, history: list, role: str = "user", gen: dict | None = None,
+                 requested_new: int | None = None) -> int:  # fmt: skip
+    """The prompt's length in tokens (as model.stream_chat builds it, tools block included), refused with 400 when
+    it leaves no room for a reply in the model's context or in max_length, or when prompt + `requested_new`
+    (tokens the client asked for) passes the context. A default max_new_tokens in `gen` is cut to fit."""
+    version = model.config.chatglm_version
+    n = int(model._chat_inputs(tokenizer, version, query, history, role, None)["input_ids"].shape[-1])
+    limit = context_length(model)
+    if n >= limit:
+        raise RequestError(400, f"the prompt (query and history) is {n} tokens; this model's context is {limit} "
+                                "tokens: shorten it", "messages")  # fmt: skip
+    gen = gen if gen is not None else {}
+    if gen.get("max_length") is not None and n >= gen["max_length"]:
+        raise RequestError(400, f"the prompt (query and history) is {n} tokens, 'max_length' {gen['max_length']} "
+                                "leaves no room for a reply", "max_length")  # fmt: skip
+    if requested_new is not None and n + requested_new > limit:
+        raise RequestError(400, f"this model's context is {limit} tokens; the prompt is {n} and 'max_tokens' asks "
+                                f"for {requested_new} more", "max_tokens")  # fmt: skip
+    if gen.get("max_new_tokens") and n + gen["max_new_tokens"] > limit:
+        gen["max_new_tokens"] = limit - n
+    return n
 
 
 def context_length(model) -> int:
@@ -142,7 +189,7 @@ def context_length(model) -> int:
 
 def generation_kwargs(model, max_length=None, top_p=None, temperature=None, max_temperature=MAX_TEMPERATURE) -> dict:
     """Checked chat() arguments; None keeps the model's default (for the built-in tiny model, the
-    `default_max_new_tokens` its loader set). temperature 0 means greedy decoding."""
+    `default_max_new_tokens` its loader set). temperature 0 (or under MIN_TEMPERATURE, 1e-5) means greedy decoding."""
     gen = {}
     if max_length is None and getattr(model, "default_max_new_tokens", None):
         gen["max_new_tokens"] = model.default_max_new_tokens
@@ -158,7 +205,7 @@ def generation_kwargs(model, max_length=None, top_p=None, temperature=None, max_
     if temperature is not None:
         if not _finite(temperature) or not 0 <= temperature <= max_temperature:
             raise RequestError(400, f"'temperature' must be a number from 0 to {max_temperature:g}", "temperature")
-        if temperature == 0:
+        if temperature < MIN_TEMPERATURE:
             gen["do_sample"] = False  # greedy: what a temperature going to 0 tends to
         else:
             gen["temperature"] = float(temperature)

@@ -47,10 +47,10 @@ def locked_steps(model, iterator, cancel: threading.Event | None = None) -> Iter
         free_cuda_cache(model)
 
 
-def last_step(model, iterator):
-    """The final item of a locked stream (the whole reply of a non-streaming request)."""
+def last_step(model, iterator, cancel: threading.Event | None = None):
+    """The final item of a locked stream (the whole reply of a non-streaming request); stops on `cancel`."""
     item = None
-    for item in locked_steps(model, iterator):  # noqa: B007
+    for item in locked_steps(model, iterator, cancel):  # noqa: B007
         pass
     return item
 
@@ -79,6 +79,10 @@ def check_batch_args(parser, args) -> None:
         parser.error("--max-batch must be >= 1 and --max-waiting >= 0")
 
 
+class ClientGone(Exception):
+    """The client disconnected before its reply was ready; its work was cancelled."""
+
+
 class AsyncRunner:
     """Worker threads for an async app: `concurrency` generations at once, `max_waiting` more queued, 503 beyond."""
 
@@ -86,9 +90,12 @@ class AsyncRunner:
         if concurrency < 1 or max_waiting < 0:
             raise ValueError("concurrency must be >= 1 and max_waiting >= 0")
         self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="chatglm-gen")
+        # request checks that tokenize (a 1 MB prompt takes about a second): off the event loop, beside generation
+        self.checker = ThreadPoolExecutor(max_workers=2, thread_name_prefix="chatglm-check")
         self.capacity = concurrency + max_waiting
         self._lock = threading.Lock()
         self.active = 0  # admitted and not done (running or waiting)
+        self._cancels: set[threading.Event] = set()  # of the work admitted and not done: close() sets them all
 
     def _submit(self, fn):
         with self._lock:
@@ -107,12 +114,37 @@ class AsyncRunner:
         with self._lock:
             self.active -= 1
 
-    async def run(self, fn):
-        """fn() on a worker thread; the event loop keeps serving meanwhile. A full engine is a 503."""
+    async def run(self, fn: Callable[[threading.Event], object], request=None, poll: float = 0.25):
+        """fn(cancel) on a worker thread; the event loop keeps serving meanwhile. A full engine is a 503.
+
+        When the client of `request` (a Starlette request) disconnects, or the task is cancelled (shutdown),
+        `cancel` is set, so the generation stops at its next step, and ClientGone is raised.
+        """
+        cancel = self._cancel_event()
+        fut = self._submit(lambda: fn(cancel))
+        waiter = asyncio.wrap_future(fut)
         try:
-            return await asyncio.wrap_future(self._submit(fn))
+            while not waiter.done():
+                await asyncio.wait({waiter}, timeout=poll)
+                if not waiter.done() and request is not None and await request.is_disconnected():
+                    raise ClientGone
+            return waiter.result()
         except EngineBusy as e:
             raise RequestError(503, f"server busy: {e}") from None
+        finally:
+            if not waiter.done():
+                cancel.set()
+                fut.cancel()  # not started yet: never starts
+            self._cancels.discard(cancel)
+
+    def _cancel_event(self) -> threading.Event:
+        cancel = threading.Event()
+        self._cancels.add(cancel)
+        return cancel
+
+    async def check(self, fn):
+        """fn() on a checker thread (request checks that take time), without holding a generation slot."""
+        return await asyncio.wrap_future(self.checker.submit(fn))
 
     def stream(self, events: Callable[[threading.Event], Iterator]):
         """Start events(cancel) on a worker thread now (503 if full); return an async iterator of its items.
@@ -121,7 +153,7 @@ class AsyncRunner:
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
+        cancel = self._cancel_event()
 
         def put(kind, value):
             try:
@@ -154,8 +186,13 @@ class AsyncRunner:
             finally:
                 cancel.set()
                 fut.cancel()  # not started yet: never starts
+                self._cancels.discard(cancel)
 
         return items()
 
     def close(self):
+        """Stop: queued work never starts, running generations stop at their next step."""
+        for cancel in list(self._cancels):
+            cancel.set()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.checker.shutdown(wait=False, cancel_futures=True)

@@ -624,7 +624,7 @@ def test_stream_api_queue_states_codes_and_ttl(tiny):
     model, tok = tiny["v2"]
     gated = Gated(model)
     ttl = 1.0  # long enough that a loaded machine reads a result back in time (right after it is first read)
-    app = stream_api.create_app(gated, tok, workers=1, max_waiting=1, ttl=ttl)
+    app = stream_api.create_app(gated, tok, workers=1, max_waiting=1, ttl=ttl, client_ids=True)
     client = app.test_client()
     try:
         gen = {"max_length": 40, "temperature": 0}
@@ -662,7 +662,7 @@ def test_stream_api_queue_states_codes_and_ttl(tiny):
 
 def test_stream_api_keeps_unread_results_past_the_ttl(tiny):
     model, tok = tiny["v2"]
-    app = stream_api.create_app(model, tok, workers=1, max_waiting=2, ttl=0.1)
+    app = stream_api.create_app(model, tok, workers=1, max_waiting=2, ttl=0.1, client_ids=True)
     client = app.test_client()
     queue = app.extensions["chatglm_queue"]
     try:
@@ -677,7 +677,7 @@ def test_stream_api_keeps_unread_results_past_the_ttl(tiny):
 
 
 def test_stream_api_idle_workers_take_requests_without_a_waiting_queue(tiny):
-    app = stream_api.create_app(*tiny["v2"], workers=1, max_waiting=0)
+    app = stream_api.create_app(*tiny["v2"], workers=1, max_waiting=0, client_ids=True)
     client = app.test_client()
     try:
         assert post(client, "/chat", {"request_id": "x", "query": "hi", "max_length": 30})["code"] == 0
@@ -692,7 +692,7 @@ def test_stream_api_concurrent_requests_are_not_mixed(tiny):
     model, tok = tiny["v2"]
     queries = {f"id-{i}": q for i, q in enumerate(["你好", "今天天气", "写一首诗", "hello", "1+1=?", "再见"])}
     want = {rid: expected(model, tok, q, max_length=40)[0] for rid, q in queries.items()}
-    app = stream_api.create_app(model, tok, workers=3, max_waiting=8)
+    app = stream_api.create_app(model, tok, workers=3, max_waiting=8, client_ids=True)
     client = app.test_client()
     try:
         with ThreadPoolExecutor(len(queries)) as pool:
@@ -723,7 +723,7 @@ def test_stream_api_concurrent_requests_are_not_mixed(tiny):
     (b'{"request_id": "a", "query": "' + b"x" * 4096 + b'"}', 413, "larger than"),
 ])  # fmt: skip
 def test_stream_api_rejects_bad_requests(tiny, body, status, message):
-    app = stream_api.create_app(*tiny["v2"], max_body_bytes=2048)
+    app = stream_api.create_app(*tiny["v2"], max_body_bytes=2048, client_ids=True)
     try:
         r = app.test_client().post("/chat", data=body, content_type="application/json")
         assert r.status_code == status and message in r.get_json()["msg"]
@@ -733,7 +733,7 @@ def test_stream_api_rejects_bad_requests(tiny, body, status, message):
 
 def test_stream_api_server_sent_events(tiny):
     model, tok = tiny["v2"]
-    app = stream_api.create_app(model, tok, workers=1)
+    app = stream_api.create_app(model, tok, workers=1, client_ids=True)
     client = app.test_client()
     try:
         post(client, "/chat", {"request_id": "s", "query": "讲个故事", "max_length": 40, "temperature": 0})
@@ -751,7 +751,7 @@ def test_stream_api_server_sent_events(tiny):
 
 
 def test_stream_api_answers_every_http_error_in_json(tiny):
-    app = stream_api.create_app(*tiny["v2"])
+    app = stream_api.create_app(*tiny["v2"], client_ids=True)
     try:
         client = app.test_client()
         for method, path, status in (("get", "/chat", 405), ("get", "/get_response", 405), ("get", "/nope", 404)):
@@ -816,7 +816,7 @@ def test_servers_keep_the_tiny_models_replies_short(capsys):
     with TestClient(openai_api.create_app(spy, tokenizer)) as client:
         client.post("/v1/chat/completions", json={"messages": messages})
         client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 7})
-    app = stream_api.create_app(spy, tokenizer)
+    app = stream_api.create_app(spy, tokenizer, client_ids=True)
     try:
         client = app.test_client()
         assert post(client, "/chat", {"request_id": "t", "query": "hi", "history": []})["code"] == 0
