@@ -15,7 +15,7 @@ import argparse
 import logging
 
 from serving.api import create_app
-from serving.requests import add_server_args
+from serving.requests import add_server_args, allowed_hosts
 from serving.workers import add_batch_args, check_batch_args
 
 __all__ = ["create_app", "main"]
@@ -28,13 +28,16 @@ def main(argv=None):
     add_model_args(parser)
     add_server_args(parser, port=8000)
     add_batch_args(parser)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"],
+                        help="info (default) logs each reply's size; debug also its prompt and text")  # fmt: skip
     args = parser.parse_args(argv)
     check_batch_args(parser, args)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="%(message)s")
     model, tokenizer = load_or_exit(args)
     import uvicorn
 
-    app = create_app(model, tokenizer, args.max_body_bytes, max_waiting=args.max_waiting, max_batch=args.max_batch)
+    app = create_app(model, tokenizer, args.max_body_bytes, max_waiting=args.max_waiting, max_batch=args.max_batch,
+                     allowed_hosts=allowed_hosts(args.host, args.allow_host))  # fmt: skip
     # On SIGINT/SIGTERM: 3 s for replies to finish, then running generations are cancelled.
     uvicorn.run(app, host=args.host, port=args.port, workers=1, timeout_graceful_shutdown=3)
 

@@ -17,7 +17,7 @@ ChatGLM-6B / ChatGLM2-6B put a leading system message before the last user messa
 import argparse
 
 from serving.openai_api import create_app
-from serving.requests import add_server_args
+from serving.requests import add_server_args, allowed_hosts
 from serving.workers import add_batch_args, check_batch_args
 
 __all__ = ["create_app", "main"]
@@ -37,7 +37,7 @@ def main(argv=None):
     import uvicorn
 
     app = create_app(model, tokenizer, args.model_name, args.max_body_bytes, max_waiting=args.max_waiting,
-                     max_batch=args.max_batch)  # fmt: skip
+                     max_batch=args.max_batch, allowed_hosts=allowed_hosts(args.host, args.allow_host))  # fmt: skip
     # On SIGINT/SIGTERM: 3 s for replies to finish, then running generations are cancelled.
     uvicorn.run(app, host=args.host, port=args.port, workers=1, timeout_graceful_shutdown=3)
 

@@ -16,7 +16,7 @@ reads it. Malformed requests get HTTP 400/413 with a "msg"; a prompt longer than
 
 import argparse
 
-from serving.requests import add_server_args
+from serving.requests import add_server_args, allowed_hosts
 from serving.stream_api import create_app
 
 __all__ = ["create_app", "main"]
@@ -44,7 +44,8 @@ def main(argv=None):
         parser.error("--workers and --max-event-streams must be >= 1; --queue-size, --ttl, --unread-ttl >= 0")
     model, tokenizer = load_or_exit(args)
     app = create_app(model, tokenizer, args.workers, args.queue_size, args.ttl, args.unread_ttl,
-                     args.max_body_bytes, args.client_ids, args.max_event_streams)  # fmt: skip
+                     args.max_body_bytes, args.client_ids, args.max_event_streams,
+                     allowed_hosts(args.host, args.allow_host))  # fmt: skip
     app.run(host=args.host, port=args.port, threaded=True)
 
 

@@ -4,6 +4,7 @@ never need taking back, and the non-streaming answer is the same deltas joined, 
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Iterator
 
@@ -13,6 +14,7 @@ from .workers import locked_steps
 
 TIME_MARKER = "[[训练时间]]"  # the originals' process_response rewrites it: never stream half of it
 V1_PUNCT = ",!:;?"  # v1 turns these into full-width ones depending on the *next* character
+TOOL_NAME = re.compile(r"[A-Za-z_][\w.\-]*|", re.ASCII)  # what a ChatGLM3 metadata line (a tool's name) may be
 
 
 class TokenRecorder:
@@ -68,7 +70,8 @@ def chat_events(model, tokenizer, query: str, history: list, role: str = "user",
                 stops=(), tools: bool = False, cancel: threading.Event | None = None) -> Iterator[dict]:  # fmt: skip
     """Run one chat and yield {"content": delta}, then maybe {"tool_call": {"name", "arguments"}}, then
     {"finish_reason", "usage"}. Deltas are only sent once no later token can change them, so joining them gives
-    the final text; a ChatGLM3 reply is held until its first line says whether it is text or a tool call."""
+    the final text. With `tools` a ChatGLM3 reply is held until its first line says whether it is text or a tool
+    call; without, only while that line could still be a tool's name."""
     version = model.config.chatglm_version
     gen = dict(gen or {})
     rec = TokenRecorder()
@@ -77,9 +80,12 @@ def chat_events(model, tokenizer, query: str, history: list, role: str = "user",
     sent, response, stopped, first_line = "", None, False, version != "v3"
     for response, _ in locked_steps(model, stream, cancel):
         if not first_line and isinstance(response, str):
-            first_line = "\n" in tokenizer.decode(rec.ids)
+            # ChatGLM3's first line: plain text, or the name of a tool? With tools offered, held until it ends;
+            # without, only while it could still be a name (a plain reply streams token by token)
+            line = tokenizer.decode(rec.ids)
+            first_line = "\n" in line or not (tools or TOOL_NAME.fullmatch(line.strip()))
             if not first_line:
-                continue  # ChatGLM3's metadata line is not finished: plain text, or the name of a tool?
+                continue
         if isinstance(response, dict):
             if tools:
                 continue  # a tool call: sent whole at the end

@@ -19,6 +19,7 @@ from .events import chat_events
 from .openai_messages import openai_to_chat
 from .requests import (
     DEFAULT_MAX_BODY,
+    HostGuard,
     RequestError,
     check_prompt,
     check_tools,
@@ -100,10 +101,11 @@ def _validation_message(e: ValidationError) -> tuple[str, str | None]:
 
 
 def create_app(model, tokenizer, model_name: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
-               concurrency: int = 1, max_waiting: int = 64, max_batch: int = 8) -> FastAPI:  # fmt: skip
+               concurrency: int = 1, max_waiting: int = 64, max_batch: int = 8, allowed_hosts=None) -> FastAPI:  # fmt: skip
     """The app around a loaded model. With max_batch > 1 the model's engine (chatglm/engine.py) batches up to
     max_batch requests together; else generation runs on `concurrency` threads one step at a time. `max_waiting`
-    more requests may queue; beyond that, 503 with Retry-After."""
+    more requests may queue; beyond that, 503 with Retry-After. `allowed_hosts` (serving.requests.allowed_hosts;
+    None: any) are the Host headers served."""
     version = model.config.chatglm_version
     model_name = model_name or MODEL_NAMES[version]
     batched, concurrency = use_engine(model, max_batch, max_waiting, concurrency)
@@ -125,6 +127,8 @@ def create_app(model, tokenizer, model_name: str | None = None, max_body_bytes: 
         kind = "server_busy" if e.status == 503 else "invalid_request_error"
         headers = {"Retry-After": "1"} if e.status == 503 else None
         return JSONResponse(error_body(e.message, kind, e.param), status_code=e.status, headers=headers)
+
+    app.add_middleware(HostGuard, allowed=allowed_hosts, refuse=refused)
 
     @app.exception_handler(ClientGone)
     async def gone(request: Request, e: ClientGone):  # nobody reads this: the client closed the connection

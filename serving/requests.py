@@ -222,8 +222,58 @@ def add_server_args(parser, port: int):
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
     g.add_argument("--port", type=int, default=port, help=f"port (default {port})")
     g.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, help="largest request body accepted")
+    g.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a Host header to accept besides localhost and the bound address (repeatable; '*': any). "
+                        "Other Hosts are refused, against DNS rebinding; a server bound to 0.0.0.0 or :: accepts "
+                        "any")  # fmt: skip
     return g
+
+
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+WILDCARD_BINDS = frozenset({"0.0.0.0", "::", ""})
+
+
+def allowed_hosts(bind: str, extra=()) -> frozenset | None:
+    """Host header names a server bound to `bind` accepts (None: any): localhost, the bound address, `extra`."""
+    extra = {h.lower().strip("[]") for h in extra}
+    if bind in WILDCARD_BINDS or "*" in extra:
+        return None
+    return LOCAL_HOSTS | {bind.lower().strip("[]")} | extra
+
+
+def check_host(header: str | None, allowed: frozenset | None) -> None:
+    """RequestError 400 unless the Host header (name, optional port) is one of `allowed` (None: any)."""
+    if allowed is None:
+        return
+    host = (header or "").strip().lower()
+    name = (
+        host[1 : host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    )
+    if name not in allowed:
+        raise RequestError(400, f"Host {header!r} is not served here (DNS rebinding guard); start the server with "
+                                f"--allow-host {name or 'NAME'} to accept it")  # fmt: skip
 
 
 def now_string() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+
+
+class HostGuard:
+    """ASGI middleware refusing requests whose Host header is not `allowed` (check_host) with `refuse(request,
+    error)`, an async app's RequestError handler. Plain ASGI: an endpoint still sees its client disconnect."""
+
+    def __init__(self, app, allowed: frozenset | None, refuse):
+        self.app, self.allowed, self.refuse = app, allowed, refuse
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.allowed is not None:
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            try:
+                check_host(host, self.allowed)
+            except RequestError as e:
+                from starlette.requests import Request
+
+                response = await self.refuse(Request(scope, receive), e)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -13,6 +13,7 @@ from .requests import (
     DEFAULT_MAX_BODY,
     RequestError,
     check_history,
+    check_host,
     check_prompt,
     field,
     generation_kwargs,
@@ -29,12 +30,13 @@ CLIENT_IDS_HELP = (
 
 def create_app(model, tokenizer, workers: int = 4, max_waiting: int = 16, ttl: float = 600.0,
                abandon_ttl: float | None = 600.0, max_body_bytes: int = DEFAULT_MAX_BODY, client_ids: bool = False,
-               max_event_streams: int = 32) -> Flask:  # fmt: skip
+               max_event_streams: int = 32, allowed_hosts=None) -> Flask:  # fmt: skip
     """The app around a loaded model: `workers` replies generated at once (batched together by the model's engine,
     chatglm/engine.py, when workers > 1), `max_waiting` more queued. A reply is kept `ttl` seconds after it was
     first read, `abandon_ttl` seconds after it finished if never read. Request ids are issued by the server unless
     `client_ids` (the original protocol, where any client that knows or guesses an id reads that reply). At most
-    `max_event_streams` /events streams are open at once."""
+    `max_event_streams` /events streams are open at once. `allowed_hosts` (serving.requests.allowed_hosts; None:
+    any) are the Host headers served."""
     use_engine(model, workers, max_waiting, workers)
     queue = PollingQueue(model, tokenizer, workers, max_waiting, ttl, abandon_ttl)
     version = model.config.chatglm_version
@@ -52,6 +54,10 @@ def create_app(model, tokenizer, workers: int = 4, max_waiting: int = 16, ttl: f
     def http_error(e: HTTPException):  # 404, 405 (a GET on a POST route), ...: JSON like every other error
         allow = getattr(e, "valid_methods", None)
         return {"code": e.code, "msg": e.description}, e.code, {"Allow": ", ".join(allow)} if allow else {}
+
+    @app.before_request
+    def host_guard():
+        check_host(request.headers.get("Host"), allowed_hosts)
 
     def body() -> dict:
         # Read here, not through MAX_CONTENT_LENGTH, which cuts a chunked body at the limit without a word.

@@ -6,6 +6,7 @@ client) on the tiny checkpoints, as test_servers.py does.
 
 import http.client
 import json
+import logging
 import os
 import signal
 import socket
@@ -27,7 +28,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 import api  # noqa: E402
 import openai_api  # noqa: E402
 import stream_api  # noqa: E402
-from serving.requests import MAX_DEPTH, context_length  # noqa: E402
+from serving.requests import MAX_DEPTH, RequestError, allowed_hosts, check_host, context_length  # noqa: E402
 
 from .conftest import REPO  # noqa: E402
 from .test_servers import TIMEOUT, TOOLS, Gated, Scripted, expected, serve, until  # noqa: E402
@@ -336,6 +337,12 @@ def test_sigterm_stops_running_work_and_the_server_exits_in_seconds(tiny_dirs, t
             "stream_api.py": ("/chat", {"query": "写一篇长文", "max_length": 8000}),
         }[script]  # fmt: skip
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+        # the real server guards its Host header (DNS rebinding)
+        conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json",
+                                                                   "Host": f"rebind.evil.example:{port}"})  # fmt: skip
+        assert conn.getresponse().status == 400
+        conn.close()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
         conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
         if script == "stream_api.py":
             assert json.loads(conn.getresponse().read())["code"] == 0
@@ -356,3 +363,70 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# --- Host header, logs, v3 streaming --------------------------------------------------------------------------
+
+
+def test_allowed_hosts():
+    assert allowed_hosts("0.0.0.0") is None and allowed_hosts("::") is None
+    assert allowed_hosts("127.0.0.1", ["*"]) is None
+    local = allowed_hosts("127.0.0.1", ["Chat.Example"])
+    for ok in ("localhost", "localhost:8000", "127.0.0.1:8000", "[::1]:8000", "chat.example:80", "LOCALHOST"):
+        check_host(ok, local)
+    for bad in ("evil.example", "evil.example:8000", "127.0.0.2", "", None, "localhost.evil.example"):
+        with pytest.raises(RequestError) as e:
+            check_host(bad, local)
+        assert e.value.status == 400 and "--allow-host" in e.value.message
+
+
+def test_servers_refuse_a_foreign_host_header(tiny):
+    model, tok = tiny["v2"]
+    hosts = allowed_hosts("127.0.0.1")
+    body = {"prompt": "你好", "max_length": 60}
+    with TestClient(api.create_app(model, tok, allowed_hosts=hosts)) as client:
+        r = client.post("/", json=body, headers={"Host": "rebind.evil.example:8000"})
+        assert r.status_code == 400 and "--allow-host rebind.evil.example" in r.json()["detail"]
+        assert client.post("/", json=body, headers={"Host": "localhost:8000"}).status_code == 200
+    with TestClient(openai_api.create_app(model, tok, allowed_hosts=hosts)) as client:
+        r = client.get("/v1/models", headers={"Host": "rebind.evil.example"})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+        assert client.get("/v1/models", headers={"Host": "127.0.0.1:8000"}).status_code == 200
+    app = stream_api.create_app(model, tok, allowed_hosts=hosts)
+    with app.test_client() as client:
+        r = client.post("/chat", json={"query": "x"}, headers={"Host": "rebind.evil.example"})
+        assert r.status_code == 400 and "DNS rebinding" in r.get_json()["msg"]
+        assert client.post("/chat", json={"query": "x", "max_length": 20}).status_code == 200  # Host: localhost
+
+
+def test_api_logs_no_conversation_text_at_info(tiny, caplog):
+    model, tok = tiny["v2"]
+    with caplog.at_level(logging.INFO, logger="api"), TestClient(api.create_app(model, tok)) as client:
+        r = client.post("/", json={"prompt": "秘密的问题", "max_length": 30, "temperature": 0})
+    reply = r.json()["response"]
+    logged = "\n".join(rec.getMessage() for rec in caplog.records if rec.name == "api")
+    assert "characters" in logged and "秘密的问题" not in logged and (not reply or reply not in logged)
+
+
+def content_chunks(client, body):
+    r = client.post("/v1/chat/completions", json=dict(body, stream=True))
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    return [
+        c["choices"][0]["delta"]["content"] for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")
+    ]
+
+
+def test_v3_plain_reply_streams_token_by_token_and_holds_only_for_tools(tiny):
+    model, tok = tiny["v3"]
+    text = "Hello there, this is a plain reply in several words"
+    body = {"messages": [{"role": "user", "content": "x"}]}
+    with TestClient(openai_api.create_app(Scripted(model, tok, text), tok)) as client:
+        chunks = content_chunks(client, body)
+        assert "".join(chunks) == text and len(chunks) >= 5, chunks
+        with_tools = content_chunks(client, dict(body, tools=TOOLS))  # a text reply, held until its line ends
+        assert "".join(with_tools) == text and len(with_tools) == 1
+    # without tools, a reply whose first line may be a tool's name is held until the line ends, then is text
+    call = "get_weather\n```python\ntool_call(city='x')\n```"
+    with TestClient(openai_api.create_app(Scripted(model, tok, call), tok)) as client:
+        plain = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        assert "".join(content_chunks(client, body)) == plain
