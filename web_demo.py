@@ -2,10 +2,12 @@
 
 Behaves like THUDM/ChatGLM-6B and ChatGLM2-6B web_demo.py: the chat, an input box with Submit, "Clear History",
 and Maximum length / Top P / Temperature sliders starting at each generation's defaults; the reply streams in,
-rendered as markdown with code blocks and LaTeX. Every browser session has its own history (and, for ChatGLM2/3,
-its own KV cache); one reply is generated at a time, the others wait in Gradio's queue.
+rendered as markdown with code blocks and LaTeX. Every browser session has its own history. Up to --max-batch
+replies (default 4) are generated together by the model's engine (chatglm/engine.py), which keeps each
+conversation's keys between turns, so a follow-up prefills only its new tokens; more wait in Gradio's queue.
+--max-batch 1 generates one reply at a time, each session keeping its own KV cache, as the original.
 
-    python web_demo.py [--host 127.0.0.1] [--port 7860] [--share] [--model-path DIR | MODEL_PATH=DIR] ...
+    python web_demo.py [--host 127.0.0.1] [--port 7860] [--share] [--max-batch 4] [--model-path DIR | MODEL_PATH=DIR]
 
 Model options are those of utils.add_model_args; with no model it runs the built-in tiny random model.
 """
@@ -34,9 +36,15 @@ def show(response) -> str:
     return response if isinstance(response, str) else f"```json\n{json.dumps(response, ensure_ascii=False)}\n```"
 
 
-def build_demo(model, tokenizer, max_length: int | None = None) -> gr.Blocks:
-    """The page for one loaded model; `max_length` overrides the slider's starting value."""
+def build_demo(model, tokenizer, max_length: int | None = None, max_batch: int = 1) -> gr.Blocks:
+    """The page for one loaded model; `max_length` overrides the slider's starting value. With max_batch > 1 the
+    model gets an engine (chatglm/engine.py) that generates up to that many replies together."""
     version = model.config.chatglm_version
+    if max_batch > 1:
+        from chatglm.engine import attach
+
+        attach(model, max_batch=max_batch)
+    batched = getattr(model, "engine", None) is not None
     d_len, d_top_p, d_temp = DEFAULTS[version]
 
     def take_input(text, chatbot):  # show the message at once and empty the box, before waiting in the queue
@@ -54,7 +62,7 @@ def build_demo(model, tokenizer, max_length: int | None = None) -> gr.Blocks:
             gr.Warning(f"The message was {len(ids)} tokens long: only its first {limit} were sent to the model.")
         chatbot = chatbot + [{"role": "assistant", "content": ""}]
         gen = dict(history=history, max_length=int(max_length), top_p=top_p, temperature=temperature)
-        if version == "v1":  # ChatGLM-6B re-reads the whole conversation every turn
+        if version == "v1" or batched:  # the whole conversation (the engine reuses the keys it kept)
             stream = ((r, h, None) for r, h in model.stream_chat(tokenizer, query, **gen))
         else:
             stream = model.stream_chat(tokenizer, query, past_key_values=past, return_past_key_values=True, **gen)
@@ -96,7 +104,7 @@ def build_demo(model, tokenizer, max_length: int | None = None) -> gr.Blocks:
             predict,
             [pending, chatbot, length, top_p, temperature, history, past],
             [chatbot, history, past],
-            concurrency_limit=1,  # one generation at a time, across all users
+            concurrency_limit=max(1, getattr(getattr(model, "engine", None), "max_batch", 1)),  # across all users
             concurrency_id="model",
         )
         clear.click(lambda: ([], [], None), None, [chatbot, history, past], queue=False, cancels=[reply])
@@ -113,11 +121,16 @@ def main(argv=None) -> int:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also publish through a public gradio.live link")
     parser.add_argument("--max-length", type=int, default=None, help="the Maximum length slider's starting value")
+    parser.add_argument("--max-batch", type=int, default=4,
+                        help="replies generated together when several tabs chat (default 4; 1: one at a time, "
+                             "as the original)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.max_batch < 1:
+        parser.error("--max-batch must be >= 1")
     model, tokenizer = load_or_exit(args)
     if not args.model_path and args.max_length is None:
         args.max_length = TINY_MAX_NEW_TOKENS
-    demo = build_demo(model, tokenizer, max_length=args.max_length)
+    demo = build_demo(model, tokenizer, max_length=args.max_length, max_batch=args.max_batch)
     # quiet: Gradio's own banner says to edit `share=True` into the code; --share is how here
     print(f"Running on http://{args.host}:{args.port}" + ("" if args.share else " (--share also publishes a public "
           "gradio.live link)"), flush=True)  # fmt: skip

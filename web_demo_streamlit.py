@@ -2,8 +2,10 @@
 
 Behaves like THUDM/ChatGLM3 basic_demo/web_demo_streamlit.py, for all three generations: the conversation as
 chat messages, a chat input box, sidebar sliders max_length / top_p / temperature starting at each generation's
-defaults and a button that clears the history; the reply streams in. ChatGLM2/3 continue from the KV cache between
-turns. The model is loaded once per server process and generates one reply at a time.
+defaults and a button that clears the history; the reply streams in. The model is loaded once per server process;
+up to --max-batch replies (default 4) of the sessions chatting at once are generated together by its engine
+(chatglm/engine.py), which keeps each conversation's keys between turns. With --max-batch 1 one reply is
+generated at a time and ChatGLM2/3 continue from each session's KV cache, as the original.
 
     streamlit run web_demo_streamlit.py [-- --model-path DIR --device cpu ...]   (or MODEL_PATH=DIR, DEVICE=cpu)
 
@@ -11,12 +13,14 @@ Model options are those of utils.add_model_args; with no model it runs the built
 """
 
 import argparse
+import contextlib
 import json
 import sys
 import threading
 
 import streamlit as st
 
+from chatglm.engine import attach
 from utils import TINY_MAX_NEW_TOKENS, add_model_args, load_from_args
 
 NAMES = {"v1": "ChatGLM-6B", "v2": "ChatGLM2-6B", "v3": "ChatGLM3-6B"}
@@ -30,8 +34,11 @@ def get_model():
     """(model, tokenizer, arguments), loaded once and shared by every session."""
     parser = add_model_args(argparse.ArgumentParser(allow_abbrev=False))
     parser.add_argument("--max-length", type=int, default=None, help="the max_length slider's starting value")
+    parser.add_argument("--max-batch", type=int, default=4, help="replies generated together (default 4)")
     args, _ = parser.parse_known_args(sys.argv[1:])  # what follows `--` on the streamlit command line
     model, tokenizer = load_from_args(args)
+    if args.max_batch > 1:
+        attach(model, max_batch=args.max_batch)
     if not args.model_path and args.max_length is None:
         args.max_length = TINY_MAX_NEW_TOKENS
     return model, tokenizer, args
@@ -39,7 +46,7 @@ def get_model():
 
 @st.cache_resource
 def generation_lock():
-    return threading.Lock()  # one generation at a time: the model is shared by all sessions
+    return threading.Lock()  # without an engine, one generation at a time: the model is shared by all sessions
 
 
 def show(response) -> str:
@@ -95,8 +102,9 @@ if query and query.strip():
         st.warning(f"The message was {len(ids)} tokens long: only its first {limit} were sent to the model.")
     history, past = st.session_state.history, st.session_state.past_key_values
     gen = dict(history=history, max_length=max_length, top_p=top_p, temperature=temperature)
-    with generation_lock():
-        if version == "v1":  # ChatGLM-6B re-reads the whole conversation every turn
+    batched = getattr(model, "engine", None) is not None  # it batches the sessions' replies: no lock
+    with contextlib.nullcontext() if batched else generation_lock():
+        if version == "v1" or batched:  # the whole conversation (the engine reuses the keys it kept)
             stream = ((r, h, None) for r, h in model.stream_chat(tokenizer, query, **gen))
         else:
             stream = model.stream_chat(tokenizer, query, past_key_values=past, return_past_key_values=True, **gen)

@@ -5,17 +5,20 @@
         ...
 
 `response` is the text so far, or a dict `{"name", "parameters"}` / `{"name", "content"}` once the reply is a tool
-or interpreter call (chatglm.generation.process_response). One generation runs at a time per process: the model is
-shared by every browser session.
+or interpreter call (chatglm.generation.process_response). The model is shared by every browser session: its
+engine (chatglm/engine.py, `--max-batch`, default 4) generates the replies of sessions chatting at once together;
+with --max-batch 1 one generation runs at a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import threading
 from collections.abc import Callable, Iterator
 
+from chatglm.engine import attach
 from utils import NAMES, add_model_args, load_from_args
 
 GENERATION_KEYS = ("top_p", "temperature", "repetition_penalty", "max_new_tokens")
@@ -47,7 +50,8 @@ class Client:
             kwargs.pop("temperature", None)  # temperature 0 (or top_p 0) means: always the most likely token
             kwargs.pop("top_p", None)
             kwargs["do_sample"] = False
-        with self.lock:
+        batched = getattr(self.model, "engine", None) is not None  # it batches the sessions' replies: no lock
+        with contextlib.nullcontext() if batched else self.lock:
             yield from self.model.stream_chat(self.tokenizer, query, history=history, role=role, **kwargs)
 
 
@@ -65,7 +69,10 @@ def create_client(argv: list[str] | None = None) -> Client:
     if _factory is not None:
         return _factory()
     parser = add_model_args(argparse.ArgumentParser(prog="composite_demo", allow_abbrev=False))
+    parser.add_argument("--max-batch", type=int, default=4, help="replies generated together (default 4)")
     args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     args.tiny_version = "v3"  # this demo is ChatGLM3's
     model, tokenizer = load_from_args(args)
+    if args.max_batch > 1:
+        attach(model, max_batch=args.max_batch)
     return Client(model, tokenizer, tiny=not args.model_path)

@@ -6,8 +6,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
@@ -181,15 +183,15 @@ def test_streamlit_demo_in_a_browser(browser, tiny_dirs, tmp_path):
         stop_server(proc)
 
 
-@pytest.mark.parametrize("version", ["v1", "v3"])
-def test_streamlit_demo_with_apptest(tiny_dirs, tmp_path, monkeypatch, version):
+@pytest.mark.parametrize("version,max_batch", [("v1", "4"), ("v3", "4"), ("v3", "1")])
+def test_streamlit_demo_with_apptest(tiny_dirs, tmp_path, monkeypatch, version, max_batch):
     import streamlit as st
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("MODEL_PATH", str(tiny_dirs[version]))
     monkeypatch.setattr(settings, "model_cache", str(tmp_path))
     monkeypatch.setenv("DEVICE", "cpu")
-    monkeypatch.setattr(sys, "argv", ["web_demo_streamlit.py"])  # not pytest's arguments
+    monkeypatch.setattr(sys, "argv", ["web_demo_streamlit.py", "--max-batch", max_batch])  # not pytest's arguments
     st.cache_resource.clear()  # the model is cached per process: load this test's one
     try:
         at = AppTest.from_file(str(REPO / "web_demo_streamlit.py"), default_timeout=60).run()
@@ -206,8 +208,8 @@ def test_streamlit_demo_with_apptest(tiny_dirs, tmp_path, monkeypatch, version):
         assert at.chat_message[0].markdown[0].value == "你好"
         assert at.chat_message[2].markdown[0].value == "再说一遍"
         assert len(at.session_state["history"]) == (2 if version == "v1" else 4)
-        if version != "v1":
-            assert at.session_state["past_key_values"] is not None  # the next turn continues from the cache
+        # one at a time, the next turn continues from the session's cache; batched, the engine keeps the keys
+        assert (at.session_state["past_key_values"] is not None) == (version != "v1" and max_batch == "1")
         at.button(key="clean").click().run()
         assert not at.exception
         assert len(at.chat_message) == 0 and at.session_state["history"] == []
@@ -239,6 +241,70 @@ def test_gradio_demo_handlers_every_generation(tiny, version):
     assert [m["role"] for m in chat] == ["user", "assistant", "user", "assistant"]
     assert len(history) == (2 if version != "v3" else 4)
     assert (past is None) == (version == "v1")  # ChatGLM2/3 keep the KV cache for the next turn
+
+
+class Greedy:
+    """The model, replying greedily whatever the sliders say (so a reply can be compared with one alone)."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def stream_chat(self, *args, **kwargs):
+        return self._model.stream_chat(*args, **dict(kwargs, do_sample=False))
+
+
+def test_gradio_demo_generates_several_tabs_together(tiny):
+    """With the engine, replies of tabs chatting at once are generated together, each as it would be alone, and a
+    tab's next turn reuses the keys its last one left."""
+    pytest.importorskip("gradio")
+    import web_demo
+    from chatglm.engine import attach, detach
+
+    model, tokenizer = tiny["v2"]
+    queries = ["你好", "讲个故事"]
+    want = {q: model.chat(tokenizer, q, [], max_length=160, do_sample=False)[0] for q in queries}
+    engine = attach(model, max_batch=4)
+    try:
+        demo = web_demo.build_demo(Greedy(model), tokenizer)
+        fns = {f.name: f for f in demo.fns.values()}
+        assert fns["predict"].concurrency_limit == 4
+        peak, stop = [0], threading.Event()
+
+        def monitor():
+            while not stop.is_set():
+                peak[0] = max(peak[0], engine.load()[0])
+                time.sleep(0.002)
+
+        barrier = threading.Barrier(len(queries))
+
+        def tab(query):
+            _, chat, pending = fns["take_input"].fn(query, [])
+            barrier.wait()
+            for state in fns["predict"].fn(pending, chat, 160, 0.8, 0.6, [], None):
+                pass
+            return state
+
+        watcher = threading.Thread(target=monitor, daemon=True)
+        watcher.start()
+        with ThreadPoolExecutor(len(queries)) as pool:
+            results = list(pool.map(tab, queries))
+        stop.set()
+        watcher.join()
+        assert peak[0] == len(queries)  # in the engine together
+        for query, (chat, history, past) in zip(queries, results):
+            assert chat[-1]["content"] == want[query] and history == [(query, want[query])] and past is None
+        chat, history, _ = results[0]
+        reused = engine.reused
+        _, chat, pending = fns["take_input"].fn("再说一遍", chat)
+        for chat, history, _ in fns["predict"].fn(pending, chat, 200, 0.8, 0.6, history, None):
+            pass
+        assert chat[-1]["content"] == model.chat(tokenizer, "再说一遍", history[:1], max_length=200, do_sample=False)[0]
+        assert engine.reused > reused  # the first turn's keys, kept in its slot
+    finally:
+        detach(model)
 
 
 def test_pages_say_when_the_tiny_model_runs(tmp_path, monkeypatch, capsys):
