@@ -13,6 +13,7 @@ on the C kernels), Apple MPS (fp16; quantized models run on the CPU kernels), an
     --device               DEVICE                      auto: cuda, else mps, else cpu
     --dtype                DTYPE                       fp16 on CUDA and MPS; bf16 on CPUs fast at it, else fp32
     --quantize             QUANTIZE                    0 (none); 4 or 8 = weight-only INT4 / INT8
+    --output-layer         OUTPUT_LAYER                auto: int8 for a quantized model on the CPU, else float
     --num-gpus             NUM_GPUS                    1
     --ptuning-checkpoint   PTUNING_CHECKPOINT, PT_PATH none
     --pre-seq-len          PRE_SEQ_LEN                 read from the P-Tuning checkpoint
@@ -43,6 +44,7 @@ from chatglm.loading import model_class, read_shard, weight_files
 from chatglm.loading import resolve_dtype as _parse_dtype
 from chatglm.static_decode import MODES, check_mode, check_model
 from kernels import native_half_gemm
+from quantization import OUTPUT_LAYER_MODES, QuantizedLinear, set_output_layer
 
 logger = logging.getLogger("chatglm.utils")
 
@@ -100,6 +102,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=_env("QUANTIZE", default="0"),
         choices=[0, 4, 8],
         help="weight-only quantization bits while loading: 0 (none), 8 or 4 (QUANTIZE)",
+    )
+    g.add_argument(
+        "--output-layer",
+        default=_env("OUTPUT_LAYER", default="auto"),
+        choices=["auto", *OUTPUT_LAYER_MODES],
+        help="the output layer, read whole at every token (OUTPUT_LAYER): auto (default: int8 for a quantized "
+        "model on the CPU, a quarter of fp32's bytes, logits within about 1%%; else as the model), float (as "
+        "the model, like the original's .float().quantize(N)), bf16 (CPU), int8",
     )
     g.add_argument(
         "--num-gpus",
@@ -167,6 +177,7 @@ def load_from_args(args):
         pre_seq_len=getattr(args, "pre_seq_len", None),
         tiny_version=getattr(args, "tiny_version", None) or "v3",
         decode=getattr(args, "decode", None) or "eager",
+        output_layer=getattr(args, "output_layer", None) or "auto",
     )
     if not getattr(args, "model_path", None):
         model.default_max_new_tokens = TINY_MAX_NEW_TOKENS  # read by the servers (serving/requests.py)
@@ -327,6 +338,7 @@ def load_model_and_tokenizer(
     pre_seq_len=None,
     tiny_version="v3",
     decode="eager",
+    output_layer="auto",
 ):
     """(model in eval mode on its device, tokenizer).
 
@@ -336,8 +348,12 @@ def load_model_and_tokenizer(
     ptuning_checkpoint: a P-Tuning v2 output directory whose prefix encoder is loaded on top of the model.
     model_path None or "": the built-in tiny random model of `tiny_version` (a notice says so on stderr).
     decode: how generation runs decode steps (chatglm/static_decode.py), kept as `model.decode_mode`.
+    output_layer: auto (int8 for a quantized model on the CPU, else float), float (as the model: the original's
+    choice), bf16 (CPU) or int8 (quantization.set_output_layer).
     """
     bits = _check_bits(quantization_bit)
+    if output_layer not in ("auto", *OUTPUT_LAYER_MODES):
+        raise ValueError(f"output layer must be auto, {', '.join(OUTPUT_LAYER_MODES)}; got {output_layer!r}")
     check_mode(decode)
     num_gpus = int(num_gpus or 1)
     path = _model_path(model_path, tiny_version)
@@ -352,6 +368,8 @@ def load_model_and_tokenizer(
     overrides = {} if prefix is None else {"pre_seq_len": prefix[1], "prefix_projection": prefix[2]}
 
     if device_map is not None or num_gpus > 1:
+        if output_layer not in ("auto", "float"):
+            raise ValueError(f"--output-layer {output_layer} is for a model on one device")
         if device_map is None:
             resolve_device(device, num_gpus)  # --num-gpus 2 with --device cpu (or no GPU) is an error, not a guess
         model = _load_dispatched(path, device_map, num_gpus, dtype, bits, overrides, prefix)
@@ -370,7 +388,14 @@ def load_model_and_tokenizer(
             _warn_quantized_cuda(bits)
         if kind == "cpu":
             configure_cpu_threads()
+        if output_layer == "auto":
+            output_layer = "int8" if bits and kind == "cpu" else "float"
+        if output_layer == "bf16" and kind != "cpu":
+            raise ValueError("--output-layer bf16 is a CPU option (our CPU kernel reads bf16 weights)")
+        if output_layer == "int8" and bits:  # quantized as the shards load, no float copy
+            overrides["quantization_output_bit"] = 8
         model = chatglm.load_model(path, dtype=torch_dtype, quantization_bit=bits, **overrides)
+        set_output_layer(model, output_layer)
         if prefix is not None:
             load_prefix_encoder(model, prefix[0])
         model = _place(model, device)
@@ -388,7 +413,8 @@ def load_model_and_tokenizer(
         path,
         where,
         str(model.dtype).replace("torch.", ""),
-        f", INT{bits}" if bits else "",
+        (f", INT{bits}" if bits else "")
+        + (", output layer INT8" if isinstance(model.output_head(), QuantizedLinear) else ""),
     )
     return model, tokenizer
 

@@ -61,8 +61,9 @@ DECODE_PATHS = {"graph": "cuda_graph", "compile": "compile", "static": "static"}
 
 
 # ----------------------------------------------------------------------------------------------- the worker
-def build(config_dir: str, layers: int, dtype, bits: int, device: str):
-    """A full-width model with `layers` blocks and random weights, built in place (no float copy for INT)."""
+def build(config_dir: str, layers: int, dtype, bits: int, device: str, output: str = "float"):
+    """A full-width model with `layers` blocks and random weights, built in place (no float copy for INT);
+    `output`: the output layer as the model (float), bf16 or int8 (quantization.set_output_layer)."""
     from chatglm import ChatGLMConfig
     from chatglm.loading import model_class
     from quantization import prepare_for_quantized_checkpoint
@@ -72,7 +73,7 @@ def build(config_dir: str, layers: int, dtype, bits: int, device: str):
     config.num_layers = layers
     model = model_class(config)(config, device="meta", dtype=dtype)
     if bits:
-        prepare_for_quantized_checkpoint(model, bits)
+        prepare_for_quantized_checkpoint(model, bits, output_bits=8 if output == "int8" else 0)
     model = model.to_empty(device=device)
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
@@ -86,6 +87,10 @@ def build(config_dir: str, layers: int, dtype, bits: int, device: str):
             else:
                 p.normal_(0, 0.02, generator=g)
     model._reset_buffers()
+    if output != "float":
+        from quantization import set_output_layer
+
+        set_output_layer(model, output)
     if device == "cpu":
         from chatglm.hugepages import move_to_huge_pages
 
@@ -188,7 +193,8 @@ def worker(args) -> dict:
     device = args.device
     ref = args.path == "ref"
     bw = bandwidth(device)
-    model, real_layers = build(args.config, args.layers, DTYPES[dtype_name], bits, device)
+    output = "float" if ref else args.output_layer  # the reference path keeps the original's float output layer
+    model, real_layers = build(args.config, args.layers, DTYPES[dtype_name], bits, device, output)
     vocab = getattr(model.config, "padded_vocab_size", None) or model.config.vocab_size  # v1 has only the latter
     g = torch.Generator().manual_seed(1)
     kv = ref
@@ -325,6 +331,9 @@ def main():
         f"choice and never gated); --quick sets {QUICK_GATE}",
     )
     parser.add_argument("--context", type=int, default=0, help="measure decode memory/speed at this context")
+    parser.add_argument("--output-layer", default="float", choices=["float", "bf16", "int8"],
+                        help="ours' output layer (default float, as the original keeps it; int8 is what the "
+                             "loader gives a quantized CPU model; the ref path keeps float)")  # fmt: skip
     parser.add_argument("--worker", choices=["gen", "long"], help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--path", default="ours", help=argparse.SUPPRESS)
@@ -351,7 +360,8 @@ def main():
     print(f"# bench_generate: torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} cpus, "
           f"device {args.device} ({cap}), config {os.path.basename(os.path.abspath(args.config))}, "
           f"{args.layers} layers at full width (scaled to the real depth), prompt {args.prompt}, "
-          f"{args.new} new tokens (ref {args.ref_new}), batch {args.batch}", flush=True)  # fmt: skip
+          f"{args.new} new tokens (ref {args.ref_new}), batch {args.batch}, output layer {args.output_layer}",
+          flush=True)  # fmt: skip
     if args.context:
         print(f"{'mode':<5} {'thr':>3} {'context':>8} {'layers':>6} {'KV GiB':>7} {'dec ms/tok':>10} {'peak GiB':>9}")
         for mode in modes:
@@ -374,7 +384,7 @@ def main():
                 argv = ["--worker", "gen", "--mode", mode, "--threads", str(t), "--path", path, "--config",
                         args.config, "--device", args.device, "--layers", str(args.layers), "--prompt",
                         str(args.prompt), "--new", str(args.new), "--ref-new", str(args.ref_new), "--batch",
-                        str(args.batch)]  # fmt: skip
+                        str(args.batch), "--output-layer", args.output_layer]  # fmt: skip
                 r = run_worker(argv, path == "ref")
                 if r is None:
                     print(f"{mode:<5} {t:>3} {path:<7} failed", flush=True)

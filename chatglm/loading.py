@@ -184,10 +184,11 @@ def load_model(path: str, config: ChatGLMConfig | None = None, dtype=None, devic
     config.quantization_bit = 0  # the model is built float, then its layers are swapped
     with torch.device("meta"):
         model = model_class(config)(config, dtype=torch_dtype)
+    output_bits = int(getattr(config, "quantization_output_bit", 0) or 0) if bits else 0  # INT8 output layer
     if bits:
         from quantization import prepare_for_quantized_checkpoint
 
-        prepare_for_quantized_checkpoint(model, bits, getattr(config, "quantization_embeddings", False))
+        prepare_for_quantized_checkpoint(model, bits, getattr(config, "quantization_embeddings", False), output_bits)
     quantized = _quantized_modules(model) if bits else {}
     expected = set(model.state_dict().keys())
     loaded: set[str] = set()
@@ -199,7 +200,7 @@ def load_model(path: str, config: ChatGLMConfig | None = None, dtype=None, devic
     for file in files:
         shard = read_shard(file)
         if quantized:  # quantize float weights as they are read: memory stays near the quantized size
-            shard = _quantize_shard(shard, quantized, bits)
+            shard = _quantize_shard(shard, quantized)
         shard = {k: _cast(k, v, torch_dtype) for k, v in shard.items() if k in expected}
         model.load_state_dict(shard, strict=False, assign=True)
         loaded.update(shard)
@@ -214,6 +215,13 @@ def load_model(path: str, config: ChatGLMConfig | None = None, dtype=None, devic
     # Buffers the original recomputes (rotary inv_freq), the tied v1 lm_head, and a fresh prefix encoder.
     optional = {k for k in expected if k.endswith("inv_freq") or k == "lm_head.weight"}
     optional |= {k for k in expected if k.startswith("transformer.prefix_encoder.")}
+    if output_bits and "lm_head.weight" in expected and "lm_head.weight" not in loaded:  # v1, tied: from the embedding
+        from quantization import quantize_weight
+
+        emb = model.transformer.word_embeddings.weight
+        loaded_head = dict(zip(("lm_head.weight", "lm_head.weight_scale"), quantize_weight(emb, output_bits)))
+        model.load_state_dict(loaded_head, strict=False, assign=True)
+        loaded.update(loaded_head)
     missing = sorted(expected - loaded - optional)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -236,14 +244,14 @@ def _quantized_modules(model) -> dict:
     return {n: m for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
 
 
-def _quantize_shard(shard: dict, quantized: dict, bits: int) -> dict:
+def _quantize_shard(shard: dict, quantized: dict) -> dict:
     from quantization import quantize_weight
 
     out = {}
     for key, value in shard.items():
         module = key.rsplit(".", 1)[0] if key.endswith(".weight") else None
         if module in quantized and value.is_floating_point():
-            out[key], out[module + ".weight_scale"] = quantize_weight(value, bits)
+            out[key], out[module + ".weight_scale"] = quantize_weight(value, quantized[module].weight_bit_width)
         else:
             # A copy of its own: a tensor left pointing into the shard's mmap would keep the whole shard
             # (every page the quantizer touched) resident for the life of the model.

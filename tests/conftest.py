@@ -47,3 +47,15 @@ def tiny(tiny_dirs):
     for v, d in tiny_dirs.items():
         out[v] = (chatglm.load_model(str(d), dtype=torch.float32), chatglm.load_tokenizer(str(d)))
     return out
+
+
+@pytest.fixture(autouse=True)
+def _tiny_models_leave_without_an_engine(request):
+    """The session's tiny models are shared: an engine a test's app attached (chatglm/engine.py; a Flask app has
+    no shutdown hook to take it off) must not change how the next test's model generates."""
+    yield
+    if "tiny" in request.fixturenames:
+        from chatglm.engine import detach
+
+        for model, _ in request.getfixturevalue("tiny").values():
+            detach(model)

@@ -10,7 +10,15 @@ from safetensors.torch import load_file, save_file
 from chatglm import load_model, load_tokenizer
 from kernels import get_cpu_kernel
 from kernels.settings import settings
-from quantization import QuantizedLinear, dequantize, pack_int4, quantize, quantize_weight, unpack_int4
+from quantization import (
+    QuantizedLinear,
+    dequantize,
+    pack_int4,
+    quantize,
+    quantize_weight,
+    set_output_layer,
+    unpack_int4,
+)
 from quantization.ops import quantized_linear_reference
 
 
@@ -200,3 +208,55 @@ def test_quantize_embeddings_option(tiny_dirs):
     with torch.no_grad():
         cos = torch.nn.functional.cosine_similarity(ref(ids).logits.flatten(), model(ids).logits.flatten(), dim=0)
     assert cos > 0.99
+
+
+@pytest.mark.parametrize("version", ["v1", "v2", "v3"])
+def test_output_layer_int8_and_bf16_stay_close_to_float(tiny_dirs, version):
+    """The output layer alone in INT8 (a quarter of fp32's bytes) or bf16: logits within a measured bound."""
+    path = str(tiny_dirs[version])
+    ids = load_tokenizer(path)(["你好，世界 hello"], return_tensors="pt")["input_ids"]
+    ref = load_model(path, dtype=torch.float32)
+    emb = ref.transformer.word_embeddings.weight if version == "v1" else None
+    with torch.no_grad():
+        want = ref(ids).logits
+        errors = {}
+        for mode in ("int8", "bf16"):
+            model = set_output_layer(load_model(path, dtype=torch.float32).quantize(4), mode)
+            head = model.output_head()
+            if mode == "int8":
+                assert isinstance(head, QuantizedLinear) and head.weight_bit_width == 8
+                assert model.config.quantization_output_bit == 8
+            else:
+                assert head.weight.dtype == torch.bfloat16
+            four = load_model(path, dtype=torch.float32).quantize(4)
+            got, base = model(ids).logits, four(ids).logits  # against the same INT4 blocks with a float head
+            errors[mode] = float((got - base).norm() / base.norm())
+            assert model.generate(ids, do_sample=False, max_new_tokens=3).shape[1] == ids.shape[1] + 3
+        if emb is not None:  # v1: the word embeddings (tied to lm_head) stay float
+            assert model.transformer.word_embeddings.weight.dtype == torch.float32
+        assert torch.isfinite(want).all()
+    assert errors["int8"] < 2e-2 and errors["bf16"] < 5e-3, errors
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_output_layer_int8_quantized_while_loading_saves_and_loads_back(tiny_dirs, tmp_path, version):
+    path = str(tiny_dirs[version])
+    loaded = load_model(path, dtype=torch.float32, quantization_bit=4, quantization_output_bit=8)
+    after = set_output_layer(load_model(path, dtype=torch.float32).quantize(4), "int8")
+    head, other = loaded.output_head(), after.output_head()
+    assert isinstance(head, QuantizedLinear) and torch.equal(head.weight, other.weight)
+    assert torch.equal(head.weight_scale, other.weight_scale)
+    loaded.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["quantization_output_bit"] == 8
+    again = load_model(str(tmp_path / "saved"), dtype=torch.float32)
+    ids = (
+        torch.tensor([[5, 6, 7, 8, 9]])
+        if version == "v2"
+        else load_tokenizer(path)(["你好"], return_tensors="pt")["input_ids"]
+    )
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, loaded(ids).logits)
+    with pytest.raises(ValueError, match="INT8 only"):
+        load_model(path, dtype=torch.float32, quantization_bit=4, quantization_output_bit=4)
+    with pytest.raises(ValueError, match="output layer must be"):
+        set_output_layer(loaded, "int4")

@@ -185,6 +185,36 @@ def test_quantized_on_cpu_is_close_to_float(tiny_dirs, ids):
     assert (a - b).abs().max() < 0.05 * a.abs().max()
 
 
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_quantized_cpu_models_get_an_int8_output_layer_unless_told(tiny_dirs, ids, version, monkeypatch):
+    from quantization import QuantizedLinear
+
+    path = tiny_dirs[version]
+    auto, _ = utils.load_model_and_tokenizer(path, device="cpu", dtype="fp32", quantization_bit=4)
+    faithful, _ = utils.load_model_and_tokenizer(path, device="cpu", dtype="fp32", quantization_bit=4,
+                                                 output_layer="float")  # fmt: skip
+    half, _ = utils.load_model_and_tokenizer(path, device="cpu", dtype="fp32", quantization_bit=4, output_layer="bf16")
+    plain, _ = utils.load_model_and_tokenizer(path, device="cpu", dtype="fp32")  # not quantized: left as it is
+    assert isinstance(auto.output_head(), QuantizedLinear) and auto.output_head().weight_bit_width == 8
+    assert (
+        type(faithful.output_head()).__name__ != "QuantizedLinear"
+        and faithful.output_head().weight.dtype == torch.float32
+    )
+    assert half.output_head().weight.dtype == torch.bfloat16
+    assert plain.output_head().weight.dtype == torch.float32 and not _quantized(plain)
+    if version == "v1":
+        ids = utils.chatglm.load_tokenizer(str(path))(["你好"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        a, b = faithful(ids).logits, auto(ids).logits
+    assert float((a - b).norm() / a.norm()) < 2e-2
+    with pytest.raises(ValueError, match="output layer"):
+        utils.load_model_and_tokenizer(path, device="cpu", quantization_bit=4, output_layer="int4")
+    monkeypatch.setenv("OUTPUT_LAYER", "float")
+    args = utils.add_model_args(argparse.ArgumentParser()).parse_args([])
+    assert args.output_layer == "float"
+    assert utils.add_model_args(argparse.ArgumentParser()).parse_args(["--output-layer", "int8"]).output_layer == "int8"
+
+
 # --- errors ----------------------------------------------------------------------------------------------
 
 
@@ -329,6 +359,7 @@ def test_load_from_args(tiny_dirs, monkeypatch):
         pre_seq_len=None,
         tiny_version="v2",
         decode="eager",
+        output_layer="auto",
     )
     monkeypatch.undo()
     args = utils.add_model_args(argparse.ArgumentParser()).parse_args(
