@@ -50,6 +50,9 @@ class Client:
             kwargs.pop("temperature", None)  # temperature 0 (or top_p 0) means: always the most likely token
             kwargs.pop("top_p", None)
             kwargs["do_sample"] = False
+        yield from self._stream(query, history, role, kwargs)
+
+    def _stream(self, query: str, history: list[dict], role: str, kwargs: dict) -> Iterator[tuple]:
         batched = getattr(self.model, "engine", None) is not None  # it batches the sessions' replies: no lock
         with contextlib.nullcontext() if batched else self.lock:
             yield from self.model.stream_chat(self.tokenizer, query, history=history, role=role, **kwargs)
@@ -70,9 +73,16 @@ def create_client(argv: list[str] | None = None) -> Client:
         return _factory()
     parser = add_model_args(argparse.ArgumentParser(prog="composite_demo", allow_abbrev=False))
     parser.add_argument("--max-batch", type=int, default=4, help="replies generated together (default 4)")
+    parser.add_argument("--demo", action="store_true",
+                        help="demonstration mode: the model writes scripted tool calls and code cells "
+                             "(composite_demo/demonstration.py)")  # fmt: skip
     args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     args.tiny_version = "v3"  # this demo is ChatGLM3's
     model, tokenizer = load_from_args(args)
     if args.max_batch > 1:
         attach(model, max_batch=args.max_batch)
+    if args.demo:
+        from .demonstration import DemonstrationClient
+
+        return DemonstrationClient(model, tokenizer, tiny=not args.model_path)
     return Client(model, tokenizer, tiny=not args.model_path)

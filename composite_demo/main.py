@@ -1,6 +1,7 @@
 """ChatGLM3's composite demo: Chat, Tool and Code Interpreter modes on one Streamlit page.
 
     streamlit run composite_demo/main.py [-- --model-path DIR --device cpu ...]   (or MODEL_PATH=DIR, DEVICE=cpu)
+    streamlit run composite_demo/main.py -- --demo     # tool calls and code cells at work, scripted (no real model)
 
 Model options are those of utils.add_model_args; with no model the built-in tiny random ChatGLM3 runs (its answers
 are noise). Environment: IPYKERNEL (Jupyter kernel name, default python3), COMPOSITE_DEMO_CODE_TIMEOUT (seconds per
@@ -36,7 +37,11 @@ except (OSError, ValueError, RuntimeError, NotImplementedError) as e:
     st.stop()
 
 st.title("ChatGLM3 Demo")
-if client.tiny:
+if getattr(client, "demonstration", False):
+    from composite_demo.demonstration import NOTICE
+
+    st.info(NOTICE)
+elif client.tiny:
     st.info("No MODEL_PATH was given: this is the built-in tiny random ChatGLM3, so its answers are random text. "
             "Start with `-- --model-path DIR` (or MODEL_PATH=DIR) to use a real ChatGLM3-6B checkpoint.")  # fmt: skip
 mode = Mode(st.radio("Mode", [m.value for m in Mode], horizontal=True, label_visibility="collapsed", key="mode"))

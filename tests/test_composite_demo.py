@@ -18,6 +18,7 @@ from composite_demo import agent, code_kernel, tools
 from composite_demo.agent import Mode
 from composite_demo.client import Client, set_client_factory
 from composite_demo.conversation import Message, Role, extract_code, from_history, to_history
+from composite_demo.demonstration import CHAT_REPLY, NOTICE, DemonstrationClient, Force
 from composite_demo.tool_registry import REGISTRY, ToolCallError, ToolRegistry, dump_tool_list, load_tool_list
 from kernels.settings import settings
 
@@ -458,15 +459,8 @@ class ForcedModel:
     def stream_chat(self, tokenizer, query, history=None, role="user", **gen):
         text, stop = self.replies.pop(0)
         ids = tokenizer.encode(text, add_special_tokens=False) + [stop]
-        start = []
-
-        def force(input_ids, scores):
-            start.append(input_ids.shape[1]) if not start else None
-            scores.fill_(-1e4)
-            scores[:, ids[min(input_ids.shape[1] - start[0], len(ids) - 1)]] = 1e4
-            return scores
-
-        yield from self.model.stream_chat(tokenizer, query, history=history, role=role, logits_processor=[force], **gen)
+        yield from self.model.stream_chat(tokenizer, query, history=history, role=role, logits_processor=[Force(ids)],
+                                          **gen)  # fmt: skip
 
 
 def test_tool_loop_with_the_tiny_chatglm3(tiny):
@@ -480,6 +474,34 @@ def test_tool_loop_with_the_tiny_chatglm3(tiny):
     assert messages[1].tool == "get_current_time"
     assert messages[2].content[:4] == str(datetime.date.today().year)
     assert messages[3].content == "It is late."
+
+
+def test_demonstration_mode_shows_a_tool_call_and_a_code_cell_on_the_tiny_model(tiny, kernel):
+    """`-- --demo`: the tiny ChatGLM3 writes the script through the real generation, tools and kernel."""
+    model, tok = tiny["v3"]
+    client = DemonstrationClient(model, tok, tiny=True)
+    messages = [Message(Role.USER, "What is (3 + 4) * 2 ** 10?")]
+    list(agent.run(client, messages, Mode.TOOL, GEN, registry=REGISTRY.active()))
+    assert [m.role for m in messages] == [Role.USER, Role.TOOL, Role.OBSERVATION, Role.ASSISTANT]
+    assert messages[1].tool == "calculator" and messages[2].content == "7168" and "7168" in messages[3].content
+    messages = [Message(Role.USER, "Run some Python")]
+    list(agent.run(client, messages, Mode.CI, GEN, kernel=kernel))
+    assert [m.role for m in messages] == [Role.USER, Role.INTERPRETER, Role.OBSERVATION, Role.ASSISTANT]
+    assert messages[2].content.startswith("sum of 1..100 = 5050") and messages[2].images[0].startswith(b"\x89PNG")
+    messages = [Message(Role.USER, "hello")]
+    list(agent.run(client, messages, Mode.CHAT, GEN))
+    assert messages[-1].content == CHAT_REPLY
+
+
+def test_demonstration_mode_flag_and_page_notice(tiny_dirs, tmp_path, monkeypatch):
+    from composite_demo import client as client_module
+
+    monkeypatch.setattr(settings, "model_cache", str(tmp_path))
+    monkeypatch.delenv("MODEL_PATH", raising=False)
+    demo = client_module.create_client(["--demo", "--device", "cpu", "--max-batch", "1"])
+    plain = client_module.create_client(["--device", "cpu", "--max-batch", "1"])
+    assert isinstance(demo, DemonstrationClient) and demo.tiny and not isinstance(plain, DemonstrationClient)
+    assert "Demonstration mode" in NOTICE and "--demo" in NOTICE
 
 
 # --- the code interpreter -----------------------------------------------------------------------------------
@@ -802,5 +824,72 @@ def test_composite_demo_in_a_browser(request, tiny_dirs, tmp_path):
         image = d.find_elements(By.CSS_SELECTOR, f"{select} img")[-1]
         wait_for(d, lambda: d.execute_script("return arguments[0].naturalWidth", image) > 100, 30, "the plot")
         screenshot(d, "composite_demo.png")
+    finally:
+        stop_server(proc)
+
+
+def test_demonstration_mode_in_a_browser(request, tmp_path):
+    """`streamlit run composite_demo/main.py -- --demo`: one tool call and one code cell end to end, as a newcomer
+    without a model sees them; screenshots in artifacts/."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from .test_web_demos import free_port, screenshot, start_server, stop_server, wait_for
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    args = ["-m", "streamlit", "run", str(REPO / "composite_demo" / "main.py"), "--server.headless", "true",
+            "--server.port", str(port), "--server.fileWatcherType", "none", "--", "--demo", "--device", "cpu"]  # fmt: skip
+    d = request.getfixturevalue("browser")  # skips when Chromium is not installed
+    env = {"CHATGLM_CACHE": str(tmp_path), "MODEL_PATH": ""}
+    proc = start_server(args, env, tmp_path / "log", url)
+    select = "[data-testid=stChatMessage]"
+
+    def settled(check):  # elements come and go while Streamlit reruns the page
+        def run():
+            try:
+                return check()
+            except (StaleElementReferenceException, IndexError):
+                return False
+
+        return run
+
+    def mode(word):
+        labels = "[data-testid=stRadio] label"
+        click = settled(lambda: [e for e in d.find_elements(By.CSS_SELECTOR, labels) if word in e.text][0].click() or 1)
+        wait_for(d, click, 30, f"the {word} mode switch")
+
+    def send(placeholder_word, text):
+        def box():
+            boxes = d.find_elements(By.CSS_SELECTOR, "[data-testid=stChatInput] textarea")
+            return [b for b in boxes if placeholder_word in (b.get_attribute("placeholder") or "")]
+
+        wait_for(d, settled(lambda: box()), 60, f"the input box ({placeholder_word})")
+        time.sleep(0.5)  # let the rerun settle
+        wait_for(d, settled(lambda: box()[0].send_keys(text, Keys.ENTER) or True), 30)
+
+    try:
+        d.get(url)
+        wait_for(d, lambda: "Demonstration mode" in d.page_source, 90, "the demonstration notice")
+        mode("Tool")
+        send("ChatGLM3", "What is (3 + 4) * 2 ** 10?")
+        wait_for(d, settled(lambda: len(d.find_elements(By.CSS_SELECTOR, select)) == 4
+                 and "end of this demonstration turn" in d.page_source), 90, "the tool call and its result")  # fmt: skip
+        text = " ".join(e.text for e in d.find_elements(By.CSS_SELECTOR, select))
+        assert "calculator" in text and "7168" in text
+        screenshot(d, "composite_demo_demonstration_tool.png")
+        mode("Code")
+        send("compute", "Show me some Python")
+        wait_for(d, settled(lambda: len(d.find_elements(By.CSS_SELECTOR, select)) == 4
+                 and d.find_elements(By.CSS_SELECTOR, f"{select} img")
+                 and "end of this demonstration turn" in d.page_source), 120, "the code cell, its output and plot")  # fmt: skip
+        text = " ".join(e.text for e in d.find_elements(By.CSS_SELECTOR, select))
+        assert "sum of 1..100 = 5050" in text
+        screenshot(d, "composite_demo_demonstration_code.png")
+    except Exception as e:
+        screenshot(d, "composite_demo_demonstration_failed.png")
+        log = (tmp_path / "log").read_text()[-3000:]
+        raise AssertionError(f"the demonstration did not run: {e}; server log:\n{log}") from e
     finally:
         stop_server(proc)
