@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -98,18 +99,24 @@ def main(argv=None):
     print(f"# CPU: {cpu_summary()}")
     run(model, prompts[:1], 4)  # warm up (kernel load, allocator)
 
-    alone, t1 = run(model, prompts[:1], args.new)
+    solo, times = [], []  # each prompt's reply alone; its time (the median counts: one short run is noisy)
+    for p in prompts:
+        reply, t = run(model, [p], args.new)
+        solo.append(reply[0])
+        times.append(t)
+    t1 = statistics.median(times)
     one = args.new / t1
-    solo = [alone[0]] + [run(model, [p], args.new)[0][0] for p in prompts[1:]]  # each prompt's reply alone
-    rows = [("1 client alone", 1, args.new, t1, True)]
+    rows = [("1 client alone (median)", 1, args.new, t1, True)]
     replies, t = run(model, prompts, args.new)  # no engine: the steps of the clients take turns under the lock
     rows.append((f"{args.clients} clients, one at a time (lock)", args.clients, args.new * args.clients, t,
                  replies == solo))  # fmt: skip
     attach(model, max_batch=args.clients)
     try:
         run(model, prompts[:2], 4)  # warm up the engine's cache
-        replies, t = run(model, prompts, args.new)
-        rows.append((f"{args.clients} clients, engine", args.clients, args.new * args.clients, t, replies == solo))
+        runs = [run(model, prompts, args.new) for _ in range(3)]
+        t = statistics.median(t for _, t in runs)
+        same = all(replies == solo for replies, _ in runs)
+        rows.append((f"{args.clients} clients, engine (median of 3)", args.clients, args.new * args.clients, t, same))
     finally:
         detach(model)
     print(f"{'':34} {'tokens':>7} {'wall s':>7} {'tok/s':>7} {'x one':>6}  same replies")

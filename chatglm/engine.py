@@ -280,7 +280,10 @@ class Engine:
         if done or (stopped is not None and bool(stopped[0])) or req.left:
             self._finish(req)
         else:
-            req.next = self.model._next_generation_inputs(req.next or req.state, tokens, None)
+            # the engine's forwards take no mask (every row attends to its own cache up to its length): the
+            # hook is given none to grow
+            state = req.next or {k: v for k, v in req.state.items() if k not in ("attention_mask", "keep")}
+            req.next = self.model._next_generation_inputs(state, tokens, None)
 
 
 def attach(model, **options) -> Engine:

@@ -321,8 +321,9 @@ class ChatGLMForConditionalGeneration(ChatGLMCausalLM):
         )
 
     def _next_generation_inputs(self, state, next_tokens, past_key_values):
-        keep = state["keep"]
-        keep = torch.cat([keep, keep.new_ones(keep.shape[0], 1)], dim=1)
+        keep = state.get("keep")  # None: no mask to grow (the engine's rows)
+        if keep is not None:
+            keep = torch.cat([keep, keep.new_ones(keep.shape[0], 1)], dim=1)
         pos = state["position_ids"][..., -1:].clone()
         pos[:, 1] += 1  # the position stays at the mask token, the block position advances
         return dict(

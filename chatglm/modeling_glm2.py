@@ -286,10 +286,10 @@ class ChatGLMForConditionalGeneration(ChatGLMCausalLM):
         )
 
     def _next_generation_inputs(self, state, next_tokens, past_key_values):
-        mask = state["attention_mask"]
+        mask = state.get("attention_mask")  # None: no mask to grow (the engine's rows)
         return dict(
             input_ids=next_tokens[:, None],
-            attention_mask=torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1),
+            attention_mask=None if mask is None else torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1),
             position_ids=state["position_ids"][:, -1:] + 1,
             past_key_values=past_key_values,
         )
