@@ -1,7 +1,8 @@
 """The servers under abuse (issue 29): token limits, no 5xx on well-typed input, cancellation, bounded state.
 
-Each test drives the real app (FastAPI through TestClient or a live uvicorn on loopback, Flask through its test
-client) on the tiny checkpoints, as test_servers.py does.
+Each test drives a real server on 127.0.0.1 (the FastAPI apps under uvicorn, the Flask app under werkzeug, in
+threads of this process so that a test can look inside; the signal tests start the scripts as processes) on the
+tiny checkpoints, through an HTTP client.
 """
 
 import http.client
@@ -23,7 +24,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("flask")
 
-from fastapi.testclient import TestClient  # noqa: E402
+import httpx  # noqa: E402
 
 import api  # noqa: E402
 import openai_api  # noqa: E402
@@ -57,7 +58,7 @@ def test_api_refuses_a_prompt_past_the_context_and_says_the_limit(tiny):
     model, tok = tiny["v1"]
     limit = context_length(model)
     long = "你好" * limit  # thousands of tokens, a few KB
-    with TestClient(api.create_app(model, tok)) as client:
+    with live(api.create_app(model, tok)) as client:
         r = client.post("/", json={"prompt": long})
         assert r.status_code == 400 and str(limit) in r.json()["detail"], r.text
         assert str(n_tokens(model, tok, long)) in r.json()["detail"]
@@ -75,15 +76,15 @@ def test_api_refuses_a_prompt_past_the_context_and_says_the_limit(tiny):
 def test_stream_api_refuses_a_prompt_past_the_context(tiny):
     model, tok = tiny["v3"]
     app = stream_api.create_app(model, tok)
-    with app.test_client() as client:
+    with live(app) as client:
         r = client.post("/chat", json={"query": "hello " * context_length(model)})
-        assert r.status_code == 400 and str(context_length(model)) in r.get_json()["msg"]
+        assert r.status_code == 400 and str(context_length(model)) in r.json()["msg"]
 
 
 def test_openai_refuses_prompt_plus_max_tokens_past_the_context(tiny):
     model, tok = tiny["v3"]
     limit = context_length(model)
-    with TestClient(openai_api.create_app(model, tok)) as client:
+    with live(openai_api.create_app(model, tok)) as client:
         r = openai_post(client, {"messages": [{"role": "user", "content": "hello " * limit}]})
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
         r = openai_post(client, {"messages": [{"role": "user", "content": "hello"}], "max_tokens": limit})
@@ -98,14 +99,14 @@ def test_tool_definitions_are_bounded_in_depth_and_rendered_size(tiny):
     deep = [{"type": "function", "function": {"name": "f", "parameters": nested(MAX_DEPTH + 1)}}]
     assert len(json.dumps(deep)) < 2000  # a small body that would render to tens of thousands of tokens
     wide = [{"type": "function", "function": {"name": f"f{i}", "parameters": nested(3)}} for i in range(3000)]
-    with TestClient(openai_api.create_app(model, tok)) as client:
+    with live(openai_api.create_app(model, tok)) as client:
         for tools in (deep, wide):
             r = openai_post(client, {"messages": [{"role": "user", "content": "x"}], "tools": tools})
             assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text[:300]
         ok = [{"type": "function", "function": {"name": "f", "parameters": nested(MAX_DEPTH // 2 - 2)}}]
         r = openai_post(client, {"messages": [{"role": "user", "content": "x"}], "tools": ok, "max_tokens": 3})
         assert r.status_code == 200, r.text
-    with TestClient(api.create_app(model, tok)) as client:  # the same bound on ChatGLM3 history of api.py
+    with live(api.create_app(model, tok)) as client:  # the same bound on ChatGLM3 history of api.py
         history = [{"role": "system", "content": "tools", "tools": [deep[0]["function"]]}]
         r = client.post("/", json={"prompt": "x", "history": history})
         assert r.status_code == 400 and "history" in r.json()["detail"]
@@ -117,17 +118,17 @@ def test_tool_definitions_are_bounded_in_depth_and_rendered_size(tiny):
 def test_a_vanishing_temperature_decodes_greedily(tiny):
     model, tok = tiny["v2"]
     want = expected(model, tok, "你好", max_length=40)[0]
-    with TestClient(api.create_app(model, tok)) as client:
+    with live(api.create_app(model, tok)) as client:
         r = client.post("/", json={"prompt": "你好", "max_length": 40, "temperature": 1e-300})
         assert r.status_code == 200 and r.json()["response"] == want, r.text
-    with TestClient(openai_api.create_app(model, tok)) as client:
+    with live(openai_api.create_app(model, tok)) as client:
         body = {"messages": [{"role": "user", "content": "你好"}], "temperature": 1e-300, "max_tokens": 8}
         r = openai_post(client, body)
         assert r.status_code == 200, r.text
 
 
 def test_openai_seed_outside_what_a_generator_takes_is_a_client_error(tiny):
-    with TestClient(openai_api.create_app(*tiny["v2"])) as client:
+    with live(openai_api.create_app(*tiny["v2"])) as client:
         for seed in (2**70, -(2**64)):
             r = openai_post(client, {"messages": [{"role": "user", "content": "x"}], "seed": seed})
             assert r.status_code == 400 and r.json()["error"]["param"] == "seed", r.text
@@ -143,7 +144,7 @@ def test_openai_deeply_nested_tool_call_arguments_are_a_client_error(tiny):
         call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": args}}
         messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [call]},
                     {"role": "tool", "tool_call_id": "call_1", "content": "ok"}]  # fmt: skip
-        with TestClient(openai_api.create_app(model, tok)) as client:
+        with live(openai_api.create_app(model, tok)) as client:
             r = openai_post(client, {"messages": messages})
             assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text[:300]
 
@@ -153,7 +154,7 @@ def test_model_tool_calls_that_json_cannot_carry_come_back_as_text(tiny, args):
     model, tok = tiny["v3"]
     code = f"get_weather\n```python\ntool_call(city={args})\n```"
     body = {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS}
-    with TestClient(openai_api.create_app(Scripted(model, tok, code), tok)) as client:
+    with live(openai_api.create_app(Scripted(model, tok, code), tok)) as client:
         r = openai_post(client, body)
         assert r.status_code == 200, r.text[:300]
         choice = r.json()["choices"][0]
@@ -166,16 +167,27 @@ def test_model_tool_calls_that_json_cannot_carry_come_back_as_text(tiny, args):
 # --- stream_api.py: ids, cancellation, bounded state ----------------------------------------------------------
 
 
+@contextmanager
+def live(app):
+    """An HTTP client of `app` served on a free loopback port (uvicorn for FastAPI, werkzeug for Flask)."""
+    if hasattr(app, "test_client"):  # Flask
+        with serve_flask(app) as port, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT) as c:
+            yield c
+    else:
+        with serve(app) as url, httpx.Client(base_url=url, timeout=TIMEOUT) as c:
+            yield c
+
+
 def flask_post(client, path, body):
     r = client.post(path, json=body)
     assert r.status_code == 200, r.data
-    return r.get_json()
+    return r.json()
 
 
 def test_stream_api_issues_unguessable_ids_and_refuses_client_ids(tiny):
     model, tok = tiny["v2"]
     app = stream_api.create_app(model, tok, workers=1)
-    with app.test_client() as client:
+    with live(app) as client:
         first = flask_post(client, "/chat", {"query": "你好", "max_length": 30, "temperature": 0})
         second = flask_post(client, "/chat", {"query": "你好", "max_length": 30, "temperature": 0})
         assert first["code"] == second["code"] == 0 and first["request_id"] != second["request_id"]
@@ -186,13 +198,13 @@ def test_stream_api_issues_unguessable_ids_and_refuses_client_ids(tiny):
         for guess in ("73", "1", "0", "a"):
             assert flask_post(client, "/get_response", {"request_id": guess})["code"] == 102
         r = client.post("/chat", json={"request_id": "73", "query": "x"})
-        assert r.status_code == 400 and "--client-ids" in r.get_json()["msg"]
+        assert r.status_code == 400 and "--client-ids" in r.json()["msg"]
 
 
 def test_stream_api_unread_results_expire(tiny):
     app = stream_api.create_app(*tiny["v2"], workers=1, abandon_ttl=0.2)
     queue = app.extensions["chatglm_queue"]
-    with app.test_client() as client:
+    with live(app) as client:
         rid = flask_post(client, "/chat", {"query": "x", "max_length": 20})["request_id"]
         until(lambda: queue.entries[rid]["is_finished"])  # finished, never read
         time.sleep(0.3)
@@ -205,7 +217,7 @@ def test_stream_api_cancel_stops_waiting_and_running_requests(tiny):
     model, tok = tiny["v2"]
     gated = Gated(model)
     app = stream_api.create_app(gated, tok, workers=1, max_waiting=2)
-    with app.test_client() as client:
+    with live(app) as client:
         running = flask_post(client, "/chat", {"query": "讲个故事", "max_length": 200})["request_id"]
         assert gated.entered.wait(TIMEOUT)
         waiting = flask_post(client, "/chat", {"query": "x", "max_length": 200})["request_id"]
@@ -384,24 +396,24 @@ def test_servers_refuse_a_foreign_host_header(tiny):
     model, tok = tiny["v2"]
     hosts = allowed_hosts("127.0.0.1")
     body = {"prompt": "你好", "max_length": 60}
-    with TestClient(api.create_app(model, tok, allowed_hosts=hosts)) as client:
+    with live(api.create_app(model, tok, allowed_hosts=hosts)) as client:
         r = client.post("/", json=body, headers={"Host": "rebind.evil.example:8000"})
         assert r.status_code == 400 and "--allow-host rebind.evil.example" in r.json()["detail"]
         assert client.post("/", json=body, headers={"Host": "localhost:8000"}).status_code == 200
-    with TestClient(openai_api.create_app(model, tok, allowed_hosts=hosts)) as client:
+    with live(openai_api.create_app(model, tok, allowed_hosts=hosts)) as client:
         r = client.get("/v1/models", headers={"Host": "rebind.evil.example"})
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
         assert client.get("/v1/models", headers={"Host": "127.0.0.1:8000"}).status_code == 200
     app = stream_api.create_app(model, tok, allowed_hosts=hosts)
-    with app.test_client() as client:
+    with live(app) as client:
         r = client.post("/chat", json={"query": "x"}, headers={"Host": "rebind.evil.example"})
-        assert r.status_code == 400 and "DNS rebinding" in r.get_json()["msg"]
+        assert r.status_code == 400 and "DNS rebinding" in r.json()["msg"]
         assert client.post("/chat", json={"query": "x", "max_length": 20}).status_code == 200  # Host: localhost
 
 
 def test_api_logs_no_conversation_text_at_info(tiny, caplog):
     model, tok = tiny["v2"]
-    with caplog.at_level(logging.INFO, logger="api"), TestClient(api.create_app(model, tok)) as client:
+    with caplog.at_level(logging.INFO, logger="api"), live(api.create_app(model, tok)) as client:
         r = client.post("/", json={"prompt": "秘密的问题", "max_length": 30, "temperature": 0})
     reply = r.json()["response"]
     logged = "\n".join(rec.getMessage() for rec in caplog.records if rec.name == "api")
@@ -420,13 +432,13 @@ def test_v3_plain_reply_streams_token_by_token_and_holds_only_for_tools(tiny):
     model, tok = tiny["v3"]
     text = "Hello there, this is a plain reply in several words"
     body = {"messages": [{"role": "user", "content": "x"}]}
-    with TestClient(openai_api.create_app(Scripted(model, tok, text), tok)) as client:
+    with live(openai_api.create_app(Scripted(model, tok, text), tok)) as client:
         chunks = content_chunks(client, body)
         assert "".join(chunks) == text and len(chunks) >= 5, chunks
         with_tools = content_chunks(client, dict(body, tools=TOOLS))  # a text reply, held until its line ends
         assert "".join(with_tools) == text and len(with_tools) == 1
     # without tools, a reply whose first line may be a tool's name is held until the line ends, then is text
     call = "get_weather\n```python\ntool_call(city='x')\n```"
-    with TestClient(openai_api.create_app(Scripted(model, tok, call), tok)) as client:
+    with live(openai_api.create_app(Scripted(model, tok, call), tok)) as client:
         plain = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
         assert "".join(content_chunks(client, body)) == plain
