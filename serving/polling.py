@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import threading
 import time
 from collections import deque
 
-from .workers import locked_steps
+from .events import chat_events
 
 logger = logging.getLogger(__name__)
 
@@ -137,15 +138,28 @@ class PollingQueue:
                 self.cond.notify_all()
             error = None
             try:
-                stream = self.model.stream_chat(self.tokenizer, e["query"], e["history"], **e["gen"])
-                for response, history in locked_steps(self.model, stream, e["cancel"]):
-                    self._update(e, response=response, history=history)
+                self._generate(e)
             except Exception as ex:  # noqa: BLE001  (reported to the client, the worker goes on)
                 logger.exception("generation failed")
                 error = f"generation failed: {type(ex).__name__}: {ex}"
             with self.cond:
                 self.running -= 1
                 self._finish(e, "cancelled" if e["cancel"].is_set() else error)
+
+    def _generate(self, e):
+        """The reply as the deltas the OpenAI stream sends (serving/events.py): the text only grows, so a poll
+        never sees a character taken back; a ChatGLM3 tool call (tools in the history) is {"name", "parameters"}."""
+        history = e["history"]
+        tools = any(isinstance(h, dict) and h.get("tools") for h in history)
+        text = ""
+        for ev in chat_events(self.model, self.tokenizer, e["query"], history, gen=e["gen"], tools=tools,
+                              cancel=e["cancel"]):  # fmt: skip
+            if "content" in ev:
+                text += ev["content"]
+                self._update(e, response=text)
+            elif "tool_call" in ev:
+                call = ev["tool_call"]
+                self._update(e, response={"name": call["name"], "parameters": json.loads(call["arguments"])})
 
     def close(self):
         """Stop: no new work is taken, and running generations stop at their next step."""

@@ -127,7 +127,8 @@ def create_app(model, tokenizer, workers: int = 4, max_waiting: int = 16, ttl: f
                     continue
                 seen = state.pop("version")
                 reply = state["response"]
-                # the growing text, and what was added (null when the text was rewritten, e.g. a ChatGLM3 tool call)
+                # the growing text (it only grows: serving/events.py) and what was added; null for a ChatGLM3 tool
+                # call, which replaces the text
                 new = isinstance(reply, str) and reply.startswith(text)
                 state["delta"] = reply[len(text) :] if new else None
                 text = reply if isinstance(reply, str) else ""

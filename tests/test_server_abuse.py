@@ -442,3 +442,27 @@ def test_v3_plain_reply_streams_token_by_token_and_holds_only_for_tools(tiny):
     with live(openai_api.create_app(Scripted(model, tok, call), tok)) as client:
         plain = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
         assert "".join(content_chunks(client, body)) == plain
+
+
+def test_stream_api_polls_the_same_deltas_as_the_openai_stream(tiny):
+    """stream_api's text only grows (the events.py deltas); a ChatGLM3 tool call arrives as one object."""
+    model, tok = tiny["v3"]
+    call = "get_weather\n```python\ntool_call(city_name='北京')\n```"
+    history = [{"role": "system", "content": "tools", "tools": [TOOLS[0]["function"]]}]
+    app = stream_api.create_app(Scripted(model, tok, call), tok, workers=1)
+    with live(app) as client:
+        rid = flask_post(client, "/chat", {"query": "北京天气", "history": history, "max_length": 2000})["request_id"]
+        with client.stream("GET", f"/events/{rid}") as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1]["is_finished"] and events[-1]["response"] == {"name": "get_weather",
+                                                                      "parameters": {"city_name": "北京"}}  # fmt: skip
+        assert all(e["response"] == "" for e in events[:-1])  # nothing of the call leaks as text first
+    text = "Hello there, a plain reply"
+    app = stream_api.create_app(Scripted(model, tok, text), tok, workers=1)
+    with live(app) as client:
+        rid = flask_post(client, "/chat", {"query": "hi", "max_length": 200})["request_id"]
+        with client.stream("GET", f"/events/{rid}") as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+        replies = [e["response"] for e in events]
+        assert replies[-1] == text and all(b.startswith(a) for a, b in zip(replies, replies[1:]))
+        assert "".join(e["delta"] for e in events) == text
