@@ -122,3 +122,20 @@ class SuppressUndecodableLogitsProcessor:
         if scores.shape[-1] > self.vocab_size:
             scores[..., self.vocab_size :] = float("-inf")
         return scores
+
+
+class ForceTokens:
+    """A logits processor that makes the model write `ids`, one per step (then repeats the last): scores stay finite,
+    so no nan/inf guard fires. For scripted replies through the real generation (the composite demo's
+    demonstration mode, tests)."""
+
+    def __init__(self, ids):
+        self.ids, self.start = list(ids), None
+
+    def __call__(self, input_ids, scores):
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        k = min(input_ids.shape[1] - self.start, len(self.ids) - 1)
+        scores[:] = -1e4
+        scores[..., self.ids[k]] = 1e4
+        return scores

@@ -14,6 +14,8 @@ see the other two.
 
 from __future__ import annotations
 
+from chatglm.sampling import ForceTokens
+
 from .client import Client
 
 NOTICE = (
@@ -49,21 +51,6 @@ def scripted_reply(query: str, role: str, history: list[dict]) -> tuple[str, boo
     return "\n" + CHAT_REPLY, False
 
 
-class Force:
-    """A logits processor that makes the model write `ids`, one per step (finite scores: no nan/inf guard fires)."""
-
-    def __init__(self, ids: list[int]):
-        self.ids, self.start = ids, None
-
-    def __call__(self, input_ids, scores):
-        if self.start is None:
-            self.start = input_ids.shape[1]
-        k = min(input_ids.shape[1] - self.start, len(self.ids) - 1)
-        scores[:] = -1e4
-        scores[..., self.ids[k]] = 1e4
-        return scores
-
-
 class DemonstrationClient(Client):
     """A Client whose tiny ChatGLM3 writes `scripted_reply`; the rest of the path is the real one."""
 
@@ -74,5 +61,5 @@ class DemonstrationClient(Client):
         tok = self.tokenizer
         ids = tok.encode(text, add_special_tokens=False)
         ids.append(tok.get_command("<|observation|>") if call else tok.eos_token_id)
-        kwargs = {"max_new_tokens": len(ids) + 1, "do_sample": False, "logits_processor": [Force(ids)]}
+        kwargs = {"max_new_tokens": len(ids) + 1, "do_sample": False, "logits_processor": [ForceTokens(ids)]}
         yield from self._stream(query, history, role, kwargs)

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import logging
-from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 
-from chatglm.engine import detach
-
+from .fastapi_app import base_app
 from .requests import (
     DEFAULT_MAX_BODY,
-    HostGuard,
-    RequestError,
     check_history,
     check_prompt,
     field,
@@ -22,7 +17,7 @@ from .requests import (
     parse_json_body,
     read_body,
 )
-from .workers import AsyncRunner, ClientGone, last_step, use_engine
+from .workers import last_step
 
 logger = logging.getLogger("api")
 
@@ -33,30 +28,10 @@ def create_app(model, tokenizer, max_body_bytes: int = DEFAULT_MAX_BODY, concurr
     max_batch requests together; else generation runs on `concurrency` threads one step at a time. `max_waiting`
     more requests may queue; beyond that, 503 with Retry-After. `allowed_hosts` (serving.requests.allowed_hosts;
     None: any) are the Host headers served."""
-    batched, concurrency = use_engine(model, max_batch, max_waiting, concurrency)
-    runner = AsyncRunner(concurrency, max_waiting)
-    version = model.config.chatglm_version
-
-    @asynccontextmanager
-    async def lifespan(app):
-        yield
-        runner.close()
-        if batched:
-            detach(model)
-
-    app = FastAPI(title="ChatGLM API", lifespan=lifespan)
-    app.state.runner = runner
-
-    @app.exception_handler(RequestError)
-    async def refused(request: Request, e: RequestError):
-        headers = {"Retry-After": "1"} if e.status == 503 else None
-        return JSONResponse({"detail": e.message, "status": e.status}, status_code=e.status, headers=headers)
-
-    app.add_middleware(HostGuard, allowed=allowed_hosts, refuse=refused)
-
-    @app.exception_handler(ClientGone)
-    async def gone(request: Request, e: ClientGone):  # nobody reads this: the client closed the connection
-        return JSONResponse({"detail": "client closed the request"}, status_code=499)
+    app = base_app("ChatGLM API", model, lambda e: {"detail": e.message, "status": e.status},
+                   concurrency=concurrency, max_waiting=max_waiting, max_batch=max_batch,
+                   allowed_hosts=allowed_hosts)  # fmt: skip
+    runner, version = app.state.runner, model.config.chatglm_version
 
     @app.post("/")
     async def create_item(request: Request):

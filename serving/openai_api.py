@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -13,13 +12,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from chatglm.engine import detach
-
 from .events import chat_events
+from .fastapi_app import base_app
 from .openai_messages import openai_to_chat
 from .requests import (
     DEFAULT_MAX_BODY,
-    HostGuard,
     RequestError,
     check_prompt,
     check_tools,
@@ -28,7 +25,6 @@ from .requests import (
     parse_json_body,
     read_body,
 )
-from .workers import AsyncRunner, ClientGone, use_engine
 
 MODEL_NAMES = {"v1": "chatglm-6b", "v2": "chatglm2-6b", "v3": "chatglm3-6b"}
 
@@ -108,31 +104,14 @@ def create_app(model, tokenizer, model_name: str | None = None, max_body_bytes: 
     None: any) are the Host headers served."""
     version = model.config.chatglm_version
     model_name = model_name or MODEL_NAMES[version]
-    batched, concurrency = use_engine(model, max_batch, max_waiting, concurrency)
-    runner = AsyncRunner(concurrency, max_waiting)
     created = int(time.time())
 
-    @asynccontextmanager
-    async def lifespan(app):
-        yield
-        runner.close()
-        if batched:
-            detach(model)
+    def error_json(e: RequestError) -> dict:
+        return error_body(e.message, "server_busy" if e.status == 503 else "invalid_request_error", e.param)
 
-    app = FastAPI(title="ChatGLM OpenAI-compatible API", lifespan=lifespan)
-    app.state.runner = runner
-
-    @app.exception_handler(RequestError)
-    async def refused(request: Request, e: RequestError):
-        kind = "server_busy" if e.status == 503 else "invalid_request_error"
-        headers = {"Retry-After": "1"} if e.status == 503 else None
-        return JSONResponse(error_body(e.message, kind, e.param), status_code=e.status, headers=headers)
-
-    app.add_middleware(HostGuard, allowed=allowed_hosts, refuse=refused)
-
-    @app.exception_handler(ClientGone)
-    async def gone(request: Request, e: ClientGone):  # nobody reads this: the client closed the connection
-        return JSONResponse({"detail": "client closed the request"}, status_code=499)
+    app = base_app("ChatGLM OpenAI-compatible API", model, error_json, concurrency=concurrency,
+                   max_waiting=max_waiting, max_batch=max_batch, allowed_hosts=allowed_hosts)  # fmt: skip
+    runner = app.state.runner
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):

@@ -14,11 +14,12 @@ from typing import Annotated
 import pytest
 
 from chatglm.generation import parse_tool_call, process_response
+from chatglm.sampling import ForceTokens
 from composite_demo import agent, code_kernel, tools
 from composite_demo.agent import Mode
 from composite_demo.client import Client, set_client_factory
 from composite_demo.conversation import Message, Role, extract_code, from_history, to_history
-from composite_demo.demonstration import CHAT_REPLY, NOTICE, DemonstrationClient, Force
+from composite_demo.demonstration import CHAT_REPLY, NOTICE, DemonstrationClient
 from composite_demo.tool_registry import REGISTRY, ToolCallError, ToolRegistry, dump_tool_list, load_tool_list
 from kernels.settings import settings
 
@@ -459,7 +460,7 @@ class ForcedModel:
     def stream_chat(self, tokenizer, query, history=None, role="user", **gen):
         text, stop = self.replies.pop(0)
         ids = tokenizer.encode(text, add_special_tokens=False) + [stop]
-        yield from self.model.stream_chat(tokenizer, query, history=history, role=role, logits_processor=[Force(ids)],
+        yield from self.model.stream_chat(tokenizer, query, history=history, role=role, logits_processor=[ForceTokens(ids)],
                                           **gen)  # fmt: skip
 
 
@@ -769,8 +770,20 @@ SINE = ("import numpy as np\nimport matplotlib.pyplot as plt\nx = np.linspace(0,
         "print('max', round(float(np.sin(x).max()), 3))")  # fmt: skip
 
 
-def test_composite_demo_in_a_browser(request, tiny_dirs, tmp_path):
+def settled(check):
+    """check(), or False while the elements it reads come and go (Streamlit reruns the page)."""
     from selenium.common.exceptions import StaleElementReferenceException
+
+    def run():
+        try:
+            return check()
+        except (StaleElementReferenceException, IndexError):
+            return False
+
+    return run
+
+
+def test_composite_demo_in_a_browser(request, tiny_dirs, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -788,15 +801,6 @@ def test_composite_demo_in_a_browser(request, tiny_dirs, tmp_path):
     proc = start_server(args, {"CHATGLM_CACHE": str(tmp_path)}, tmp_path / "log", url)
     try:
         d.get(url)
-
-        def settled(check):  # elements come and go while Streamlit reruns the page
-            def run():
-                try:
-                    return check()
-                except (StaleElementReferenceException, IndexError):
-                    return False
-
-            return run
 
         wait_for(d, lambda: d.find_elements(By.CSS_SELECTOR, "textarea"), 90, "the chat input")
         labels = "[data-testid=stRadio] label"
@@ -831,7 +835,6 @@ def test_composite_demo_in_a_browser(request, tiny_dirs, tmp_path):
 def test_demonstration_mode_in_a_browser(request, tmp_path):
     """`streamlit run composite_demo/main.py -- --demo`: one tool call and one code cell end to end, as a newcomer
     without a model sees them; screenshots in artifacts/."""
-    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -845,15 +848,6 @@ def test_demonstration_mode_in_a_browser(request, tmp_path):
     env = {"CHATGLM_CACHE": str(tmp_path), "MODEL_PATH": ""}
     proc = start_server(args, env, tmp_path / "log", url)
     select = "[data-testid=stChatMessage]"
-
-    def settled(check):  # elements come and go while Streamlit reruns the page
-        def run():
-            try:
-                return check()
-            except (StaleElementReferenceException, IndexError):
-                return False
-
-        return run
 
     def mode(word):
         labels = "[data-testid=stRadio] label"

@@ -28,6 +28,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 import api  # noqa: E402
 import openai_api  # noqa: E402
 import stream_api  # noqa: E402
+from chatglm.sampling import ForceTokens  # noqa: E402
 from serving.events import holdback
 from serving.openai_messages import openai_to_chat  # noqa: E402
 
@@ -69,21 +70,6 @@ class Gated:
         return steps()
 
 
-class Force:
-    """A logits processor making the model say `ids` (finite scores: the nan/inf guard must not fire)."""
-
-    def __init__(self, ids):
-        self.ids, self.start = ids, None
-
-    def __call__(self, input_ids, scores):
-        if self.start is None:
-            self.start = input_ids.shape[1]
-        k = min(input_ids.shape[1] - self.start, len(self.ids) - 1)
-        scores[:] = -1e4
-        scores[..., self.ids[k]] = 1e4
-        return scores
-
-
 class Scripted:
     """The model, but its replies are the given text (then the stop token), through the real chat code."""
 
@@ -95,7 +81,7 @@ class Scripted:
         return getattr(self._model, name)
 
     def stream_chat(self, tokenizer, query, history=None, logits_processor=None, **kwargs):
-        procs = [*(logits_processor or []), Force(self.ids)]
+        procs = [*(logits_processor or []), ForceTokens(self.ids)]
         return self._model.stream_chat(tokenizer, query, history, logits_processor=procs, **kwargs)
 
 

@@ -1,0 +1,47 @@
+"""What api.py's and openai_api.py's FastAPI apps share: worker threads, the engine while the app runs, refusals
+in the app's own error shape, the Host guard."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from chatglm.engine import detach
+
+from .requests import HostGuard, RequestError
+from .workers import AsyncRunner, ClientGone, use_engine
+
+
+def base_app(title: str, model, error_json: Callable[[RequestError], dict], *, concurrency: int, max_waiting: int,
+             max_batch: int, allowed_hosts) -> FastAPI:  # fmt: skip
+    """A FastAPI app around `model`: with max_batch > 1 the model's engine (chatglm/engine.py) batches up to
+    max_batch requests (taken off the model when the app stops), else `concurrency` threads generate one step at a
+    time; `max_waiting` more may queue (app.state.runner). A RequestError is answered as error_json(e) with its
+    status (503 with Retry-After); a client that left gets 499; Host headers outside `allowed_hosts` are refused."""
+    batched, concurrency = use_engine(model, max_batch, max_waiting, concurrency)
+    runner = AsyncRunner(concurrency, max_waiting)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        runner.close()
+        if batched:
+            detach(model)
+
+    app = FastAPI(title=title, lifespan=lifespan)
+    app.state.runner = runner
+
+    @app.exception_handler(RequestError)
+    async def refused(request: Request, e: RequestError):
+        headers = {"Retry-After": "1"} if e.status == 503 else None
+        return JSONResponse(error_json(e), status_code=e.status, headers=headers)
+
+    @app.exception_handler(ClientGone)
+    async def gone(request: Request, e: ClientGone):  # nobody reads this: the client closed the connection
+        return JSONResponse({"detail": "client closed the request"}, status_code=499)
+
+    app.add_middleware(HostGuard, allowed=allowed_hosts, refuse=refused)
+    return app
