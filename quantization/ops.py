@@ -119,7 +119,7 @@ def quantized_linear(x, weight, scale, bits, bias=None, owner=None):
 def cuda_kernels() -> bool:
     """Whether quantized layers on CUDA run the Triton kernels (quantization/triton_ops.py): triton imports and
     settings.triton holds (CHATGLM_NO_TRITON unset). Otherwise they run the reference (dequantize, then
-    matmul), with a warning from utils.load_model. cpm_kernels, the original's CUDA kernels, carry no code for
+    matmul), with a warning from chatglm/backends.py. cpm_kernels, the original's CUDA kernels, carry no code for
     current GPUs (sm_90) and are not used."""
     return settings.triton and _triton_imports()
 

@@ -14,6 +14,7 @@ import torch
 import chatglm
 import kernels
 import utils
+from chatglm import backends
 from chatglm.loading import model_class
 from kernels.settings import settings
 from quantization import QuantizedLinear
@@ -26,9 +27,9 @@ def fresh_warnings(monkeypatch):
     # The loader's gc.collect() after each shard (memory hygiene for 6B shards) costs ~0.3 s a call in a test
     # process and nothing here depends on it: skip it to keep this file fast.
     monkeypatch.setattr("chatglm.loading.gc", types.SimpleNamespace(collect=lambda: 0))
-    utils._warned.clear()
+    backends._warned.clear()
     yield
-    utils._warned.clear()
+    backends._warned.clear()
 
 
 @pytest.fixture
@@ -40,7 +41,7 @@ def fake_cuda(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-        monkeypatch.setattr(utils, "_place", lambda model, device: moved.append(device) or model)
+        monkeypatch.setattr(backends, "_place", lambda model, device: moved.append(device) or model)
         return moved
 
     return make
@@ -51,7 +52,7 @@ def fake_mps(monkeypatch):
     moved = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    monkeypatch.setattr(utils, "_place", lambda model, device: moved.append(device) or model)
+    monkeypatch.setattr(backends, "_place", lambda model, device: moved.append(device) or model)
     return moved
 
 
@@ -83,9 +84,9 @@ def test_auto_picks_cuda_then_mps_then_cpu(monkeypatch, fake_cuda):
 def test_default_dtype_per_device(monkeypatch):
     assert utils.default_dtype("cuda") == utils.default_dtype("cuda:1") == torch.float16
     assert utils.default_dtype("mps") == torch.float16
-    monkeypatch.setattr(utils, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(backends, "cpu_has_fast_bf16", lambda: True)
     assert utils.default_dtype("cpu") == torch.bfloat16
-    monkeypatch.setattr(utils, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(backends, "cpu_has_fast_bf16", lambda: False)
     assert utils.default_dtype("cpu") == torch.float32
     monkeypatch.undo()
     # One probe for both (kernels.native_half_gemm): native bf16 instructions, not merely AVX-512.
@@ -98,8 +99,8 @@ def test_default_dtype_per_device(monkeypatch):
 
 @pytest.mark.parametrize("fast_bf16", [True, False])
 def test_fp16_on_cpu_warns_and_falls_back(tiny_dirs, monkeypatch, caplog, fast_bf16):
-    monkeypatch.setattr(utils, "cpu_has_fast_bf16", lambda: fast_bf16)
-    with caplog.at_level(logging.WARNING, "chatglm.utils"):
+    monkeypatch.setattr(backends, "cpu_has_fast_bf16", lambda: fast_bf16)
+    with caplog.at_level(logging.WARNING, "chatglm.backends"):
         model, _ = utils.load_model_and_tokenizer(tiny_dirs["v2"], device="cpu", dtype="fp16")
     assert model.dtype == (torch.bfloat16 if fast_bf16 else torch.float32)
     assert "fp16 on the CPU" in caplog.text
@@ -109,7 +110,7 @@ def test_cpu_default_load(tiny_dirs, ids, monkeypatch, caplog):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     before = torch.get_num_threads()
     try:
-        with caplog.at_level(logging.INFO, "chatglm.utils"):
+        with caplog.at_level(logging.INFO, "chatglm.backends"):
             model, tokenizer = utils.load_model_and_tokenizer(str(tiny_dirs["v3"]), device="cpu")
         assert torch.get_num_threads() == 1
     finally:
@@ -127,7 +128,7 @@ def test_cuda_path_fp16_and_bf16_fallback(tiny_dirs, fake_cuda, monkeypatch, cap
     model, _ = utils.load_model_and_tokenizer(tiny_dirs["v2"])  # device auto
     assert moved == ["cuda"] and model.dtype == torch.float16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    with caplog.at_level(logging.WARNING, "chatglm.utils"):
+    with caplog.at_level(logging.WARNING, "chatglm.backends"):
         model, _ = utils.load_model_and_tokenizer(tiny_dirs["v2"], device="cuda:0", dtype="bf16")
     assert moved[-1] == "cuda:0" and model.dtype == torch.float16 and "does not support bf16" in caplog.text
 
@@ -147,7 +148,7 @@ def triton_switch(monkeypatch):
 def test_quantized_on_cuda_warns_once_without_triton(tiny_dirs, fake_cuda, caplog, triton_switch):
     triton_switch(False)
     moved = fake_cuda(1)
-    with caplog.at_level(logging.WARNING, "chatglm.utils"):
+    with caplog.at_level(logging.WARNING, "chatglm.backends"):
         for bits in (4, 8):
             model, _ = utils.load_model_and_tokenizer(tiny_dirs["v1"], device="cuda", quantization_bit=bits)
             assert _quantized(model) and model.config.quantization_bit == bits
@@ -159,7 +160,7 @@ def test_quantized_on_cuda_warns_once_without_triton(tiny_dirs, fake_cuda, caplo
 def test_quantized_on_cuda_with_triton_does_not_warn(tiny_dirs, fake_cuda, caplog, triton_switch):
     triton_switch(True)
     fake_cuda(1)
-    with caplog.at_level(logging.WARNING, "chatglm.utils"):
+    with caplog.at_level(logging.WARNING, "chatglm.backends"):
         model, _ = utils.load_model_and_tokenizer(tiny_dirs["v1"], device="cuda", quantization_bit=4)
     assert _quantized(model) and "GPU kernels" not in caplog.text
 
@@ -170,7 +171,7 @@ def test_mps_path_is_half(tiny_dirs, fake_mps):
 
 
 def test_quantized_on_mps_runs_on_the_cpu_kernels(tiny_dirs, fake_mps, ids, caplog):
-    with caplog.at_level(logging.WARNING, "chatglm.utils"):
+    with caplog.at_level(logging.WARNING, "chatglm.backends"):
         model, _ = utils.load_model_and_tokenizer(tiny_dirs["v2"], device="mps", quantization_bit=4)
     assert fake_mps == ["cpu"] and model.device.type == "cpu" and _quantized(model)
     assert model.dtype == utils.default_dtype("cpu") and "CPU kernels" in caplog.text
