@@ -189,6 +189,10 @@ def timed_stream(model, ids, new: int, ref: bool, device: str, decode: str = "ea
 
 def worker(args) -> dict:
     torch.set_num_threads(args.threads)
+    if args.quantized_prefill == "fused":
+        from kernels.settings import settings
+
+        settings.cpu_quantized_gemm = False  # the fused kernel at every row count
     dtype_name, bits = MODES[args.mode]
     device = args.device
     ref = args.path == "ref"
@@ -334,6 +338,10 @@ def main():
     parser.add_argument("--output-layer", default="float", choices=["float", "bf16", "int8"],
                         help="ours' output layer (default float, as the original keeps it; int8 is what the "
                              "loader gives a quantized CPU model; the ref path keeps float)")  # fmt: skip
+    parser.add_argument("--quantized-prefill", default="auto", choices=["auto", "fused"],
+                        help="INT8/INT4 layers with many rows: auto = the model's choice for this CPU (dequantize to "
+                             "bf16 + torch's GEMM where bf16 matmuls are native, else the fused kernel); fused = the "
+                             "fused kernel at every row count")  # fmt: skip
     parser.add_argument("--worker", choices=["gen", "long"], help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--path", default="ours", help=argparse.SUPPRESS)
@@ -360,7 +368,8 @@ def main():
     print(f"# bench_generate: torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} cpus, "
           f"device {args.device} ({cap}), config {os.path.basename(os.path.abspath(args.config))}, "
           f"{args.layers} layers at full width (scaled to the real depth), prompt {args.prompt}, "
-          f"{args.new} new tokens (ref {args.ref_new}), batch {args.batch}, output layer {args.output_layer}",
+          f"{args.new} new tokens (ref {args.ref_new}), batch {args.batch}, output layer {args.output_layer}, "
+          f"quantized prefill {args.quantized_prefill}",
           flush=True)  # fmt: skip
     if args.context:
         print(f"{'mode':<5} {'thr':>3} {'context':>8} {'layers':>6} {'KV GiB':>7} {'dec ms/tok':>10} {'peak GiB':>9}")
@@ -384,7 +393,8 @@ def main():
                 argv = ["--worker", "gen", "--mode", mode, "--threads", str(t), "--path", path, "--config",
                         args.config, "--device", args.device, "--layers", str(args.layers), "--prompt",
                         str(args.prompt), "--new", str(args.new), "--ref-new", str(args.ref_new), "--batch",
-                        str(args.batch), "--output-layer", args.output_layer]  # fmt: skip
+                        str(args.batch), "--output-layer", args.output_layer,
+                        "--quantized-prefill", args.quantized_prefill]  # fmt: skip
                 r = run_worker(argv, path == "ref")
                 if r is None:
                     print(f"{mode:<5} {t:>3} {path:<7} failed", flush=True)

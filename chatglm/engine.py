@@ -21,6 +21,12 @@ only the rest of its prompt is prefilled: the follow-up turn of a conversation s
 slots themselves: nothing is kept beyond them. (ChatGLM-6B's prompt attends both ways, so a shared beginning does
 not mean shared keys: it always prefills whole.)
 
+Bit for bit: a row's result must not depend on the rows sharing its forward (chunks, batches, a kept prefix
+computed in an earlier decode). That holds for fp32 and for the fused INT8/INT4 kernels; on a CPU with native bf16
+matmuls, bf16 weights (above 16 rows) and INT8/INT4 weights (32+ rows, settings.cpu_quantized_gemm) take torch's
+bf16 GEMM for prompts, so a reply can differ from the one alone by rounding (CHATGLM_NO_QUANTIZED_GEMM=1 keeps
+INT8/INT4 identical).
+
 Bounded: `max_batch` requests run, `max_waiting` more wait; beyond that `submit` raises `EngineBusy` (servers
 answer 503 with Retry-After). Each step runs under `model_lock(model)`, so other users of the model (a request
 the engine does not take, a CUDA cache release) never run a forward at the same time.

@@ -170,6 +170,7 @@ class CpuKernel:
         self.lib.quantize_activations.argtypes = [p, p, p, i, i, i]
         self.lib.unpack_int4.argtypes = [p, p, i, i]
         self.lib.dequantize.argtypes = [p, p, p, i, i, i]
+        self.lib.dequantize_bf16.argtypes = [p, p, p, i, i, i, i]
         self.lib.set_num_threads.argtypes = [i]
         f, lg = ctypes.c_float, ctypes.c_long
         self.lib.rms_norm_f32.argtypes = [p, p, i, p, i, i, f]
@@ -178,9 +179,13 @@ class CpuKernel:
         self.lib.attention_decode_f32.restype = i
         self.lib.silu_mul_f32.argtypes = [p, p, i, i]
         self.openmp = bool(self.lib.has_openmp())
-        self.simd = {0: "portable C", 2: "AVX2+FMA", 3: "AVX2+FMA+F16C", 4: "AVX2+FMA+F16C, AVX-512 codegen"}.get(
-            self.lib.simd_level(), "?"
-        )
+        self.simd = {
+            0: "portable C",
+            2: "AVX2+FMA",
+            3: "AVX2+FMA+F16C",
+            4: "AVX2+FMA+F16C, AVX-512 codegen",
+            5: "AVX2+FMA+F16C, AVX-512 VNNI",
+        }.get(self.lib.simd_level(), "?")
         self._threads = None
 
     def _sync_threads(self):
@@ -292,6 +297,17 @@ class CpuKernel:
         k = weight.shape[1] * (2 if bits == 4 else 1)
         out = torch.empty(n, k, dtype=torch.float32)
         self.lib.dequantize(self._ptr(weight.contiguous()), self._ptr(scale_f32), self._ptr(out), n, k, bits)
+        return out
+
+    def dequantize_bf16(self, weight, scale_f32, bits, start=0, stop=None, out=None):
+        """Rows [start, stop) of a quantized weight (contiguous) as bf16 [stop - start, k], rounded to nearest
+        even; `out` (bf16, at least that many elements) is reused when given."""
+        self._sync_threads()
+        stop = weight.shape[0] if stop is None else stop
+        k = weight.shape[1] * (2 if bits == 4 else 1)
+        shape = (stop - start, k)
+        out = torch.empty(shape, dtype=torch.bfloat16) if out is None else out.view(-1)[: shape[0] * k].view(shape)
+        self.lib.dequantize_bf16(self._ptr(weight), self._ptr(scale_f32), self._ptr(out), start, stop, k, bits)
         return out
 
 

@@ -37,6 +37,11 @@
 #if defined(__F16C__) && defined(USE_AVX2)
 #define USE_F16C 1
 #endif
+/* AVX-512 with VNNI (vpdpbusd: u8 x s8 products summed four at a time into int32, one instruction where AVX2
+ * needs maddubs + madd + add): the INT4 kernels read two 64-column blocks per 512-bit load. */
+#if defined(USE_F16C) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define USE_VNNI512 1
+#endif
 
 void set_num_threads(int n) {
 #ifdef _OPENMP
@@ -63,9 +68,12 @@ int has_openmp(void) {
 }
 
 /* Which SIMD path this build has: 0 portable C, 2 AVX2+FMA (+F16C: 3; 4 when the compiler may also use
- * AVX-512 for the code around the intrinsics, as -march=native does on such a CPU). */
+ * AVX-512 for the code around the intrinsics, as -march=native does on such a CPU; 5 with the AVX-512 VNNI
+ * INT4 kernels). */
 int simd_level(void) {
-#if defined(USE_F16C) && defined(__AVX512F__)
+#if defined(USE_VNNI512)
+    return 5;
+#elif defined(USE_F16C) && defined(__AVX512F__)
     return 4;
 #elif defined(USE_F16C)
     return 3;
@@ -471,8 +479,113 @@ static inline void q4_rows8(const int8_t *w, size_t stride, const int8_t *q, con
 }
 #endif
 
+#ifdef USE_VNNI512
+/* The activations of one x row rearranged for 512-bit INT4 work: per pair of 64-column blocks (2p, 2p + 1),
+ * the 32 even columns of both, then the 32 odd ones of both (128 bytes), and the pair's scales as 16 floats
+ * (eight of each block's). Only whole pairs (2 * pairs <= full). */
+static void vnni_pairs(const int8_t *q, const float *d, int pairs, int8_t *q2, float *d2) {
+    for (int p = 0; p < pairs; p++) {
+        const int8_t *b0 = q + (size_t)(2 * p) * QB, *b1 = b0 + QB;
+        int8_t *o = q2 + (size_t)p * 128;
+        memcpy(o, b0, 32), memcpy(o + 32, b1, 32), memcpy(o + 64, b0 + 32, 32), memcpy(o + 96, b1 + 32, 32);
+        for (int i = 0; i < 8; i++) d2[16 * p + i] = d[2 * p], d2[16 * p + 8 + i] = d[2 * p + 1];
+    }
+}
+
+/* INT4 decode, 8 weight rows per pass, two blocks (64 packed bytes of a row) per step: XOR 0x88 makes the
+ * nibbles unsigned (s + 8), vpdpbusd sums (s + 8) * x over the high nibbles against the even columns and the low
+ * ones against the odd columns; int32 lanes 0-7 belong to the first block, 8-15 to the second (d2 matches).
+ * A last odd block, if any, is left to the caller (q4_rows / AVX2). Returns the sums without the -8 * corr. */
+static inline void q4_rows8_vnni(const int8_t *w, size_t stride, const int8_t *q2, const float *d2, int pairs,
+                                 float *sums) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x88);
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    const char *pf = (const char *)(w + 16 * stride);
+    for (int p = 0; p < pairs; p++) {
+        for (int l = 0; l < 8; l++) _mm_prefetch(pf + (size_t)p * 512 + 64 * l, _MM_HINT_T0);
+        __m512i xe = _mm512_loadu_si512((const void *)(q2 + (size_t)p * 128));
+        __m512i xo = _mm512_loadu_si512((const void *)(q2 + (size_t)p * 128 + 64));
+        __m512 dp = _mm512_loadu_ps(d2 + 16 * p);
+        const int8_t *wb = w + (size_t)p * 64;
+#define Q4_VNNI(a, r)                                                                                          \
+    do {                                                                                                       \
+        __m512i v = _mm512_xor_si512(_mm512_loadu_si512((const void *)(wb + (r) * stride)), flip);             \
+        __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(_mm512_srli_epi16(v, 4), m4), xe); \
+        t = _mm512_dpbusd_epi32(t, _mm512_and_si512(v, m4), xo);                                               \
+        a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), dp, a);                                                     \
+    } while (0)
+        Q4_VNNI(a0, 0);
+        Q4_VNNI(a1, 1);
+        Q4_VNNI(a2, 2);
+        Q4_VNNI(a3, 3);
+        Q4_VNNI(a4, 4);
+        Q4_VNNI(a5, 5);
+        Q4_VNNI(a6, 6);
+        Q4_VNNI(a7, 7);
+#undef Q4_VNNI
+    }
+    sums[0] = _mm512_reduce_add_ps(a0), sums[1] = _mm512_reduce_add_ps(a1), sums[2] = _mm512_reduce_add_ps(a2);
+    sums[3] = _mm512_reduce_add_ps(a3), sums[4] = _mm512_reduce_add_ps(a4), sums[5] = _mm512_reduce_add_ps(a5);
+    sums[6] = _mm512_reduce_add_ps(a6), sums[7] = _mm512_reduce_add_ps(a7);
+}
+
+/* Several x rows against 4 unpacked weight rows (q4_unpack_rows' layout: per block the 32 high nibbles then the
+ * 32 low ones, each s + 8), which is the activations' layout (32 even columns, then 32 odd ones): one vpdpbusd
+ * per block and x row. Two x rows per pass share each weight load. */
+static inline void q4u_rows2_vnni(const uint8_t *u, int full, const int8_t *q0, const float *d0, float c0,
+                                  const int8_t *q1, const float *d1, float c1, float *s0, float *s1) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    const size_t rs = (size_t)full * QB;
+    for (int b = 0; b < full; b++) {
+        __m512i x0 = _mm512_loadu_si512((const void *)(q0 + (size_t)b * QB));
+        __m512i x1 = _mm512_loadu_si512((const void *)(q1 + (size_t)b * QB));
+        __m512 e0 = _mm512_set1_ps(d0[b]), e1 = _mm512_set1_ps(d1[b]);
+        const uint8_t *ub = u + (size_t)b * QB;
+#define Q4U_VNNI(a, c, r)                                                                                      \
+    do {                                                                                                       \
+        __m512i v = _mm512_loadu_si512((const void *)(ub + (r) * rs));                                         \
+        a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), v, x0)), e0, a);    \
+        c = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), v, x1)), e1, c);    \
+    } while (0)
+        Q4U_VNNI(a0, b0, 0);
+        Q4U_VNNI(a1, b1, 1);
+        Q4U_VNNI(a2, b2, 2);
+        Q4U_VNNI(a3, b3, 3);
+#undef Q4U_VNNI
+    }
+    s0[0] = _mm512_reduce_add_ps(a0) - 8.f * c0, s0[1] = _mm512_reduce_add_ps(a1) - 8.f * c0;
+    s0[2] = _mm512_reduce_add_ps(a2) - 8.f * c0, s0[3] = _mm512_reduce_add_ps(a3) - 8.f * c0;
+    s1[0] = _mm512_reduce_add_ps(b0) - 8.f * c1, s1[1] = _mm512_reduce_add_ps(b1) - 8.f * c1;
+    s1[2] = _mm512_reduce_add_ps(b2) - 8.f * c1, s1[3] = _mm512_reduce_add_ps(b3) - 8.f * c1;
+}
+
+static inline void q4u_rows_vnni(const uint8_t *u, int full, const int8_t *q, const float *d, float corr,
+                                 float *sums) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const size_t rs = (size_t)full * QB;
+    for (int b = 0; b < full; b++) {
+        __m512i x = _mm512_loadu_si512((const void *)(q + (size_t)b * QB));
+        __m512 e = _mm512_set1_ps(d[b]);
+        const uint8_t *ub = u + (size_t)b * QB;
+#define Q4U_VNNI1(a, r)                                                                                        \
+    a = _mm512_fmadd_ps(                                                                                       \
+        _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512((const void *)(ub + (r) * rs)), x)), \
+        e, a)
+        Q4U_VNNI1(a0, 0);
+        Q4U_VNNI1(a1, 1);
+        Q4U_VNNI1(a2, 2);
+        Q4U_VNNI1(a3, 3);
+#undef Q4U_VNNI1
+    }
+    sums[0] = _mm512_reduce_add_ps(a0) - 8.f * corr, sums[1] = _mm512_reduce_add_ps(a1) - 8.f * corr;
+    sums[2] = _mm512_reduce_add_ps(a2) - 8.f * corr, sums[3] = _mm512_reduce_add_ps(a3) - 8.f * corr;
+}
+#endif
+
 /* x rows from which an INT4 call unpacks each weight group once (q4_unpack_rows) rather than per x row. */
+#ifndef Q4_UNPACK_MIN_ROWS
 #define Q4_UNPACK_MIN_ROWS 4
+#endif
 
 /* One x row's outputs o0 .. o0 + rows - 1: the integer-kernel sums times the weight scale, plus the bias. */
 static inline void store_outputs(float *yrow, const float *sums, const float *scale, const float *bias, int o0,
@@ -499,13 +612,35 @@ static int wq_linear(const float *x, const int8_t *w, const float *scale, const 
 #ifdef USE_AVX2
     unpack = bits == 4 && m >= Q4_UNPACK_MIN_ROWS && k % QB == 0;
     if (bits == 4 && m == 1 && k % QB == 0) { /* decode: groups of 8 rows (the last partial group by q4_rows) */
+#ifdef USE_VNNI512
+        int pairs = full / 2;
+        int8_t *q2 = (int8_t *)malloc((size_t)pairs * 128 + 64);
+        float *d2 = (float *)malloc(((size_t)pairs * 16 + 1) * sizeof(float));
+        if (!q2 || !d2) {
+            free(q2), free(d2), free(q), free(d), free(corr);
+            return -1;
+        }
+        vnni_pairs(q, d, pairs, q2, d2);
+#endif
 #pragma omp parallel for schedule(static)
         for (int o0 = 0; o0 < n; o0 += 8) {
             float sums[8];
             int rows = n - o0 < 8 ? n - o0 : 8;
             const int8_t *wr = w + (size_t)o0 * stride;
             if (rows == 8) {
+#ifdef USE_VNNI512
+                q4_rows8_vnni(wr, stride, q2, d2, pairs, sums);
+                if (full % 2) { /* the last block of an odd count */
+                    size_t off = (size_t)(full - 1) * 32;
+                    __m256i xe = _mm256_loadu_si256((const __m256i *)(q + (size_t)(full - 1) * QB));
+                    __m256i xo = _mm256_loadu_si256((const __m256i *)(q + (size_t)(full - 1) * QB + 32));
+                    for (int r = 0; r < 8; r++)
+                        sums[r] += d[full - 1] * hsum256(_mm256_cvtepi32_ps(dot4_avx2(wr + r * stride + off, xe, xo)));
+                }
+                for (int r = 0; r < 8; r++) sums[r] -= 8.f * corr[0];
+#else
                 q4_rows8(wr, stride, q, d, corr[0], full, sums);
+#endif
             } else {
                 for (int r0 = 0; r0 < rows; r0 += ROWS)
                     q4_rows(wr + (size_t)r0 * stride, stride, rows - r0 < ROWS ? rows - r0 : ROWS, q, d, corr[0], k,
@@ -513,6 +648,9 @@ static int wq_linear(const float *x, const int8_t *w, const float *scale, const 
             }
             store_outputs(y, sums, scale, bias, o0, rows);
         }
+#ifdef USE_VNNI512
+        free(q2), free(d2);
+#endif
         free(q), free(d), free(corr);
         return 0;
     }
@@ -538,7 +676,12 @@ static int wq_linear(const float *x, const int8_t *w, const float *scale, const 
                 if ((use_u || pair8) && b + 1 < m) { /* two x rows per pass over the group */
                     float sums1[ROWS];
                     if (use_u)
+#ifdef USE_VNNI512
+                        q4u_rows2_vnni(u, full, qb, db, corr[b], qb + (size_t)nb * QB, db + nb, corr[b + 1], sums,
+                                       sums1);
+#else
                         q4u_rows2(u, full, qb, db, corr[b], qb + (size_t)nb * QB, db + nb, corr[b + 1], sums, sums1);
+#endif
                     else
                         q8_rows2(wr, stride, full, qb, db, qb + (size_t)nb * QB, db + nb, sums, sums1);
                     store_outputs(y + (size_t)b * n, sums, scale, bias, o0, ROWS);
@@ -547,7 +690,11 @@ static int wq_linear(const float *x, const int8_t *w, const float *scale, const 
                     continue;
                 }
                 if (use_u)
+#ifdef USE_VNNI512
+                    q4u_rows_vnni(u, full, qb, db, corr[b], sums);
+#else
                     q4u_rows(u, full, qb, db, corr[b], sums);
+#endif
                 else
 #endif
                 if (bits == 4)
@@ -813,6 +960,58 @@ void dequantize(const int8_t *w, const float *scale, float *out, int n, int k, i
                 int8_t byte = w[(size_t)o * h + j];
                 out[(size_t)o * k + 2 * j] = s * (float)(byte >> 4);
                 out[(size_t)o * k + 2 * j + 1] = s * (float)((int8_t)(byte << 4) >> 4);
+            }
+        }
+    }
+}
+
+/* bf16 with round to nearest even (the weights are finite). */
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Dequantize rows [o0, o1) to bf16 [o1 - o0, k] (prefill on a CPU with native bf16 matmuls: a block of weight
+ * rows dequantized once, then torch's bf16 GEMM over every row of x). */
+void dequantize_bf16(const int8_t *w, const float *scale, uint16_t *out, int o0, int o1, int k, int bits) {
+#pragma omp parallel for schedule(static)
+    for (int o = o0; o < o1; o++) {
+        float s = scale[o];
+        uint16_t *row = out + (size_t)(o - o0) * k;
+        int i0 = 0;
+        if (bits == 8) {
+            const int8_t *src = w + (size_t)o * k;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(CHATGLM_PORTABLE)
+            /* 16 weights at a time: s * q in fp32, then the same rounding as float_to_bf16 on the bits */
+            const __m512 sv = _mm512_set1_ps(s);
+            const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+            for (; i0 + 16 <= k; i0 += 16) {
+                __m512i u = _mm512_castps_si512(
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + i0)))), sv));
+                u = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+                _mm256_storeu_si256((__m256i *)(row + i0), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+            }
+#endif
+            for (int i = i0; i < k; i++) row[i] = float_to_bf16(s * (float)src[i]);
+        } else {
+            uint16_t lut[32]; /* the 16 nibble values times the scale (twice: a full vpermw table) */
+            for (int v = 0; v < 32; v++) lut[v] = float_to_bf16(s * (float)((v & 15) < 8 ? (v & 15) : (v & 15) - 16));
+            const uint8_t *src = (const uint8_t *)w + (size_t)o * (k / 2);
+            int j0 = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(CHATGLM_PORTABLE)
+            /* 16 bytes -> 32 columns: each byte b in a 32-bit lane as (b >> 4) | (b & 15) << 16, i.e. the high
+             * nibble's word first (the even column), then a table lookup per 16-bit word */
+            const __m512i table = _mm512_loadu_si512((const void *)lut), m4 = _mm512_set1_epi32(15);
+            for (; 2 * (j0 + 16) <= k; j0 += 16) {
+                __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + j0)));
+                __m512i idx = _mm512_or_si512(_mm512_srli_epi32(b, 4), _mm512_slli_epi32(_mm512_and_si512(b, m4), 16));
+                _mm512_storeu_si512((void *)(row + 2 * j0), _mm512_permutexvar_epi16(idx, table));
+            }
+#endif
+            for (int j = j0; j < k / 2; j++) {
+                row[2 * j] = lut[src[j] >> 4];
+                row[2 * j + 1] = lut[src[j] & 15];
             }
         }
     }

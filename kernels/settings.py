@@ -33,6 +33,12 @@ class Settings:
     )
     # INT8/INT4 on the CPU with fp32 activations (exact) instead of int8-quantized ones (faster).
     cpu_float_activations: bool = dataclasses.field(default_factory=lambda: _set("CHATGLM_CPU_FLOAT_ACTIVATIONS"))
+    # INT8/INT4 layers given DEQUANT_GEMM_MIN_ROWS rows or more (prefill) on a CPU with native bf16 matmuls (AMX,
+    # AVX512-BF16): the weight dequantized to bf16 and torch's GEMM (quantization/ops.py), 3-8x the fused kernel
+    # there. Off: the fused kernel at every row count, so that a row's result never depends on how many rows
+    # share its call (a reply through the engine's chunked prefill and prefix reuse then equals the reply alone
+    # bit for bit, as on a CPU without native bf16).
+    cpu_quantized_gemm: bool = dataclasses.field(default_factory=lambda: not _set("CHATGLM_NO_QUANTIZED_GEMM"))
     # Where the compiled kernel libraries are cached.
     kernel_cache: str = dataclasses.field(
         default_factory=lambda: os.environ.get("CHATGLM_KERNEL_CACHE") or _home_cache("kernels")
@@ -71,6 +77,7 @@ ENVIRONMENT = {
     "cpu_kernels": "CHATGLM_NO_CPU_KERNEL=1 turns off",
     "cpu_isa": "CHATGLM_CPU_ISA",
     "cpu_float_activations": "CHATGLM_CPU_FLOAT_ACTIVATIONS=1",
+    "cpu_quantized_gemm": "CHATGLM_NO_QUANTIZED_GEMM=1 turns off",
     "kernel_cache": "CHATGLM_KERNEL_CACHE",
     "triton": "CHATGLM_NO_TRITON=1 turns off",
     "triton_gemv": "CHATGLM_TRITON_GEMV=1",

@@ -39,6 +39,8 @@ SHAPES = [
     (8, 256, 37),  # INT4/INT8 multi-row paths (weight groups unpacked once, two x rows per pass)
     (6, 4096, 9),
     (1, 128, 16),  # INT4 decode in groups of 8 rows (also (1, 4096, 37): two groups and a tail of 5)
+    (1, 192, 16),  # AVX-512 VNNI decode: one pair of 64-column blocks and a last odd block
+    (1, 64, 8),  # and a single block (no pair)
 ]
 
 
@@ -54,6 +56,14 @@ def kernel(request):
     if request.param == "avx2":
         assert k.simd == "AVX2+FMA+F16C"  # the intrinsics, and no AVX-512 code from the compiler
     return k
+
+
+def test_native_build_uses_avx512_vnni_where_the_cpu_has_it():
+    k = kernels.get_cpu_kernel()
+    if k is None or kernels.cpu_isa() != "native":
+        pytest.skip("no native kernel build here")
+    vnni = {"avx512f", "avx512bw", "avx512_vnni", "f16c", "fma"} <= kernels.cpu_flags()
+    assert (k.simd == "AVX2+FMA+F16C, AVX-512 VNNI") == vnni, k.simd
 
 
 @pytest.fixture(params=[1, 2])
@@ -136,6 +146,18 @@ def test_quantized_kernels(kernel, threads, bits, shape):
     # without bias
     y = kernel.linear(x, q, scale.float(), bits, None, quantize_activations=True)
     _check(y, xq @ wq.t(), xq.abs() @ wq.abs().t())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("n, k", [(37, 4096), (5, 2), (9, 130)])
+def test_dequantize_bf16_is_the_reference_rounded(kernel, threads, bits, n, k):
+    g = torch.Generator().manual_seed(n * k + bits)
+    q, scale = quantize_weight(torch.randn(n, k, generator=g), bits)
+    ref = dequantize(q, scale, bits).to(torch.bfloat16)  # fp32 products, rounded to nearest even
+    assert torch.equal(kernel.dequantize_bf16(q, scale.float(), bits), ref)
+    buf = torch.full((n * k + 3,), 7.0, dtype=torch.bfloat16)  # rows [2, n) into a reused buffer
+    part = kernel.dequantize_bf16(q, scale.float(), bits, 2, n, out=buf)
+    assert part.data_ptr() == buf.data_ptr() and torch.equal(part, ref[2:])
 
 
 def test_int8_kernel_takes_minus_128(kernel):

@@ -65,6 +65,35 @@ def test_quantized_prefill_in_bf16_matches_reference(bits):
     assert (y.float() - ref).abs().max() <= 0.02 * ref.abs().max()
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("block_bytes", [1 << 24, 3 * 2 * 64])  # the whole weight at once; blocks of 3 rows
+def test_dequantized_gemm_takes_many_rows_on_native_bf16(monkeypatch, bits, dtype, block_bytes):
+    """On a CPU with native bf16 matmuls, DEQUANT_GEMM_MIN_ROWS rows or more run dequantize-to-bf16 + torch's GEMM
+    (forced here on any CPU: torch's bf16 matmul runs everywhere); fewer rows stay on the fused kernel."""
+    import kernels
+    from quantization import ops
+
+    if kernels.get_cpu_kernel() is None:
+        pytest.skip("the CPU kernels could not be built here")
+    calls = []
+    real = ops.dequantized_gemm
+    monkeypatch.setattr(ops, "dequantized_gemm", lambda *a: calls.append(a[1].shape) or real(*a))
+    monkeypatch.setattr(ops, "native_half_gemm", lambda dt: dt == torch.bfloat16)
+    monkeypatch.setattr(ops, "DEQUANT_GEMM_BLOCK_BYTES", block_bytes)
+    g = torch.Generator().manual_seed(bits)
+    q, scale = ops.quantize_weight(torch.randn(47, 64, generator=g), bits)
+    bias = torch.randn(47, generator=g)
+    for rows in (ops.DEQUANT_GEMM_MIN_ROWS - 1, ops.DEQUANT_GEMM_MIN_ROWS, 300):
+        x = torch.randn(rows, 64, generator=g).to(dtype).view(1, rows, 64)
+        with torch.no_grad():
+            y = ops.quantized_linear(x, q, scale, bits, bias)
+        ref = ops.quantized_linear_reference(x.double(), q, scale, bits, bias.double())
+        assert y.dtype == dtype and y.shape == ref.shape
+        assert (y.double() - ref).abs().max() <= 0.02 * ref.abs().max()  # bf16 x and output (or int8 x)
+    assert calls == [(1, ops.DEQUANT_GEMM_MIN_ROWS, 64), (1, 300, 64)]
+
+
 def test_cpu_inference_computes_in_fp32_when_half_math_is_emulated(tiny_dirs):
     from chatglm.layers import compute_dtype
 
