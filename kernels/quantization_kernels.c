@@ -492,97 +492,95 @@ static void vnni_pairs(const int8_t *q, const float *d, int pairs, int8_t *q2, f
     }
 }
 
-/* INT4 decode, 8 weight rows per pass, two blocks (64 packed bytes of a row) per step: XOR 0x88 makes the
- * nibbles unsigned (s + 8), vpdpbusd sums (s + 8) * x over the high nibbles against the even columns and the low
- * ones against the odd columns; int32 lanes 0-7 belong to the first block, 8-15 to the second (d2 matches).
- * A last odd block, if any, is left to the caller (q4_rows / AVX2). Returns the sums without the -8 * corr. */
-static inline void q4_rows8_vnni(const int8_t *w, size_t stride, const int8_t *q2, const float *d2, int pairs,
-                                 float *sums) {
+/* INT4, 8 weight rows per pass, two blocks (64 packed bytes of a row) per step, against one x row (q2/d2) or two
+ * (also q2b/d2b, each unpacked weight vector used for both): XOR 0x88 makes the nibbles unsigned (s + 8), vpdpbusd
+ * sums (s + 8) * x over the high nibbles against the even columns and the low ones against the odd columns;
+ * int32 lanes 0-7 belong to the first block, 8-15 to the second (d2 matches). A last odd block, if any, is left
+ * to the caller. Returns the sums without the -8 * corr. */
+static inline void q4_rows8_vnni(const int8_t *w, size_t stride, const int8_t *q2, const float *d2,
+                                 const int8_t *q2b, const float *d2b, int pairs, float *sums, float *sumsb) {
     const __m512i m4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x88);
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    __m512 a[8], c[8];
+    for (int r = 0; r < 8; r++) a[r] = c[r] = _mm512_setzero_ps();
     const char *pf = (const char *)(w + 16 * stride);
     for (int p = 0; p < pairs; p++) {
         for (int l = 0; l < 8; l++) _mm_prefetch(pf + (size_t)p * 512 + 64 * l, _MM_HINT_T0);
         __m512i xe = _mm512_loadu_si512((const void *)(q2 + (size_t)p * 128));
         __m512i xo = _mm512_loadu_si512((const void *)(q2 + (size_t)p * 128 + 64));
         __m512 dp = _mm512_loadu_ps(d2 + 16 * p);
+        __m512i ye = xe, yo = xo;
+        __m512 dq = dp;
+        if (q2b) {
+            ye = _mm512_loadu_si512((const void *)(q2b + (size_t)p * 128));
+            yo = _mm512_loadu_si512((const void *)(q2b + (size_t)p * 128 + 64));
+            dq = _mm512_loadu_ps(d2b + 16 * p);
+        }
         const int8_t *wb = w + (size_t)p * 64;
-#define Q4_VNNI(a, r)                                                                                          \
-    do {                                                                                                       \
-        __m512i v = _mm512_xor_si512(_mm512_loadu_si512((const void *)(wb + (r) * stride)), flip);             \
-        __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(_mm512_srli_epi16(v, 4), m4), xe); \
-        t = _mm512_dpbusd_epi32(t, _mm512_and_si512(v, m4), xo);                                               \
-        a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), dp, a);                                                     \
-    } while (0)
-        Q4_VNNI(a0, 0);
-        Q4_VNNI(a1, 1);
-        Q4_VNNI(a2, 2);
-        Q4_VNNI(a3, 3);
-        Q4_VNNI(a4, 4);
-        Q4_VNNI(a5, 5);
-        Q4_VNNI(a6, 6);
-        Q4_VNNI(a7, 7);
-#undef Q4_VNNI
+        for (int r = 0; r < 8; r++) { /* unrolled by the compiler: a[] and c[] stay in registers */
+            __m512i v = _mm512_xor_si512(_mm512_loadu_si512((const void *)(wb + r * stride)), flip);
+            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4), lo = _mm512_and_si512(v, m4);
+            __m512i t = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, xe), lo, xo);
+            a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), dp, a[r]);
+            if (q2b) {
+                t = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, ye), lo, yo);
+                c[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), dq, c[r]);
+            }
+        }
     }
-    sums[0] = _mm512_reduce_add_ps(a0), sums[1] = _mm512_reduce_add_ps(a1), sums[2] = _mm512_reduce_add_ps(a2);
-    sums[3] = _mm512_reduce_add_ps(a3), sums[4] = _mm512_reduce_add_ps(a4), sums[5] = _mm512_reduce_add_ps(a5);
-    sums[6] = _mm512_reduce_add_ps(a6), sums[7] = _mm512_reduce_add_ps(a7);
+    for (int r = 0; r < 8; r++) sums[r] = _mm512_reduce_add_ps(a[r]);
+    if (q2b)
+        for (int r = 0; r < 8; r++) sumsb[r] = _mm512_reduce_add_ps(c[r]);
 }
+#endif
 
-/* Several x rows against 4 unpacked weight rows (q4_unpack_rows' layout: per block the 32 high nibbles then the
- * 32 low ones, each s + 8), which is the activations' layout (32 even columns, then 32 odd ones): one vpdpbusd
- * per block and x row. Two x rows per pass share each weight load. */
-static inline void q4u_rows2_vnni(const uint8_t *u, int full, const int8_t *q0, const float *d0, float c0,
-                                  const int8_t *q1, const float *d1, float c1, float *s0, float *s1) {
+
+#ifdef USE_VNNI512
+/* Four weight rows of unsigned bytes (ROWS rows `rs` bytes apart, 64 per block, XOR `flip` applied as they are
+ * loaded) against one or two x rows (their int8 blocks q, scales d), one vpdpbusd per block, row and x row:
+ *   INT4: the rows unpacked by q4_unpack_rows (per block the 32 high nibbles then the 32 low ones, each s + 8),
+ *         which is the activations' split layout (32 even columns, then 32 odd ones); flip 0, bias 8;
+ *   INT8: the weights in place, flip 0x80 (w + 128 as an unsigned byte, exact for -128 .. 127); bias 128.
+ * The bias * sum(x) the unsigned weights add is taken back once per x row (corr). `pf` (or NULL): the next rows,
+ * prefetched 256 bytes per block. With q1 NULL only s0 is written. Full 64-column blocks only. */
+static inline void u8_rows_vnni(const uint8_t *u, size_t rs, char flip, const char *pf, int full, float bias,
+                                const int8_t *q0, const float *d0, float c0, const int8_t *q1, const float *d1,
+                                float c1, float *s0, float *s1) {
+    const __m512i f = _mm512_set1_epi8(flip);
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-    const size_t rs = (size_t)full * QB;
     for (int b = 0; b < full; b++) {
+        if (pf)
+            for (int l = 0; l < 4; l++) _mm_prefetch(pf + (size_t)b * 256 + 64 * l, _MM_HINT_T0);
         __m512i x0 = _mm512_loadu_si512((const void *)(q0 + (size_t)b * QB));
-        __m512i x1 = _mm512_loadu_si512((const void *)(q1 + (size_t)b * QB));
-        __m512 e0 = _mm512_set1_ps(d0[b]), e1 = _mm512_set1_ps(d1[b]);
+        __m512i x1 = q1 ? _mm512_loadu_si512((const void *)(q1 + (size_t)b * QB)) : x0;
+        __m512 e0 = _mm512_set1_ps(d0[b]), e1 = q1 ? _mm512_set1_ps(d1[b]) : e0;
         const uint8_t *ub = u + (size_t)b * QB;
-#define Q4U_VNNI(a, c, r)                                                                                      \
+#define U8_VNNI(a, c, r)                                                                                       \
     do {                                                                                                       \
-        __m512i v = _mm512_loadu_si512((const void *)(ub + (r) * rs));                                         \
+        __m512i v = _mm512_xor_si512(_mm512_loadu_si512((const void *)(ub + (r) * rs)), f);                    \
         a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), v, x0)), e0, a);    \
-        c = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), v, x1)), e1, c);    \
+        if (q1) c = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), v, x1)), e1, c); \
     } while (0)
-        Q4U_VNNI(a0, b0, 0);
-        Q4U_VNNI(a1, b1, 1);
-        Q4U_VNNI(a2, b2, 2);
-        Q4U_VNNI(a3, b3, 3);
-#undef Q4U_VNNI
+        U8_VNNI(a0, b0, 0);
+        U8_VNNI(a1, b1, 1);
+        U8_VNNI(a2, b2, 2);
+        U8_VNNI(a3, b3, 3);
+#undef U8_VNNI
     }
-    s0[0] = _mm512_reduce_add_ps(a0) - 8.f * c0, s0[1] = _mm512_reduce_add_ps(a1) - 8.f * c0;
-    s0[2] = _mm512_reduce_add_ps(a2) - 8.f * c0, s0[3] = _mm512_reduce_add_ps(a3) - 8.f * c0;
-    s1[0] = _mm512_reduce_add_ps(b0) - 8.f * c1, s1[1] = _mm512_reduce_add_ps(b1) - 8.f * c1;
-    s1[2] = _mm512_reduce_add_ps(b2) - 8.f * c1, s1[3] = _mm512_reduce_add_ps(b3) - 8.f * c1;
-}
-
-static inline void q4u_rows_vnni(const uint8_t *u, int full, const int8_t *q, const float *d, float corr,
-                                 float *sums) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    const size_t rs = (size_t)full * QB;
-    for (int b = 0; b < full; b++) {
-        __m512i x = _mm512_loadu_si512((const void *)(q + (size_t)b * QB));
-        __m512 e = _mm512_set1_ps(d[b]);
-        const uint8_t *ub = u + (size_t)b * QB;
-#define Q4U_VNNI1(a, r)                                                                                        \
-    a = _mm512_fmadd_ps(                                                                                       \
-        _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512((const void *)(ub + (r) * rs)), x)), \
-        e, a)
-        Q4U_VNNI1(a0, 0);
-        Q4U_VNNI1(a1, 1);
-        Q4U_VNNI1(a2, 2);
-        Q4U_VNNI1(a3, 3);
-#undef Q4U_VNNI1
+    s0[0] = _mm512_reduce_add_ps(a0) - bias * c0, s0[1] = _mm512_reduce_add_ps(a1) - bias * c0;
+    s0[2] = _mm512_reduce_add_ps(a2) - bias * c0, s0[3] = _mm512_reduce_add_ps(a3) - bias * c0;
+    if (q1) {
+        s1[0] = _mm512_reduce_add_ps(b0) - bias * c1, s1[1] = _mm512_reduce_add_ps(b1) - bias * c1;
+        s1[2] = _mm512_reduce_add_ps(b2) - bias * c1, s1[3] = _mm512_reduce_add_ps(b3) - bias * c1;
     }
-    sums[0] = _mm512_reduce_add_ps(a0) - 8.f * corr, sums[1] = _mm512_reduce_add_ps(a1) - 8.f * corr;
-    sums[2] = _mm512_reduce_add_ps(a2) - 8.f * corr, sums[3] = _mm512_reduce_add_ps(a3) - 8.f * corr;
 }
 #endif
 
 /* x rows from which an INT4 call unpacks each weight group once (q4_unpack_rows) rather than per x row. */
+/* x rows up to which an AVX-512 VNNI build unpacks INT4 in registers per group of 8 weight rows, shared by two
+ * x rows (measured: m = 2 costs what m = 1 does, m = 8 1.7-2.8x faster than AVX2; beyond, q4_unpack_rows). */
+#ifndef Q4_DIRECT_MAX_ROWS
+#define Q4_DIRECT_MAX_ROWS 16
+#endif
 #ifndef Q4_UNPACK_MIN_ROWS
 #define Q4_UNPACK_MIN_ROWS 4
 #endif
@@ -611,36 +609,66 @@ static int wq_linear(const float *x, const int8_t *w, const float *scale, const 
     int unpack = 0;
 #ifdef USE_AVX2
     unpack = bits == 4 && m >= Q4_UNPACK_MIN_ROWS && k % QB == 0;
-    if (bits == 4 && m == 1 && k % QB == 0) { /* decode: groups of 8 rows (the last partial group by q4_rows) */
 #ifdef USE_VNNI512
+    if (bits == 4 && m <= Q4_DIRECT_MAX_ROWS && k % QB == 0) {
+        /* decode and small batches: groups of 8 weight rows unpacked in registers, two x rows per pass (the last
+         * partial group of rows by q4_rows) */
         int pairs = full / 2;
-        int8_t *q2 = (int8_t *)malloc((size_t)pairs * 128 + 64);
-        float *d2 = (float *)malloc(((size_t)pairs * 16 + 1) * sizeof(float));
+        int8_t *q2 = (int8_t *)malloc((size_t)m * pairs * 128 + 64);
+        float *d2 = (float *)malloc(((size_t)m * pairs * 16 + 1) * sizeof(float));
         if (!q2 || !d2) {
             free(q2), free(d2), free(q), free(d), free(corr);
             return -1;
         }
-        vnni_pairs(q, d, pairs, q2, d2);
-#endif
+        for (int b = 0; b < m; b++)
+            vnni_pairs(q + (size_t)b * nb * QB, d + (size_t)b * nb, pairs, q2 + (size_t)b * pairs * 128,
+                       d2 + (size_t)b * pairs * 16);
+#pragma omp parallel for schedule(static)
+        for (int o0 = 0; o0 < n; o0 += 8) {
+            int rows = n - o0 < 8 ? n - o0 : 8;
+            const int8_t *wr = w + (size_t)o0 * stride;
+            for (int b = 0; b < m; b += 2) {
+                int nx = b + 1 < m ? 2 : 1;
+                float sums[2][8];
+                for (int i = 0; i < nx; i++) {
+                    if (rows == 8) continue;
+                    const int8_t *qb = q + (size_t)(b + i) * nb * QB;
+                    for (int r0 = 0; r0 < rows; r0 += ROWS)
+                        q4_rows(wr + (size_t)r0 * stride, stride, rows - r0 < ROWS ? rows - r0 : ROWS, qb,
+                                d + (size_t)(b + i) * nb, corr[b + i], k, sums[i] + r0);
+                }
+                if (rows == 8) {
+                    q4_rows8_vnni(wr, stride, q2 + (size_t)b * pairs * 128, d2 + (size_t)b * pairs * 16,
+                                  nx == 2 ? q2 + (size_t)(b + 1) * pairs * 128 : NULL,
+                                  nx == 2 ? d2 + (size_t)(b + 1) * pairs * 16 : NULL, pairs, sums[0], sums[1]);
+                    for (int i = 0; i < nx; i++) {
+                        const int8_t *qb = q + (size_t)(b + i) * nb * QB;
+                        if (full % 2) { /* the last block of an odd count */
+                            size_t off = (size_t)(full - 1) * 32;
+                            __m256i xe = _mm256_loadu_si256((const __m256i *)(qb + (size_t)(full - 1) * QB));
+                            __m256i xo = _mm256_loadu_si256((const __m256i *)(qb + (size_t)(full - 1) * QB + 32));
+                            float db = d[(size_t)(b + i) * nb + full - 1];
+                            for (int r = 0; r < 8; r++)
+                                sums[i][r] += db * hsum256(_mm256_cvtepi32_ps(dot4_avx2(wr + r * stride + off, xe, xo)));
+                        }
+                        for (int r = 0; r < 8; r++) sums[i][r] -= 8.f * corr[b + i];
+                    }
+                }
+                for (int i = 0; i < nx; i++) store_outputs(y + (size_t)(b + i) * n, sums[i], scale, bias, o0, rows);
+            }
+        }
+        free(q2), free(d2), free(q), free(d), free(corr);
+        return 0;
+    }
+#else
+    if (bits == 4 && m == 1 && k % QB == 0) { /* decode: groups of 8 rows (the last partial group by q4_rows) */
 #pragma omp parallel for schedule(static)
         for (int o0 = 0; o0 < n; o0 += 8) {
             float sums[8];
             int rows = n - o0 < 8 ? n - o0 : 8;
             const int8_t *wr = w + (size_t)o0 * stride;
             if (rows == 8) {
-#ifdef USE_VNNI512
-                q4_rows8_vnni(wr, stride, q2, d2, pairs, sums);
-                if (full % 2) { /* the last block of an odd count */
-                    size_t off = (size_t)(full - 1) * 32;
-                    __m256i xe = _mm256_loadu_si256((const __m256i *)(q + (size_t)(full - 1) * QB));
-                    __m256i xo = _mm256_loadu_si256((const __m256i *)(q + (size_t)(full - 1) * QB + 32));
-                    for (int r = 0; r < 8; r++)
-                        sums[r] += d[full - 1] * hsum256(_mm256_cvtepi32_ps(dot4_avx2(wr + r * stride + off, xe, xo)));
-                }
-                for (int r = 0; r < 8; r++) sums[r] -= 8.f * corr[0];
-#else
                 q4_rows8(wr, stride, q, d, corr[0], full, sums);
-#endif
             } else {
                 for (int r0 = 0; r0 < rows; r0 += ROWS)
                     q4_rows(wr + (size_t)r0 * stride, stride, rows - r0 < ROWS ? rows - r0 : ROWS, q, d, corr[0], k,
@@ -648,12 +676,10 @@ static int wq_linear(const float *x, const int8_t *w, const float *scale, const 
             }
             store_outputs(y, sums, scale, bias, o0, rows);
         }
-#ifdef USE_VNNI512
-        free(q2), free(d2);
-#endif
         free(q), free(d), free(corr);
         return 0;
     }
+#endif
 #endif
 #pragma omp parallel
     {
@@ -674,16 +700,22 @@ static int wq_linear(const float *x, const int8_t *w, const float *scale, const 
 #ifdef USE_AVX2
                 int pair8 = bits == 8 && k % QB == 0 && rows == ROWS;
                 if ((use_u || pair8) && b + 1 < m) { /* two x rows per pass over the group */
-                    float sums1[ROWS];
+                    float sums1[ROWS] = {0};
                     if (use_u)
 #ifdef USE_VNNI512
-                        q4u_rows2_vnni(u, full, qb, db, corr[b], qb + (size_t)nb * QB, db + nb, corr[b + 1], sums,
-                                       sums1);
+                        u8_rows_vnni(u, (size_t)full * QB, 0, NULL, full, 8.f, qb, db, corr[b], qb + (size_t)nb * QB,
+                                     db + nb, corr[b + 1], sums, sums1);
 #else
                         q4u_rows2(u, full, qb, db, corr[b], qb + (size_t)nb * QB, db + nb, corr[b + 1], sums, sums1);
 #endif
                     else
+#ifdef USE_VNNI512
+                        u8_rows_vnni((const uint8_t *)wr, stride, (char)0x80, (const char *)(wr + 2 * ROWS * stride),
+                                     full, 128.f, qb, db, corr[b], qb + (size_t)nb * QB, db + nb, corr[b + 1], sums,
+                                     sums1);
+#else
                         q8_rows2(wr, stride, full, qb, db, qb + (size_t)nb * QB, db + nb, sums, sums1);
+#endif
                     store_outputs(y + (size_t)b * n, sums, scale, bias, o0, ROWS);
                     store_outputs(y + (size_t)(b + 1) * n, sums1, scale, bias, o0, ROWS);
                     b++;
@@ -691,7 +723,8 @@ static int wq_linear(const float *x, const int8_t *w, const float *scale, const 
                 }
                 if (use_u)
 #ifdef USE_VNNI512
-                    q4u_rows_vnni(u, full, qb, db, corr[b], sums);
+                    u8_rows_vnni(u, (size_t)full * QB, 0, NULL, full, 8.f, qb, db, corr[b], NULL, NULL, 0.f, sums,
+                                 NULL);
 #else
                     q4u_rows(u, full, qb, db, corr[b], sums);
 #endif
@@ -699,6 +732,11 @@ static int wq_linear(const float *x, const int8_t *w, const float *scale, const 
 #endif
                 if (bits == 4)
                     q4_rows(wr, stride, rows, qb, db, corr[b], k, sums);
+#ifdef USE_VNNI512
+                else if (pair8)
+                    u8_rows_vnni((const uint8_t *)wr, stride, (char)0x80, (const char *)(wr + 2 * ROWS * stride), full,
+                                 128.f, qb, db, corr[b], NULL, NULL, 0.f, sums, NULL);
+#endif
                 else
                     q8_rows(wr, stride, rows, qb, db, k, sums);
                 store_outputs(y + (size_t)b * n, sums, scale, bias, o0, rows);

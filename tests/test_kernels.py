@@ -41,6 +41,9 @@ SHAPES = [
     (1, 128, 16),  # INT4 decode in groups of 8 rows (also (1, 4096, 37): two groups and a tail of 5)
     (1, 192, 16),  # AVX-512 VNNI decode: one pair of 64-column blocks and a last odd block
     (1, 64, 8),  # and a single block (no pair)
+    (2, 256, 16),  # small batches: two x rows per pass over 8 weight rows
+    (3, 192, 17),  # an x row left alone, an odd block, and a tail of weight rows
+    (19, 128, 9),  # more x rows than the AVX-512 small-batch path takes: weight groups unpacked once
 ]
 
 
