@@ -13,6 +13,7 @@ import copy
 import logging
 import re
 from collections.abc import Iterator, Mapping
+from typing import NamedTuple
 
 import torch
 from transformers import GenerationConfig
@@ -154,6 +155,17 @@ def _loop(model, plan, state, decoder, input_ids, return_past_key_values):
         if not unfinished.any() or input_ids.shape[1] >= plan.max_length:
             return
         state = model._next_generation_inputs(state, next_tokens, past)
+
+
+class ChatStep(NamedTuple):
+    """One generated token of a chat (`chat_steps`)."""
+
+    ids: list[int]  # the reply's token ids so far (all generated, the newest and a stop token included)
+    text: str  # the reply decoded so far, raw (before process_response); only changes when `grew`
+    delta: str  # what `text` gained at this step ("" when it did not grow, or changed other than by appending)
+    grew: bool  # this token left the text ending in a whole character (the original stream_chat yields then)
+    prompt_tokens: int
+    past: object = None  # the cache, when return_past_key_values
 
 
 class StreamDecoder:
@@ -308,6 +320,54 @@ class ChatGLMGenerationMixin:
             return {"input_ids": torch.tensor([ids[1:]])}
         return tokenizer([f"[Round 1]\n\n问：{query}\n\n答："], return_tensors="pt")
 
+    def chat_steps(
+        self,
+        tokenizer,
+        query: str,
+        history=None,
+        role: str = "user",
+        past_key_values=None,
+        max_length: int | None = None,
+        do_sample=True,
+        top_p: float | None = None,
+        temperature: float | None = None,
+        logits_processor=None,
+        return_past_key_values=False,
+        **kwargs,
+    ) -> Iterator[ChatStep]:
+        """The one token stream under every chat surface: a `ChatStep` per generated token (ids, the reply's text
+        with a trailing incomplete UTF-8 character and, for ChatGLM3, the last token (a role marker when it ends
+        the reply) held back, the delta that text gained). `stream_chat` turns it into (response, history); the
+        servers (serving/events.py) into deltas and usage. Arguments as `stream_chat`."""
+        version = self._chat_version(tokenizer)
+        if version != "v3" and role != "user":
+            raise ValueError(f"role={role!r} needs a ChatGLM3 model and tokenizer")
+        if version == "v1" and (past_key_values is not None or return_past_key_values):
+            raise ValueError("ChatGLM-6B (v1) chat does not reuse past_key_values")
+        gen = self._gen_kwargs(version, max_length, top_p, temperature, logits_processor,
+                               dict(kwargs, do_sample=do_sample))  # fmt: skip
+        if version == "v3":
+            gen["eos_token_id"] = [tokenizer.eos_token_id, tokenizer.get_command("<|user|>"),
+                                   tokenizer.get_command("<|observation|>")]  # fmt: skip
+        gen["logits_processor"].append(
+            SuppressUndecodableLogitsProcessor(tokenizer.vocab_size)
+        )  # after the nan/inf guard
+        inputs = self._chat_inputs(tokenizer, version, query, list(history or []), role, past_key_values)
+        input_ids = inputs["input_ids"].to(self.device)
+        attention_mask = None  # built from input_ids (and the cache length) by _init_generation
+        decode = StreamDecoder(tokenizer)
+        n_prompt = input_ids.shape[1]
+        text = ""
+        for out in generate_stream(self, input_ids, attention_mask, None, past_key_values=past_key_values,
+                                   return_past_key_values=return_past_key_values, **gen):  # fmt: skip
+            ids, past = out if return_past_key_values else (out, None)
+            new = ids[0, n_prompt:].tolist()
+            piece = decode(new[:-1] if version == "v3" else new)  # v3: the original always cuts the last token
+            grew = bool(piece)  # nothing printable yet, or a partial UTF-8 character: the text stays as it was
+            delta = piece[len(text) :] if grew and piece.startswith(text) else ""
+            text = piece if grew else text
+            yield ChatStep(new, text, delta, grew, n_prompt, past)
+
     def stream_chat(
         self,
         tokenizer,
@@ -329,37 +389,19 @@ class ChatGLMGenerationMixin:
         v2/v3 8192, 0.8, 0.8. v1/v2 history is a list of (query, response); v3 a list of role dicts.
         """
         version = self._chat_version(tokenizer)
-        if version != "v3" and role != "user":
-            raise ValueError(f"role={role!r} needs a ChatGLM3 model and tokenizer")
-        if version == "v1" and (past_key_values is not None or return_past_key_values):
-            raise ValueError("ChatGLM-6B (v1) chat does not reuse past_key_values")
         history = list(history or [])
-        gen = self._gen_kwargs(version, max_length, top_p, temperature, logits_processor,
-                               dict(kwargs, do_sample=do_sample))  # fmt: skip
-        if version == "v3":
-            gen["eos_token_id"] = [tokenizer.eos_token_id, tokenizer.get_command("<|user|>"),
-                                   tokenizer.get_command("<|observation|>")]  # fmt: skip
-        gen["logits_processor"].append(
-            SuppressUndecodableLogitsProcessor(tokenizer.vocab_size)
-        )  # after the nan/inf guard
-        inputs = self._chat_inputs(tokenizer, version, query, history, role, past_key_values)
-        input_ids = inputs["input_ids"].to(self.device)
-        attention_mask = None  # built from input_ids (and the cache length) by _init_generation
-        decode = StreamDecoder(tokenizer)
+        steps = self.chat_steps(tokenizer, query, history, role=role, past_key_values=past_key_values,
+                                max_length=max_length, do_sample=do_sample, top_p=top_p, temperature=temperature,
+                                logits_processor=logits_processor, return_past_key_values=return_past_key_values,
+                                **kwargs)  # fmt: skip
         if version == "v3":
             history = history + [{"role": role, "content": query}]
-        n_prompt = input_ids.shape[1]
         text, past, yielded = "", None, False
-        for out in generate_stream(self, input_ids, attention_mask, None, past_key_values=past_key_values,
-                                   return_past_key_values=return_past_key_values, **gen):  # fmt: skip
-            ids, past = out if return_past_key_values else (out, None)
-            new = ids[0, n_prompt:].tolist()
-            if version == "v3":
-                new = new[:-1]  # the original always cuts the last token (the stop token at the end)
-            piece = decode(new)
-            if not piece:  # nothing printable yet, or a partial UTF-8 character
+        for step in steps:
+            past = step.past
+            if not step.grew:  # the original yields only when the decoded text ends in a whole character
                 continue
-            text, yielded = piece, True
+            text, yielded = step.text, True
             yield self._chat_result(version, text, query, history, past, return_past_key_values)
         if not yielded:  # always end with the final state, even when nothing printable came out
             yield self._chat_result(version, text, query, history, past, return_past_key_values)

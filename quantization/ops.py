@@ -126,8 +126,10 @@ def quantized_linear(x, weight, scale, bits, bias=None, owner=None):
 # bf16 GEMM (measured on AMX, 2 threads, INT4 4608x4096: the fused kernel 6.8 ms at 32 rows against ~5 ms, and
 # 3-8x slower at 128-512 rows; at 8 rows the fused kernel wins, 2.2 against ~3.2 ms).
 DEQUANT_GEMM_MIN_ROWS = 32
-# Bytes of bf16 weight dequantized per block (a buffer reused by each thread).
-DEQUANT_GEMM_BLOCK_BYTES = 16 << 20
+# Most bytes of bf16 weight dequantized per block (a buffer kept by each thread that runs prefill): every block is
+# one more GEMM call that packs all of x again, so blocks are few and even (16 MiB blocks cost 10-50% more than
+# one; 64 MiB: chatglm2-6b's layers in 1, 4 (27392 x 4096) and 2 (4096 x 13696) blocks).
+DEQUANT_GEMM_BLOCK_BYTES = 64 << 20
 _scratch = threading.local()
 
 
@@ -150,7 +152,8 @@ def dequantized_gemm(kernel, x, weight, scale_f32, bits, bias=None):
     k = x.shape[-1]
     n = weight.shape[0]
     flat = x.reshape(-1, k).to(torch.bfloat16)
-    block = max(1, min(n, DEQUANT_GEMM_BLOCK_BYTES // (2 * k)))
+    blocks = -(-n * k * 2 // DEQUANT_GEMM_BLOCK_BYTES)  # ceil
+    block = -(-n // blocks)
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.numel() < block * k:
         buf = _scratch.buf = torch.empty(block * k, dtype=torch.bfloat16)

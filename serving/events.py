@@ -17,20 +17,6 @@ V1_PUNCT = ",!:;?"  # v1 turns these into full-width ones depending on the *next
 TOOL_NAME = re.compile(r"[A-Za-z_][\w.\-]*|", re.ASCII)  # what a ChatGLM3 metadata line (a tool's name) may be
 
 
-class TokenRecorder:
-    """A logits processor that only watches: prompt length, tokens generated, and the raw ids so far."""
-
-    def __init__(self):
-        self.prompt_len, self.calls, self.ids = None, 0, []
-
-    def __call__(self, input_ids, scores):
-        if self.prompt_len is None:
-            self.prompt_len = int(input_ids.shape[1])
-        self.calls += 1
-        self.ids = input_ids[0, self.prompt_len :].tolist()  # all generated but the token being chosen now
-        return scores
-
-
 def holdback(text: str, version: str, stops=()) -> int:
     """How many trailing characters may still change or turn out to be a stop sequence."""
     n = 0
@@ -74,16 +60,20 @@ def chat_events(model, tokenizer, query: str, history: list, role: str = "user",
     call; without, only while that line could still be a tool's name."""
     version = model.config.chatglm_version
     gen = dict(gen or {})
-    rec = TokenRecorder()
     kwargs = {"role": role} if version == "v3" else {}
-    stream = model.stream_chat(tokenizer, query, history, logits_processor=[rec], **kwargs, **gen)
+    steps = model.chat_steps(tokenizer, query, history, **kwargs, **gen)
+    history = list(history or []) + ([{"role": role, "content": query}] if version == "v3" else [])
     sent, response, stopped, first_line = "", None, False, version != "v3"
-    for response, _ in locked_steps(model, stream, cancel):
+    ids, prompt = [], 0
+    for step in locked_steps(model, steps, cancel):
+        ids, prompt = step.ids, step.prompt_tokens
+        if not step.grew:
+            continue
+        response = model._chat_result(version, step.text, query, history, None, False)[0]
         if not first_line and isinstance(response, str):
             # ChatGLM3's first line: plain text, or the name of a tool? With tools offered, held until it ends;
             # without, only while it could still be a name (a plain reply streams token by token)
-            line = tokenizer.decode(rec.ids)
-            first_line = "\n" in line or not (tools or TOOL_NAME.fullmatch(line.strip()))
+            first_line = "\n" in step.text or not (tools or TOOL_NAME.fullmatch(step.text.strip()))
             if not first_line:
                 continue
         if isinstance(response, dict):
@@ -108,14 +98,12 @@ def chat_events(model, tokenizer, query: str, history: list, role: str = "user",
         yield {"tool_call": {"name": response["name"], "arguments": args}}
     elif not stopped:
         if isinstance(response, dict):  # a tool call whose arguments JSON cannot carry is sent as the model wrote it
-            response = _raw_reply(tokenizer, rec.ids) if "parameters" in response else response.get("content", "")
+            response = _raw_reply(tokenizer, ids) if "parameters" in response else response.get("content", "")
         response = response or ""
         if len(response) > len(sent) and response.startswith(sent):
             yield {"content": response[len(sent) :]}
-        prompt = rec.prompt_len or 0
         max_new, max_length = gen.get("max_new_tokens"), gen.get("max_length") or CHAT_DEFAULTS[version][0]
-        if (max_new and rec.calls >= max_new) or (not max_new and prompt + rec.calls >= max_length):
+        if (max_new and len(ids) >= max_new) or (not max_new and prompt + len(ids) >= max_length):
             finish = "length"
-    prompt = rec.prompt_len or 0
-    usage = {"prompt_tokens": prompt, "completion_tokens": rec.calls, "total_tokens": prompt + rec.calls}
+    usage = {"prompt_tokens": prompt, "completion_tokens": len(ids), "total_tokens": prompt + len(ids)}
     yield {"finish_reason": finish, "usage": usage}

@@ -46,6 +46,30 @@ def test_stream_equals_non_stream(tiny, version):
     assert len(seen) > 1
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_chat_steps_is_the_one_stream_under_stream_chat(tiny, version):
+    """chat_steps yields every generated token (ids, the held-back raw text, its delta); stream_chat is the steps
+    whose text grew, each run through process_response."""
+    model, tok = tiny[version]
+    torch.manual_seed(5)
+    steps = list(model.chat_steps(tok, "晚上睡不着应该怎么办", [], max_length=100))
+    torch.manual_seed(5)
+    chats = list(model.stream_chat(tok, "晚上睡不着应该怎么办", [], max_length=100))
+    grown = [s for s in steps if s.grew]
+    assert len(chats) == max(1, len(grown)) and len(grown) > 1
+    assert [len(s.ids) for s in steps] == list(range(1, len(steps) + 1))  # one step per generated token
+    assert steps[0].prompt_tokens + len(steps) <= 100
+    history = [{"role": "user", "content": "晚上睡不着应该怎么办"}] if version == "v3" else []
+    assert chats[-1] == model._chat_result(version, grown[-1].text, "晚上睡不着应该怎么办", history, None, False)
+    held = grown[-1].ids[:-1] if version == "v3" else grown[-1].ids  # v3 holds back its last token
+    assert tok.decode(held) == grown[-1].text == steps[-1].text
+    text = ""
+    for s in steps:  # the deltas rebuild the text wherever it grew by appending
+        assert text + s.delta == s.text or s.delta == ""
+        text = s.text
+    assert all(not s.text.rstrip().endswith("\ufffd") for s in steps)  # never half a character at the end
+
+
 @pytest.mark.parametrize("version", ["v2", "v3"])
 def test_incremental_chat_with_past_key_values(tiny, version):
     model, tok = tiny[version]

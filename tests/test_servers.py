@@ -28,6 +28,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 import api  # noqa: E402
 import openai_api  # noqa: E402
 import stream_api  # noqa: E402
+from chatglm.generation import ChatStep  # noqa: E402
 from chatglm.sampling import ForceTokens  # noqa: E402
 from serving.events import holdback
 from serving.openai_messages import openai_to_chat  # noqa: E402
@@ -60,14 +61,14 @@ class Gated:
     def __getattr__(self, name):
         return getattr(self._model, name)
 
-    def stream_chat(self, *args, **kwargs):
-        def steps():
-            self.entered.set()
-            if not self.gate.wait(TIMEOUT):
-                raise TimeoutError("gate never opened")
-            yield from self._model.stream_chat(*args, **kwargs)
+    def chat_steps(self, *args, **kwargs):
+        self.entered.set()
+        if not self.gate.wait(TIMEOUT):
+            raise TimeoutError("gate never opened")
+        yield from self._model.chat_steps(*args, **kwargs)
 
-        return steps()
+    def stream_chat(self, *args, **kwargs):
+        return type(self._model).stream_chat(self, *args, **kwargs)  # through this double's chat_steps
 
 
 class Scripted:
@@ -80,9 +81,12 @@ class Scripted:
     def __getattr__(self, name):
         return getattr(self._model, name)
 
-    def stream_chat(self, tokenizer, query, history=None, logits_processor=None, **kwargs):
+    def chat_steps(self, tokenizer, query, history=None, logits_processor=None, **kwargs):
         procs = [*(logits_processor or []), ForceTokens(self.ids)]
-        return self._model.stream_chat(tokenizer, query, history, logits_processor=procs, **kwargs)
+        return self._model.chat_steps(tokenizer, query, history, logits_processor=procs, **kwargs)
+
+    def stream_chat(self, *args, **kwargs):
+        return type(self._model).stream_chat(self, *args, **kwargs)  # through this double's chat_steps
 
 
 @contextmanager
@@ -140,6 +144,10 @@ class Spy:
     def stream_chat(self, tokenizer, query, history=None, **kwargs):
         self.calls.append(kwargs)
         yield "ok", list(history or []) + [(query, "ok")]
+
+    def chat_steps(self, tokenizer, query, history=None, **kwargs):  # the streaming APIs' entry (serving/events.py)
+        self.calls.append(kwargs)
+        yield ChatStep(ids=[1, 2], text="ok", delta="ok", grew=True, prompt_tokens=3)
 
 
 def test_api_passes_parameters_and_keeps_the_model_defaults(tiny):
