@@ -320,32 +320,19 @@ class ChatGLMGenerationMixin:
             return {"input_ids": torch.tensor([ids[1:]])}
         return tokenizer([f"[Round 1]\n\n问：{query}\n\n答："], return_tensors="pt")
 
-    def chat_steps(
-        self,
-        tokenizer,
-        query: str,
-        history=None,
-        role: str = "user",
-        past_key_values=None,
-        max_length: int | None = None,
-        do_sample=True,
-        top_p: float | None = None,
-        temperature: float | None = None,
-        logits_processor=None,
-        return_past_key_values=False,
-        **kwargs,
-    ) -> Iterator[ChatStep]:
+    def chat_steps(self, tokenizer, query: str, history=None, role: str = "user", past_key_values=None,
+                   return_past_key_values=False, **gen) -> Iterator[ChatStep]:  # fmt: skip
         """The one token stream under every chat surface: a `ChatStep` per generated token (ids, the reply's text
         with a trailing incomplete UTF-8 character and, for ChatGLM3, the last token (a role marker when it ends
         the reply) held back, the delta that text gained). `stream_chat` turns it into (response, history); the
-        servers (serving/events.py) into deltas and usage. Arguments as `stream_chat`."""
+        servers (serving/events.py) into deltas and usage. Arguments (and generation options) as `stream_chat`."""
         version = self._chat_version(tokenizer)
         if version != "v3" and role != "user":
             raise ValueError(f"role={role!r} needs a ChatGLM3 model and tokenizer")
         if version == "v1" and (past_key_values is not None or return_past_key_values):
             raise ValueError("ChatGLM-6B (v1) chat does not reuse past_key_values")
-        gen = self._gen_kwargs(version, max_length, top_p, temperature, logits_processor,
-                               dict(kwargs, do_sample=do_sample))  # fmt: skip
+        gen = self._gen_kwargs(version, gen.pop("max_length", None), gen.pop("top_p", None),
+                               gen.pop("temperature", None), gen.pop("logits_processor", None), gen)  # fmt: skip
         if version == "v3":
             gen["eos_token_id"] = [tokenizer.eos_token_id, tokenizer.get_command("<|user|>"),
                                    tokenizer.get_command("<|observation|>")]  # fmt: skip
