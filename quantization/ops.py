@@ -98,8 +98,8 @@ def quantized_linear(x, weight, scale, bits, bias=None, owner=None):
     matmul" at every row count measured (92x at 1 row, 2.1x at 512 rows, 4096x4096 INT4, 2 threads);
     CHATGLM_CPU_FLOAT_ACTIVATIONS=1 selects the exact fp32-activation ones. On a CPU with native bf16 matmuls
     (AMX, AVX512-BF16), DEQUANT_GEMM_MIN_ROWS rows or more go through `dequantized_gemm` instead
-    (settings.cpu_quantized_gemm). `owner` (the
-    QuantizedLinear) keeps the fp32 copies of the scale and bias that the C kernels take between calls."""
+    (settings.cpu_quantized_gemm). `owner` (the QuantizedLinear) keeps the fp32 copies of the scale and bias that
+    the C kernels take between calls."""
     if x.device.type == "cpu":
         kernel = get_cpu_kernel()
         training = torch.is_grad_enabled() and x.requires_grad  # the C kernels have no backward
