@@ -12,7 +12,7 @@ applies (fp32 activations on the CPU, no autograd, the layout the kernel reads) 
   Linear       CpuLinear        bf16/fp16 weights on the CPU: each weight read once per chunk of rows, fp32 sums
   RMSNorm      CpuRMSNorm       one pass per row
   Rotary       CpuRotary        q and k rotated in place in the projection's output
-  Attention    CpuAttention     one query per row (decode) over the cache, KV groups shared
+  Attention    CpuAttention     one query per row (decode) over the cache, KV groups shared, rows at own lengths
   SwiGLU       CpuSwiGLU        silu(gate) * up in one pass
   LayerNorm    -                (v1) computes in the input's dtype whatever its parameters' dtype
 
@@ -132,9 +132,10 @@ class CpuRotary(Rotary):
     def forward(self, qk, rope):
         kernel = cpu_kernel_for(qk)
         b, s, heads, d = qk.shape
-        rows_in_place = qk.stride(3) == 1 and qk.stride(2) == d and qk.stride(0) == s * qk.stride(1)
+        step = qk.stride(0) if s == 1 else qk.stride(1)  # floats from one row (token) to the next
+        rows_in_place = qk.stride(3) == 1 and qk.stride(2) == d and (b == 1 or qk.stride(0) == s * step)
         if kernel is not None and rows_in_place and rope.dtype == torch.float32 and rope.is_contiguous():
-            kernel.rotary_(qk, b * s, qk.stride(1), heads, d, rope.view(b * s, -1, 2))
+            kernel.rotary_(qk, b * s, step, heads, d, rope.view(b * s, -1, 2))
             return qk
         return super().forward(qk, rope)
 
@@ -152,13 +153,40 @@ def decode_attention(q, k, v):
     return torch.matmul(probs, v).reshape(b, heads, 1, d)
 
 
+class KeyLengths:
+    """The mask of a decode step whose rows are at their own lengths (the engine's batch): row r's one query
+    attends to its first lengths[r] keys. The kernel reads the lengths, so a row gets the same bits alone (no
+    mask) or beside any other rows; the reference reads the bool mask they make."""
+
+    __slots__ = ("lengths", "_tensor", "_dense")
+
+    def __init__(self, lengths: tuple[int, ...]):
+        self.lengths, self._tensor, self._dense = tuple(lengths), None, None
+
+    def tensor(self) -> torch.Tensor:
+        """int32 [b] on the CPU (made once per step, shared by the layers)."""
+        if self._tensor is None:
+            self._tensor = torch.tensor(self.lengths, dtype=torch.int32)
+        return self._tensor
+
+    def dense(self, keys: int, device) -> torch.Tensor:
+        """bool [b, 1, 1, keys], True = may attend."""
+        if self._dense is None or self._dense.shape[-1] != keys or self._dense.device != torch.device(device):
+            lengths = torch.tensor(self.lengths, device=device)
+            self._dense = (torch.arange(keys, device=device) < lengths[:, None])[:, None, None, :]
+        return self._dense
+
+
 class Attention(nn.Module):
     """q [b, heads, s, d], k and v [b, groups, keys, d] (head h reads KV group h // (heads / groups)), mask
-    [b, 1, s, keys] bool (True = may attend) or None (causal) -> [b, heads, s, d], scaled by 1/sqrt(d)."""
+    [b, 1, s, keys] bool (True = may attend), KeyLengths (s = 1) or None (causal) -> [b, heads, s, d], scaled by
+    1/sqrt(d)."""
 
     def forward(self, q, k, v, mask):
         b, heads, s, d = q.shape
         groups = k.shape[1]
+        if isinstance(mask, KeyLengths):
+            mask = mask.dense(k.shape[2], q.device)
         if s == 1 and mask is None and q.dtype == torch.float32 and q.device.type == "cpu":
             return decode_attention(q, k, v)
         if mask is None:
@@ -171,14 +199,22 @@ class Attention(nn.Module):
 
 
 class CpuAttention(Attention):
-    """The decode step (one query, no mask) in one kernel call, reading q where the projection wrote it."""
+    """The decode step (one query a row, over all its keys or its KeyLengths) in one kernel call, reading q where
+    the projection wrote it. Half-precision activations and caches (a CPU with native bf16 matmuls) take the
+    kernel too, computing in fp32: torch's bf16 attention rounds a row differently with other rows or padding
+    beside it, so batched replies would drift from the reply alone."""
 
     def forward(self, q, k, v, mask):
         b, heads, s, d = q.shape
-        kernel = cpu_kernel_for(q) if s == 1 and mask is None else None
-        if kernel is not None and q.stride(1) == d and q.stride(3) == 1 and k.stride() == v.stride():
-            if k.stride(-1) == 1 and k.dtype == v.dtype == torch.float32:
-                return kernel.attention_decode(q, k, v, heads, d**-0.5).view(b, heads, 1, d)
+        decode = s == 1 and (mask is None or isinstance(mask, KeyLengths)) and q.device.type == "cpu"
+        kernel = get_cpu_kernel() if decode and not torch.is_grad_enabled() else None
+        if kernel is not None and k.stride() == v.stride() and k.stride(-1) == 1 and k.dtype == v.dtype:
+            if k.dtype == torch.float32 or k.dtype in HALF:
+                in_place = q.dtype == torch.float32 and q.stride(1) == d and q.stride(3) == 1
+                qf = q if in_place else q.reshape(b, heads * d).float()
+                lengths = mask.tensor() if mask is not None else None
+                out = kernel.attention_decode(qf, k, v, heads, d**-0.5, lengths)
+                return out.view(b, heads, 1, d).to(q.dtype)
         return super().forward(q, k, v, mask)
 
 

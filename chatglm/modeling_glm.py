@@ -20,7 +20,7 @@ from kernels.settings import settings
 from .base import ChatGLMCausalLM
 from .config import ChatGLMConfig
 from .kv_cache import KVCache, open_cache
-from .layers import Attention, LayerNorm, Linear, compute_dtype, use_kernels
+from .layers import Attention, KeyLengths, LayerNorm, Linear, compute_dtype, use_kernels
 from .prefix_encoder import PrefixEncoder
 
 MAX_LINES = 600  # keep this file small enough to read in one sitting
@@ -237,7 +237,8 @@ def glm_position_ids(input_ids, config, attention_mask=None):
 
 
 def glm_mask(input_ids, config, attention_mask, cached, device):
-    """Bool [b, 1, s, cached + s], True = may attend; None when every key is visible to every query.
+    """Bool [b, 1, s, cached + s], True = may attend; KeyLengths for a decode step of rows at their own lengths;
+    None when every key is visible to every query.
 
     cached: positions already in the cache (prefix included), one int, or a tuple with one per row (rows at
     their own positions: row r's keys past cached[r] + s are not its own and stay hidden)."""
@@ -262,6 +263,8 @@ def glm_mask(input_ids, config, attention_mask, cached, device):
                 keep = torch.cat([keep.new_ones(b, cached + s - keep.shape[-1]), keep], dim=-1)
         if s == 1 and not per_row:
             return None if keep is None or bool(keep.all()) else keep[:, None, None, :]
+        if s == 1:  # a decode step of rows at their own lengths: row r sees its first cached[r] + 1 keys
+            return KeyLengths(tuple(c + 1 for c in cached))
         # Bidirectional over the context (everything before <sop>), causal after it.
         starts = torch.tensor(cached, device=device) if per_row else torch.full((b,), cached, device=device)
         pads = _left_pads(attention_mask, b, s)

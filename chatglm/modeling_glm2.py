@@ -19,7 +19,7 @@ from kernels.settings import settings
 from .base import ChatGLMCausalLM
 from .config import ChatGLMConfig
 from .kv_cache import KVCache, cache_length, open_cache
-from .layers import Attention, LayerNorm, Linear, RMSNorm, Rotary, SwiGLU, compute_dtype, use_kernels
+from .layers import Attention, KeyLengths, LayerNorm, Linear, RMSNorm, Rotary, SwiGLU, compute_dtype, use_kernels
 from .prefix_encoder import PrefixEncoder
 
 MAX_LINES = 600  # keep this file small enough to read in one sitting
@@ -225,13 +225,16 @@ class ChatGLMModel(nn.Module):
 
 
 def build_mask(attention_mask, b, s, cached, prefix, device):
-    """Bool [b, 1, s, cached + s] (True = may attend), or None when plain causal attention is right.
+    """Bool [b, 1, s, cached + s] (True = may attend), KeyLengths (a decode step of rows at their own lengths),
+    or None when plain causal attention is right.
 
     cached: positions already in the cache (prefix included), one int, or a tuple with one per row (rows at
     their own positions: row r's query i is at cached[r] + i and sees keys 0 .. cached[r] + i)."""
     if not isinstance(cached, int):
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("rows at their own positions take no padding mask")
+        if s == 1:  # a decode step: row r sees its first cached[r] + 1 keys
+            return KeyLengths(tuple(c + 1 for c in cached))
         starts = torch.tensor(cached, device=device)[:, None] + torch.arange(s, device=device)  # [b, s]
         keys = torch.arange(max(cached) + s, device=device)
         return (keys[None, None, :] <= starts[:, :, None])[:, None]  # [b, 1, s, longest + s]

@@ -299,6 +299,28 @@ def test_attention_decode_helper(kernel, threads, b, heads, groups, t, d):
     assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_attention_decode_rows_at_their_own_lengths(kernel, threads, dtype):
+    """Half-precision caches are read as they are; with `lengths` each row attends to its own first keys and gets
+    the bits it gets alone (a call over exactly its keys), close to the reference on the widened keys."""
+    from chatglm.layers import decode_attention
+
+    b, heads, groups, t, d = 3, 8, 2, 41, 32
+    g = torch.Generator().manual_seed(7)
+    k, v = (torch.randn(b, groups, t, d, generator=g).to(dtype) for _ in range(2))
+    q = torch.randn(b, heads * d, generator=g)
+    lengths = torch.tensor([17, 41, 1], dtype=torch.int32)
+    out = kernel.attention_decode(q, k, v, heads, d**-0.5, lengths)
+    for r, n in enumerate(lengths.tolist()):
+        alone = kernel.attention_decode(q[r : r + 1], k[r : r + 1, :, :n], v[r : r + 1, :, :n], heads, d**-0.5)
+        assert torch.equal(out[r : r + 1], alone)
+        kr, vr = k[r : r + 1, :, :n].double(), v[r : r + 1, :, :n].double()
+        ref = decode_attention(q[r : r + 1].view(1, heads, 1, d).double(), kr, vr).reshape(1, heads * d)
+        assert torch.allclose(out[r : r + 1].double(), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="int32 lengths"):
+        kernel.attention_decode(q, k, v, heads, d**-0.5, lengths.long())
+
+
 @pytest.mark.parametrize("f", [1, 8, 13, 13696])
 def test_silu_mul_helper(kernel, f):
     g = torch.Generator().manual_seed(f)

@@ -91,8 +91,9 @@ def _together(model, prompts, decode):
 
 
 def _check(model, tok, decode, atol=1e-4):
-    """The same tokens, and logits within rounding (batched attention under a mask rounds differently from a
-    row alone; the logits are compared too because a tiny random model often repeats one token)."""
+    """The same tokens, and logits within rounding (these fp32 weights go through torch's sgemm, whose last bits
+    depend on the row count, and the compiled step attends under a mask; the logits are compared too because a
+    tiny random model often repeats one token)."""
     prompts = _prompts(tok)
     alone = [_alone(model, p, n, decode) for p, (_, _, n) in zip(prompts, SCHEDULE)]
     together = _together(model, prompts, decode)
@@ -108,6 +109,28 @@ def test_rows_at_their_own_positions_decode_as_alone(tiny_dirs, version, bits, d
     path = str(tiny_dirs[version])
     model = chatglm.load_model(path, dtype=torch.float32, quantization_bit=bits or None).eval()
     _check(model, chatglm.load_tokenizer(path), decode)
+
+
+@pytest.mark.parametrize("activations", [torch.float32, torch.bfloat16], ids=["fp32-act", "bf16-act"])
+@pytest.mark.parametrize("bits", [0, 4], ids=["bf16", "int4"])
+@pytest.mark.parametrize("version", ["v1", "v2", "v3"])
+def test_rows_beside_others_get_the_same_bits_as_alone(tiny_dirs, monkeypatch, version, bits, activations):
+    """bf16 weights (the CPU path: our kernels for decode rows), activations in fp32 (a CPU without native bf16)
+    or bf16 (one with it, forced here on either kind): each row's logits in a batch of rows at their own lengths
+    are bit for bit those it gets alone. Both kinds of batch rounding differ otherwise: torch's bf16 attention with
+    other rows or padding beside a row, and a rotary pass that left the rows of a decode batch to the reference."""
+    import kernels
+
+    monkeypatch.setitem(kernels._native_half, torch.bfloat16, activations == torch.bfloat16)
+    path = str(tiny_dirs[version])
+    model = chatglm.load_model(path, dtype=torch.bfloat16, quantization_bit=bits or None).eval()
+    tok = chatglm.load_tokenizer(path)
+    prompts = _prompts(tok)
+    alone = [_alone(model, p, n, "eager") for p, (_, _, n) in zip(prompts, SCHEDULE)]
+    together = _together(model, prompts, "eager")
+    assert [ids for ids, _ in together] == [ids for ids, _ in alone]
+    for (_, got), (_, want) in zip(together, alone):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
