@@ -331,6 +331,21 @@ class ChatGLMGenerationMixin:
             raise ValueError(f"role={role!r} needs a ChatGLM3 model and tokenizer")
         if version == "v1" and (past_key_values is not None or return_past_key_values):
             raise ValueError("ChatGLM-6B (v1) chat does not reuse past_key_values")
+        inputs = self._chat_inputs(tokenizer, version, query, list(history or []), role, past_key_values)
+        yield from self._text_steps(tokenizer, version, inputs["input_ids"], gen, True, past_key_values=past_key_values,
+                                    return_past_key_values=return_past_key_values)  # fmt: skip
+
+    def completion_steps(self, tokenizer, prompt: str, **gen) -> Iterator[ChatStep]:
+        """`chat_steps` for a raw text prompt (no chat template: the tokenizer's own special tokens only), as
+        /v1/completions serves it; the same defaults, guards and stop tokens as chat."""
+        version = self._chat_version(tokenizer)
+        yield from self._text_steps(
+            tokenizer, version, tokenizer([prompt], return_tensors="pt")["input_ids"], gen, False
+        )
+
+    def _text_steps(self, tokenizer, version, input_ids, gen, chat: bool, **cache) -> Iterator[ChatStep]:
+        """ChatSteps of one generation from input_ids. A chat's ChatGLM3 text always leaves out the last token (the
+        original's rule: a role marker when it ends the reply); other text leaves out only a stop token."""
         gen = self._gen_kwargs(version, gen.pop("max_length", None), gen.pop("top_p", None),
                                gen.pop("temperature", None), gen.pop("logits_processor", None), gen)  # fmt: skip
         if version == "v3":
@@ -339,17 +354,18 @@ class ChatGLMGenerationMixin:
         gen["logits_processor"].append(
             SuppressUndecodableLogitsProcessor(tokenizer.vocab_size)
         )  # after the nan/inf guard
-        inputs = self._chat_inputs(tokenizer, version, query, list(history or []), role, past_key_values)
-        input_ids = inputs["input_ids"].to(self.device)
+        input_ids = input_ids.to(self.device)
         attention_mask = None  # built from input_ids (and the cache length) by _init_generation
         decode = StreamDecoder(tokenizer)
+        eos = gen.get("eos_token_id") or self.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, (list, tuple)) else [eos])
         n_prompt = input_ids.shape[1]
         text = ""
-        for out in generate_stream(self, input_ids, attention_mask, None, past_key_values=past_key_values,
-                                   return_past_key_values=return_past_key_values, **gen):  # fmt: skip
-            ids, past = out if return_past_key_values else (out, None)
+        for out in generate_stream(self, input_ids, attention_mask, None, **cache, **gen):
+            ids, past = out if cache.get("return_past_key_values") else (out, None)
             new = ids[0, n_prompt:].tolist()
-            piece = decode(new[:-1] if version == "v3" else new)  # v3: the original always cuts the last token
+            cut = new[-1:] and (version == "v3" if chat else new[-1] in eos)
+            piece = decode(new[:-1] if cut else new)
             grew = bool(piece)  # nothing printable yet, or a partial UTF-8 character: the text stays as it was
             delta = piece[len(text) :] if grew and piece.startswith(text) else ""
             text = piece if grew else text

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 
@@ -139,3 +141,104 @@ class ForceTokens:
         scores[:] = -1e4
         scores[..., self.ids[k]] = 1e4
         return scores
+
+
+class _GeneratedIds:
+    """Counts positions from the first call: the ids a generation has written so far (not its prompt)."""
+
+    start: int | None = None
+
+    def generated(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        return input_ids[:, self.start :]
+
+
+class PresenceFrequencyPenalty(_GeneratedIds):
+    """OpenAI's penalties over the tokens generated so far: score[j] -= frequency * count[j] + presence * (count[j]
+    > 0). The prompt is not counted (as OpenAI and vLLM do)."""
+
+    def __init__(self, presence: float = 0.0, frequency: float = 0.0):
+        self.presence, self.frequency = presence, frequency
+
+    def __call__(self, input_ids, scores):
+        gen = self.generated(input_ids)
+        if gen.shape[1]:
+            counts = torch.zeros_like(scores).scatter_add_(
+                1, gen.to(scores.device), torch.ones_like(gen, dtype=scores.dtype)
+            )
+            scores = scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+        return scores
+
+
+class LogitBias:
+    """OpenAI's logit_bias: {token id: bias} added to the scores at every step (-100 bans, 100 forces)."""
+
+    def __init__(self, bias: dict[int, float]):
+        self.ids, self.values = torch.tensor(list(bias)), torch.tensor(list(bias.values()))
+
+    def __call__(self, input_ids, scores):
+        scores[..., self.ids.to(scores.device)] += self.values.to(scores.device, scores.dtype)
+        return scores
+
+
+class ForcePrefix(_GeneratedIds):
+    """Make the reply start with one of `sequences` (token id lists), then leave it free: at each step only the
+    tokens that continue a sequence matching what was written so far stay possible (tool_choice "required" or a
+    named tool: ChatGLM3's tool name line)."""
+
+    def __init__(self, sequences):
+        self.sequences = [list(s) for s in sequences if s]
+
+    def __call__(self, input_ids, scores):
+        gen = self.generated(input_ids)[0].tolist()
+        n = len(gen)
+        allowed = {s[n] for s in self.sequences if len(s) > n and s[:n] == gen}
+        if allowed and not any(s == gen for s in self.sequences):
+            # far below every allowed score but finite: -inf would trip the original's nan/inf guard
+            keep = torch.full_like(scores, min(float(scores.min()), 0.0) - 1e4)
+            ids = torch.tensor(sorted(allowed), device=scores.device)
+            keep[..., ids] = scores[..., ids]
+            return keep
+        return scores
+
+
+class LogprobRecorder(_GeneratedIds):
+    """Records the model's log-probabilities (log-softmax of the raw logits: put it first in the processor list) of
+    each generated token and of the `top` most likely ones at its step. A token's entry is settled at the next
+    step (when its id is known) or by `finish(ids)` once generation is over; only the last step's
+    full row is kept. Safe to read from another thread than the one generating."""
+
+    def __init__(self, top: int = 0, vocab: int | None = None):
+        self.top, self.vocab, self.done, self.last = top, vocab, [], None  # vocab: top ids only below it
+        self._lock = threading.Lock()
+
+    def _settle(self, token: int):
+        row, tops = self.last
+        self.done.append((token, float(row[token]), tops))
+        self.last = None
+
+    def __call__(self, input_ids, scores):
+        gen = self.generated(input_ids)
+        row = scores[0].float().log_softmax(-1)
+        tops = []
+        if self.top:
+            values, ids = row[: self.vocab].topk(self.top)
+            tops = list(zip(ids.tolist(), values.tolist()))
+        with self._lock:
+            if self.last is not None:
+                self._settle(int(gen[0, -1]))
+            self.last = (row, tops)
+        return scores
+
+    def entries(self, n: int) -> list:
+        """[(token, logprob, [(token, logprob)] * top)] of the first n generated tokens, as far as settled."""
+        with self._lock:
+            return self.done[:n]
+
+    def finish(self, ids: list[int]) -> list:
+        """Every generated token's entry, the last one settled from `ids` (call once nothing generates any more)."""
+        with self._lock:
+            if self.last is not None and len(ids) > len(self.done):
+                self._settle(ids[len(self.done)])
+            return self.done[: len(ids)]

@@ -54,8 +54,8 @@ def _raw_reply(tokenizer, ids) -> str:
 
 def chat_events(model, tokenizer, query: str, history: list, role: str = "user", gen: dict | None = None,
                 stops=(), tools: bool = False, cancel: threading.Event | None = None) -> Iterator[dict]:  # fmt: skip
-    """Run one chat and yield {"content": delta}, then maybe {"tool_call": {"name", "arguments"}}, then
-    {"finish_reason", "usage"}. Deltas are only sent once no later token can change them, so joining them gives
+    """Run one chat and yield {"content": delta, "tokens": ids generated so far}, then maybe {"tool_call": {"name", "arguments"}}, then
+    {"finish_reason", "usage", "ids" (the generated token ids)}. Deltas are only sent once no later token can change them, so joining them gives
     the final text. With `tools` a ChatGLM3 reply is held until its first line says whether it is text or a tool
     call; without, only while that line could still be a tool's name."""
     version = model.config.chatglm_version
@@ -85,7 +85,7 @@ def chat_events(model, tokenizer, query: str, history: list, role: str = "user",
             response, stopped = response[:cut], True
         safe = response if stopped else response[: len(response) - holdback(response, version, stops)]
         if len(safe) > len(sent) and safe.startswith(sent):
-            yield {"content": safe[len(sent) :]}
+            yield {"content": safe[len(sent) :], "tokens": len(ids)}
             sent = safe
         if stopped:
             break
@@ -101,9 +101,58 @@ def chat_events(model, tokenizer, query: str, history: list, role: str = "user",
             response = _raw_reply(tokenizer, ids) if "parameters" in response else response.get("content", "")
         response = response or ""
         if len(response) > len(sent) and response.startswith(sent):
-            yield {"content": response[len(sent) :]}
-        max_new, max_length = gen.get("max_new_tokens"), gen.get("max_length") or CHAT_DEFAULTS[version][0]
-        if (max_new and len(ids) >= max_new) or (not max_new and prompt + len(ids) >= max_length):
-            finish = "length"
-    usage = {"prompt_tokens": prompt, "completion_tokens": len(ids), "total_tokens": prompt + len(ids)}
-    yield {"finish_reason": finish, "usage": usage}
+            yield {"content": response[len(sent) :], "tokens": len(ids)}
+        finish = _finish(model, gen, ids, prompt)
+    yield {"finish_reason": finish, "usage": _usage(prompt, ids), "ids": ids}
+
+
+def completion_events(model, tokenizer, prompt: str, gen: dict | None = None, stops=(),
+                      cancel: threading.Event | None = None) -> Iterator[dict]:  # fmt: skip
+    """chat_events for a raw text prompt (/v1/completions): {"content", "tokens"} deltas that never need taking
+    back, then {"finish_reason", "usage", "ids"}."""
+    gen = dict(gen or {})
+    sent, text, stopped, ids, prompt_tokens = "", "", False, [], 0
+    for step in locked_steps(model, model.completion_steps(tokenizer, prompt, **gen), cancel):
+        ids, prompt_tokens, text = step.ids, step.prompt_tokens, step.text
+        if not step.grew:
+            continue
+        cut = find_stop(text, stops)
+        if cut is not None:
+            text, stopped = text[:cut], True
+        safe = text if stopped else text[: len(text) - holdback(text, "", stops)]
+        if len(safe) > len(sent):
+            yield {"content": safe[len(sent) :], "tokens": len(ids)}
+            sent = safe
+        if stopped:
+            break
+    if cancel is not None and cancel.is_set():
+        return
+    if not stopped:  # the whole reply, a trailing broken UTF-8 character included (as decode gives it)
+        text = tokenizer.decode(ids[:-1] if ids and ids[-1] in stop_ids(model, tokenizer) else ids)
+    if len(text) > len(sent) and text.startswith(sent):
+        yield {"content": text[len(sent) :], "tokens": len(ids)}
+    finish = "stop" if stopped else _finish(model, gen, ids, prompt_tokens)
+    yield {"finish_reason": finish, "usage": _usage(prompt_tokens, ids), "ids": ids}
+
+
+def _finish(model, gen, ids, prompt) -> str:
+    """ "length" when the reply ran into max_new_tokens / max_length, else "stop"."""
+    version = model.config.chatglm_version
+    max_new, max_length = gen.get("max_new_tokens"), gen.get("max_length") or CHAT_DEFAULTS[version][0]
+    return (
+        "length" if (max_new and len(ids) >= max_new) or (not max_new and prompt + len(ids) >= max_length) else "stop"
+    )
+
+
+def _usage(prompt: int, ids) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": len(ids), "total_tokens": prompt + len(ids)}
+
+
+def stop_ids(model, tokenizer) -> frozenset:
+    """Ids that end a reply without being part of it."""
+    ids = {tokenizer.eos_token_id}
+    eos = model.generation_config.eos_token_id
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    if model.config.chatglm_version == "v3":
+        ids.update(tokenizer.get_command(t) for t in ("<|user|>", "<|observation|>"))
+    return frozenset(i for i in ids if i is not None)

@@ -11,16 +11,17 @@ from fastapi.responses import JSONResponse
 
 from chatglm.engine import detach
 
-from .requests import HostGuard, RequestError
+from .requests import BearerAuth, HostGuard, RequestError
 from .workers import AsyncRunner, ClientGone, use_engine
 
 
 def base_app(title: str, model, error_json: Callable[[RequestError], dict], *, concurrency: int, max_waiting: int,
-             max_batch: int, allowed_hosts) -> FastAPI:  # fmt: skip
+             max_batch: int, allowed_hosts, api_key: str | None = None) -> FastAPI:  # fmt: skip
     """A FastAPI app around `model`: with max_batch > 1 the model's engine (chatglm/engine.py) batches up to
     max_batch requests (taken off the model when the app stops), else `concurrency` threads generate one step at a
     time; `max_waiting` more may queue (app.state.runner). A RequestError is answered as error_json(e) with its
-    status (503 with Retry-After); a client that left gets 499; Host headers outside `allowed_hosts` are refused."""
+    status (503 with Retry-After); a client that left gets 499; Host headers outside `allowed_hosts` are refused;
+    with `api_key`, requests without it as a Bearer token too (but /health)."""
     batched, concurrency = use_engine(model, max_batch, max_waiting, concurrency)
     runner = AsyncRunner(concurrency, max_waiting)
 
@@ -43,5 +44,7 @@ def base_app(title: str, model, error_json: Callable[[RequestError], dict], *, c
     async def gone(request: Request, e: ClientGone):  # nobody reads this: the client closed the connection
         return JSONResponse({"detail": "client closed the request"}, status_code=499)
 
-    app.add_middleware(HostGuard, allowed=allowed_hosts, refuse=refused)
+    if api_key:
+        app.add_middleware(BearerAuth, key=api_key, refuse=refused)
+    app.add_middleware(HostGuard, allowed=allowed_hosts, refuse=refused)  # added last: runs first
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import math
 import time
@@ -165,14 +166,19 @@ def check_prompt(model, tokenizer, query: str, history: list, role: str = "user"
     (tokens the client asked for) passes the context. A default max_new_tokens in `gen` is cut to fit."""
     version = model.config.chatglm_version
     n = int(model._chat_inputs(tokenizer, version, query, history, role, None)["input_ids"].shape[-1])
+    return check_prompt_length(model, n, gen, requested_new, "the prompt (query and history)", "messages")
+
+
+def check_prompt_length(model, n: int, gen: dict | None, requested_new: int | None, what: str = "the prompt",
+                        field: str = "prompt") -> int:  # fmt: skip
+    """check_prompt for a prompt of n tokens."""
     limit = context_length(model)
     if n >= limit:
-        raise RequestError(400, f"the prompt (query and history) is {n} tokens; this model's context is {limit} "
-                                "tokens: shorten it", "messages")  # fmt: skip
+        raise RequestError(400, f"{what} is {n} tokens; this model's context is {limit} tokens: shorten it", field)
     gen = gen if gen is not None else {}
     if gen.get("max_length") is not None and n >= gen["max_length"]:
-        raise RequestError(400, f"the prompt (query and history) is {n} tokens, 'max_length' {gen['max_length']} "
-                                "leaves no room for a reply", "max_length")  # fmt: skip
+        raise RequestError(400, f"{what} is {n} tokens, 'max_length' {gen['max_length']} leaves no room for a reply",
+                           "max_length")  # fmt: skip
     if requested_new is not None and n + requested_new > limit:
         raise RequestError(400, f"this model's context is {limit} tokens; the prompt is {n} and 'max_tokens' asks "
                                 f"for {requested_new} more", "max_tokens")  # fmt: skip
@@ -273,6 +279,27 @@ class HostGuard:
             except RequestError as e:
                 from starlette.requests import Request
 
+                response = await self.refuse(Request(scope, receive), e)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BearerAuth:
+    """ASGI middleware: every HTTP request but `open_paths` must carry `Authorization: Bearer <key>` (compared in
+    constant time), else `refuse(request, RequestError(401))`. Plain ASGI, as HostGuard."""
+
+    def __init__(self, app, key: str, refuse, open_paths=("/health",)):
+        self.app, self.key, self.refuse, self.open = app, key.encode(), refuse, frozenset(open_paths)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in self.open:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = given.partition(b" ")
+            if not (scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)):
+                from starlette.requests import Request
+
+                e = RequestError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'")
                 response = await self.refuse(Request(scope, receive), e)
                 await response(scope, receive, send)
                 return
