@@ -129,6 +129,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="P-Tuning prefix length (PRE_SEQ_LEN; default: read from the checkpoint)",
     )
     g.add_argument(
+        "--lora",
+        default=_env("LORA_PATH"),
+        help="a LoRA adapter directory in PEFT's format (adapter_config.json) applied on top (LORA_PATH); "
+        "python -m chatglm.adapters folds one into a plain checkpoint",
+    )
+    g.add_argument(
         "--decode",
         default=_env("DECODE", default="eager"),
         choices=list(MODES),
@@ -178,6 +184,7 @@ def load_from_args(args):
         tiny_version=getattr(args, "tiny_version", None) or "v3",
         decode=getattr(args, "decode", None) or "eager",
         output_layer=getattr(args, "output_layer", None) or "auto",
+        lora=getattr(args, "lora", None),
     )
     if not getattr(args, "model_path", None):
         model.default_max_new_tokens = TINY_MAX_NEW_TOKENS  # read by the servers (serving/requests.py)

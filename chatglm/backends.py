@@ -21,6 +21,7 @@ import torch
 from kernels import native_half_gemm
 from quantization import OUTPUT_LAYER_MODES, QuantizedLinear, set_output_layer
 
+from .adapters import apply_lora, read_adapter
 from .config import VERSIONS, ChatGLMConfig
 from .device_map import OFFLOADED, auto_configure_device_map, dispatch, infer_device_map
 from .hugepages import move_to_huge_pages
@@ -194,6 +195,7 @@ def load_model_and_tokenizer(
     tiny_version="v3",
     decode="eager",
     output_layer="auto",
+    lora=None,
 ):
     """(model in eval mode on its device, tokenizer).
 
@@ -205,6 +207,7 @@ def load_model_and_tokenizer(
     decode: how generation runs decode steps (chatglm/static_decode.py), kept as `model.decode_mode`.
     output_layer: auto (int8 for a quantized model on the CPU, else float), float (as the model: the original's
     choice), bf16 (CPU) or int8 (quantization.set_output_layer).
+    lora: a LoRA adapter directory in PEFT's format, applied on top (chatglm/adapters.py).
     """
     bits = _check_bits(quantization_bit)
     if output_layer not in ("auto", *OUTPUT_LAYER_MODES):
@@ -222,7 +225,13 @@ def load_model_and_tokenizer(
         logger.info("pre_seq_len=%s without a P-Tuning checkpoint is ignored", pre_seq_len)
     overrides = {} if prefix is None else {"pre_seq_len": prefix[1], "prefix_projection": prefix[2]}
 
+    if lora:
+        read_adapter(lora)  # a wrong path or a broken adapter fails before the model loads
     if device_map is not None or num_gpus > 1:
+        if lora:
+            raise ValueError(
+                "--lora is for a model on one device: merge the adapter first (python -m chatglm.adapters)"
+            )
         if output_layer not in ("auto", "float"):
             raise ValueError(f"--output-layer {output_layer} is for a model on one device")
         if device_map is None:
@@ -253,6 +262,8 @@ def load_model_and_tokenizer(
         set_output_layer(model, output_layer)
         if prefix is not None:
             load_prefix_encoder(model, prefix[0])
+        if lora:
+            apply_lora(model, lora)
         model = _place(model, device)
         if kind == "cpu":
             move_to_huge_pages(model)
@@ -318,10 +329,9 @@ def read_ptuning_checkpoint(path, pre_seq_len=None) -> tuple[dict, int, bool]:
         files = weight_files(path)
     except FileNotFoundError:
         if os.path.isfile(os.path.join(path, "adapter_config.json")):
-            raise NotImplementedError(
-                f"{path!r} is a PEFT adapter (adapter_config.json); only the original "
-                "P-Tuning v2 checkpoints (pytorch_model.bin with transformer.prefix_encoder.* "
-                "weights) are loaded"
+            raise ValueError(
+                f"{path!r} is a PEFT adapter (adapter_config.json), not a P-Tuning v2 checkpoint: pass it as "
+                "--lora (LORA_PATH)"
             ) from None
         raise
     state = {}

@@ -82,12 +82,40 @@ def add_lora(model, rank: int, alpha: float = 32.0, dropout: float = 0.1, ckpt_d
         p.requires_grad_("lora_" in name)
     model.peft_config = {"default": config}
     if ckpt_dir:
-        state = read_weights(ckpt_dir)
-        result = model.load_state_dict(state, strict=False)
-        lora_keys = {k for k, _ in model.named_parameters() if "lora_" in k}
-        if result.unexpected_keys or lora_keys - set(state):
-            raise ValueError(f"{ckpt_dir!r} is not a LoRA checkpoint of rank {rank} for this model")
+        load_lora_weights(model, ckpt_dir, rank)
     return model
+
+
+def load_lora_weights(model, ckpt_dir: str, rank=None) -> None:
+    """Put a LoRA checkpoint's matrices into a model wrapped by add_lora: PEFT's own files (adapter_model.*, what
+    ptuning/ writes now and ChatGLM3's finetune_demo writes), or the pytorch_model.bin of earlier versions."""
+    from chatglm.adapters import ADAPTER_WEIGHTS, read_adapter
+
+    if any(os.path.isfile(os.path.join(ckpt_dir, name)) for name in ADAPTER_WEIGHTS):
+        _, saved = read_adapter(ckpt_dir)  # "<module>.lora_A.weight": the injected model names it ".lora_A.default"
+        state = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
+                 for k, v in saved.items()}  # fmt: skip
+    else:
+        state = read_weights(ckpt_dir)
+    result = model.load_state_dict(state, strict=False)
+    lora_keys = {k for k, _ in model.named_parameters() if "lora_" in k}
+    if result.unexpected_keys or lora_keys - set(state):
+        raise ValueError(f"{ckpt_dir!r} is not a LoRA checkpoint{f' of rank {rank}' if rank else ''} for this model")
+
+
+def save_lora(model, out_dir: str) -> None:
+    """What PEFT's save_pretrained writes: adapter_model.safetensors (keys base_model.model.<module>.lora_A.weight,
+    ...) and adapter_config.json, so peft.PeftModel.from_pretrained and `--lora` read it."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from chatglm.adapters import PEFT_PREFIX
+
+    state = get_peft_model_state_dict(model)
+    save_file({PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in state.items()},
+              os.path.join(out_dir, "adapter_model.safetensors"))  # fmt: skip
+    for config in model.peft_config.values():
+        config.save_pretrained(out_dir)
 
 
 def model_dtype(name: str, tuning: bool):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # LoRA (PEFT) on the attention projections instead of P-Tuning: the third option the original README compared
-# (lr 5e-4). Checkpoints hold only the LoRA matrices (pytorch_model.bin + adapter_config.json).
+# (lr 5e-4). Checkpoints hold only the LoRA matrices, in PEFT's files (adapter_model.safetensors +
+# adapter_config.json): every demo and server takes one as --lora DIR.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-$([ -x ../.venv/bin/python ] && echo ../.venv/bin/python || echo python3)}  # the repository's .venv when set up

@@ -1,8 +1,10 @@
 """transformers' Trainer, subclassed (not copied): checkpoints hold only the trained weights, and
 evaluation can generate.
 
-With P-Tuning v2 (or LoRA) a checkpoint is DIR/pytorch_model.bin with the parameters that train (the
-`transformer.prefix_encoder.*` tensors, a few MB), DIR/config.json and the tokenizer, as the original wrote it.
+With P-Tuning v2 a checkpoint is DIR/pytorch_model.bin with the parameters that train (the
+`transformer.prefix_encoder.*` tensors, a few MB), DIR/config.json and the tokenizer, as the original wrote it;
+with LoRA, what PEFT writes (adapter_config.json and adapter_model.safetensors), which `--lora` and
+peft.PeftModel.from_pretrained load.
 Full fine-tuning saves the whole model in the checkpoint layout `chatglm.load_model` reads.
 """
 
@@ -15,8 +17,13 @@ import torch
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
+from chatglm.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from chatglm.atomic import replacing_directory
 from chatglm.loading import is_weight_file
+
+from .checkpoint import load_lora_weights, save_lora
+
+ADAPTER_FILES = (ADAPTER_CONFIG, *ADAPTER_WEIGHTS)  # an earlier LoRA checkpoint's: not carried into a new one
 
 WEIGHTS_NAME = "pytorch_model.bin"
 logger = logging.getLogger(__name__)
@@ -41,17 +48,29 @@ class PrefixTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         # All files at once: the directory holds the old checkpoint or the new one, never some of each
         # (an interrupted save); what else it holds (earlier checkpoints, logs) stays.
-        with replacing_directory(output_dir, keep=lambda name: not is_weight_file(name)) as out:
+        with replacing_directory(
+            output_dir, keep=lambda name: not (is_weight_file(name) or name in ADAPTER_FILES)
+        ) as out:
             if self.save_trainable_only:
-                torch.save(trainable_state_dict(model), os.path.join(out, WEIGHTS_NAME))
+                if getattr(model, "peft_config", None):  # LoRA: PEFT's own files
+                    save_lora(model, out)
+                else:
+                    torch.save(trainable_state_dict(model), os.path.join(out, WEIGHTS_NAME))
                 model.config.save_pretrained(out)
-                for config in getattr(model, "peft_config", {}).values():  # LoRA: adapter_config.json
-                    config.save_pretrained(out)
             else:  # ZeRO-2 keeps whole parameters on every rank, so the module's own weights are complete
                 model.save_pretrained(out)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(out)
             torch.save(self.args, os.path.join(out, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        model = model if model is not None else self.model
+        if getattr(self.accelerator.unwrap_model(model), "peft_config", None) and not os.path.isfile(
+            os.path.join(resume_from_checkpoint, WEIGHTS_NAME)
+        ):  # a LoRA checkpoint in PEFT's files
+            load_lora_weights(self.accelerator.unwrap_model(model), resume_from_checkpoint)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def floating_point_ops(self, inputs) -> int:
         # transformers asks PreTrainedModel.num_parameters(exclude_embeddings=True); ours counts everything.

@@ -302,18 +302,32 @@ def test_every_script_passes_arguments_main_accepts(tmp_path):
 # --- LoRA and the web demo ----------------------------------------------------------------------------
 
 
-def test_lora_trains_only_adapters_and_reloads(tiny_dirs, tmp_path):
-    pytest.importorskip("peft")
+def test_lora_trains_only_adapters_saves_peft_files_and_reloads(tiny_dirs, tmp_path):
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from chatglm.backends import load_model_and_tokenizer as load_for_chat
+
     _, trainer = main(train_argv(tiny_dirs["v2"], tmp_path, steps=6, method=("--lora_rank", "4")))
-    saved = torch.load(tmp_path / "checkpoint-6" / "pytorch_model.bin")
-    assert saved and all("lora_" in k for k in saved)
-    assert (tmp_path / "checkpoint-6" / "adapter_config.json").is_file()
+    ckpt = tmp_path / "checkpoint-6"
+    saved = load_file(ckpt / "adapter_model.safetensors")  # PEFT's file and key names
+    assert saved and all(k.startswith("base_model.model.transformer.") and ".lora_" in k for k in saved)
+    assert json.loads((ckpt / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert not (ckpt / "pytorch_model.bin").exists()
     base = chatglm.load_model(str(tiny_dirs["v2"]), dtype="fp32").state_dict()
     tuned = {k.replace(".base_layer", ""): v for k, v in trainer.model.state_dict().items() if "lora_" not in k}
     assert tuned.keys() == base.keys() and all(torch.equal(base[k], tuned[k]) for k in base)
     tok = chatglm.load_tokenizer(str(tiny_dirs["v2"]))
-    model, _ = load_model_and_tokenizer(str(tiny_dirs["v2"]), lora_checkpoint=str(tmp_path / "checkpoint-6"))
-    assert torch.equal(sample_logits(model, tok), sample_logits(trainer.model, tok))
+    want = sample_logits(trainer.model, tok)
+    model, _ = load_model_and_tokenizer(str(tiny_dirs["v2"]), lora_checkpoint=str(ckpt))
+    assert torch.equal(sample_logits(model, tok), want)
+    with_peft = peft.PeftModel.from_pretrained(chatglm.load_model(str(tiny_dirs["v2"]), dtype="fp32"), str(ckpt))
+    assert torch.allclose(sample_logits(with_peft, tok), want, atol=1e-5)
+    ours, _ = load_for_chat(str(tiny_dirs["v2"]), device="cpu", dtype="fp32", lora=str(ckpt))  # --lora
+    assert torch.allclose(sample_logits(ours, tok), want, atol=1e-5)
+    # a run restarted on the same output_dir resumes from the PEFT files
+    _, resumed = main(train_argv(tiny_dirs["v2"], tmp_path, steps=8, method=("--lora_rank", "4")))
+    assert resumed.state.global_step == 8 and (tmp_path / "checkpoint-8" / "adapter_model.safetensors").is_file()
 
 
 def test_web_demo_streams_a_reply_with_the_checkpoint(tiny_dirs, trained):

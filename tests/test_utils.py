@@ -361,6 +361,7 @@ def test_load_from_args(tiny_dirs, monkeypatch):
         tiny_version="v2",
         decode="eager",
         output_layer="auto",
+        lora=None,
     )
     monkeypatch.undo()
     args = utils.add_model_args(argparse.ArgumentParser()).parse_args(
@@ -430,7 +431,7 @@ def test_ptuning_errors(tiny_dirs, tmp_path):
         utils.load_model_and_tokenizer(tiny_dirs["v2"], device="cpu", ptuning_checkpoint=tmp_path / "none")
     (tmp_path / "peft").mkdir()
     (tmp_path / "peft" / "adapter_config.json").write_text("{}")
-    with pytest.raises(NotImplementedError, match="PEFT"):
+    with pytest.raises(ValueError, match="PEFT adapter.*--lora"):
         utils.load_model_and_tokenizer(tiny_dirs["v2"], device="cpu", ptuning_checkpoint=tmp_path / "peft")
     (tmp_path / "other").mkdir()
     torch.save({"transformer.output_layer.weight": torch.zeros(2, 2)}, tmp_path / "other" / "pytorch_model.bin")
