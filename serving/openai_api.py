@@ -405,9 +405,11 @@ async def _with_keepalive(items, seconds: float):
                 yield task.result()
             except StopAsyncIteration:
                 return
-    finally:
+    finally:  # the client left (or the stream ended): stop waiting, then close the items (which cancels the work)
         if pending is not None:
             pending.cancel()
+            await asyncio.wait({pending})
+        await it.aclose()
 
 
 async def sse(items, head: dict, include_usage: bool, logprobs=None, kind: str = "chat.completion.chunk",
