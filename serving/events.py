@@ -35,6 +35,16 @@ def find_stop(text: str, stops) -> int | None:
     return min(hits) if hits else None
 
 
+def _safe_delta(text: str, sent: str, version: str, stops) -> tuple[str, str, bool]:
+    """(text cut at its first stop string, what of it may be sent now beyond `sent`, whether a stop string was
+    found): while no stop string is found, the end that may still change or become one is held back."""
+    cut = find_stop(text, stops)
+    if cut is not None:
+        text = text[:cut]
+    safe = text if cut is not None else text[: len(text) - holdback(text, version, stops)]
+    return text, (safe[len(sent) :] if len(safe) > len(sent) and safe.startswith(sent) else ""), cut is not None
+
+
 def _arguments_json(params) -> str | None:
     """A model-written tool call's arguments as JSON; None when JSON cannot carry them (sets, bytes, complex,
     infinities, too deep or too big)."""
@@ -80,13 +90,10 @@ def chat_events(model, tokenizer, query: str, history: list, role: str = "user",
             if tools:
                 continue  # a tool call: sent whole at the end
             response = response.get("content", "")
-        cut = find_stop(response, stops)
-        if cut is not None:
-            response, stopped = response[:cut], True
-        safe = response if stopped else response[: len(response) - holdback(response, version, stops)]
-        if len(safe) > len(sent) and safe.startswith(sent):
-            yield {"content": safe[len(sent) :], "tokens": len(ids)}
-            sent = safe
+        response, delta, stopped = _safe_delta(response, sent, version, stops)
+        if delta:
+            yield {"content": delta, "tokens": len(ids)}
+            sent += delta
         if stopped:
             break
     if cancel is not None and cancel.is_set():
@@ -116,13 +123,10 @@ def completion_events(model, tokenizer, prompt: str, gen: dict | None = None, st
         ids, prompt_tokens, text = step.ids, step.prompt_tokens, step.text
         if not step.grew:
             continue
-        cut = find_stop(text, stops)
-        if cut is not None:
-            text, stopped = text[:cut], True
-        safe = text if stopped else text[: len(text) - holdback(text, "", stops)]
-        if len(safe) > len(sent):
-            yield {"content": safe[len(sent) :], "tokens": len(ids)}
-            sent = safe
+        text, delta, stopped = _safe_delta(text, sent, "", stops)
+        if delta:
+            yield {"content": delta, "tokens": len(ids)}
+            sent += delta
         if stopped:
             break
     if cancel is not None and cancel.is_set():

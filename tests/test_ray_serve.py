@@ -16,6 +16,8 @@ httpx = pytest.importorskip("httpx")
 
 from serving.ray_app import REPLICA_HEADER, build_app  # noqa: E402
 
+from .test_servers import until  # noqa: E402
+
 TIMEOUT = 120  # seconds any one request may take, a replica start included
 QUESTION = {"model": "chatglm3-6b", "messages": [{"role": "user", "content": "你好"}], "temperature": 0,
             "max_tokens": 12}  # fmt: skip
@@ -28,13 +30,7 @@ def _free_port() -> int:
 
 
 def _until(predicate, timeout=TIMEOUT, step=0.5):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("condition not met in time")
+    return until(predicate, timeout, step)
 
 
 @pytest.fixture(scope="module")
