@@ -175,7 +175,7 @@ class CpuKernel:
         f, lg = ctypes.c_float, ctypes.c_long
         self.lib.rms_norm_f32.argtypes = [p, p, i, p, i, i, f]
         self.lib.rotary_f32.argtypes = [p, i, lg, i, i, i, p]
-        self.lib.attention_decode_f32.argtypes = [p, lg, p, p, lg, lg, lg, i, p, p, i, i, i, i, i, f]
+        self.lib.attention_decode_f32.argtypes = [p, lg, p, p, lg, lg, lg, p, p, i, i, i, i, i, f]
         self.lib.attention_decode_f32.restype = i
         self.lib.silu_mul_f32.argtypes = [p, p, i, i]
         self.openmp = bool(self.lib.has_openmp())
@@ -256,12 +256,12 @@ class CpuKernel:
 
     def attention_decode(self, q, k, v, heads, scale, lengths=None):
         """One query per head: q [b, ...] fp32 whose rows hold heads * d contiguous floats (row stride
-        q.stride(0)); k, v [b, groups, T, d] fp32, bf16 or fp16 with d contiguous and equal strides -> [b, heads * d]
-        fp32. lengths: int32 [b], row r attending to its first lengths[r] keys (None: all T); each row's result
-        is the same whatever rows share the call."""
+        q.stride(0)); k, v [b, groups, T, d] fp32 with d contiguous and equal strides -> [b, heads * d]. lengths:
+        int32 [b], row r attending to its first lengths[r] keys (None: all T); each row's result is the same
+        whatever rows share the call."""
         b, groups, t, d = k.shape
-        if v.stride() != k.stride() or k.stride(-1) != 1 or k.dtype != v.dtype or k.dtype not in WEIGHT_TYPES:
-            raise ValueError("attention_decode needs k and v of one float dtype, the same strides, contiguous rows")
+        if v.stride() != k.stride() or k.stride(-1) != 1:
+            raise ValueError("attention_decode needs k and v with the same strides and contiguous rows")
         if lengths is not None and (lengths.dtype != torch.int32 or lengths.shape != (b,)):
             raise ValueError(f"attention_decode needs int32 lengths of shape ({b},)")
         self._sync_threads()
@@ -269,8 +269,7 @@ class CpuKernel:
         sb, sg, st, _ = k.stride()
         lens = None if lengths is None else lengths.contiguous()
         if self.lib.attention_decode_f32(q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), sb, sg, st,
-                                         WEIGHT_TYPES[k.dtype], self._ptr(lens), out.data_ptr(), b, heads, groups, t,
-                                         d, scale):  # fmt: skip
+                                         self._ptr(lens), out.data_ptr(), b, heads, groups, t, d, scale):  # fmt: skip
             raise MemoryError("out of memory in the CPU decode attention kernel")
         return out
 

@@ -1156,50 +1156,17 @@ static inline __attribute__((always_inline)) void att_scores(const float *kg, lo
  * group): scores s[t, h] = sum_j k[t, j] * (scale q)[h, j] with the queries transposed to [d, per] and 8 heads
  * per vector, a softmax across t vectorized over heads, then out[h] += s[t, h] v[t] over blocks of TB
  * positions that stay in L1. OpenMP over (batch, group). Returns -1 when out of memory.
- * kvtype: k and v hold float (0), bf16 (1) or fp16 (2) elements (strides in elements); a half-precision row's
- * keys and values are first widened to fp32 in a buffer kept by the thread. lens: row bi attends to its first
- * lens[bi] keys (rows of a batch at their own lengths), or NULL for T each. A row's result depends only on its
- * own query, keys and length: the same bits alone or beside any other rows. */
+ * lens: row bi attends to its first lens[bi] keys (rows of a batch at their own lengths), or NULL for T each. A
+ * row's result depends only on its own query, keys and length: the same bits alone or beside any other rows. */
 #define ATT_TB 32
-static __thread float *att_kv_buf;
-static __thread size_t att_kv_cap;
-
-int attention_decode_f32(const float *q, long q_stride, const void *k, const void *v, long sb, long sg, long st,
-                         int kvtype, const int *lens, float *out, int b, int heads, int groups, int T, int d,
-                         float scale) {
+int attention_decode_f32(const float *q, long q_stride, const float *k, const float *v, long sb, long sg, long st,
+                         const int *lens, float *out, int b, int heads, int groups, int T_all, int d, float scale) {
     int per = heads / groups, units = b * groups, failed = 0;
 #pragma omp parallel for schedule(static)
     for (int u = 0; u < units; u++) {
         int bi = u / groups, g = u % groups;
-        int Tu = lens ? (lens[bi] < T ? lens[bi] : T) : T;
-        size_t base = (size_t)bi * sb + (size_t)g * sg;
-        const float *kg, *vg;
-        long stu = st;
-        if (kvtype == 0) {
-            kg = (const float *)k + base, vg = (const float *)v + base;
-        } else {
-            size_t need = 2 * (size_t)Tu * d + 1;
-            if (need > att_kv_cap) {
-                free(att_kv_buf);
-                att_kv_buf = (float *)malloc(need * sizeof(float));
-                att_kv_cap = att_kv_buf ? need : 0;
-            }
-            if (!att_kv_buf) {
-#pragma omp atomic write
-                failed = 1;
-                continue;
-            }
-            const uint16_t *ks = (const uint16_t *)k + base, *vs = (const uint16_t *)v + base;
-            float *kw = att_kv_buf, *vw = att_kv_buf + (size_t)Tu * d;
-            for (int t = 0; t < Tu; t++)
-                for (int j = 0; j < d; j++) {
-                    kw[(size_t)t * d + j] = weight_at(ks + (size_t)t * st, kvtype, (size_t)j);
-                    vw[(size_t)t * d + j] = weight_at(vs + (size_t)t * st, kvtype, (size_t)j);
-                }
-            kg = kw, vg = vw, stu = d;
-        }
-        const long st = stu; /* from here on, this row's keys: its own stride and length */
-        const int T = Tu;
+        const int T = lens ? (lens[bi] < T_all ? lens[bi] : T_all) : T_all; /* this row's keys */
+        const float *kg = k + (size_t)bi * sb + (size_t)g * sg, *vg = v + (size_t)bi * sb + (size_t)g * sg;
         const float *qg = q + (size_t)bi * q_stride + (size_t)g * per * d;
         float *og = out + (size_t)bi * heads * d + (size_t)g * per * d;
         float *qt = (float *)malloc((size_t)d * per * sizeof(float));
