@@ -357,8 +357,7 @@ class ChatGLMGenerationMixin:
         input_ids = input_ids.to(self.device)
         attention_mask = None  # built from input_ids (and the cache length) by _init_generation
         decode = StreamDecoder(tokenizer)
-        eos = gen.get("eos_token_id") or self.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, (list, tuple)) else [eos])
+        eos = self.reply_stop_ids(tokenizer)
         n_prompt = input_ids.shape[1]
         text = ""
         for out in generate_stream(self, input_ids, attention_mask, None, **cache, **gen):
@@ -370,6 +369,16 @@ class ChatGLMGenerationMixin:
             delta = piece[len(text) :] if grew and piece.startswith(text) else ""
             text = piece if grew else text
             yield ChatStep(new, text, delta, grew, n_prompt, past)
+
+    def reply_stop_ids(self, tokenizer) -> frozenset:
+        """Ids that end a reply without being part of its text: the tokenizer's and the generation config's EOS,
+        and ChatGLM3's role markers."""
+        ids = {tokenizer.eos_token_id}
+        eos = self.generation_config.eos_token_id
+        ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+        if self._chat_version(tokenizer) == "v3":
+            ids.update(tokenizer.get_command(t) for t in ("<|user|>", "<|observation|>"))
+        return frozenset(i for i in ids if i is not None)
 
     def stream_chat(
         self,

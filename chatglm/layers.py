@@ -214,8 +214,8 @@ class CpuAttention(Attention):
 
     def forward(self, q, k, v, mask):
         b, heads, s, d = q.shape
-        decode = s == 1 and (mask is None or isinstance(mask, KeyLengths)) and q.dtype == torch.float32
-        kernel = cpu_kernel_for(q) if decode else None
+        decode = s == 1 and (mask is None or isinstance(mask, KeyLengths))
+        kernel = cpu_kernel_for(q) if decode else None  # fp32 activations only
         if kernel is not None and q.stride(1) == d and q.stride(3) == 1 and k.stride() == v.stride():
             if k.stride(-1) == 1 and k.dtype == v.dtype == torch.float32:
                 lengths = mask.tensor() if mask is not None else None

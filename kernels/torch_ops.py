@@ -95,12 +95,12 @@ class CompiledKernel:
         # Not an operator: it reads strided cache views. The fixed-shape decode step (what gets compiled) runs
         # SDPA with a mask instead; this is the same arithmetic in PyTorch ops for anything else compiled.
         b, groups, t, d = k.shape
-        qg = q[:, : heads * d].reshape(b, groups, heads // groups, d).float()
-        scores = torch.matmul(qg, k.float().transpose(-1, -2)) * scale
+        qg = q[:, : heads * d].reshape(b, groups, heads // groups, d)
+        scores = torch.matmul(qg, k.transpose(-1, -2)) * scale
         if lengths is not None:
             hidden = torch.arange(t) >= lengths[:, None].long()  # [b, t]
             scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
-        return torch.matmul(scores.softmax(dim=-1), v.float()).reshape(b, heads * d)
+        return torch.matmul(scores.softmax(dim=-1), v).reshape(b, heads * d)
 
     def linear(self, x, weight, scale_f32, bits, bias=None):
         return torch.ops.chatglm.cpu_linear(x.contiguous(), weight, scale_f32, bits, bias)

@@ -64,9 +64,9 @@ def _raw_reply(tokenizer, ids) -> str:
 
 def chat_events(model, tokenizer, query: str, history: list, role: str = "user", gen: dict | None = None,
                 stops=(), tools: bool = False, cancel: threading.Event | None = None) -> Iterator[dict]:  # fmt: skip
-    """Run one chat and yield {"content": delta, "tokens": ids generated so far}, then maybe {"tool_call": {"name", "arguments"}}, then
-    {"finish_reason", "usage", "ids" (the generated token ids)}. Deltas are only sent once no later token can change them, so joining them gives
-    the final text. With `tools` a ChatGLM3 reply is held until its first line says whether it is text or a tool
+    """Run one chat and yield {"content": delta, "tokens": ids generated so far}, then maybe {"tool_call": {"name",
+    "arguments"}}, then {"finish_reason", "usage", "ids" (the generated token ids)}. Deltas are only sent once no
+    later token can change them, so joining them gives the final text. With `tools` a ChatGLM3 reply is held until its first line says whether it is text or a tool
     call; without, only while that line could still be a tool's name."""
     version = model.config.chatglm_version
     gen = dict(gen or {})
@@ -132,7 +132,7 @@ def completion_events(model, tokenizer, prompt: str, gen: dict | None = None, st
     if cancel is not None and cancel.is_set():
         return
     if not stopped:  # the whole reply, a trailing broken UTF-8 character included (as decode gives it)
-        text = tokenizer.decode(ids[:-1] if ids and ids[-1] in stop_ids(model, tokenizer) else ids)
+        text = tokenizer.decode(ids[:-1] if ids and ids[-1] in model.reply_stop_ids(tokenizer) else ids)
     if len(text) > len(sent) and text.startswith(sent):
         yield {"content": text[len(sent) :], "tokens": len(ids)}
     finish = "stop" if stopped else _finish(model, gen, ids, prompt_tokens)
@@ -150,13 +150,3 @@ def _finish(model, gen, ids, prompt) -> str:
 
 def _usage(prompt: int, ids) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": len(ids), "total_tokens": prompt + len(ids)}
-
-
-def stop_ids(model, tokenizer) -> frozenset:
-    """Ids that end a reply without being part of it."""
-    ids = {tokenizer.eos_token_id}
-    eos = model.generation_config.eos_token_id
-    ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
-    if model.config.chatglm_version == "v3":
-        ids.update(tokenizer.get_command(t) for t in ("<|user|>", "<|observation|>"))
-    return frozenset(i for i in ids if i is not None)

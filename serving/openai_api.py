@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 
 from chatglm.sampling import ForcePrefix, LogitBias, LogprobRecorder, PresenceFrequencyPenalty
 
-from .events import chat_events, completion_events, stop_ids
+from .events import chat_events, completion_events
 from .fastapi_app import base_app
 from .openai_messages import openai_to_chat
 from .requests import (
@@ -155,7 +155,7 @@ def create_app(model, tokenizer, model_name: str | None = None, max_body_bytes: 
     version = model.config.chatglm_version
     model_name = model_name or MODEL_NAMES[version]
     created = int(time.time())
-    eos = stop_ids(model, tokenizer)
+    eos = model.reply_stop_ids(tokenizer)
 
     def error_json(e: RequestError) -> dict:
         kind = {503: "server_busy", 401: "invalid_request_error"}.get(e.status, "invalid_request_error")
@@ -338,6 +338,7 @@ class _Logprobs:
 
     def __init__(self, tokenizer, recorder, stop_ids):
         self.tokenizer, self.recorder, self.stop_ids, self.sent = tokenizer, recorder, stop_ids, 0
+        self.at = 0  # characters of text the entries sent so far stand for (completions' text_offset)
 
     def _text(self, token: int) -> tuple[str, list[int]]:
         raw = token_bytes(self.tokenizer, token)
@@ -371,10 +372,10 @@ class ChatLogprobs(_Logprobs):
 class CompletionLogprobs(_Logprobs):
     def format(self, entries) -> dict:
         texts = [self._text(t)[0] for t, _, _ in entries]
-        offsets, at = [], 0
-        for t in texts:
-            offsets.append(at)
-            at += len(t)
+        offsets = []
+        for t in texts:  # from the start of the completion, across stream chunks
+            offsets.append(self.at)
+            self.at += len(t)
         return {"tokens": texts, "token_logprobs": [lp for _, lp, _ in entries], "text_offset": offsets,
                 "top_logprobs": [{self._text(t)[0]: v for t, v in tops} for _, _, tops in entries]}  # fmt: skip
 

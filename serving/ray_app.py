@@ -134,7 +134,8 @@ def main(argv=None) -> None:
     except ImportError:
         print("error: Ray Serve is not installed: pip install -r requirements-ray.txt", file=sys.stderr)
         raise SystemExit(2) from None
-    model_options = {k: v for k, v in vars(args).items() if hasattr(_model_args({}), k)}
+    model_keys = vars(_model_args({}))
+    model_options = {k: v for k, v in vars(args).items() if k in model_keys}
     app_options = {"replicas": args.replicas, "cpus_per_replica": args.cpus_per_replica,
                    "gpus_per_replica": args.gpus_per_replica, "max_batch": args.max_batch,
                    "max_waiting": args.max_waiting, "model_name": args.model_name, "api_key": args.api_key}  # fmt: skip

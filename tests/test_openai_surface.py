@@ -179,6 +179,8 @@ def test_completions_continue_the_raw_prompt(tiny, version):
         chunks = stream(client, "/v1/completions", body)
         lp = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 9, "temperature": 0,
                                                   "logprobs": 2}).json()  # fmt: skip
+        lp_chunks = stream(client, "/v1/completions", {"prompt": prompt, "max_tokens": 9, "temperature": 0,
+                                                       "logprobs": 2, "stream": True})  # fmt: skip
         two = client.post("/v1/completions", json={"prompt": ["a", "b"]})
         echo_lp = client.post("/v1/completions", json={"prompt": prompt, "echo": True, "logprobs": 1})
     choice = r["object"], r["choices"][0]
@@ -194,6 +196,8 @@ def test_completions_continue_the_raw_prompt(tiny, version):
     logprobs = lp["choices"][0]["logprobs"]
     assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["text_offset"])
     assert all(len(t) == 2 for t in logprobs["top_logprobs"])
+    streamed = [c["choices"][0]["logprobs"] for c in lp_chunks if c["choices"] and c["choices"][0]["logprobs"]]
+    assert [o for c in streamed for o in c["text_offset"]] == logprobs["text_offset"]  # offsets run across chunks
     assert two.status_code == 400 and echo_lp.status_code == 400
 
 
