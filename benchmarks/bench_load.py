@@ -26,7 +26,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
-def build_checkpoint(config_path: str, out: str, shard_bytes: int = 2_000_000_000) -> None:
+def build_checkpoint(config_path: str, out: str, shard_bytes: int = 2_000_000_000, layers: int | None = None) -> None:
+    """Random fp16 weights in the original layout (shards + index, the config and tokenizer files beside them);
+    `layers` cuts the block count (config.json says so). Norms are ones and rotary inv_freq the real values, so
+    every engine that computes them itself (chatglm.cpp, llama.cpp) runs the same model."""
     from chatglm import ChatGLMConfig
     from chatglm.loading import model_class
 
@@ -34,10 +37,16 @@ def build_checkpoint(config_path: str, out: str, shard_bytes: int = 2_000_000_00
         return
     os.makedirs(out, exist_ok=True)
     src = os.path.dirname(os.path.abspath(config_path))
-    for name in ("config.json", "tokenizer_config.json", "tokenizer.model", "ice_text.model"):
+    for name in ("tokenizer_config.json", "tokenizer.model", "ice_text.model"):
         if os.path.isfile(os.path.join(src, name)):
             shutil.copy(os.path.join(src, name), out)
-    config = ChatGLMConfig.from_checkpoint(src)
+    with open(os.path.join(src, "config.json")) as f:
+        raw = json.load(f)
+    if layers:
+        raw["num_layers"] = layers
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(raw, f, indent=2)
+    config = ChatGLMConfig.from_checkpoint(out)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in model_class(config)(config, dtype=torch.float16).state_dict().items()}
     # Group keys into shards of about shard_bytes, then write each shard with fresh random fp16 tensors.
@@ -51,10 +60,20 @@ def build_checkpoint(config_path: str, out: str, shard_bytes: int = 2_000_000_00
         size += n
     groups.append(current)
     g = torch.Generator().manual_seed(0)
+
+    def tensor(key):
+        shape = shapes[key]
+        if key.endswith("inv_freq"):  # 1 / 10000^(2i / d), as the original computes it
+            dim = 2 * shape[0]
+            return (1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)).half()
+        if "layernorm" in key and key.endswith("weight"):
+            return torch.ones(shape, dtype=torch.float16)
+        return (torch.randn(shape, generator=g) * 0.02).half()
+
     weight_map = {}
     for i, keys in enumerate(groups):
         name = f"pytorch_model-{i + 1:05d}-of-{len(groups):05d}.bin"
-        shard = {k: (torch.randn(shapes[k], generator=g) * 0.02).half() for k in keys}
+        shard = {k: tensor(k) for k in keys}
         torch.save(shard, os.path.join(out, name))
         weight_map.update({k: name for k in keys})
         del shard
