@@ -431,7 +431,9 @@ def main(argv=None):
     )
     print(f"{'engine':<12} {'decode ms/t':>11} {'range':>13} {'tok/s':>6} {'prefill s':>9} {'range':>11} "
           f"{'reads GB':>8} {'floor ms':>8} {'of floor':>8} {'ours x':>6} {'peak GiB':>8} {'load s':>6}")  # fmt: skip
-    ours_dec = None
+    ours_dec = (
+        statistics.median(statistics.median(r["step_s"]) * 1e3 for r in runs["ours"]) if runs.get("ours") else None
+    )
     for engine in engines:
         if not runs[engine]:
             continue
@@ -439,7 +441,6 @@ def main(argv=None):
         pres = [r["prefill_s"] for r in runs[engine]]
         floors = [r["read_bytes"] / (r["bw"] * 1e9) * 1e3 for r in runs[engine]]
         dec, pre, floor = statistics.median(decs), statistics.median(pres), statistics.median(floors)
-        ours_dec = dec if engine == "ours" else ours_dec
         vs = f"{dec / ours_dec:6.2f}" if ours_dec else f"{'-':>6}"
         r0 = runs[engine][0]
         print(f"{engine:<12} {dec:11.1f} {spread(decs):>13} {1e3 / dec:6.2f} {pre:9.2f} {spread(pres):>11} "
