@@ -73,7 +73,7 @@ def test_whole_run_on_a_tiny_chatglm2(tiny_dirs, tmp_path, capsys):
     }
     assert "ours" in rows
     dec, tok_s = float(rows["ours"][1]), float(rows["ours"][3])
-    assert dec > 0 and tok_s == pytest.approx(1e3 / dec, rel=0.02)
+    assert dec > 0 and abs(1e3 / tok_s - dec) <= 0.051  # the same median, decode printed to 0.1 ms
     assert rows["ours"][-3] == "1.00"  # ours x = ours / ours
     assert len(re.findall(r"^# ours rep \d: decode", out, re.M)) == 2
     for engine, module in (("chatglm.cpp", "chatglm_cpp"), ("llama.cpp", "llama_cpp")):
