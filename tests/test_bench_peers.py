@@ -7,7 +7,6 @@ import os
 import re
 import sys
 
-import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
