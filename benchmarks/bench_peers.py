@@ -32,7 +32,6 @@ import argparse
 import glob
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -46,41 +45,11 @@ WARMUP_PROMPT, WARMUP_STEPS = 32, 4
 
 
 # ----------------------------------------------------------------------------------------------- shared bits
-def cpu_flags() -> str:
-    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16",
-              "avx512_fp16", "amx_bf16", "amx_int8")  # fmt: skip
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    return " ".join(w for w in wanted if w in flags) or platform.machine()
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
-    except OSError:
-        return platform.processor() or "?"
-
-
 def prompt_ids(n: int, seed: int, vocab: int) -> list[int]:
     import torch
 
     g = torch.Generator().manual_seed(seed)
     return torch.randint(100, min(vocab, 60000), (n,), generator=g).tolist()
-
-
-def peak_rss_gib() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return float("nan")
 
 
 def measured_bandwidth() -> float:
@@ -305,7 +274,9 @@ def worker_main(args) -> None:
     vocab = getattr(config, "padded_vocab_size", None) or config.vocab_size
     ids = prompt_ids(args.prompt, args.seed, vocab)
     result = WORKERS[args.worker](args, ids)
-    result.update(engine=args.worker, peak_gib=peak_rss_gib())
+    from benchmarks.bench_generate import peak_gib
+
+    result.update(engine=args.worker, peak_gib=peak_gib("cpu"))
     print(json.dumps(result), flush=True)
 
 
@@ -407,7 +378,9 @@ def main(argv=None):
     if args.worker:
         return worker_main(args)
 
-    print(f"# bench_peers: {cpu_name()}, {os.cpu_count()} cpus, flags: {cpu_flags()}")
+    from kernels import cpu_summary
+
+    print(f"# bench_peers: {cpu_summary()}")
     print(f"# chatglm2-6b shape from {os.path.basename(os.path.abspath(args.config))}, {args.layers} blocks, INT4, "
           f"batch 1, prompt {args.prompt}, {args.new} timed steps, threads {args.threads}, {args.reps} reps "
           f"interleaved; {time.strftime('%Y-%m-%d %H:%M')}", flush=True)  # fmt: skip

@@ -64,7 +64,7 @@ def test_whole_run_on_a_tiny_chatglm2(tiny_dirs, tmp_path, capsys):
     bench_peers.main(["--workdir", str(tmp_path), "--config", str(tiny_dirs["v2"]), "--layers", "2",
                       "--prompt", "24", "--new", "6", "--reps", "2", "--threads", "2"])  # fmt: skip
     out = capsys.readouterr().out
-    assert re.search(r"^# bench_peers: .* flags: ", out, re.M)
+    assert re.search(r"^# bench_peers: .*, \d+ cpus, flags .*CHATGLM_CPU_ISA=", out, re.M)
     rows = {
         line.split()[0]: line.split()
         for line in out.splitlines()
