@@ -153,130 +153,106 @@ def make_gguf(hf_dir: str, out: str, src: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- the workers
-def run_ours(args, ids: list[int]) -> dict:
+# Each loads its engine and returns (steps, bytes one decode step reads, threads); steps(prompt, n) runs a fresh
+# sequence: the prompt, then greedy tokens, n in all, and returns (seconds per token, tokens).
+def load_ours(args, config):
     import torch
 
     from benchmarks.bench_generate import weight_bytes
     from chatglm.backends import load_model_and_tokenizer
     from chatglm.generation import generate_stream
 
-    torch.set_num_threads(args.threads)
-    bw = measured_bandwidth()
-    t = time.perf_counter()
     model, _ = load_model_and_tokenizer(args.hf_dir, device="cpu", quantization_bit=4)
-    load_s = time.perf_counter() - t
-    blocks, head = weight_bytes(model)
 
-    def steps(prompt, new):
+    def steps(prompt, n):
         times, tokens = [], []
         with torch.inference_mode():
             start = time.perf_counter()
-            stream = generate_stream(model, torch.tensor([prompt]), do_sample=False, max_new_tokens=new,
-                                     eos_token_id=[-1])  # fmt: skip
-            for seq in stream:
+            for seq in generate_stream(model, torch.tensor([prompt]), do_sample=False, max_new_tokens=n,
+                                       eos_token_id=[-1]):  # fmt: skip
                 now = time.perf_counter()
                 times.append(now - start)
                 tokens.append(int(seq[0, -1]))
                 start = now
         return times, tokens
 
-    steps(ids[:WARMUP_PROMPT], WARMUP_STEPS)
-    times, tokens = steps(ids, args.new + 1)
-    return dict(load_s=load_s, prefill_s=times[0], step_s=times[1:], tokens=tokens[:8], bw=bw,
-                read_bytes=blocks + head, threads=torch.get_num_threads())  # fmt: skip
+    return steps, sum(weight_bytes(model)), torch.get_num_threads()
 
 
-def run_chatglm_cpp(args, ids: list[int]) -> dict:
+def load_chatglm_cpp(args, config):
     import chatglm_cpp
 
-    bw = measured_bandwidth()
-    n_ctx = len(ids) + args.new + 16
-    t = time.perf_counter()
+    n_ctx = args.prompt + args.new + 16
     pipe = chatglm_cpp.Pipeline(args.cpp_file, max_length=n_ctx)
-    load_s = time.perf_counter() - t
-    config = chatglm_cpp._C.GenerationConfig(max_length=n_ctx, do_sample=False)
+    gen = chatglm_cpp._C.GenerationConfig(max_length=n_ctx, do_sample=False)
 
-    def steps(prompt, new):
+    def steps(prompt, n):
         times, tokens, n_past, seq = [], [], 0, list(prompt)
-        for _ in range(new):  # it takes the whole sequence and reads the ids past n_past (the cache holds the rest)
+        for _ in range(n):  # it takes the whole sequence and reads the ids past n_past (the cache holds the rest)
             start = time.perf_counter()
-            token = pipe.model.generate_next_token(seq, None, config, n_past, n_ctx)
+            token = pipe.model.generate_next_token(seq, None, gen, n_past, n_ctx)
             times.append(time.perf_counter() - start)
             n_past = len(seq)
             seq.append(token)
             tokens.append(token)
         return times, tokens
 
-    steps(ids[:WARMUP_PROMPT], WARMUP_STEPS)
-    times, tokens = steps(ids, args.new + 1)
-    return dict(load_s=load_s, prefill_s=times[0], step_s=times[1:], tokens=tokens[:8], bw=bw,
-                read_bytes=_file_read_bytes(args.cpp_file, args), threads=os.cpu_count())  # fmt: skip
+    return steps, _file_read_bytes(args.cpp_file, args.hf_dir, config), os.cpu_count()
 
 
-def run_llama_cpp(args, ids: list[int]) -> dict:
+def load_llama_cpp(args, config):
     import llama_cpp
     import numpy as np
 
-    bw = measured_bandwidth()
-    t = time.perf_counter()
-    llm = llama_cpp.Llama(args.gguf_file, n_ctx=len(ids) + args.new + 16, n_batch=512, n_threads=args.threads,
+    llm = llama_cpp.Llama(args.gguf_file, n_ctx=args.prompt + args.new + 16, n_batch=512, n_threads=args.threads,
                           n_threads_batch=args.threads, verbose=False)  # fmt: skip
-    load_s = time.perf_counter() - t
     n_vocab = llm.n_vocab()
 
-    def next_token():
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,))
-        return int(logits.argmax())
-
-    def steps(prompt, new):
+    def steps(prompt, n):
         llm.reset()
-        times, tokens = [], []
-        start = time.perf_counter()
-        llm.eval(prompt)
-        token = next_token()
-        times.append(time.perf_counter() - start)
-        tokens.append(token)
-        for _ in range(new - 1):
+        times, tokens, chunk = [], [], list(prompt)
+        for _ in range(n):
             start = time.perf_counter()
-            llm.eval([token])
-            token = next_token()
+            llm.eval(chunk)
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,))
+            chunk = [int(logits.argmax())]
             times.append(time.perf_counter() - start)
-            tokens.append(token)
+            tokens.append(chunk[0])
         return times, tokens
 
-    steps(ids[:WARMUP_PROMPT], WARMUP_STEPS)
-    times, tokens = steps(ids, args.new + 1)
-    return dict(load_s=load_s, prefill_s=times[0], step_s=times[1:], tokens=tokens[:8], bw=bw,
-                read_bytes=_file_read_bytes(args.gguf_file, args), threads=args.threads)  # fmt: skip
+    return steps, _file_read_bytes(args.gguf_file, args.hf_dir, config), args.threads
 
 
-def _file_read_bytes(path: str, args) -> int:
-    """Bytes one decode step reads from a peer's file: all of it but the embedding table's rows (one row is
-    looked up), the embedding taken at the file's bytes per weight."""
-    from chatglm import ChatGLMConfig
-
-    config = ChatGLMConfig.from_checkpoint(args.hf_dir)
+def _file_read_bytes(path: str, hf_dir: str, config) -> int:
+    """Bytes one decode step reads from a peer's file: all of it but the embedding table (one row is looked up),
+    the embedding's share taken by its weight count."""
     vocab = getattr(config, "padded_vocab_size", None) or config.vocab_size
-    total = os.path.getsize(path)
-    with open(os.path.join(args.hf_dir, "pytorch_model.bin.index.json")) as f:
+    with open(os.path.join(hf_dir, "pytorch_model.bin.index.json")) as f:
         weights = json.load(f)["metadata"]["total_size"] / 2  # fp16 elements
-    embedding = vocab * config.hidden_size
-    return int(total * (1 - embedding / weights))
+    return int(os.path.getsize(path) * (1 - vocab * config.hidden_size / weights))
 
 
-WORKERS = {"ours": run_ours, "chatglm.cpp": run_chatglm_cpp, "llama.cpp": run_llama_cpp}
+LOADERS = {"ours": load_ours, "chatglm.cpp": load_chatglm_cpp, "llama.cpp": load_llama_cpp}
 
 
 def worker_main(args) -> None:
+    """One engine, one repetition: bandwidth, load, warm-up, the timed prompt and steps; a JSON line."""
+    import torch
+
+    from benchmarks.bench_generate import peak_gib
     from chatglm import ChatGLMConfig
 
+    torch.set_num_threads(args.threads)
     config = ChatGLMConfig.from_checkpoint(args.hf_dir)
-    vocab = getattr(config, "padded_vocab_size", None) or config.vocab_size
-    ids = prompt_ids(args.prompt, args.seed, vocab)
-    result = WORKERS[args.worker](args, ids)
-    from benchmarks.bench_generate import peak_gib
-
-    result.update(engine=args.worker, peak_gib=peak_gib("cpu"))
+    ids = prompt_ids(args.prompt, args.seed, getattr(config, "padded_vocab_size", None) or config.vocab_size)
+    bw = measured_bandwidth()
+    t = time.perf_counter()
+    steps, read_bytes, threads = LOADERS[args.worker](args, config)
+    load_s = time.perf_counter() - t
+    steps(ids[:WARMUP_PROMPT], WARMUP_STEPS)
+    times, tokens = steps(ids, args.new + 1)
+    result = dict(engine=args.worker, load_s=load_s, prefill_s=times[0], step_s=times[1:], tokens=tokens[:8],
+                  bw=bw, read_bytes=read_bytes, threads=threads, peak_gib=peak_gib("cpu"))  # fmt: skip
     print(json.dumps(result), flush=True)
 
 
@@ -326,7 +302,7 @@ def prepare(args, engines: list[str]) -> list[str]:
             continue
         if path and not os.path.isfile(path):
             t = time.perf_counter()
-            result, err = child(["--make", engine, *common_argv(args)], args.timeout)
+            _, err = child(["--make", engine, *common_argv(args)], args.timeout)
             if not os.path.isfile(path):
                 print(f"# {engine}: skipped, converting failed: {err}", flush=True)
                 continue

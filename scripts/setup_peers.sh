@@ -19,13 +19,12 @@ NO_AMX=""
 if grep -qw amx_int8 /proc/cpuinfo 2>/dev/null; then
     NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 fi
+SDIST=.peers/llama_cpp_python-0.3.36.tar.gz
+step "llama-cpp-python 0.3.36: its source into .peers/ (built from there, and llama.cpp's converter is in it)"
+mkdir -p .peers
+[ -f "$SDIST" ] || "$PY" -m pip download --no-deps --no-binary llama-cpp-python llama-cpp-python==0.3.36 -d .peers
+[ -f .peers/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py ] || tar xzf "$SDIST" -C .peers
 step "llama-cpp-python 0.3.36, built with GGML_NATIVE ${NO_AMX:+and $NO_AMX }(about 6-12 minutes)"
 CMAKE_ARGS="-DGGML_NATIVE=ON -DCMAKE_C_FLAGS='$NO_AMX' -DCMAKE_CXX_FLAGS='$NO_AMX'" \
-    "$PY" -m pip install --no-deps --no-cache-dir llama-cpp-python==0.3.36
-step "llama.cpp's converter: the llama-cpp-python source, unpacked into .peers/"
-mkdir -p .peers
-if [ ! -f .peers/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py ]; then
-    "$PY" -m pip download --no-deps --no-binary llama-cpp-python llama-cpp-python==0.3.36 -d .peers
-    tar xzf .peers/llama_cpp_python-0.3.36.tar.gz -C .peers
-fi
+    "$PY" -m pip install --no-deps --no-cache-dir "$SDIST"
 step "done: python benchmarks/bench_peers.py --workdir DIR"
