@@ -5,7 +5,8 @@
 
 For each shape and thread count: fp32 and bf16 matmul (PyTorch), our bf16/fp16 GEMV (kernels half_linear, what
 quantization.fast_linear calls), our INT8 and INT4 kernels (default: activations rounded to int8 per 64 columns;
-"f32 x": the fp32-activation kernels), PyTorch's own weight-only ops (aten._weight_int8pack_mm;
+"f32 x": the fp32-activation kernels; with --rows above 1 also what prefill can take: dequantize + torch's bf16 GEMM,
+and our INT8 GEMM on AVX-512 VNNI builds), PyTorch's own weight-only ops (aten._weight_int8pack_mm;
 aten._weight_int4pack_mm_for_cpu with the per-row scale repeated per group), and the original's approach
 (dequantize the whole matrix, then matmul). The ceiling is the machine's memory bandwidth, measured in the same
 run (a 512 MiB tensor copy: bytes read plus written per second). Then the cold-weights section (many matrices in
@@ -28,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import kernels  # noqa: E402
 from kernels import get_cpu_kernel  # noqa: E402
-from quantization.ops import dequantize, quantize_weight, unpack_int4  # noqa: E402
+from quantization.ops import dequantize, dequantized_gemm, quantize_weight, unpack_int4  # noqa: E402
 
 # (in, out): qkv, dense, h_to_4h, 4h_to_h of a ChatGLM2-6B block; the bf16 output layer
 SHAPES = [(4096, 4608), (4096, 4096), (4096, 27392), (13696, 4096)]
@@ -87,6 +88,16 @@ def cases_for(k, n, rows, kernel, original, g):
             ("INT4 ours", q4.numel(), lambda: kernel.linear(x, q4, s4f, 4, quantize_activations=True)),
             ("INT4 ours f32 x", q4.numel(), lambda: kernel.linear(x, q4, s4f, 4, quantize_activations=False)),
         ]
+        if rows > 1:  # what prefill can take instead: dequantize + torch's bf16 GEMM, and our INT8 GEMM
+            out += [
+                ("INT8 dequant+bf16 mm", q8.numel(), lambda: dequantized_gemm(kernel, x, q8, s8f, 8)),
+                ("INT4 dequant+bf16 mm", q4.numel(), lambda: dequantized_gemm(kernel, x, q4, s4f, 4)),
+            ]
+        if rows > 1 and kernel.has_gemm:
+            out += [
+                ("INT8 ours GEMM", q8.numel(), lambda: kernel.gemm(x, q8, s8f, 8)),
+                ("INT4 ours GEMM", q4.numel(), lambda: kernel.gemm(x, q4, s4f, 4)),
+            ]
     out.append(("INT8 torch op", q8.numel(), lambda: torch.ops.aten._weight_int8pack_mm(xb, q8, s8b)))
     try:
         p4, sz, group = int4pack_for_torch(q4, s4, k)

@@ -21,16 +21,16 @@ only the rest of its prompt is prefilled: the follow-up turn of a conversation s
 slots themselves: nothing is kept beyond them. (ChatGLM-6B's prompt attends both ways, so a shared beginning does
 not mean shared keys: it always prefills whole.)
 
-Bit for bit: a row's result must not depend on the rows sharing its forward (chunks, batches, a kept prefix
-computed in an earlier decode). On the CPU each decode row is computed on its own: bf16/fp16 and INT8/INT4
-weights, norms and rotary by our kernels, and attention over exactly the row's own keys (layers.KeyLengths,
-layers.decode_rows), with fp32 or bf16 activations alike, so a decode row in a batch gets the bits it gets
-alone. fp32 weights go through torch's sgemm, whose last bits depend on the row count (logits within about 1e-6). A prompt read in pieces (chunks, or only its end after a
-kept prefix) is another matter: its attention runs through torch's SDPA, whose rounding depends on where the
-prompt was cut, and on a CPU with native bf16 matmuls bf16 weights (above 16 rows) and INT8/INT4 weights (32+
-rows, settings.cpu_quantized_gemm) take torch's bf16 GEMM for prompts. With fp32 activations that is a last-bit
-difference; with bf16 activations (CPUs with native bf16) a reply after a kept prefix can differ from the reply
-alone by rounding.
+Bit for bit: a row's result must not depend on the rows sharing its forward (chunks, batches, a kept prefix computed
+in an earlier decode). On the CPU each decode row is computed on its own: bf16/fp16 and INT8/INT4 weights, norms and
+rotary by our kernels, and attention over exactly the row's own keys (layers.KeyLengths, layers.decode_rows), with
+fp32 or bf16 activations alike, so a decode row in a batch gets the bits it gets alone. fp32 weights go through
+torch's sgemm, whose last bits depend on the row count (logits within about 1e-6). A prompt read in pieces (chunks,
+or only its end after a kept prefix) is another matter: its attention runs through torch's SDPA, whose rounding
+depends on where the prompt was cut, on a CPU with native bf16 matmuls bf16 weights (above 16 rows) take torch's
+bf16 GEMM for prompts, and INT8/INT4 weights (32+ rows, settings.cpu_quantized_gemm) a GEMM: ours on AVX-512 VNNI,
+else torch's bf16 one. With fp32 activations that is a last-bit difference; with bf16 activations (CPUs with native
+bf16) a reply after a kept prefix can differ from the reply alone by rounding.
 
 Bounded: `max_batch` requests run, `max_waiting` more wait; beyond that `submit` raises `EngineBusy` (servers
 answer 503 with Retry-After). Each step runs under `model_lock(model)`, so other users of the model (a request

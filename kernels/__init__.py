@@ -165,6 +165,8 @@ class CpuKernel:
             getattr(self.lib, name).argtypes = [p, p, p, p, p, i, i, i]
         self.lib.w8_linear.restype = self.lib.w4_linear.restype = i
         self.lib.w4_linear_f.argtypes = [p, p, p, p, p, p, i, i, i]
+        self.lib.wq_gemm.argtypes = [p, p, p, p, p, i, i, i, i]
+        self.lib.wq_gemm.restype = i
         self.lib.half_linear.argtypes = [p, p, p, p, i, i, i, i]
         self.lib.half_linear.restype = i
         self.lib.quantize_activations.argtypes = [p, p, p, i, i, i]
@@ -221,6 +223,26 @@ class CpuKernel:
             self.lib.w4_linear_f(self._ptr(xe), self._ptr(xo), self._ptr(weight), self._ptr(scale_f32),
                                  self._ptr(bias), self._ptr(y), m, n, k)  # fmt: skip
         return y
+
+    @property
+    def has_gemm(self) -> bool:
+        """Whether this build has the INT8/INT4 GEMM for many rows (AVX-512 VNNI)."""
+        return self.lib.simd_level() == 5
+
+    def gemm(self, x, weight, scale_f32, bits, bias=None):
+        """What linear() computes with int8 activations, as a GEMM for many rows (wq_gemm: the same integer sums per
+        64-column block, summed over the blocks in another order): x [m, k] float32 -> [m, n] float32, or None
+        where this build has no such kernel (has_gemm) or k is not a multiple of 64."""
+        self._sync_threads()
+        m, k = x.shape
+        n = weight.shape[0]
+        y = torch.empty(m, n, dtype=torch.float32)
+        bias = bias.float().contiguous() if bias is not None else None
+        rc = self.lib.wq_gemm(self._ptr(x), self._ptr(weight), self._ptr(scale_f32), self._ptr(bias), self._ptr(y),
+                              m, n, k, bits)  # fmt: skip
+        if rc == -1:
+            raise MemoryError("out of memory in the CPU quantized GEMM kernel")
+        return None if rc else y
 
     def half_linear(self, x, weight, bias=None):
         """x [m, k] float32, weight bf16 or fp16 [n, k] (contiguous), bias [n] or None -> [m, n] float32,

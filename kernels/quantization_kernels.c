@@ -760,6 +760,170 @@ int w4_linear(const float *x, const int8_t *w, const float *scale, const float *
 }
 
 /* ------------------------------------------------------------------------------------------------------- */
+/* INT8 / INT4 GEMM for many x rows (prefill), AVX-512 VNNI                                                 */
+/*
+ * The q kernels above keep THUDM's layout and put 64 columns of one (weight row, x row) pair in a vector, so
+ * each vpdpbusd is followed by a conversion and an fma for the block's scale: right for decode (the weights
+ * are read once, in place), a third of the machine for prefill. Here a panel of GN = 32 weight rows is first
+ * rearranged, per thread and for GK columns at a time, so that one 512-bit vector holds 4 consecutive columns
+ * of 16 rows as unsigned bytes (s + 8 for INT4, w + 128 for INT8); 4 int8 activations of an x row are
+ * broadcast against it, and a tile of GM x GN outputs takes 16 vpdpbusd per 64-column block before the block's
+ * scale is applied once (GM * 2 int32 and GM * 2 fp32 accumulators in registers). The activations are quantized
+ * as for the q kernels (int8 per 64 columns) and each block's integer sum is the same; the fp32 sums over the
+ * blocks run in another order, so the results differ from w8_linear / w4_linear in the last bits.
+ */
+#ifdef USE_VNNI512
+#define GM 6
+#define GN 32
+#define GK 4096
+
+/* Panel rows o0 .. o0 + GN - 1 (rows at or past n left as zero bytes), columns [c0, c0 + kc) (multiples of
+ * 64) -> p: per group of 4 columns, GN dwords of 4 unsigned bytes. */
+static void gemm_pack(const int8_t *w, size_t stride, int n, int o0, int c0, int kc, int bits, uint32_t *p) {
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32((int)stride));
+    /* INT4: one gathered dword = 4 packed bytes = 8 columns = two groups; bytes [b, b, b', b'] per group, then
+     * the high nibble into the even byte (the even column) and the low nibble into the odd one */
+    const __m512i lo_pair = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 0, 1, 1, 4, 4, 5, 5, 8, 8, 9, 9, 12, 12, 13, 13));
+    const __m512i hi_pair = _mm512_broadcast_i32x4(_mm_setr_epi8(2, 2, 3, 3, 6, 6, 7, 7, 10, 10, 11, 11, 14, 14, 15, 15));
+    const __m512i m4 = _mm512_set1_epi8(0x0F), flip4 = _mm512_set1_epi8((char)0x88), flip8 = _mm512_set1_epi8((char)0x80);
+    const __mmask64 odd = 0xAAAAAAAAAAAAAAAAull;
+    for (int h = 0; h < GN; h += 16) {
+        int valid = n - (o0 + h);
+        __mmask16 mask = valid >= 16 ? (__mmask16)0xFFFF : valid <= 0 ? 0 : (__mmask16)((1u << valid) - 1);
+        const int8_t *base = w + (size_t)(o0 + h) * stride;
+        if (bits == 4) {
+            for (int g = 0; g < kc / 4; g += 2) {
+                const int8_t *src = base + (size_t)(c0 + 4 * g) / 2;
+                __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, rows, (const void *)src, 1);
+                v = _mm512_xor_si512(v, flip4);
+                __m512i t0 = _mm512_shuffle_epi8(v, lo_pair), t1 = _mm512_shuffle_epi8(v, hi_pair);
+                t0 = _mm512_and_si512(_mm512_mask_blend_epi8(odd, _mm512_srli_epi16(t0, 4), t0), m4);
+                t1 = _mm512_and_si512(_mm512_mask_blend_epi8(odd, _mm512_srli_epi16(t1, 4), t1), m4);
+                _mm512_storeu_si512((void *)(p + (size_t)g * GN + h), t0);
+                _mm512_storeu_si512((void *)(p + (size_t)(g + 1) * GN + h), t1);
+            }
+        } else {
+            for (int g = 0; g < kc / 4; g++) {
+                const int8_t *src = base + (size_t)c0 + 4 * g;
+                __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, rows, (const void *)src, 1);
+                _mm512_storeu_si512((void *)(p + (size_t)g * GN + h), _mm512_xor_si512(v, flip8));
+            }
+        }
+    }
+}
+
+/* One GM x GN tile: x rows q (row stride k bytes, natural column order) with scales d (row stride nb), blocks
+ * [0, nbk) of the packed panel p, added to the tile of y (row stride n; `first`: y not yet written). With
+ * `last`, y = (sum - off * corr[r]) * scale[o] + bias[o]. Only `rows` x rows and the columns in `cols` are
+ * stored. */
+static inline void gemm_tile(const uint32_t *p, const int8_t *q, size_t k, const float *d, size_t nb, int nbk,
+                             float *y, size_t n, int first, int last, const float *scale, const float *bias,
+                             const float *corr, float off, int rows, __mmask16 cols0, __mmask16 cols1) {
+    __m512 f[GM][2];
+    for (int r = 0; r < GM; r++) {
+        if (first || r >= rows) {
+            f[r][0] = f[r][1] = _mm512_setzero_ps();
+        } else {
+            f[r][0] = _mm512_maskz_loadu_ps(cols0, y + r * n);
+            f[r][1] = _mm512_maskz_loadu_ps(cols1, y + r * n + 16);
+        }
+    }
+    for (int b = 0; b < nbk; b++) {
+        __m512i s[GM][2];
+        for (int r = 0; r < GM; r++) s[r][0] = s[r][1] = _mm512_setzero_si512();
+        const uint32_t *pb = p + (size_t)b * 16 * GN;
+        const int8_t *qb = q + (size_t)b * QB;
+        for (int g = 0; g < 16; g++) {
+            __m512i w0 = _mm512_loadu_si512((const void *)(pb + g * GN));
+            __m512i w1 = _mm512_loadu_si512((const void *)(pb + g * GN + 16));
+            for (int r = 0; r < GM; r++) {
+                int32_t a4;
+                memcpy(&a4, qb + r * k + 4 * g, 4);
+                __m512i a = _mm512_set1_epi32(a4);
+                s[r][0] = _mm512_dpbusd_epi32(s[r][0], w0, a);
+                s[r][1] = _mm512_dpbusd_epi32(s[r][1], w1, a);
+            }
+        }
+        for (int r = 0; r < GM; r++) {
+            __m512 e = _mm512_set1_ps(d[r * nb + b]);
+            f[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][0]), e, f[r][0]);
+            f[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][1]), e, f[r][1]);
+        }
+    }
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, b0 = s0, b1 = s0;
+    if (last) {
+        s0 = _mm512_maskz_loadu_ps(cols0, scale), s1 = _mm512_maskz_loadu_ps(cols1, scale + 16);
+        if (bias) b0 = _mm512_maskz_loadu_ps(cols0, bias), b1 = _mm512_maskz_loadu_ps(cols1, bias + 16);
+    }
+    for (int r = 0; r < rows && r < GM; r++) {
+        __m512 v0 = f[r][0], v1 = f[r][1];
+        if (last) {
+            __m512 c = _mm512_set1_ps(off * corr[r]);
+            v0 = _mm512_fmadd_ps(_mm512_sub_ps(v0, c), s0, b0);
+            v1 = _mm512_fmadd_ps(_mm512_sub_ps(v1, c), s1, b1);
+        }
+        _mm512_mask_storeu_ps(y + r * n, cols0, v0);
+        _mm512_mask_storeu_ps(y + r * n + 16, cols1, v1);
+    }
+}
+#endif
+
+/* y [m, n] = x [m, k] @ W^T * scale + bias as w8_linear / w4_linear compute it (bits 8 or 4), as a GEMM for
+ * many rows. Returns 0; -1 when out of memory; -2 when this build has no such kernel (no AVX-512 VNNI, or k not
+ * a multiple of 64): the caller then takes w8_linear / w4_linear. */
+int wq_gemm(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m, int n, int k,
+            int bits) {
+#ifndef USE_VNNI512
+    (void)x, (void)w, (void)scale, (void)bias, (void)y, (void)m, (void)n, (void)k, (void)bits;
+    return -2;
+#else
+    if (k % QB || m <= 0) return -2;
+    int nb = k / QB, mp = (m + GM - 1) / GM * GM;
+    int8_t *q = (int8_t *)malloc((size_t)mp * k + 64);
+    float *d = (float *)calloc((size_t)mp * nb + 1, sizeof(float));
+    float *corr = (float *)calloc((size_t)mp + 1, sizeof(float));
+    if (!q || !d || !corr) {
+        free(q), free(d), free(corr);
+        return -1;
+    }
+    memset(q + (size_t)m * k, 0, (size_t)(mp - m) * k); /* padding rows: zero activations, zero scales */
+#pragma omp parallel for schedule(static)
+    for (int b = 0; b < m; b++)
+        corr[b] = quantize_row(x + (size_t)b * k, k, 0, nb, q + (size_t)b * k, d + (size_t)b * nb);
+    size_t stride = bits == 4 ? (size_t)(k / 2) : (size_t)k;
+    float off = bits == 4 ? 8.f : 128.f;
+    int panels = (n + GN - 1) / GN, failed = 0;
+#pragma omp parallel
+    {
+        uint32_t *p = (uint32_t *)malloc((size_t)GK * GN + 64);
+        if (!p) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int pi = 0; pi < panels; pi++) {
+            if (!p) continue;
+            int o0 = pi * GN, valid = n - o0;
+            __mmask16 c0 = valid >= 16 ? 0xFFFF : (__mmask16)((1u << valid) - 1);
+            __mmask16 c1 = valid >= 32 ? 0xFFFF : valid <= 16 ? 0 : (__mmask16)((1u << (valid - 16)) - 1);
+            for (int k0 = 0; k0 < k; k0 += GK) {
+                int kc = k - k0 < GK ? k - k0 : GK;
+                gemm_pack(w, stride, n, o0, k0, kc, bits, p);
+                for (int i0 = 0; i0 < m; i0 += GM)
+                    gemm_tile(p, q + (size_t)i0 * k + k0, (size_t)k, d + (size_t)i0 * nb + k0 / QB, (size_t)nb,
+                              kc / QB, y + (size_t)i0 * n + o0, (size_t)n, k0 == 0, k0 + kc == k, scale + o0,
+                              bias ? bias + o0 : NULL, corr + i0, off, m - i0, c0, c1);
+            }
+        }
+        free(p);
+    }
+    free(q), free(d), free(corr);
+    return failed ? -1 : 0;
+#endif
+}
+
+/* ------------------------------------------------------------------------------------------------------- */
 /* Float kernels: exact fp32 products, fp32 accumulation.                                                   */
 
 void w8_linear_f(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m, int n,

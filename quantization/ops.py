@@ -14,7 +14,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_fast_paths, get_cpu_kernel, native_half_gemm
+from kernels import cpu_fast_paths, cpu_flags, cpu_isa, get_cpu_kernel, native_half_gemm
 from kernels.settings import settings
 
 
@@ -91,15 +91,15 @@ def cached_fp32(owner, name: str) -> torch.Tensor | None:
 
 
 def quantized_linear(x, weight, scale, bits, bias=None, owner=None):
-    """The forward of QuantizedLinear: on the CPU the fused C kernel (decode, batches, and prefill where the CPU
-    has no native bf16 matmul), on CUDA the Triton kernels (fused for up to 64 rows, dequantize + cuBLAS above),
-    else the reference. The fused CPU kernels quantize x to int8 per 64-column block (see
+    """The forward of QuantizedLinear: on the CPU the fused C kernel (decode, batches), and for GEMM_MIN_ROWS rows or
+    more (prefill) a GEMM where this CPU has one (settings.cpu_quantized_gemm, `_gemm_path`): our INT8/INT4 GEMM
+    on AVX-512 VNNI (kernel.gemm), else on a CPU with native bf16 matmuls the weight dequantized to bf16 and torch's
+    GEMM (`dequantized_gemm`); on CUDA the Triton kernels (fused for up to 64 rows, dequantize + cuBLAS above);
+    else the reference. The CPU kernels quantize x to int8 per 64-column block (see
     kernels/quantization_kernels.c; ~0.3-0.5% relative error on the output) and beat "dequantize, then fp32 BLAS
     matmul" at every row count measured (92x at 1 row, 2.1x at 512 rows, 4096x4096 INT4, 2 threads);
-    CHATGLM_CPU_FLOAT_ACTIVATIONS=1 selects the exact fp32-activation ones. On a CPU with native bf16 matmuls
-    (AMX, AVX512-BF16), DEQUANT_GEMM_MIN_ROWS rows or more go through `dequantized_gemm` instead
-    (settings.cpu_quantized_gemm). `owner` (the QuantizedLinear) keeps the fp32 copies of the scale and bias that
-    the C kernels take between calls."""
+    CHATGLM_CPU_FLOAT_ACTIVATIONS=1 selects the exact fp32-activation ones (and no GEMM). `owner` (the
+    QuantizedLinear) keeps the fp32 copies of the scale and bias that the C kernels take between calls."""
     if x.device.type == "cpu":
         kernel = get_cpu_kernel()
         training = torch.is_grad_enabled() and x.requires_grad  # the C kernels have no backward
@@ -110,7 +110,10 @@ def quantized_linear(x, weight, scale, bits, bias=None, owner=None):
                 s, b = cached_fp32(owner, "weight_scale"), cached_fp32(owner, "bias")
             else:
                 s, b = scale.float().contiguous(), bias
-            if rows >= DEQUANT_GEMM_MIN_ROWS and _quantized_gemm():
+            path = _gemm_path(kernel) if rows >= GEMM_MIN_ROWS else None
+            if path == "int8" and x.shape[-1] % 64 == 0:
+                return _by_row_chunks(x, lambda flat: kernel.gemm(flat, w, s, bits, b), GEMM_CHUNK_ROWS)
+            if path == "bf16":
                 return dequantized_gemm(kernel, x, w, s, bits, b)
             return _by_row_chunks(x, lambda flat: kernel.linear(flat, w, s, bits, b))
     elif x.device.type == "cuda" and not (torch.is_grad_enabled() and x.requires_grad) and cuda_kernels():
@@ -122,10 +125,16 @@ def quantized_linear(x, weight, scale, bits, bias=None, owner=None):
     return quantized_linear_reference(x, weight, scale, bits, bias)
 
 
-# Rows from which a quantized layer on a CPU with native bf16 matmuls dequantizes its weight and runs torch's
-# bf16 GEMM (measured on AMX, 2 threads, INT4 4608x4096: the fused kernel 6.8 ms at 32 rows against ~5 ms, and
-# 3-8x slower at 128-512 rows; at 8 rows the fused kernel wins, 2.2 against ~3.2 ms).
-DEQUANT_GEMM_MIN_ROWS = 32
+# Rows from which a quantized layer takes a GEMM (prefill). Measured, 2 threads, ms at 8 / 32 / 64 / 512 rows
+# (benchmarks/bench_gemv.py --rows R; docs/benchmarks.md):
+#   AMD EPYC (Zen 4; avx512_vnni, avx512_bf16, no AMX), 4096->27392 INT4: our INT8 GEMM 9.4 / 18.3 / 26.2 / 193,
+#   the fused kernel 4.8 / 25.7 / 50.9 / 300, dequantize + torch's bf16 GEMM 19.4 / 36.6 / 56.5 / 311, torch's bf16
+#   GEMM on bf16 weights 15.9 / 24.9 / 43.6 / 319; INT8 alike (about even with the fused kernel at 32 rows).
+#   Intel Xeon (AMX), INT4 4608x4096: the fused kernel 6.8 ms at 32 rows against ~5 dequantized + bf16 GEMM, 3-8x
+#   slower at 128-512 rows; at 8 rows the fused kernel wins, 2.2 against ~3.2 ms.
+GEMM_MIN_ROWS = 32
+# Rows per call of our GEMM: x and y in fp32 stay a few tens of MB for any prompt length.
+GEMM_CHUNK_ROWS = 1024
 # Most bytes of bf16 weight dequantized per block (a buffer kept by each thread that runs prefill): every block is
 # one more GEMM call that packs all of x again, so blocks are few and even (16 MiB blocks cost 10-50% more than
 # one; 64 MiB: chatglm2-6b's layers in 1, 4 (27392 x 4096) and 2 (4096 x 13696) blocks).
@@ -133,15 +142,24 @@ DEQUANT_GEMM_BLOCK_BYTES = 64 << 20
 _scratch = threading.local()
 
 
-def _quantized_gemm() -> bool:
-    """Whether many rows take `dequantized_gemm`: settings.cpu_quantized_gemm, bf16 matmuls native here, exact
-    fp32 activations not asked for, and not inside torch.compile (the compiled kernels are the fused ones)."""
-    return (
-        settings.cpu_quantized_gemm
-        and not settings.cpu_float_activations
-        and native_half_gemm(torch.bfloat16)
-        and not torch.compiler.is_compiling()
-    )
+def _gemm_path(kernel) -> str | None:
+    """How GEMM_MIN_ROWS rows or more are computed on this CPU: "int8" (our INT8 GEMM, kernel.has_gemm: int8 dot
+    products, 1.6x torch's bf16 GEMM at 512 rows on a Zen 4 without AMX), "bf16" (a CPU with native bf16 matmuls
+    and no such kernel, or with AMX: dequantized_gemm), or None (the fused kernel at every row count:
+    settings.cpu_quantized_gemm off, exact fp32 activations asked for, inside torch.compile, or neither). On AMX
+    the bf16 GEMM runs on the tiles and was measured at ~307 ms for a block's four matrices at 512 rows and 2
+    threads (our GEMM on the Zen 4: 344 ms); ours has not been measured there yet, so AMX keeps what was."""
+    if not settings.cpu_quantized_gemm or settings.cpu_float_activations or torch.compiler.is_compiling():
+        return None
+    if kernel.has_gemm and not amx():
+        return "int8"
+    return "bf16" if native_half_gemm(torch.bfloat16) else None
+
+
+@functools.cache
+def amx() -> bool:
+    """Whether this CPU has AMX bf16 tiles (and the kernels are built for it: CHATGLM_CPU_ISA=native), asked once."""
+    return cpu_isa() == "native" and "amx_bf16" in cpu_flags()
 
 
 def dequantized_gemm(kernel, x, weight, scale_f32, bits, bias=None):
@@ -185,16 +203,18 @@ def _triton_imports() -> bool:
     return available()
 
 
-def _by_row_chunks(x, fn):
-    """fn over the rows of x (flattened to 2D fp32) in chunks of CPU_CHUNK_ROWS, in x's dtype and shape."""
-    if x.dtype == torch.float32 and x.is_contiguous() and x.numel() <= CPU_CHUNK_ROWS * x.shape[-1]:
+def _by_row_chunks(x, fn, chunk=None):
+    """fn over the rows of x (flattened to 2D fp32) in chunks of `chunk` rows (CPU_CHUNK_ROWS), in x's dtype and
+    shape."""
+    chunk = chunk or CPU_CHUNK_ROWS
+    if x.dtype == torch.float32 and x.is_contiguous() and x.numel() <= chunk * x.shape[-1]:
         y = fn(x.view(-1, x.shape[-1]))  # decode: no copies, no conversions
         return y.view(*x.shape[:-1], y.shape[-1])
     flat = x.reshape(-1, x.shape[-1]).float().contiguous()
-    if flat.shape[0] <= CPU_CHUNK_ROWS:
+    if flat.shape[0] <= chunk:
         y = fn(flat)
     else:  # long prompts: the activation block each weight row meets stays in cache
-        y = torch.cat([fn(flat[i : i + CPU_CHUNK_ROWS]) for i in range(0, flat.shape[0], CPU_CHUNK_ROWS)])
+        y = torch.cat([fn(flat[i : i + chunk]) for i in range(0, flat.shape[0], chunk)])
     return y.to(x.dtype).view(*x.shape[:-1], -1)
 
 

@@ -151,6 +151,39 @@ def test_quantized_kernels(kernel, threads, bits, shape):
     _check(y, xq @ wq.t(), xq.abs() @ wq.abs().t())
 
 
+GEMM_SHAPES = [
+    (1, 64, 4),
+    (7, 128, 40),  # padding x rows (tiles of 6) and a panel of 32 + 8 weight rows
+    (12, 4160, 100),  # 65 blocks; panels of 32, the last one 4 rows
+    (6, 8192, 33),  # two passes over k (4096 columns per packed panel); one row in the last panel's first half
+    (40, 13696, 70),  # ChatGLM2's dense_4h_to_h width: four passes, the last 1408 columns
+    (32, 256, 48),  # a last panel of 16 rows: its second half all padding
+]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("shape", GEMM_SHAPES)
+def test_quantized_gemm(kernel, threads, bits, shape):
+    """The GEMM for many rows (AVX-512 VNNI builds): the q kernels' integer sums per block, so within fp32
+    accumulation of their exact emulation, and close to linear() on the same input; other builds have none."""
+    m, k, n = shape
+    w, x, bias = _data(shape, hash(("gemm", bits, shape)) % 2**31)
+    q, scale = quantize_weight(w, bits)
+    if not kernel.has_gemm:
+        assert kernel.gemm(x, q, scale.float(), bits, bias) is None
+        return
+    wq = dequantize(q, scale, bits).double()
+    qx, d = quantize_activations_reference(x, split=0)
+    xq = (qx.double().view(m, -1, QB) * d.double()[..., None]).view(m, -1)[:, :k]
+    for b in (bias, None):
+        y = kernel.gemm(x, q, scale.float(), bits, b)
+        bd = torch.zeros(n, dtype=torch.float64) if b is None else b.double()
+        _check(y, xq @ wq.t() + bd, xq.abs() @ wq.abs().t() + bd.abs())
+        fused = kernel.linear(x, q, scale.float(), bits, b, quantize_activations=True)
+        _check(y, fused.double(), xq.abs() @ wq.abs().t() + bd.abs(), rel=2e-5)
+    assert kernel.gemm(x[:, :-1].contiguous(), q[:, : q.shape[1] - 1], scale.float(), bits) is None  # k % 64
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("n, k", [(37, 4096), (5, 2), (9, 130)])
 def test_dequantize_bf16_is_the_reference_rounded(kernel, threads, bits, n, k):

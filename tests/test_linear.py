@@ -8,6 +8,7 @@ from torch import nn
 import chatglm
 from chatglm.layers import Linear
 from kernels import native_half_gemm
+from kernels.settings import settings
 from quantization.ops import fast_linear
 
 
@@ -69,8 +70,9 @@ def test_quantized_prefill_in_bf16_matches_reference(bits):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("block_bytes", [1 << 24, 3 * 2 * 64])  # the whole weight at once; blocks of 3 rows
 def test_dequantized_gemm_takes_many_rows_on_native_bf16(monkeypatch, bits, dtype, block_bytes):
-    """On a CPU with native bf16 matmuls, DEQUANT_GEMM_MIN_ROWS rows or more run dequantize-to-bf16 + torch's GEMM
-    (forced here on any CPU: torch's bf16 matmul runs everywhere); fewer rows stay on the fused kernel."""
+    """On a CPU with native bf16 matmuls and no INT8 GEMM of ours, GEMM_MIN_ROWS rows or more run
+    dequantize-to-bf16 + torch's GEMM (forced here on any CPU: torch's bf16 matmul runs everywhere); fewer rows
+    stay on the fused kernel."""
     import kernels
     from quantization import ops
 
@@ -80,18 +82,67 @@ def test_dequantized_gemm_takes_many_rows_on_native_bf16(monkeypatch, bits, dtyp
     real = ops.dequantized_gemm
     monkeypatch.setattr(ops, "dequantized_gemm", lambda *a: calls.append(a[1].shape) or real(*a))
     monkeypatch.setattr(ops, "native_half_gemm", lambda dt: dt == torch.bfloat16)
+    monkeypatch.setattr(kernels.CpuKernel, "has_gemm", property(lambda self: False))
     monkeypatch.setattr(ops, "DEQUANT_GEMM_BLOCK_BYTES", block_bytes)
     g = torch.Generator().manual_seed(bits)
     q, scale = ops.quantize_weight(torch.randn(47, 64, generator=g), bits)
     bias = torch.randn(47, generator=g)
-    for rows in (ops.DEQUANT_GEMM_MIN_ROWS - 1, ops.DEQUANT_GEMM_MIN_ROWS, 300):
+    for rows in (ops.GEMM_MIN_ROWS - 1, ops.GEMM_MIN_ROWS, 300):
         x = torch.randn(rows, 64, generator=g).to(dtype).view(1, rows, 64)
         with torch.no_grad():
             y = ops.quantized_linear(x, q, scale, bits, bias)
         ref = ops.quantized_linear_reference(x.double(), q, scale, bits, bias.double())
         assert y.dtype == dtype and y.shape == ref.shape
         assert (y.double() - ref).abs().max() <= 0.02 * ref.abs().max()  # bf16 x and output (or int8 x)
-    assert calls == [(1, ops.DEQUANT_GEMM_MIN_ROWS, 64), (1, 300, 64)]
+    assert calls == [(1, ops.GEMM_MIN_ROWS, 64), (1, 300, 64)]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_gemm_takes_many_rows_where_the_kernel_has_it(monkeypatch, bits, dtype):
+    """With an AVX-512 VNNI build (and no AMX), GEMM_MIN_ROWS rows or more (in chunks of GEMM_CHUNK_ROWS) go through
+    our INT8 GEMM; fewer rows, settings.cpu_quantized_gemm off, fp32 activations asked
+    for, or a width that is not a multiple of 64 stay on the fused kernel."""
+    import kernels
+    from quantization import ops
+
+    kernel = kernels.get_cpu_kernel()
+    if kernel is None or not kernel.has_gemm:
+        pytest.skip("no INT8 GEMM in this build (AVX-512 VNNI CPUs only)")
+    calls = []
+    real = kernels.CpuKernel.gemm
+    monkeypatch.setattr(
+        kernels.CpuKernel, "gemm", lambda self, x, *a: calls.append(tuple(x.shape)) or real(self, x, *a)
+    )
+    monkeypatch.setattr(ops, "GEMM_CHUNK_ROWS", 128)
+    monkeypatch.setattr(ops, "amx", lambda: False)  # (AMX CPUs keep dequantize + bf16 GEMM: not measured yet)
+    g = torch.Generator().manual_seed(bits)
+    q, scale = ops.quantize_weight(torch.randn(47, 128, generator=g), bits)
+    bias = torch.randn(47, generator=g)
+
+    def run(rows, width=128):
+        x = torch.randn(1, rows, width, generator=g).to(dtype)
+        with torch.no_grad():
+            y = ops.quantized_linear(x, q if width == 128 else q6, scale, bits, bias)
+        w = q if width == 128 else q6
+        ref = ops.quantized_linear_reference(x.double(), w, scale, bits, bias.double())
+        assert y.dtype == dtype and y.shape == ref.shape
+        assert (y.double() - ref).abs().max() <= 0.02 * ref.abs().max()
+
+    q6, _ = ops.quantize_weight(torch.randn(47, 96, generator=g), bits)
+    run(ops.GEMM_MIN_ROWS - 1)
+    run(ops.GEMM_MIN_ROWS)
+    run(300)  # three chunks: 128, 128, 44
+    assert calls == [(ops.GEMM_MIN_ROWS, 128), (128, 128), (128, 128), (44, 128)]
+    calls.clear()
+    run(300, width=96)
+    with settings.override(cpu_quantized_gemm=False):
+        run(300)
+    with settings.override(cpu_float_activations=True):
+        run(300)
+    monkeypatch.setattr(ops, "amx", lambda: True)
+    assert ops._gemm_path(kernel) == "bf16"  # AMX: native bf16 tiles
+    assert calls == []
 
 
 def test_cpu_inference_computes_in_fp32_when_half_math_is_emulated(tiny_dirs):
