@@ -535,17 +535,15 @@ static inline void q4_rows8_vnni(const int8_t *w, size_t stride, const int8_t *q
 
 
 #ifdef USE_VNNI512
-/* Four weight rows of unsigned bytes (ROWS rows `rs` bytes apart, 64 per block, XOR `flip` applied as they are
- * loaded) against one or two x rows (their int8 blocks q, scales d), one vpdpbusd per block, row and x row:
- *   INT4: the rows unpacked by q4_unpack_rows (per block the 32 high nibbles then the 32 low ones, each s + 8),
- *         which is the activations' split layout (32 even columns, then 32 odd ones); flip 0, bias 8;
- *   INT8: the weights in place, flip 0x80 (w + 128 as an unsigned byte, exact for -128 .. 127); bias 128.
- * The bias * sum(x) the unsigned weights add is taken back once per x row (corr). `pf` (or NULL): the next rows,
+/* INT8: four weight rows (ROWS rows `rs` bytes apart, read in place, w XOR 0x80 = w + 128 as an unsigned byte,
+ * exact for -128 .. 127) against one or two x rows (their int8 blocks q, scales d), one vpdpbusd per block, row
+ * and x row. The 128 * sum(x) the unsigned weights add is taken back once per x row (corr). `pf`: the next rows,
  * prefetched 256 bytes per block. With q1 NULL only s0 is written. Full 64-column blocks only. */
-static inline void u8_rows_vnni(const uint8_t *u, size_t rs, char flip, const char *pf, int full, float bias,
-                                const int8_t *q0, const float *d0, float c0, const int8_t *q1, const float *d1,
-                                float c1, float *s0, float *s1) {
-    const __m512i f = _mm512_set1_epi8(flip);
+static inline void q8_rows_vnni(const uint8_t *u, size_t rs, const char *pf, int full, const int8_t *q0,
+                                const float *d0, float c0, const int8_t *q1, const float *d1, float c1, float *s0,
+                                float *s1) {
+    const __m512i f = _mm512_set1_epi8((char)0x80);
+    const float bias = 128.f;
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     for (int b = 0; b < full; b++) {
         if (pf)
@@ -575,12 +573,10 @@ static inline void u8_rows_vnni(const uint8_t *u, size_t rs, char flip, const ch
 }
 #endif
 
-/* x rows from which an INT4 call unpacks each weight group once (q4_unpack_rows) rather than per x row. */
-/* x rows up to which an AVX-512 VNNI build unpacks INT4 in registers per group of 8 weight rows, shared by two
- * x rows (measured: m = 2 costs what m = 1 does, m = 8 1.7-2.8x faster than AVX2; beyond, q4_unpack_rows). */
-#ifndef Q4_DIRECT_MAX_ROWS
-#define Q4_DIRECT_MAX_ROWS 16
-#endif
+/* x rows from which an AVX2 INT4 call unpacks each weight group once (q4_unpack_rows) rather than per x row. An
+ * AVX-512 VNNI build unpacks in registers per group of 8 weight rows, shared by two x rows, at every row count
+ * (measured on a Zen 4, 2 threads: m = 2 costs what m = 1 does; at 17-256 rows 1.2-1.6x faster than unpacking each
+ * group once into memory; and an x row gets the same bits whatever rows share its call). */
 #ifndef Q4_UNPACK_MIN_ROWS
 #define Q4_UNPACK_MIN_ROWS 4
 #endif
@@ -608,11 +604,10 @@ static int wq_linear(const float *x, const int8_t *w, const float *scale, const 
         corr[b] = quantize_row(x + (size_t)b * k, k, bits == 4, full, q + (size_t)b * nb * QB, d + (size_t)b * nb);
     int unpack = 0;
 #ifdef USE_AVX2
-    unpack = bits == 4 && m >= Q4_UNPACK_MIN_ROWS && k % QB == 0;
 #ifdef USE_VNNI512
-    if (bits == 4 && m <= Q4_DIRECT_MAX_ROWS && k % QB == 0) {
-        /* decode and small batches: groups of 8 weight rows unpacked in registers, two x rows per pass (the last
-         * partial group of rows by q4_rows) */
+    if (bits == 4 && k % QB == 0) {
+        /* groups of 8 weight rows unpacked in registers, two x rows per pass (the last partial group of rows by
+         * q4_rows) */
         int pairs = full / 2;
         int8_t *q2 = (int8_t *)malloc((size_t)m * pairs * 128 + 64);
         float *d2 = (float *)malloc(((size_t)m * pairs * 16 + 1) * sizeof(float));
@@ -661,6 +656,7 @@ static int wq_linear(const float *x, const int8_t *w, const float *scale, const 
         return 0;
     }
 #else
+    unpack = bits == 4 && m >= Q4_UNPACK_MIN_ROWS && k % QB == 0;
     if (bits == 4 && m == 1 && k % QB == 0) { /* decode: groups of 8 rows (the last partial group by q4_rows) */
 #pragma omp parallel for schedule(static)
         for (int o0 = 0; o0 < n; o0 += 8) {
@@ -702,17 +698,11 @@ static int wq_linear(const float *x, const int8_t *w, const float *scale, const 
                 if ((use_u || pair8) && b + 1 < m) { /* two x rows per pass over the group */
                     float sums1[ROWS] = {0};
                     if (use_u)
-#ifdef USE_VNNI512
-                        u8_rows_vnni(u, (size_t)full * QB, 0, NULL, full, 8.f, qb, db, corr[b], qb + (size_t)nb * QB,
-                                     db + nb, corr[b + 1], sums, sums1);
-#else
                         q4u_rows2(u, full, qb, db, corr[b], qb + (size_t)nb * QB, db + nb, corr[b + 1], sums, sums1);
-#endif
                     else
 #ifdef USE_VNNI512
-                        u8_rows_vnni((const uint8_t *)wr, stride, (char)0x80, (const char *)(wr + 2 * ROWS * stride),
-                                     full, 128.f, qb, db, corr[b], qb + (size_t)nb * QB, db + nb, corr[b + 1], sums,
-                                     sums1);
+                        q8_rows_vnni((const uint8_t *)wr, stride, (const char *)(wr + 2 * ROWS * stride), full, qb, db,
+                                     corr[b], qb + (size_t)nb * QB, db + nb, corr[b + 1], sums, sums1);
 #else
                         q8_rows2(wr, stride, full, qb, db, qb + (size_t)nb * QB, db + nb, sums, sums1);
 #endif
@@ -722,20 +712,15 @@ static int wq_linear(const float *x, const int8_t *w, const float *scale, const 
                     continue;
                 }
                 if (use_u)
-#ifdef USE_VNNI512
-                    u8_rows_vnni(u, (size_t)full * QB, 0, NULL, full, 8.f, qb, db, corr[b], NULL, NULL, 0.f, sums,
-                                 NULL);
-#else
                     q4u_rows(u, full, qb, db, corr[b], sums);
-#endif
                 else
 #endif
                 if (bits == 4)
                     q4_rows(wr, stride, rows, qb, db, corr[b], k, sums);
 #ifdef USE_VNNI512
                 else if (pair8)
-                    u8_rows_vnni((const uint8_t *)wr, stride, (char)0x80, (const char *)(wr + 2 * ROWS * stride), full,
-                                 128.f, qb, db, corr[b], NULL, NULL, 0.f, sums, NULL);
+                    q8_rows_vnni((const uint8_t *)wr, stride, (const char *)(wr + 2 * ROWS * stride), full, qb, db,
+                                 corr[b], NULL, NULL, 0.f, sums, NULL);
 #endif
                 else
                     q8_rows(wr, stride, rows, qb, db, k, sums);

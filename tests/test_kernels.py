@@ -151,6 +151,21 @@ def test_quantized_kernels(kernel, threads, bits, shape):
     _check(y, xq @ wq.t(), xq.abs() @ wq.abs().t())
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("k, n", [(4096, 37), (192, 16), (4160, 24)])
+def test_quantized_kernels_give_each_row_its_bits_alone(kernel, threads, bits, k, n):
+    """The engine decodes the rows of several requests in one call: each row must get exactly the bits it gets in a
+    call of its own, at every batch size up to the rows from which prefill takes a GEMM (quantization/ops.py)."""
+    from quantization.ops import GEMM_MIN_ROWS
+
+    rows = GEMM_MIN_ROWS - 1
+    w, x, bias = _data((rows, k, n), bits * k + n)
+    q, scale = quantize_weight(w, bits)
+    alone = torch.cat([kernel.linear(x[i : i + 1], q, scale.float(), bits, bias) for i in range(rows)])
+    for m in (2, 3, 4, 5, 8, 9, 16, 17, rows):
+        assert torch.equal(kernel.linear(x[:m], q, scale.float(), bits, bias), alone[:m]), m
+
+
 GEMM_SHAPES = [
     (1, 64, 4),
     (7, 128, 40),  # padding x rows (tiles of 6) and a panel of 32 + 8 weight rows
