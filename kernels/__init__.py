@@ -181,13 +181,15 @@ class CpuKernel:
         self.lib.attention_decode_f32.restype = i
         self.lib.silu_mul_f32.argtypes = [p, p, i, i]
         self.openmp = bool(self.lib.has_openmp())
+        level = self.lib.simd_level()
+        self.has_gemm = level == 5  # the INT8/INT4 GEMM for many rows (gemm) is built with AVX-512 VNNI only
         self.simd = {
             0: "portable C",
             2: "AVX2+FMA",
             3: "AVX2+FMA+F16C",
             4: "AVX2+FMA+F16C, AVX-512 codegen",
             5: "AVX2+FMA+F16C, AVX-512 VNNI",
-        }.get(self.lib.simd_level(), "?")
+        }.get(level, "?")
         self._threads = None
 
     def _sync_threads(self):
@@ -223,11 +225,6 @@ class CpuKernel:
             self.lib.w4_linear_f(self._ptr(xe), self._ptr(xo), self._ptr(weight), self._ptr(scale_f32),
                                  self._ptr(bias), self._ptr(y), m, n, k)  # fmt: skip
         return y
-
-    @property
-    def has_gemm(self) -> bool:
-        """Whether this build has the INT8/INT4 GEMM for many rows (AVX-512 VNNI)."""
-        return self.lib.simd_level() == 5
 
     def gemm(self, x, weight, scale_f32, bits, bias=None):
         """What linear() computes with int8 activations, as a GEMM for many rows (wq_gemm: the same integer sums per
