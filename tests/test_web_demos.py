@@ -85,9 +85,13 @@ def browser():
 
 
 def wait_for(driver, condition, timeout=60, what="the page"):
+    """Poll condition() until it is truthy. An element that the page re-renders between finding it and reading it
+    (Gradio replaces the chat's nodes as it updates them) makes that poll try again rather than fail the test."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(lambda d: condition(), f"waiting for {what}")
+    wait = WebDriverWait(driver, timeout, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException])
+    return wait.until(lambda d: condition(), f"waiting for {what}")
 
 
 def screenshot(driver, name: str):
