@@ -47,12 +47,6 @@
 #ifndef VNNI_PREFETCH
 #define VNNI_PREFETCH _MM_HINT_T1
 #endif
-/* The same for the AVX2 kernels: into L1 (T0). On a Zen 3 (AVX2 only, 2 threads, cold weights) T1 read INT4 at
- * m = 1 3-24% faster (4096x13696 the most) but batches of 8 rows 0-18% slower or faster by shape, so T0 stays
- * until a whole-model run decides (build with -DAVX2_PREFETCH=_MM_HINT_T1 to try it); docs/benchmarks.md. */
-#ifndef AVX2_PREFETCH
-#define AVX2_PREFETCH _MM_HINT_T0
-#endif
 
 void set_num_threads(int n) {
 #ifdef _OPENMP
@@ -258,8 +252,8 @@ static inline void q4_rows(const int8_t *w, size_t stride, int R, const int8_t *
          * turn comes. Rows of 2 KB are too short streams for the hardware prefetcher to reach full bandwidth. */
         const char *pf = (const char *)(w + 2 * ROWS * stride);
         for (int b = 0; b < full; b++) {
-            _mm_prefetch(pf + (size_t)b * 128, AVX2_PREFETCH);
-            _mm_prefetch(pf + (size_t)b * 128 + 64, AVX2_PREFETCH);
+            _mm_prefetch(pf + (size_t)b * 128, _MM_HINT_T0);
+            _mm_prefetch(pf + (size_t)b * 128 + 64, _MM_HINT_T0);
             __m256i xe = _mm256_loadu_si256((const __m256i *)(q + (size_t)b * QB));
             __m256i xo = _mm256_loadu_si256((const __m256i *)(q + (size_t)b * QB + 32));
             __m256 db = _mm256_set1_ps(d[b]);
@@ -311,7 +305,7 @@ static inline void q8_rows(const int8_t *w, size_t stride, int R, const int8_t *
         const int8_t *r0 = w, *r1 = w + stride, *r2 = w + 2 * stride, *r3 = w + 3 * stride;
         const char *pf = (const char *)(w + 2 * ROWS * stride); /* the next 4 rows, 256 bytes per block (as q4_rows) */
         for (int b = 0; b < full; b++) {
-            for (int l = 0; l < 4; l++) _mm_prefetch(pf + (size_t)b * 256 + 64 * l, AVX2_PREFETCH);
+            for (int l = 0; l < 4; l++) _mm_prefetch(pf + (size_t)b * 256 + 64 * l, _MM_HINT_T0);
             const int8_t *qb = q + (size_t)b * QB;
             __m256 db = _mm256_set1_ps(d[b]);
             size_t off = (size_t)b * QB;
@@ -431,7 +425,7 @@ static inline void q8_rows2(const int8_t *w, size_t stride, int full, const int8
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     const char *pf = (const char *)(w + 2 * ROWS * stride);
     for (int b = 0; b < full; b++) {
-        for (int l = 0; l < 4; l++) _mm_prefetch(pf + (size_t)b * 256 + 64 * l, AVX2_PREFETCH);
+        for (int l = 0; l < 4; l++) _mm_prefetch(pf + (size_t)b * 256 + 64 * l, _MM_HINT_T0);
         const __m256i *x0 = (const __m256i *)(q0 + (size_t)b * QB), *x1 = (const __m256i *)(q1 + (size_t)b * QB);
         __m256 e0 = _mm256_set1_ps(d0[b]), e1 = _mm256_set1_ps(d1[b]);
         const int8_t *wb = w + (size_t)b * QB;
@@ -468,7 +462,7 @@ static inline void q4_rows8(const int8_t *w, size_t stride, const int8_t *q, con
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
     const char *pf = (const char *)(w + 16 * stride); /* the group of 8 rows after the next, 256 bytes a block */
     for (int b = 0; b < full; b++) {
-        for (int l = 0; l < 4; l++) _mm_prefetch(pf + (size_t)b * 256 + 64 * l, AVX2_PREFETCH);
+        for (int l = 0; l < 4; l++) _mm_prefetch(pf + (size_t)b * 256 + 64 * l, _MM_HINT_T0);
         __m256i xe = _mm256_loadu_si256((const __m256i *)(q + (size_t)b * QB));
         __m256i xo = _mm256_loadu_si256((const __m256i *)(q + (size_t)b * QB + 32));
         __m256 db = _mm256_set1_ps(d[b]);
