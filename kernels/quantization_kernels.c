@@ -385,11 +385,14 @@ static inline void q4u_rows(const uint8_t *u, int full, const int8_t *q, const f
 /* The same for two x rows at once (q0/d0/c0 and q1/d1/c1): each unpacked weight vector is loaded once for both,
  * and eight independent accumulators keep the multiply units busy. */
 static inline void q4u_rows2(const uint8_t *u, int full, const int8_t *q0, const float *d0, float c0,
-                             const int8_t *q1, const float *d1, float c1, float *s0, float *s1) {
+                             const int8_t *q1, const float *d1, float c1, float *s0, float *s1, const int8_t *pf,
+                             size_t stride) {
     const __m256i one = _mm256_set1_epi16(1);
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     const size_t rs = (size_t)full * QB;
     for (int b = 0; b < full; b++) {
+        if (pf && !(b & 1)) /* the next group's packed rows into L2, a cache line of each per two blocks */
+            for (int r = 0; r < ROWS; r++) _mm_prefetch((const char *)(pf + r * stride + (size_t)b * 32), _MM_HINT_T1);
         const __m256i *x0e = (const __m256i *)(q0 + (size_t)b * QB), *x0o = x0e + 1;
         const __m256i *x1e = (const __m256i *)(q1 + (size_t)b * QB), *x1o = x1e + 1;
         __m256 e0 = _mm256_set1_ps(d0[b]), e1 = _mm256_set1_ps(d1[b]);
@@ -703,7 +706,8 @@ static int wq_linear(const float *x, const int8_t *w, const float *scale, const 
                 if ((use_u || pair8) && b + 1 < m) { /* two x rows per pass over the group */
                     float sums1[ROWS] = {0};
                     if (use_u)
-                        q4u_rows2(u, full, qb, db, corr[b], qb + (size_t)nb * QB, db + nb, corr[b + 1], sums, sums1);
+                        q4u_rows2(u, full, qb, db, corr[b], qb + (size_t)nb * QB, db + nb, corr[b + 1], sums, sums1,
+                                  b == 0 && o0 + 2 * ROWS <= n ? wr + ROWS * stride : NULL, stride);
                     else
 #ifdef USE_VNNI512
                         q8_rows_vnni((const uint8_t *)wr, stride, (const char *)(wr + 2 * ROWS * stride), full, qb, db,
