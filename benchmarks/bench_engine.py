@@ -4,6 +4,7 @@ to N clients taking turns under the model lock (how every server ran before the 
     python benchmarks/bench_engine.py                                  # chatglm2-6b width, 4 blocks, INT4, 8 clients
     python benchmarks/bench_engine.py --model tiny                     # the tiny random v2 model
     python benchmarks/bench_engine.py --mode bf16 --clients 4 --new 64
+    python benchmarks/bench_engine.py --device cuda --layers 28 --mode fp16    # on a GPU (Triton INT8/INT4 kernels)
 
 The model is built from a real config.json at full width with `--layers` blocks and random weights (as
 bench_generate.py does), or is the tiny checkpoint. Each client is a thread streaming greedy tokens through
@@ -39,13 +40,16 @@ def load(args):
         from chatglm.tiny import make_tiny_checkpoint
 
         path = make_tiny_checkpoint(os.path.join(tempfile.mkdtemp(), "tiny"), "v2")
-        return chatglm.load_model(path, dtype=torch.float32).eval(), "tiny random ChatGLM2 (fp32)"
+        return chatglm.load_model(path, dtype=torch.float32).to(args.device).eval(), "tiny random ChatGLM2 (fp32)"
     from benchmarks.bench_generate import MODES, build
 
     dtype_name, bits = MODES[args.mode]
-    output = args.output_layer if args.output_layer != "auto" else "int8" if bits else "float"  # as the loader
+    if args.device != "cpu" and bits:
+        dtype_name = "fp16"  # INT8/INT4 on a GPU: fp16 activations, as the original's CUDA models
+    cpu = args.device == "cpu"
+    output = args.output_layer if args.output_layer != "auto" else "int8" if bits and cpu else "float"  # as the loader
     model, real = build(args.config, args.layers, getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}.get(
-        dtype_name, "float32")), bits, "cpu", output)  # fmt: skip
+        dtype_name, "float32")), bits, args.device, output)  # fmt: skip
     return model, (f"{os.path.basename(args.config)} at full width, {args.layers} of {real} blocks, {args.mode}, "
                    f"output layer {output}")  # fmt: skip
 
@@ -78,8 +82,9 @@ def main(argv=None):
                         help="directory with the real config.json (default ../shared/models/chatglm2-6b)")  # fmt: skip
     parser.add_argument("--layers", type=int, default=4, help="blocks built (default 4)")
     parser.add_argument(
-        "--mode", choices=["fp32", "bf16", "int8", "int4"], default="int4", help="weights (default int4)"
+        "--mode", choices=["fp32", "bf16", "fp16", "int8", "int4"], default="int4", help="weights (default int4)"
     )
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--output-layer", choices=["auto", "float", "bf16", "int8"], default="auto",
                         help="the output layer (default auto, as utils' loader: int8 for an INT8/INT4 model on the "
                              "CPU, else as the model)")  # fmt: skip
@@ -98,10 +103,12 @@ def main(argv=None):
     model, what = load(args)
     vocab = min(getattr(model.config, "padded_vocab_size", None) or model.config.vocab_size, 60000)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(100, vocab, (1, args.prompt), generator=g) for _ in range(args.clients)]
+    prompts = [torch.randint(100, vocab, (1, args.prompt), generator=g).to(args.device) for _ in range(args.clients)]
     print(f"# {what}; {args.clients} clients, prompt {args.prompt} tokens, {args.new} new, greedy, "
           f"{args.threads} threads, torch {torch.__version__}")  # fmt: skip
     print(f"# CPU: {cpu_summary()}")
+    if args.device != "cpu":
+        print(f"# device: {torch.cuda.get_device_name(torch.device(args.device))}, CUDA {torch.version.cuda}")
     run(model, prompts[:1], 4)  # warm up (kernel load, allocator)
 
     solo, times = [], []  # each prompt's reply alone; its time (the median counts: one short run is noisy)
@@ -119,7 +126,7 @@ def main(argv=None):
     for _ in range(3):  # a fresh engine each time: nothing kept from an earlier run (prefix reuse is measured below)
         attach(model, max_batch=args.clients)
         try:
-            run(model, [torch.randint(3, 100, (1, args.prompt), generator=g) for _ in range(2)], 4)  # warm up
+            run(model, [torch.randint(3, 100, (1, args.prompt), generator=g).to(args.device) for _ in range(2)], 4)
             runs.append(run(model, prompts, args.new))  # (ids of 100+: no prefix shared with the warm-up)
             assert model.engine.reused == 0
         finally:
@@ -147,12 +154,14 @@ def first_token(model, ids, new=8):
 def follow_up(model, vocab, history, g):
     from chatglm.engine import attach, detach
 
-    turn1 = torch.randint(100, vocab, (1, history), generator=g)
-    question = torch.randint(100, vocab, (1, 16), generator=g)
+    device = next(model.parameters()).device
+    turn1 = torch.randint(100, vocab, (1, history), generator=g).to(device)
+    question = torch.randint(100, vocab, (1, 16), generator=g).to(device)
     try:
         engine = attach(model, max_batch=2)
         _, reply = first_token(model, turn1, 16)
-        turn2 = torch.cat([turn1, torch.tensor([reply[:-1]]), question], dim=1)  # history, reply, new question
+        reply_ids = torch.tensor([reply[:-1]], device=device)
+        turn2 = torch.cat([turn1, reply_ids, question], dim=1)  # history, reply, new question
         warm, warm_reply = first_token(model, turn2)
         reused = engine.reused
         detach(model)

@@ -24,8 +24,8 @@ SCHEDULE = [
 ]
 
 
-def _prompts(tok):
-    return [tok([text], return_tensors="pt")["input_ids"] for text, _, _ in SCHEDULE]
+def _prompts(tok, device="cpu"):
+    return [tok([text], return_tensors="pt")["input_ids"].to(device) for text, _, _ in SCHEDULE]
 
 
 def _alone(model, prompt, n, decode):
@@ -36,8 +36,15 @@ def _alone(model, prompt, n, decode):
 
 
 @torch.inference_mode()
-def _together(model, prompts, decode):
-    """Each sequence's (greedy tokens, logits [n, vocab]) when they share the batch as SCHEDULE says."""
+def _together(model, prompts, decode, follow=None):
+    """Each sequence's (greedy tokens, logits [n, vocab]) when they share the batch as SCHEDULE says. follow: each
+    sequence's tokens to feed instead of its own argmax (half precision may flip a near-tie and part ways)."""
+
+    def choose(r, logits):
+        if follow is None:
+            return logits.argmax(-1, keepdim=True)
+        return torch.tensor([follow[r][len(out[r])]], device=logits.device)
+
     slots = len(prompts)
     if decode == "eager":
         cache, decoder = KVCache.empty(model.config.num_layers, 16, slots=slots), None  # grows as needed
@@ -56,7 +63,7 @@ def _together(model, prompts, decode):
                     start = model._init_generation(prompts[r])
                     res = model(input_ids=prompts[r], position_ids=start["position_ids"],
                                 past_key_values=cache.select([r], 0), return_last_logit=True)  # fmt: skip
-                    tok = res.logits[:, -1].argmax(-1)
+                    tok = choose(r, res.logits[0, -1])
                     lengths[r] = res.past_key_values.length
                     state[r] = model._next_generation_inputs(start, tok, None)
                     out[r].append(int(tok))
@@ -78,7 +85,7 @@ def _together(model, prompts, decode):
                     every = cache.select(range(slots), tuple(lengths.get(r, 0) for r in range(slots)))
                     logits = dict(enumerate(decoder.step(ids, pos, every)))
                 for r in running:
-                    tok = logits[r].argmax(-1, keepdim=True)
+                    tok = choose(r, logits[r])
                     out[r].append(int(tok))
                     seen[r].append(logits[r].float())
                     lengths[r] += 1
@@ -90,16 +97,40 @@ def _together(model, prompts, decode):
     return [(out[r], torch.stack(seen[r])) for r in range(slots)]
 
 
-def _check(model, tok, decode, atol=1e-4):
+def _check(model, tok, decode, atol=1e-4, device="cpu", follow=False):
     """The same tokens, and logits within rounding (these fp32 weights go through torch's sgemm, whose last bits
     depend on the row count, and the compiled step attends under a mask; the logits are compared too because a
-    tiny random model often repeats one token)."""
-    prompts = _prompts(tok)
+    tiny random model often repeats one token). follow: the batch is fed the tokens each sequence got alone, and
+    only the logits are compared (half precision on a GPU)."""
+    prompts = _prompts(tok, device)
     alone = [_alone(model, p, n, decode) for p, (_, _, n) in zip(prompts, SCHEDULE)]
-    together = _together(model, prompts, decode)
+    together = _together(model, prompts, decode, [ids for ids, _ in alone] if follow else None)
     assert [ids for ids, _ in together] == [ids for ids, _ in alone]
     for (_, got), (_, want) in zip(together, alone):
-        torch.testing.assert_close(got, want, atol=atol, rtol=1e-4)
+        torch.testing.assert_close(got, want, atol=atol, rtol=max(atol, 1e-4))
+
+
+def test_a_batch_fed_the_tokens_alone_runs_the_same_steps(tiny_dirs):
+    """The GPU check's method (the batch fed each sequence's tokens alone) on the CPU, bf16 weights: the same
+    steps as choosing its own tokens, within bf16 rounding."""
+    path = str(tiny_dirs["v2"])
+    model = chatglm.load_model(path, dtype=torch.bfloat16).eval()
+    _check(model, chatglm.load_tokenizer(path), "eager", atol=3e-2, follow=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    "version, dtype, bits",
+    [("v2", torch.float32, 0), ("v2", torch.float16, 0), ("v2", torch.float16, 4), ("v1", torch.float16, 0),
+     ("v3", torch.float16, 8)],
+)  # fmt: skip
+def test_cuda_rows_at_their_own_positions_decode_as_alone(tiny_dirs, version, dtype, bits):
+    """The engine's batched decode on a GPU (cuBLAS, SDPA, the Triton INT8/INT4 kernels): each row's logits
+    those it gets alone, within the rounding of the dtype; in fp32 also the same greedy tokens."""
+    path = str(tiny_dirs[version])
+    model = chatglm.load_model(path, dtype=dtype, quantization_bit=bits or None).cuda().eval()
+    half = dtype != torch.float32
+    _check(model, chatglm.load_tokenizer(path), "eager", atol=3e-2 if half else 1e-4, device="cuda", follow=half)
 
 
 @pytest.mark.parametrize("bits", [0, 4], ids=["fp32", "int4"])
