@@ -50,7 +50,7 @@ from chatglm.backends import (  # noqa: F401  (re-exported: the loader's public 
     resolve_dtype,
     tiny_notice,
 )
-from chatglm.config import VERSIONS
+from chatglm.config import VERSIONS, require_directory
 from chatglm.device_map import (  # noqa: F401
     auto_configure_device_map,
     check_device_map,
@@ -213,6 +213,5 @@ def load_model_on_gpus(checkpoint_path, num_gpus: int = 2, device_map=None, **kw
             str(checkpoint_path), dtype=resolve_dtype(dtype, device), device=device, quantization_bit=bits, **kwargs
         )
     model_path = str(checkpoint_path)
-    if not os.path.isdir(model_path):
-        raise FileNotFoundError(f"model directory {model_path!r} does not exist")
+    require_directory(model_path, "model directory")
     return _load_dispatched(model_path, device_map, num_gpus, dtype, bits, kwargs, None)

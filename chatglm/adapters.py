@@ -25,6 +25,8 @@ import sys
 import torch
 from torch import nn
 
+from .config import require_directory
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_PREFIX = "base_model.model."
@@ -39,9 +41,7 @@ def is_adapter(path) -> bool:
 
 def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter_config.json, {"<module>.lora_A.weight" / ".lora_B.weight": tensor}) of a PEFT LoRA directory."""
-    path = str(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"LoRA adapter directory {path!r} does not exist (--lora / LORA_PATH)")
+    path = require_directory(path, "LoRA adapter directory", " (--lora / LORA_PATH)")
     if not is_adapter(path):
         raise ValueError(f"{path!r} is not a PEFT adapter: it has no {ADAPTER_CONFIG}")
     try:

@@ -22,7 +22,7 @@ from kernels import native_half_gemm
 from quantization import OUTPUT_LAYER_MODES, QuantizedLinear, set_output_layer
 
 from .adapters import apply_lora, read_adapter
-from .config import VERSIONS, ChatGLMConfig
+from .config import VERSIONS, ChatGLMConfig, require_directory
 from .device_map import OFFLOADED, auto_configure_device_map, dispatch, infer_device_map
 from .hugepages import move_to_huge_pages
 from .loading import load_model, read_shard, weight_files
@@ -215,14 +215,12 @@ def load_model_and_tokenizer(
     check_mode(decode)
     num_gpus = int(num_gpus or 1)
     path = _model_path(model_path, tiny_version)
-    tok_path = str(tokenizer_path or path)
-    if not os.path.isdir(tok_path):
-        raise FileNotFoundError(f"tokenizer directory {tok_path!r} does not exist (--tokenizer-path / TOKENIZER_PATH)")
+    tok_path = require_directory(tokenizer_path or path, "tokenizer directory", " (--tokenizer-path / TOKENIZER_PATH)")
     prefix = None
     if ptuning_checkpoint:
         prefix = read_ptuning_checkpoint(ptuning_checkpoint, pre_seq_len)
     elif pre_seq_len:
-        logger.info("pre_seq_len=%s without a P-Tuning checkpoint is ignored", pre_seq_len)
+        logger.warning("--pre-seq-len %s without --ptuning-checkpoint is ignored", pre_seq_len)
     overrides = {} if prefix is None else {"pre_seq_len": prefix[1], "prefix_projection": prefix[2]}
 
     if lora:
@@ -287,13 +285,8 @@ def load_model_and_tokenizer(
 
 def _model_path(model_path, tiny_version: str) -> str:
     if model_path:
-        path = str(model_path)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(
-                f"model directory {path!r} does not exist: set --model-path / MODEL_PATH to a "
-                "local checkpoint directory (only local checkpoints are loaded)"
-            )
-        return path
+        return require_directory(model_path, "model directory", ": set --model-path / MODEL_PATH to a local "
+                                 "checkpoint directory (only local checkpoints are loaded)")  # fmt: skip
     if tiny_version not in VERSIONS:
         raise ValueError(f"tiny_version must be one of {VERSIONS}, got {tiny_version!r} (--tiny-version)")
     from chatglm.tiny import default_tiny_model
@@ -319,12 +312,8 @@ def _place(model, device: str):
 
 def read_ptuning_checkpoint(path, pre_seq_len=None) -> tuple[dict, int, bool]:
     """(prefix encoder state without the `transformer.prefix_encoder.` prefix, pre_seq_len, prefix_projection)."""
-    path = str(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"P-Tuning checkpoint directory {path!r} does not exist "
-            "(--ptuning-checkpoint / PTUNING_CHECKPOINT / PT_PATH)"
-        )
+    path = require_directory(path, "P-Tuning checkpoint directory",
+                             " (--ptuning-checkpoint / PTUNING_CHECKPOINT / PT_PATH)")  # fmt: skip
     try:
         files = weight_files(path)
     except FileNotFoundError:

@@ -105,6 +105,17 @@ SIZE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "padded_vocab
                "max_sequence_length")  # fmt: skip
 
 
+def require_directory(path: str, what: str, hint: str = "") -> str:
+    """`path` if it is a directory; else a FileNotFoundError (nothing there) or NotADirectoryError (a file) whose
+    message names `what` and ends with `hint`."""
+    path = str(path)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise NotADirectoryError(f"{what} {path!r} is a file, not a directory{hint}")
+    raise FileNotFoundError(f"{what} {path!r} does not exist{hint}")
+
+
 def read_json_object(file: str) -> dict:
     """A JSON object from `file`, or a ValueError that names the file and says what is wrong."""
     try:

@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 
+# What only sampling reads (transformers' validate() flags them when do_sample is false).
+SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h")
+
 # Options of the loop itself; everything else goes through GenerationConfig.
 LOOP_OPTIONS = ("logits_processor", "stopping_criteria", "streamer", "prefix_allowed_tokens_fn", "generator",
                 "tokenizer", "generation_config")  # fmt: skip
@@ -170,6 +173,14 @@ def plan_generation(model, prompt_len: int, options: dict, device) -> Generation
     loop = {k: options.pop(k) for k in LOOP_OPTIONS if k in options}
     base = loop.get("generation_config") or getattr(model, "generation_config", None)
     gc = copy.deepcopy(base) if base is not None else default_generation_config(model.config)
+    if not options.get("do_sample", gc.do_sample):
+        # greedy: the sampling flags say nothing, and transformers would warn of the model's own defaults (a
+        # line in the middle of a terminal chat)
+        fresh = GenerationConfig()
+        for name in SAMPLING_FLAGS:
+            if hasattr(fresh, name):
+                options.pop(name, None)
+                setattr(gc, name, getattr(fresh, name))
     unknown = gc.update(**options)
     unknown.pop("synced_gpus", None)  # one process: nothing to synchronize
     unknown.pop("use_model_defaults", None)  # the model's generation_config is always the base, as by default
@@ -226,8 +237,8 @@ def plan_generation(model, prompt_len: int, options: dict, device) -> Generation
         t, k, p = _value(gc, "temperature"), _value(gc, "top_k"), _value(gc, "top_p")
         if t is not None and t <= 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {t}")
-        if p is not None and not 0 < p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {p}")
+        if p is not None and not 0 <= p <= 1:  # 0 keeps the most likely token (transformers and the originals)
+            raise ValueError(f"top_p must be in [0, 1], got {p}")
         extra = [n for n in ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h") if _is_set(gc, n)]
         if extra or gc.renormalize_logits:
             # transformers' own warpers in its order; our window sampler covers temperature / top-k / top-p only

@@ -20,7 +20,7 @@ import torch
 from kernels.settings import settings
 
 from .atomic import replacing_directory
-from .config import ChatGLMConfig, parameter_count, read_json_object
+from .config import ChatGLMConfig, parameter_count, read_json_object, require_directory
 from .generation_config import load_generation_config
 from .hugepages import move_to_huge_pages
 
@@ -164,9 +164,7 @@ def load_model(path: str, config: ChatGLMConfig | None = None, dtype=None, devic
     `quantization_bit` (4 or 8) quantizes a float checkpoint shard by shard while it loads; a checkpoint
     saved quantized (config.json `quantization_bit`) loads as it is.
     """
-    path = str(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model directory {path!r} does not exist (only local checkpoints are loaded)")
+    path = require_directory(path, "model directory", " (only local checkpoints are loaded)")
     if config is None:
         config = ChatGLMConfig.from_checkpoint(path, **config_overrides)
     else:

@@ -35,8 +35,8 @@ def warp(scores, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
         kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if not 0 <= top_p <= 1:
+            raise ValueError(f"top_p must be in [0, 1], got {top_p}")
         sorted_scores, order = torch.sort(scores, descending=False)
         cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
         drop = cum <= (1 - top_p)
@@ -88,8 +88,8 @@ def candidate_probs(scores, temperature=1.0, top_k=0, top_p=1.0):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
         scores = scores / temperature
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_p is not None and not 0 <= top_p <= 1:  # 0: the most likely token only (as transformers)
+        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
     vocab = scores.shape[-1]
     k = top_k if top_k and 0 < top_k < vocab else 0
     nucleus = top_p is not None and top_p < 1.0

@@ -21,7 +21,7 @@ import sentencepiece as spm
 from transformers import BatchEncoding, PreTrainedTokenizer
 from transformers.utils import PaddingStrategy
 
-from .config import detect_version
+from .config import detect_version, require_directory
 
 V1_VOCAB_FILE = "ice_text.model"
 V2_VOCAB_FILE = "tokenizer.model"
@@ -89,12 +89,8 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        path = str(pretrained_model_name_or_path)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(
-                f"tokenizer directory {path!r} does not exist (this toolkit loads local checkpoints only, "
-                "nothing is downloaded)"
-            )
+        path = require_directory(pretrained_model_name_or_path, "tokenizer directory",
+                                 " (this toolkit loads local checkpoints only, nothing is downloaded)")  # fmt: skip
         kwargs.pop("trust_remote_code", None)
         version = kwargs.pop("chatglm_version", None)
         if cls is ChatGLMTokenizer:

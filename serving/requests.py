@@ -205,8 +205,8 @@ def generation_kwargs(model, max_length=None, top_p=None, temperature=None, max_
             raise RequestError(400, f"'max_length' must be an integer from 1 to {limit}", "max_length")
         gen["max_length"] = max_length
     if top_p is not None:
-        if not _finite(top_p) or not 0 < top_p <= 1:
-            raise RequestError(400, "'top_p' must be a number in (0, 1]", "top_p")
+        if not _finite(top_p) or not 0 <= top_p <= 1:  # 0: the most likely token only, as the originals take it
+            raise RequestError(400, "'top_p' must be a number from 0 to 1", "top_p")
         gen["top_p"] = float(top_p)
     if temperature is not None:
         if not _finite(temperature) or not 0 <= temperature <= max_temperature:

@@ -50,7 +50,7 @@ def test_chat_clear_stop(tiny_dirs, tmp_path, version):
 
 @pytest.mark.parametrize("version", ["v1", "v3"])
 def test_ctrl_c_stops_the_reply_not_the_session(tiny_dirs, tmp_path, version):
-    child = spawn(tmp_path, ["--max-length", "4000"], model=tiny_dirs[version])
+    child = spawn(tmp_path, ["--max-length", "2000"], model=tiny_dirs[version])
     child.expect_exact("用户：")
     for question in ("写一篇很长的文章", "继续"):  # the second turn follows an interrupted one
         child.sendline(question)
@@ -71,6 +71,33 @@ def test_no_model_uses_the_tiny_model_and_says_so(tmp_path):
     child.expect_exact("用户：")
     child.sendeof()  # Ctrl-D
     finish(child)
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [(["--top-p", "2"], "--top-p must be from 0 to 1"), (["--temperature", "-1"], "--temperature must be 0"),
+     (["--temperature", "nan"], "--temperature must be 0"), (["--max-length", "0"], "--max-length must be at least 1"),
+     (["--max-length", "100000"], "--max-length must be at most")],
+)  # fmt: skip
+def test_sampling_flags_out_of_range_are_one_clear_error(tiny_dirs, tmp_path, args, says):
+    child = spawn(tmp_path, args, model=tiny_dirs["v2"])
+    finish(child, status=2)
+    errors = [line for line in child.before.splitlines() if line.startswith("error:") or "error:" in line]
+    assert len(errors) == 1 and says in errors[0], child.before
+
+
+def test_temperature_zero_is_greedy_and_top_p_zero_is_taken(tiny_dirs, tmp_path):
+    """Greedy with --temperature 0 (as the servers): the same reply twice; --top-p 0 samples the top token."""
+    replies = []
+    for args in (["--temperature", "0"], ["--temperature", "0"], ["--top-p", "0"]):
+        child = spawn(tmp_path, ["--max-length", "40", *args], model=tiny_dirs["v2"])
+        child.expect_exact("用户：")
+        child.sendline("你好")
+        child.expect(REPLY)
+        replies.append(child.match.group(1).strip())
+        child.sendline("stop")
+        finish(child)
+    assert replies[0] and replies[0] == replies[1] == replies[2]
 
 
 def test_wrong_model_path_is_one_clear_error(tmp_path):

@@ -81,11 +81,16 @@ def test_tiny_tool_is_deterministic(tmp_path):
     assert (tmp_path / "a" / "ice_text.model").read_bytes() == (tmp_path / "b" / "ice_text.model").read_bytes()
 
 
-def test_missing_directory():
+def test_missing_directory(tiny_dirs):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model("no/such/dir")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tokenizer("no/such/dir")
+    config = str(tiny_dirs["v2"] / "config.json")  # a file given where a directory belongs: said so, not "missing"
+    with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
+        load_model(config)
+    with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
+        load_tokenizer(config)
 
 
 def test_missing_tokenizer_file(tiny_dirs, tmp_path):

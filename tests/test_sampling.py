@@ -52,3 +52,16 @@ def test_invalid_sampling_parameters():
         candidate_probs(scores, 0.0, 0, 0.8)
     with pytest.raises(ValueError, match="top_p"):
         candidate_probs(scores, 1.0, 0, 1.5)
+    with pytest.raises(ValueError, match="top_p"):
+        warp(scores, 1.0, 0, -0.1)
+
+
+def test_top_p_zero_keeps_the_most_likely_token():
+    """top_p 0 (the web demos' slider goes down to it, as the originals'; transformers takes it): only the most
+    likely token is left, by the window and by the full sort alike."""
+    scores = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    kept = torch.isfinite(warp(scores, 0.8, 0, 0.0))
+    assert kept.sum(-1).tolist() == [1, 1, 1] and kept.float().argmax(-1).tolist() == scores.argmax(-1).tolist()
+    probs, ids = candidate_probs(scores, 0.8, 0, 0.0)
+    assert (probs > 0).sum(-1).tolist() == [1, 1, 1]
+    assert ids.gather(1, probs.argmax(-1, keepdim=True))[:, 0].tolist() == scores.argmax(-1).tolist()
