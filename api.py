@@ -15,7 +15,7 @@ import argparse
 import logging
 
 from serving.api import create_app
-from serving.requests import add_server_args, allowed_hosts
+from serving.requests import add_server_args, allowed_hosts, exit_unless_listenable
 from serving.workers import add_batch_args, check_batch_args
 
 __all__ = ["create_app", "main"]
@@ -33,6 +33,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     check_batch_args(parser, args)
     logging.basicConfig(level=args.log_level.upper(), format="%(message)s")
+    exit_unless_listenable(args.host, args.port)
     model, tokenizer = load_or_exit(args)
     import uvicorn
 

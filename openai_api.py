@@ -24,7 +24,7 @@ import argparse
 import os
 
 from serving.openai_api import create_app
-from serving.requests import add_server_args, allowed_hosts
+from serving.requests import add_server_args, allowed_hosts, exit_unless_listenable
 from serving.workers import add_batch_args, check_batch_args
 
 __all__ = ["create_app", "main"]
@@ -43,6 +43,7 @@ def main(argv=None):
     add_batch_args(parser)
     args = parser.parse_args(argv)
     check_batch_args(parser, args)
+    exit_unless_listenable(args.host, args.port)
     model, tokenizer = load_or_exit(args)
     import uvicorn
 

@@ -16,7 +16,7 @@ reads it. Malformed requests get HTTP 400/413 with a "msg"; a prompt longer than
 
 import argparse
 
-from serving.requests import add_server_args, allowed_hosts
+from serving.requests import add_server_args, allowed_hosts, exit_unless_listenable
 from serving.stream_api import create_app
 
 __all__ = ["create_app", "main"]
@@ -42,6 +42,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.workers < 1 or args.queue_size < 0 or args.ttl < 0 or args.unread_ttl < 0 or args.max_event_streams < 1:
         parser.error("--workers and --max-event-streams must be >= 1; --queue-size, --ttl, --unread-ttl >= 0")
+    exit_unless_listenable(args.host, args.port)
     model, tokenizer = load_or_exit(args)
     app = create_app(model, tokenizer, args.workers, args.queue_size, args.ttl, args.unread_ttl,
                      args.max_body_bytes, args.client_ids, args.max_event_streams,

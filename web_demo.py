@@ -127,6 +127,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.max_batch < 1:
         parser.error("--max-batch must be >= 1")
+    from serving.requests import exit_unless_listenable
+
+    exit_unless_listenable(args.host, args.port)
     model, tokenizer = load_or_exit(args)
     if not args.model_path and args.max_length is None:
         args.max_length = TINY_MAX_NEW_TOKENS

@@ -235,6 +235,25 @@ def add_server_args(parser, port: int):
     return g
 
 
+def exit_unless_listenable(host: str, port: int) -> None:
+    """Exit with one line (status 2) when (host, port) cannot be listened on (the port taken, an address this
+    machine does not have): checked before the model loads, not minutes later."""
+    import socket
+    import sys
+
+    try:
+        if not 0 <= port <= 65535:
+            raise OSError("the port must be from 0 to 65535")
+        family, kind, proto, _, addr = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]  # fmt: skip
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no obstacle
+            s.bind(addr)
+    except OSError as e:  # socket.gaierror included
+        print(f"error: cannot listen on {host}:{port}: {e.strerror or e} (--host / --port)", file=sys.stderr)
+        sys.exit(2)
+
+
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 WILDCARD_BINDS = frozenset({"0.0.0.0", "::", ""})
 

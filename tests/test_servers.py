@@ -759,12 +759,32 @@ def test_stream_api_answers_every_http_error_in_json(tiny):
 
 @pytest.mark.parametrize("script", ["api.py", "stream_api.py", "openai_api.py", "cli_demo.py", "web_demo.py"])
 def test_entry_point_with_a_wrong_model_path_prints_one_line(script, tmp_path):
-    proc = subprocess.run([sys.executable, script, "--model-path", str(tmp_path / "nonexistent"), "--device", "cpu"],
-                          cwd=str(REPO), capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)  # fmt: skip
+    port = [] if script == "cli_demo.py" else ["--port", "0"]  # (servers check their port first: any free one)
+    proc = subprocess.run([sys.executable, script, "--model-path", str(tmp_path / "nonexistent"), "--device", "cpu",
+                           *port], cwd=str(REPO), capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "nonexistent" in errors[0] and "does not exist" in errors[0]
+
+
+@pytest.mark.parametrize("script", ["api.py", "stream_api.py", "openai_api.py", "web_demo.py"])
+def test_a_server_whose_port_is_taken_says_so_before_loading(script, tmp_path):
+    """One line at once, not a model loaded for minutes and then a bind error: the port is checked first (the
+    model path here does not even exist, and the port is what the error names)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, script, "--model-path", str(tmp_path / "nonexistent"), "--device",
+                               "cpu", "--port", str(port)], cwd=str(REPO), capture_output=True, text=True,
+                              timeout=120, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"cannot listen on 127.0.0.1:{port}" in errors[0], errors
 
 
 def test_tiny_tool_help_names_the_command_and_every_option():
