@@ -11,9 +11,16 @@ if [ ! -x .venv/bin/python ]; then
 fi
 step "pip: upgrading pip"
 .venv/bin/python -m pip install --quiet --upgrade pip
-# torch first and pinned, so nothing later drags in a CUDA build.
-step "pip: torch 2.13.0 (CPU build; a few hundred MB on a fresh machine)"
-.venv/bin/python -m pip install "torch==2.13.0"
+# torch first and pinned, so nothing later pulls in another build. Which build pip finds is the index's choice:
+# on plain PyPI a Linux torch is the CUDA build (GBs); TORCH_INDEX_URL (e.g. PyTorch's CPU-only wheel index)
+# makes it the CPU one.
+if [ -n "${TORCH_INDEX_URL:-}" ]; then
+  step "pip: torch 2.13.0 from TORCH_INDEX_URL"
+  .venv/bin/python -m pip install "torch==2.13.0" --index-url "$TORCH_INDEX_URL"
+else
+  step "pip: torch 2.13.0 (the build the package index offers; TORCH_INDEX_URL chooses another)"
+  .venv/bin/python -m pip install "torch==2.13.0"
+fi
 if [ "${1:-}" = "dev" ]; then
   step "pip: requirements-dev.txt (the toolkit's packages and the test tools)"
   .venv/bin/python -m pip install -r requirements-dev.txt
@@ -24,4 +31,7 @@ else
   step "pip: requirements.txt"
   .venv/bin/python -m pip install -r requirements.txt
 fi
-.venv/bin/python -c "import torch, transformers, sentencepiece; print('ready: torch', torch.__version__, '| transformers', transformers.__version__)"
+# The repository on the venv's import path: `.venv/bin/python any_script.py` can `import chatglm` from anywhere.
+site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+pwd > "$site/chatglm-toolkit.pth"
+(cd / && "$OLDPWD/.venv/bin/python" -c "import torch, transformers, sentencepiece, chatglm; print('ready: torch', torch.__version__, '| transformers', transformers.__version__, '| chatglm from', chatglm.__path__[0])")
