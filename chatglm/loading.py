@@ -283,33 +283,49 @@ def _materialize(model, dtype, init_prefix: bool):
                 m.reset_parameters()
 
 
-def save_model(model, save_directory: str, max_shard_size: int | str = "2GB", safe_serialization: bool = True):
-    """Write config.json and the weights (sharded, with an index) in the original layout.
+def save_model(model, save_directory: str, max_shard_size: int | str = "2GB", safe_serialization: bool = True,
+               num_shards: int | None = None):  # fmt: skip
+    """Write config.json and the weights (sharded, with an index) in the original layout; `num_shards` asks for
+    that many files instead of a size (as near as the tensors allow: never more).
 
     All at once: the files are written into a new directory beside the target which then replaces it, so the
     target holds either the old checkpoint or the new one (chatglm/atomic.py). The old weights of either format
     go; its other files (the tokenizer, a README) stay.
     """
     with replacing_directory(save_directory, keep=lambda name: not is_weight_file(name)) as out:
-        _write_checkpoint(model, out, max_shard_size, safe_serialization)
+        _write_checkpoint(model, out, max_shard_size, safe_serialization, num_shards)
 
 
-def _write_checkpoint(model, save_directory: str, max_shard_size, safe_serialization: bool) -> None:
+def _pack(sizes: list[int], limit: int) -> list[int]:
+    """Greedy shards in order: the index of the shard of each tensor (a new shard once `limit` would be passed)."""
+    where, shard, size = [], 0, 0
+    for n in sizes:
+        if size and size + n > limit:
+            shard, size = shard + 1, 0
+        where.append(shard)
+        size += n
+    return where
+
+
+def _write_checkpoint(model, save_directory: str, max_shard_size, safe_serialization: bool, num_shards=None) -> None:
     # generation_config.json, as transformers writes it; first, since transformers refuses an inconsistent one
     model.generation_config.save_pretrained(save_directory)
-    limit = _parse_size(max_shard_size)
     # Clone so tied / shared tensors (v1 lm_head) become separate entries, as the originals store them.
     state = {k: _cast(k, v.detach().to("cpu"), v.dtype).contiguous().clone() for k, v in model.state_dict().items()}
     state = {k: (v.half() if k.endswith("weight_scale") else v) for k, v in state.items()}
-    shards, current, size = [], {}, 0
-    for k, v in state.items():
-        n = v.numel() * v.element_size()
-        if current and size + n > limit:
-            shards.append(current)
-            current, size = {}, 0
-        current[k] = v
-        size += n
-    shards.append(current)
+    sizes = [v.numel() * v.element_size() for v in state.values()]
+    if num_shards is None:
+        limit = _parse_size(max_shard_size)
+    else:  # the smallest size limit that needs no more than num_shards files (the count falls as the limit grows)
+        lo, hi = max(sizes), sum(sizes)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if _pack(sizes, mid)[-1] < num_shards else (mid + 1, hi)
+        limit = lo
+    where = _pack(sizes, limit)
+    shards = [{} for _ in range(where[-1] + 1)]
+    for (k, v), i in zip(state.items(), where):
+        shards[i][k] = v
     ext, prefix = ("safetensors", "model") if safe_serialization else ("bin", "pytorch_model")
     names = [f"{prefix}.{ext}"] if len(shards) == 1 else [
         f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))

@@ -122,8 +122,7 @@ def _write_tiny(out: str, version: str, seed: int, fmt: str, shards: int) -> Non
         for p in model.parameters():
             p.uniform_(-0.5, 0.5)
     model._reset_buffers()
-    total = sum(v.numel() * v.element_size() for v in model.state_dict().values())
-    save_model(model, out, max_shard_size=total // shards + 1, safe_serialization=fmt == "safetensors")
+    save_model(model, out, num_shards=shards, safe_serialization=fmt == "safetensors")
     with open(os.path.join(out, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(tokenizer_config(version), f, indent=2, ensure_ascii=False)
 
