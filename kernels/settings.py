@@ -3,7 +3,7 @@ benchmarks read and change (`settings.cpu_kernels = False`, or `with settings.ov
 
 It lives in the lowest package (kernels imports nothing of the toolkit) so that every package can read it;
 `chatglm.settings` is the same object. A child process reads the environment afresh, so the variables below are
-also how a benchmark or a test sets them for a process it starts. `python -m kernels.settings` prints them.
+also how a benchmark or a test sets them for a process it starts. `python -m kernels` prints them.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class Settings:
                 setattr(self, name, value)
 
 
-# Each setting's environment variable, for the documentation and `python -m kernels.settings`.
+# Each setting's environment variable, for the documentation and `python -m kernels`.
 ENVIRONMENT = {
     "cpu_kernels": "CHATGLM_NO_CPU_KERNEL=1 turns off",
     "cpu_isa": "CHATGLM_CPU_ISA",
@@ -89,6 +89,8 @@ ENVIRONMENT = {
 
 settings = Settings()
 
-if __name__ == "__main__":
+
+def print_settings() -> None:
+    """Every setting, its value and the variable that sets it (`python -m kernels`)."""
     for field in dataclasses.fields(settings):
         print(f"{field.name:22} {getattr(settings, field.name)!r:42} {ENVIRONMENT[field.name]}")
