@@ -244,11 +244,10 @@ def exit_unless_listenable(host: str, port: int) -> None:
     try:
         if not 0 <= port <= 65535:
             raise OSError("the port must be from 0 to 65535")
-        family, kind, proto, _, addr = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                                          flags=socket.AI_PASSIVE)[0]  # fmt: skip
-        with socket.socket(family, kind, proto) as s:
+        # the family as uvicorn and werkzeug choose it (a name such as localhost resolves to its IPv4 address)
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no obstacle
-            s.bind(addr)
+            s.bind((host, port))
     except OSError as e:  # socket.gaierror included
         print(f"error: cannot listen on {host}:{port}: {e.strerror or e} (--host / --port)", file=sys.stderr)
         sys.exit(2)
