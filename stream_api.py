@@ -42,7 +42,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.workers < 1 or args.queue_size < 0 or args.ttl < 0 or args.unread_ttl < 0 or args.max_event_streams < 1:
         parser.error("--workers and --max-event-streams must be >= 1; --queue-size, --ttl, --unread-ttl >= 0")
-    exit_unless_listenable(args.host, args.port)
+    exit_unless_listenable(args.host, args.port, every_address=False)  # werkzeug binds one socket
     model, tokenizer = load_or_exit(args)
     app = create_app(model, tokenizer, args.workers, args.queue_size, args.ttl, args.unread_ttl,
                      args.max_body_bytes, args.client_ids, args.max_event_streams,

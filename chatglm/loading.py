@@ -292,6 +292,8 @@ def save_model(model, save_directory: str, max_shard_size: int | str = "2GB", sa
     target holds either the old checkpoint or the new one (chatglm/atomic.py). The old weights of either format
     go; its other files (the tokenizer, a README) stay.
     """
+    if num_shards is not None and (isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1):
+        raise ValueError(f"num_shards must be a positive integer, got {num_shards!r}")
     with replacing_directory(save_directory, keep=lambda name: not is_weight_file(name)) as out:
         _write_checkpoint(model, out, max_shard_size, safe_serialization, num_shards)
 

@@ -94,3 +94,7 @@ def print_settings() -> None:
     """Every setting, its value and the variable that sets it (`python -m kernels`)."""
     for field in dataclasses.fields(settings):
         print(f"{field.name:22} {getattr(settings, field.name)!r:42} {ENVIRONMENT[field.name]}")
+
+
+if __name__ == "__main__":  # the older command (Python warns first that the package had imported this module)
+    print_settings()

@@ -235,19 +235,29 @@ def add_server_args(parser, port: int):
     return g
 
 
-def exit_unless_listenable(host: str, port: int) -> None:
+def exit_unless_listenable(host: str, port: int, every_address: bool = True) -> None:
     """Exit with one line (status 2) when (host, port) cannot be listened on (the port taken, an address this
-    machine does not have): checked before the model loads, not minutes later."""
+    machine does not have): checked before the model loads, not minutes later. Each address is tried as the
+    server will bind it: every_address, as uvicorn (asyncio's create_server: each address the name resolves to,
+    IPv6 ones v6-only); else one socket of the family the host string names, as werkzeug."""
     import socket
     import sys
 
     try:
         if not 0 <= port <= 65535:
             raise OSError("the port must be from 0 to 65535")
-        # the family as uvicorn and werkzeug choose it (a name such as localhost resolves to its IPv4 address)
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no obstacle
-            s.bind((host, port))
+        if every_address:
+            infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)  # fmt: skip
+            addresses = list(dict.fromkeys((info[0], info[4]) for info in infos))
+        else:
+            addresses = [(socket.AF_INET6 if ":" in host else socket.AF_INET, (host, port))]
+        for family, address in addresses:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers: TIME_WAIT is no obstacle
+                if family == socket.AF_INET6 and every_address:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind(address)
     except OSError as e:  # socket.gaierror included
         print(f"error: cannot listen on {host}:{port}: {e.strerror or e} (--host / --port)", file=sys.stderr)
         sys.exit(2)

@@ -136,6 +136,8 @@ def test_tiny_checkpoint_has_the_shards_asked_for(tmp_path, version):
         state = load_model(path, dtype=torch.float32).state_dict()
         want = want or state
         assert state.keys() == want.keys() and all(torch.equal(state[k], want[k]) for k in state)
+    with pytest.raises(ValueError, match="num_shards"):
+        make_tiny_checkpoint(str(tmp_path / "none"), version, shards=0)
 
 
 @pytest.mark.parametrize("fmt", ["bin", "safetensors"])
