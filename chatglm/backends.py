@@ -22,7 +22,7 @@ from kernels import native_half_gemm
 from quantization import OUTPUT_LAYER_MODES, QuantizedLinear, set_output_layer
 
 from .adapters import apply_lora, read_adapter
-from .config import VERSIONS, ChatGLMConfig, require_directory
+from .config import VERSIONS, ChatGLMConfig, read_json_object, require_directory
 from .device_map import OFFLOADED, auto_configure_device_map, dispatch, infer_device_map
 from .hugepages import move_to_huge_pages
 from .loading import load_model, read_shard, weight_files
@@ -219,6 +219,7 @@ def load_model_and_tokenizer(
     prefix = None
     if ptuning_checkpoint:
         prefix = read_ptuning_checkpoint(ptuning_checkpoint, pre_seq_len)
+        _check_ptuning_version(ptuning_checkpoint, path)
     elif pre_seq_len:
         logger.warning("--pre-seq-len %s without --ptuning-checkpoint is ignored", pre_seq_len)
     overrides = {} if prefix is None else {"pre_seq_len": prefix[1], "prefix_projection": prefix[2]}
@@ -346,6 +347,17 @@ def read_ptuning_checkpoint(path, pre_seq_len=None) -> tuple[dict, int, bool]:
             f"prefix encoder {'has' if projection else 'has no'} projection layers"
         )
     return state, rows, projection
+
+
+def _check_ptuning_version(checkpoint: str, model_path: str) -> None:
+    """A prefix trained on one generation is refused for another (ChatGLM2 and ChatGLM3 have the same shapes, so
+    nothing else would notice): checked when the checkpoint's config.json names its generation, as ours do."""
+    file = os.path.join(str(checkpoint), "config.json")
+    trained = read_json_object(file).get("chatglm_version") if os.path.isfile(file) else None
+    model = ChatGLMConfig.from_checkpoint(model_path).chatglm_version
+    if trained and trained != model:
+        raise ValueError(f"the P-Tuning checkpoint {str(checkpoint)!r} was trained on {NAMES[trained]} ({trained}); "
+                         f"the model is {NAMES[model]} ({model}): use a checkpoint trained on this model")  # fmt: skip
 
 
 def load_prefix_encoder(model, state: dict) -> None:

@@ -33,7 +33,7 @@ def read_rows(path: str, prompt_column: str, response_column: str, history_colum
             if not line.strip():
                 raise DataError(f"{where}: empty line (one JSON object per line, no blank lines)")
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.rstrip("\r\n"))  # (a line cut short: the column at its end, not on a next line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict):

@@ -102,6 +102,7 @@ def test_metrics_match_hand_computed_values():
         (['{"content": "a", "summary": "b"}', '{"content": "a", summary}'], 2, "not valid JSON"),
         (['{"content": "a", "summary": "b"}'] * 3 + ['{"content": "a"}'], 4, "missing column(s) summary"),
         (['["a", "b"]'], 1, "expected a JSON object"),
+        (['{"content": "a", "summary": '], 1, "not valid JSON (Expecting value at column 29)"),  # cut short: its end
     ],
 )
 def test_bad_data_fails_early_with_the_line_number(tmp_path, lines, line, words):

@@ -5,6 +5,7 @@ runs on a CPU-only machine; the one test that needs a real GPU is skipped withou
 """
 
 import argparse
+import json
 import logging
 import types
 
@@ -409,6 +410,19 @@ def test_ptuning_checkpoint_loads(tiny_dirs, tmp_path, ids, version, projection,
     assert torch.equal(model(ids).logits, ref.eval()(ids).logits)
     base, _ = utils.load_model_and_tokenizer(tiny_dirs[version], device="cpu", dtype="fp32")
     assert not torch.equal(base(ids).logits, model(ids).logits)  # the prefix changes the output
+
+
+def test_ptuning_checkpoint_of_another_generation_is_refused(tiny_dirs, tmp_path):
+    """ChatGLM2 and ChatGLM3 share every shape, so a prefix trained on one would load into the other unnoticed;
+    our checkpoints' config.json names the generation (ptuning/main.py saves the model's config)."""
+    _ptuning_checkpoint(tiny_dirs["v2"], tmp_path / "pt", 4, False)
+    config = json.loads((tmp_path / "pt" / "config.json").read_text())
+    (tmp_path / "pt" / "config.json").write_text(json.dumps({**config, "chatglm_version": "v2"}))
+    with pytest.raises(ValueError, match=r"trained on ChatGLM2-6B \(v2\); the model is ChatGLM3-6B \(v3\)"):
+        utils.load_model_and_tokenizer(tiny_dirs["v3"], device="cpu", dtype="fp32", ptuning_checkpoint=tmp_path / "pt")
+    model, _ = utils.load_model_and_tokenizer(tiny_dirs["v2"], device="cpu", dtype="fp32",
+                                              ptuning_checkpoint=tmp_path / "pt")  # fmt: skip
+    assert model.config.pre_seq_len == 4
 
 
 def test_ptuning_prefix_stays_fp32_in_a_half_model(tiny_dirs, tmp_path, fake_cuda):
