@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass, field
 from functools import partial
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,11 +56,20 @@ def create_demo(model, tokenizer):
     return demo
 
 
+@dataclass
+class DemoArguments:
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0: every interface)"})
+    port: int = field(default=7860, metadata={"help": "port (default 7860)"})
+
+
 def main(argv=None) -> None:
     import torch
     from transformers import HfArgumentParser
 
-    (args,) = HfArgumentParser(ModelArguments).parse_args_into_dataclasses(args=argv)
+    from serving.requests import exit_unless_listenable
+
+    args, demo_args = HfArgumentParser((ModelArguments, DemoArguments)).parse_args_into_dataclasses(args=argv)
+    exit_unless_listenable(demo_args.host, demo_args.port)
     try:
         model, tokenizer = load_model_and_tokenizer(
             args.model_name_or_path, args.ptuning_checkpoint, args.pre_seq_len, args.prefix_projection,
@@ -70,7 +80,8 @@ def main(argv=None) -> None:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     model.eval()
-    create_demo(model, tokenizer).queue().launch(share=False, inbrowser=True)
+    create_demo(model, tokenizer).queue().launch(server_name=demo_args.host, server_port=demo_args.port, share=False,
+                                                 inbrowser=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -351,6 +351,8 @@ def test_ptuning_entry_points_print_one_line_on_a_wrong_model_path(script, tmp_p
     if script == "main.py":
         argv += ["--do_predict", "--test_file", DEV, "--prompt_column", "content", "--response_column", "summary",
                  "--output_dir", str(tmp_path / "out"), "--report_to", "none"]  # fmt: skip
+    else:
+        argv += ["--port", "0"]  # (the port is checked first: any free one)
     run = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert run.returncode == 2, run.stderr[-2000:]
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
