@@ -51,12 +51,14 @@ def read_splits(data_args, training_args) -> dict[str, list[dict]]:
     limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples,
               "test": data_args.max_predict_samples}  # fmt: skip
     splits = {}
+    flags = {"train": "do_train", "validation": "do_eval", "test": "do_predict"}
     for split, on in wanted.items():
         if not on:
+            if files[split] and not os.path.isfile(files[split]):  # given, not read: a typo would go unnoticed
+                logger.warning("--%s_file %r does not exist (not read: no --%s)", split, files[split], flags[split])
             continue
         if not files[split]:
-            flag = {"train": "do_train", "validation": "do_eval", "test": "do_predict"}[split]
-            raise DataError(f"--{flag} requires --{split}_file")
+            raise DataError(f"--{flags[split]} requires --{split}_file")
         rows = read_rows(files[split], data_args.prompt_column, data_args.response_column, data_args.history_column)
         kept = [r for r in rows if r["query"] and r["response"]]  # the original skips empty rows
         if len(kept) < len(rows):

@@ -117,6 +117,24 @@ def test_bad_data_fails_early_with_the_line_number(tmp_path, lines, line, words)
               *QUIET])  # fmt: skip
 
 
+def test_a_missing_file_that_is_not_read_is_warned_of(tmp_path, caplog):
+    """train.sh passes VAL_FILE without --do_eval (as the original): a path that does not exist is said, not read."""
+    import types
+
+    from ptuning.main import read_splits
+
+    good = tmp_path / "train.json"
+    good.write_text('{"content": "a", "summary": "b"}\n', encoding="utf-8")
+    data = types.SimpleNamespace(train_file=str(good), validation_file=str(tmp_path / "nope.json"), test_file=None,
+                                 prompt_column="content", response_column="summary", history_column=None,
+                                 max_train_samples=None, max_eval_samples=None, max_predict_samples=None)  # fmt: skip
+    run = types.SimpleNamespace(do_train=True, do_eval=False, do_predict=False)
+    with caplog.at_level("WARNING"):
+        splits = read_splits(data, run)
+    assert list(splits) == ["train"] and len(splits["train"]) == 1
+    assert any("nope.json" in r.message and "no --do_eval" in r.message for r in caplog.records), caplog.text
+
+
 def test_bad_history_column_is_reported(tmp_path):
     bad = tmp_path / "chat.json"
     bad.write_text('{"prompt": "a", "response": "b", "history": [["q"]]}\n', encoding="utf-8")
