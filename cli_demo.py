@@ -11,7 +11,7 @@ import json
 import math
 import sys
 
-from serving.requests import context_length
+from serving.requests import MAX_TEMPERATURE, context_length, generation_kwargs
 from utils import TINY_MAX_NEW_TOKENS, add_model_args, load_or_exit
 
 NAMES = {"v1": "ChatGLM-6B", "v2": "ChatGLM2-6B", "v3": "ChatGLM3-6B"}
@@ -30,22 +30,21 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     for flag, value, ok, rule in (  # before the model loads: one line, not a traceback at the first message
         ("--top-p", args.top_p, lambda v: 0 <= v <= 1, "from 0 to 1"),
-        ("--temperature", args.temperature, lambda v: v >= 0, "0 (greedy decoding) or more"),
+        ("--temperature", args.temperature, lambda v: 0 <= v <= MAX_TEMPERATURE, f"0 (greedy) to {MAX_TEMPERATURE:g}"),
         ("--max-length", args.max_length, lambda v: v >= 1, "at least 1"),
     ):
         if value is not None and not (math.isfinite(value) and ok(value)):
             parser.error(f"{flag} must be {rule}, got {value:g}")
     model, tokenizer = load_or_exit(args)
-    if args.max_length is not None and args.max_length > context_length(model):
-        print(f"error: --max-length must be at most {context_length(model)} (the model's context), got "
-              f"{args.max_length}", file=sys.stderr)  # fmt: skip
+    limit = context_length(model)
+    if args.max_length is not None and args.max_length > limit:
+        print(f"error: --max-length must be at most {limit} (the model's context), got {args.max_length}",
+              file=sys.stderr)  # fmt: skip
         return 2
     version = model.config.chatglm_version
     welcome = f"欢迎使用 {NAMES[version]} 模型，输入内容即可进行对话，clear 清空对话历史，stop 终止程序"
     max_length = args.max_length or (TINY_MAX_NEW_TOKENS if args.tiny else None)
-    gen = dict(max_length=max_length, top_p=args.top_p, temperature=args.temperature)
-    if args.temperature == 0:  # as the servers take it
-        gen.update(temperature=None, do_sample=False)
+    gen = generation_kwargs(model, max_length, args.top_p, args.temperature)  # the servers' rules (0: greedy)
     history, past = [], None
     print(welcome)
     while True:

@@ -22,7 +22,7 @@ from kernels import native_half_gemm
 from quantization import OUTPUT_LAYER_MODES, QuantizedLinear, set_output_layer
 
 from .adapters import apply_lora, read_adapter
-from .config import VERSIONS, ChatGLMConfig, read_json_object, require_directory
+from .config import VERSIONS, ChatGLMConfig, require_directory
 from .device_map import OFFLOADED, auto_configure_device_map, dispatch, infer_device_map
 from .hugepages import move_to_huge_pages
 from .loading import load_model, read_shard, weight_files
@@ -218,8 +218,8 @@ def load_model_and_tokenizer(
     tok_path = require_directory(tokenizer_path or path, "tokenizer directory", " (--tokenizer-path / TOKENIZER_PATH)")
     prefix = None
     if ptuning_checkpoint:
-        prefix = read_ptuning_checkpoint(ptuning_checkpoint, pre_seq_len)
-        _check_ptuning_version(ptuning_checkpoint, path)
+        prefix = read_ptuning_checkpoint(ptuning_checkpoint, pre_seq_len,
+                                         ChatGLMConfig.from_checkpoint(path).chatglm_version)  # fmt: skip
     elif pre_seq_len:
         logger.warning("--pre-seq-len %s without --ptuning-checkpoint is ignored", pre_seq_len)
     overrides = {} if prefix is None else {"pre_seq_len": prefix[1], "prefix_projection": prefix[2]}
@@ -311,8 +311,10 @@ def _place(model, device: str):
 # --- P-Tuning v2 --------------------------------------------------------------------------------------------
 
 
-def read_ptuning_checkpoint(path, pre_seq_len=None) -> tuple[dict, int, bool]:
-    """(prefix encoder state without the `transformer.prefix_encoder.` prefix, pre_seq_len, prefix_projection)."""
+def read_ptuning_checkpoint(path, pre_seq_len=None, model_version=None) -> tuple[dict, int, bool]:
+    """(prefix encoder state without the `transformer.prefix_encoder.` prefix, pre_seq_len, prefix_projection).
+    model_version: the generation it is for; a checkpoint whose config.json names another is refused (ChatGLM2 and
+    ChatGLM3 have the same shapes, so nothing else would notice)."""
     path = require_directory(path, "P-Tuning checkpoint directory",
                              " (--ptuning-checkpoint / PTUNING_CHECKPOINT / PT_PATH)")  # fmt: skip
     try:
@@ -334,6 +336,10 @@ def read_ptuning_checkpoint(path, pre_seq_len=None) -> tuple[dict, int, bool]:
     if os.path.isfile(os.path.join(path, "config.json")):
         with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
             saved = json.load(f)
+    trained = saved.get("chatglm_version")
+    if model_version and trained and trained != model_version:
+        raise ValueError(f"the P-Tuning checkpoint {path!r} was trained on {NAMES[trained]} ({trained}); the model "
+                         f"is {NAMES[model_version]} ({model_version}): use a checkpoint trained on this model")  # fmt: skip
     wanted = int(pre_seq_len) if pre_seq_len else saved.get("pre_seq_len") or rows
     if wanted != rows:
         raise ValueError(
@@ -347,17 +353,6 @@ def read_ptuning_checkpoint(path, pre_seq_len=None) -> tuple[dict, int, bool]:
             f"prefix encoder {'has' if projection else 'has no'} projection layers"
         )
     return state, rows, projection
-
-
-def _check_ptuning_version(checkpoint: str, model_path: str) -> None:
-    """A prefix trained on one generation is refused for another (ChatGLM2 and ChatGLM3 have the same shapes, so
-    nothing else would notice): checked when the checkpoint's config.json names its generation, as ours do."""
-    file = os.path.join(str(checkpoint), "config.json")
-    trained = read_json_object(file).get("chatglm_version") if os.path.isfile(file) else None
-    model = ChatGLMConfig.from_checkpoint(model_path).chatglm_version
-    if trained and trained != model:
-        raise ValueError(f"the P-Tuning checkpoint {str(checkpoint)!r} was trained on {NAMES[trained]} ({trained}); "
-                         f"the model is {NAMES[model]} ({model}): use a checkpoint trained on this model")  # fmt: skip
 
 
 def load_prefix_encoder(model, state: dict) -> None:

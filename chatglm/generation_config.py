@@ -29,8 +29,10 @@ logger = logging.getLogger(__name__)
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 
-# What only sampling reads (transformers' validate() flags them when do_sample is false).
-SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h")
+# What only sampling reads (transformers' validate() flags them when do_sample is false); past the first three,
+# transformers' own warpers (our window sampler covers temperature / top-k / top-p).
+OTHER_WARPERS = ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h")
+SAMPLING_FLAGS = ("temperature", "top_p", "top_k", *OTHER_WARPERS)
 
 # Options of the loop itself; everything else goes through GenerationConfig.
 LOOP_OPTIONS = ("logits_processor", "stopping_criteria", "streamer", "prefix_allowed_tokens_fn", "generator",
@@ -239,7 +241,7 @@ def plan_generation(model, prompt_len: int, options: dict, device) -> Generation
             raise ValueError(f"temperature must be > 0 when sampling, got {t}")
         if p is not None and not 0 <= p <= 1:  # 0 keeps the most likely token (transformers and the originals)
             raise ValueError(f"top_p must be in [0, 1], got {p}")
-        extra = [n for n in ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h") if _is_set(gc, n)]
+        extra = [n for n in OTHER_WARPERS if _is_set(gc, n)]
         if extra or gc.renormalize_logits:
             # transformers' own warpers in its order; our window sampler covers temperature / top-k / top-p only
             warpers = []

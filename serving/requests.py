@@ -5,6 +5,8 @@ from __future__ import annotations
 import hmac
 import json
 import math
+import socket
+import sys
 import time
 
 DEFAULT_MAX_BODY = 1 << 20  # bytes of a request body
@@ -240,9 +242,6 @@ def exit_unless_listenable(host: str, port: int, every_address: bool = True) -> 
     machine does not have): checked before the model loads, not minutes later. Each address is tried as the
     server will bind it: every_address, as uvicorn (asyncio's create_server: each address the name resolves to,
     IPv6 ones v6-only); else one socket of the family the host string names, as werkzeug."""
-    import socket
-    import sys
-
     try:
         if not 0 <= port <= 65535:
             raise OSError("the port must be from 0 to 65535")
