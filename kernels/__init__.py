@@ -165,8 +165,8 @@ class CpuKernel:
             getattr(self.lib, name).argtypes = [p, p, p, p, p, i, i, i]
         self.lib.w8_linear.restype = self.lib.w4_linear.restype = i
         self.lib.w4_linear_f.argtypes = [p, p, p, p, p, p, i, i, i]
-        self.lib.wq_gemm.argtypes = [p, p, p, p, p, i, i, i, i]
-        self.lib.wq_gemm.restype = i
+        self.lib.wq_gemm.argtypes = self.lib.wq_gemm_vnni.argtypes = [p, p, p, p, p, i, i, i, i]
+        self.lib.wq_gemm.restype = self.lib.wq_gemm_vnni.restype = i
         self.lib.half_linear.argtypes = [p, p, p, p, i, i, i, i]
         self.lib.half_linear.restype = i
         self.lib.quantize_activations.argtypes = [p, p, p, i, i, i]
@@ -182,13 +182,16 @@ class CpuKernel:
         self.lib.silu_mul_f32.argtypes = [p, p, i, i]
         self.openmp = bool(self.lib.has_openmp())
         level = self.lib.simd_level()
-        self.has_gemm = level == 5  # the INT8/INT4 GEMM for many rows (gemm) is built with AVX-512 VNNI only
+        self.has_gemm = level >= 5  # the INT8/INT4 GEMM for many rows (gemm) is built with AVX-512 VNNI only
+        # ... and runs on AMX int8 tiles where the build has them (level 6) and Linux grants them (asked here once)
+        self.gemm_tiles = level == 6 and bool(self.lib.gemm_tiles())
         self.simd = {
             0: "portable C",
             2: "AVX2+FMA",
             3: "AVX2+FMA+F16C",
             4: "AVX2+FMA+F16C, AVX-512 codegen",
             5: "AVX2+FMA+F16C, AVX-512 VNNI",
+            6: "AVX2+FMA+F16C, AVX-512 VNNI, AMX int8",
         }.get(level, "?")
         self._threads = None
 
@@ -226,17 +229,18 @@ class CpuKernel:
                                  self._ptr(bias), self._ptr(y), m, n, k)  # fmt: skip
         return y
 
-    def gemm(self, x, weight, scale_f32, bits, bias=None):
+    def gemm(self, x, weight, scale_f32, bits, bias=None, tiles=True):
         """What linear() computes with int8 activations, as a GEMM for many rows (wq_gemm: the same integer sums per
         64-column block, summed over the blocks in another order): x [m, k] float32 -> [m, n] float32, or None
-        where this build has no such kernel (has_gemm) or k is not a multiple of 64."""
+        where this build has no such kernel (has_gemm) or k is not a multiple of 64. On AMX (gemm_tiles) the
+        integer sums come from the tiles unless tiles=False; the result is the same bits either way."""
         self._sync_threads()
         m, k = x.shape
         n = weight.shape[0]
         y = torch.empty(m, n, dtype=torch.float32)
         bias = bias.float().contiguous() if bias is not None else None
-        rc = self.lib.wq_gemm(self._ptr(x), self._ptr(weight), self._ptr(scale_f32), self._ptr(bias), self._ptr(y),
-                              m, n, k, bits)  # fmt: skip
+        fn = self.lib.wq_gemm if tiles else self.lib.wq_gemm_vnni
+        rc = fn(self._ptr(x), self._ptr(weight), self._ptr(scale_f32), self._ptr(bias), self._ptr(y), m, n, k, bits)
         if rc == -1:
             raise MemoryError("out of memory in the CPU quantized GEMM kernel")
         return None if rc else y

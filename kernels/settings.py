@@ -34,8 +34,8 @@ class Settings:
     # INT8/INT4 on the CPU with fp32 activations (exact) instead of int8-quantized ones (faster).
     cpu_float_activations: bool = dataclasses.field(default_factory=lambda: _set("CHATGLM_CPU_FLOAT_ACTIVATIONS"))
     # INT8/INT4 layers given GEMM_MIN_ROWS rows or more (prefill) take a GEMM (quantization/ops.py): our INT8 GEMM
-    # where the kernels are built with AVX-512 VNNI, else on a CPU with native bf16 matmuls (AMX, AVX512-BF16) the
-    # weight dequantized to bf16 and torch's GEMM; 2-3x the fused kernel at 512 rows. Off: the fused kernel at
+    # where the kernels are built with AVX-512 VNNI (on AMX int8 tiles where the CPU has them), else on a CPU with
+    # native bf16 matmuls the weight dequantized to bf16 and torch's GEMM; 2-3x the fused kernel at 512 rows. Off: the fused kernel at
     # every row count, so that a row's result never depends on how many rows share its call (a reply through the
     # engine's chunked prefill and prefix reuse then equals the reply alone bit for bit, as on an AVX2 CPU).
     cpu_quantized_gemm: bool = dataclasses.field(default_factory=lambda: not _set("CHATGLM_NO_QUANTIZED_GEMM"))

@@ -93,7 +93,7 @@ def cached_fp32(owner, name: str) -> torch.Tensor | None:
 def quantized_linear(x, weight, scale, bits, bias=None, owner=None):
     """The forward of QuantizedLinear: on the CPU the fused C kernel (decode, batches), and for GEMM_MIN_ROWS rows or
     more (prefill) a GEMM where this CPU has one (settings.cpu_quantized_gemm, `_gemm_path`): our INT8/INT4 GEMM
-    on AVX-512 VNNI (kernel.gemm), else on a CPU with native bf16 matmuls the weight dequantized to bf16 and torch's
+    on AVX-512 VNNI or AMX tiles (kernel.gemm), else on a CPU with native bf16 matmuls the weight dequantized to bf16 and torch's
     GEMM (`dequantized_gemm`); on CUDA the Triton kernels (fused for up to 64 rows, dequantize + cuBLAS above);
     else the reference. The CPU kernels quantize x to int8 per 64-column block (see
     kernels/quantization_kernels.c; ~0.3-0.5% relative error on the output) and beat "dequantize, then fp32 BLAS
@@ -130,8 +130,9 @@ def quantized_linear(x, weight, scale, bits, bias=None, owner=None):
 #   AMD EPYC (Zen 4; avx512_vnni, avx512_bf16, no AMX), 4096->27392 INT4: our INT8 GEMM 9.4 / 18.3 / 26.2 / 193,
 #   the fused kernel 4.8 / 25.7 / 50.9 / 300, dequantize + torch's bf16 GEMM 19.4 / 36.6 / 56.5 / 311, torch's bf16
 #   GEMM on bf16 weights 15.9 / 24.9 / 43.6 / 319; INT8 alike (about even with the fused kernel at 32 rows).
-#   Intel Xeon (AMX), INT4 4608x4096: the fused kernel 6.8 ms at 32 rows against ~5 dequantized + bf16 GEMM, 3-8x
-#   slower at 128-512 rows; at 8 rows the fused kernel wins, 2.2 against ~3.2 ms.
+#   Intel Xeon (AMX), a block's four INT4 matrices at 16 / 32 / 64 rows: our GEMM on AMX tiles 10.9 / 14.2 / 22.2,
+#   the fused kernel 14.7 / 28.4 / 59.4 (INT8 13.2 / 16.2 / 22.8 against 21.4 / 41.2 / 78.6). Decode batches below
+#   32 rows stay on the fused kernel all the same: a row gets there the bits it gets alone.
 GEMM_MIN_ROWS = 32
 # Rows per call of our GEMM: x and y in fp32 stay a few tens of MB for any prompt length.
 GEMM_CHUNK_ROWS = 1024
@@ -144,14 +145,15 @@ _scratch = threading.local()
 
 def _gemm_path(kernel) -> str | None:
     """How GEMM_MIN_ROWS rows or more are computed on this CPU: "int8" (our INT8 GEMM, kernel.has_gemm: int8 dot
-    products, 1.6x torch's bf16 GEMM at 512 rows on a Zen 4 without AMX), "bf16" (a CPU with native bf16 matmuls
-    and no such kernel, or with AMX: dequantized_gemm), or None (the fused kernel at every row count:
-    settings.cpu_quantized_gemm off, exact fp32 activations asked for, inside torch.compile, or neither). On AMX
-    the bf16 GEMM runs on the tiles and was measured at ~307 ms for a block's four matrices at 512 rows and 2
-    threads (our GEMM on the Zen 4: 344 ms); ours has not been measured there yet, so AMX keeps what was."""
+    products, on AMX int8 tiles where the build has them, kernel.gemm_tiles), "bf16" (a CPU with native bf16
+    matmuls and no such kernel, or an AMX CPU whose tiles our build cannot use: dequantized_gemm), or None (the
+    fused kernel at every row count: settings.cpu_quantized_gemm off, exact fp32 activations asked for, inside
+    torch.compile, or neither). Measured at 512 rows, a block's four matrices, 2 threads: on a Zen 4 (no AMX) our
+    VNNI GEMM 344 ms against 546 torch bf16; on a Xeon with AMX our tiles 138-141 ms against 154-162 dequantize +
+    bf16 tiles and 262-275 our VNNI GEMM (at 32 / 128 rows 13 / 35 ms against 41 / 58 dequantize + bf16)."""
     if not settings.cpu_quantized_gemm or settings.cpu_float_activations or torch.compiler.is_compiling():
         return None
-    if kernel.has_gemm and not amx():
+    if kernel.has_gemm and (kernel.gemm_tiles or not amx()):
         return "int8"
     return "bf16" if native_half_gemm(torch.bfloat16) else None
 

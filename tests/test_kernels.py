@@ -61,12 +61,15 @@ def kernel(request):
     return k
 
 
-def test_native_build_uses_avx512_vnni_where_the_cpu_has_it():
+def test_native_build_uses_avx512_vnni_and_amx_where_the_cpu_has_them():
     k = kernels.get_cpu_kernel()
     if k is None or kernels.cpu_isa() != "native":
         pytest.skip("no native kernel build here")
     vnni = {"avx512f", "avx512bw", "avx512_vnni", "f16c", "fma"} <= kernels.cpu_flags()
-    assert (k.simd == "AVX2+FMA+F16C, AVX-512 VNNI") == vnni, k.simd
+    amx = vnni and {"amx_tile", "amx_int8"} <= kernels.cpu_flags()
+    assert k.simd.startswith("AVX2+FMA+F16C, AVX-512 VNNI") == vnni, k.simd
+    assert (k.simd == "AVX2+FMA+F16C, AVX-512 VNNI, AMX int8") == amx, k.simd
+    assert k.has_gemm == vnni and k.gemm_tiles <= amx  # (tiles where Linux grants them: kernels before 5.16 do not)
 
 
 @pytest.fixture(params=[1, 2])
@@ -173,6 +176,7 @@ GEMM_SHAPES = [
     (6, 8192, 33),  # two passes over k (4096 columns per packed panel); one row in the last panel's first half
     (40, 13696, 70),  # ChatGLM2's dense_4h_to_h width: four passes, the last 1408 columns
     (32, 256, 48),  # a last panel of 16 rows: its second half all padding
+    (150, 192, 20),  # AMX: two passes of 128 x rows, the last tile 6 rows; 3 blocks (odd, for the pipelined steps)
 ]
 
 
@@ -180,7 +184,8 @@ GEMM_SHAPES = [
 @pytest.mark.parametrize("shape", GEMM_SHAPES)
 def test_quantized_gemm(kernel, threads, bits, shape):
     """The GEMM for many rows (AVX-512 VNNI builds): the q kernels' integer sums per block, so within fp32
-    accumulation of their exact emulation, and close to linear() on the same input; other builds have none."""
+    accumulation of their exact emulation, and close to linear() on the same input; on AMX tiles the same bits as
+    without them; other builds have none."""
     m, k, n = shape
     w, x, bias = _data(shape, hash(("gemm", bits, shape)) % 2**31)
     q, scale = quantize_weight(w, bits)
@@ -196,6 +201,7 @@ def test_quantized_gemm(kernel, threads, bits, shape):
         _check(y, xq @ wq.t() + bd, xq.abs() @ wq.abs().t() + bd.abs())
         fused = kernel.linear(x, q, scale.float(), bits, b, quantize_activations=True)
         _check(y, fused.double(), xq.abs() @ wq.abs().t() + bd.abs(), rel=2e-5)
+        assert torch.equal(kernel.gemm(x, q, scale.float(), bits, b, tiles=False), y)  # (on AMX: without tiles)
     assert kernel.gemm(x[:, :-1].contiguous(), q[:, : q.shape[1] - 1], scale.float(), bits) is None  # k % 64
 
 

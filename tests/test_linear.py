@@ -100,7 +100,7 @@ def test_dequantized_gemm_takes_many_rows_on_native_bf16(monkeypatch, bits, dtyp
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_int8_gemm_takes_many_rows_where_the_kernel_has_it(monkeypatch, bits, dtype):
-    """With an AVX-512 VNNI build (and no AMX), GEMM_MIN_ROWS rows or more (in chunks of GEMM_CHUNK_ROWS) go through
+    """With an AVX-512 VNNI build (on AMX CPUs: with the tiles), GEMM_MIN_ROWS rows or more (in chunks of GEMM_CHUNK_ROWS) go through
     our INT8 GEMM; fewer rows, settings.cpu_quantized_gemm off, fp32 activations asked
     for, or a width that is not a multiple of 64 stay on the fused kernel."""
     import kernels
@@ -115,7 +115,7 @@ def test_int8_gemm_takes_many_rows_where_the_kernel_has_it(monkeypatch, bits, dt
         kernels.CpuKernel, "gemm", lambda self, x, *a: calls.append(tuple(x.shape)) or real(self, x, *a)
     )
     monkeypatch.setattr(ops, "GEMM_CHUNK_ROWS", 128)
-    monkeypatch.setattr(ops, "amx", lambda: False)  # (AMX CPUs keep dequantize + bf16 GEMM: not measured yet)
+    monkeypatch.setattr(ops, "amx", lambda: False)
     g = torch.Generator().manual_seed(bits)
     q, scale = ops.quantize_weight(torch.randn(47, 128, generator=g), bits)
     bias = torch.randn(47, generator=g)
@@ -140,8 +140,11 @@ def test_int8_gemm_takes_many_rows_where_the_kernel_has_it(monkeypatch, bits, dt
         run(300)
     with settings.override(cpu_float_activations=True):
         run(300)
-    monkeypatch.setattr(ops, "amx", lambda: True)
-    assert ops._gemm_path(kernel) == "bf16"  # AMX: native bf16 tiles
+    monkeypatch.setattr(ops, "amx", lambda: True)  # an AMX CPU: our GEMM where it runs on the tiles
+    monkeypatch.setattr(kernel, "gemm_tiles", True)
+    assert ops._gemm_path(kernel) == "int8"
+    monkeypatch.setattr(kernel, "gemm_tiles", False)  # else dequantize + torch's bf16 GEMM (on the tiles)
+    assert ops._gemm_path(kernel) == "bf16"
     assert calls == []
 
 
