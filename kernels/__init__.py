@@ -183,8 +183,10 @@ class CpuKernel:
         self.openmp = bool(self.lib.has_openmp())
         level = self.lib.simd_level()
         self.has_gemm = level >= 5  # the INT8/INT4 GEMM for many rows (gemm) is built with AVX-512 VNNI only
-        # ... and runs on AMX int8 tiles where the build has them (level 6) and Linux grants them (asked here once)
-        self.gemm_tiles = level == 6 and bool(self.lib.gemm_tiles())
+        # AMX int8 tiles: built where the CPU has them (level 6) and granted by Linux (asked here, once)
+        self.lib.set_amx.argtypes = [i]
+        self.amx = level == 6 and bool(self.lib.gemm_tiles())
+        self._amx_on = None
         self.simd = {
             0: "portable C",
             2: "AVX2+FMA",
@@ -195,11 +197,20 @@ class CpuKernel:
         }.get(level, "?")
         self._threads = None
 
+    @property
+    def gemm_tiles(self) -> bool:
+        """Whether the INT8 decode kernel and the GEMM run on AMX tiles: this build and process have them and
+        settings.cpu_amx holds (CHATGLM_NO_AMX=1 turns them off)."""
+        return self.amx and settings.cpu_amx
+
     def _sync_threads(self):
         n = torch.get_num_threads()  # follow torch's thread count (OMP_NUM_THREADS, set_num_threads)
         if n != self._threads:
             self.lib.set_num_threads(n)
             self._threads = n
+        if settings.cpu_amx != self._amx_on:
+            self.lib.set_amx(int(settings.cpu_amx))
+            self._amx_on = settings.cpu_amx
 
     @staticmethod
     def _ptr(t):

@@ -607,8 +607,17 @@ static inline void store_outputs(float *yrow, const float *sums, const float *sc
 }
 
 /* bits 8 or 4: the activation-quantized ("q") kernels. x [m, k] fp32. Returns 0, or -1 when out of memory. */
+#ifdef USE_AMX
+static int amx_enabled, amx_granted(void);
+static int wq_rows_amx(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m,
+                       int n, int k, int bits);
+#endif
+
 static int wq_linear(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m,
                      int n, int k, int bits) {
+#ifdef USE_AMX
+    if (bits == 8 && k % QB == 0 && amx_enabled && amx_granted()) return wq_rows_amx(x, w, scale, bias, y, m, n, k, bits);
+#endif
     int nb = (k + QB - 1) / QB;
     size_t stride = bits == 4 ? (size_t)(k / 2) : (size_t)k;
     int8_t *q = (int8_t *)malloc((size_t)m * nb * QB + 64);
@@ -889,6 +898,8 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
+static int amx_enabled = 1; /* set_amx */
+
 static int amx_granted(void) {
     static int state = 0; /* 0 not asked, 1 granted, -1 refused */
     if (state == 0) {
@@ -987,6 +998,138 @@ static inline void amx_panel(const uint32_t *p, const int8_t *q, size_t nb, cons
         _mm512_mask_storeu_ps(y + r * n + 16, cols1, v1);
     }
 }
+/* Decode and small batches on AMX int8 tiles (wq_linear, where enabled): any number of x rows, and every row gets
+ * the same bits whatever rows share its call. Per group of 16 weight rows and 64-column block, the weights (a
+ * tile: INT8 read in place; INT4 unpacked to s + 8 per nibble, the high nibbles (even columns) then the low ones)
+ * times the x rows' int8 block (16 rows a pass, as the tile's columns; q kernels' quantization) give the exact
+ * integer sums, each added as acc = cvt(sum) * d + acc in block order (a step behind the tile work, which runs
+ * beside it); then y = (acc - 8 * corr) * scale + bias (INT4) or (acc - 0) * scale + bias (INT8). */
+static inline void amx_unpack4(const int8_t *w, size_t stride, int rows, uint8_t *a) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8((char)0x88);
+    for (int r = 0; r < rows; r++) {
+        __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + r * stride)), flip);
+        _mm256_store_si256((__m256i *)(a + 64 * r), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+        _mm256_store_si256((__m256i *)(a + 64 * r + 32), _mm256_and_si256(v, m4));
+    }
+}
+
+/* Two blocks at once: 64 packed bytes of each row -> a0 (block b) and a1 (block b + 1), 64 bytes a row each. */
+static inline void amx_unpack4x2(const int8_t *w, size_t stride, int rows, uint8_t *a0, uint8_t *a1) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x88);
+    for (int r = 0; r < rows; r++) {
+        __m512i v = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + r * stride)), flip);
+        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4), lo = _mm512_and_si512(v, m4);
+        _mm512_store_si512((void *)(a0 + 64 * r), _mm512_shuffle_i64x2(hi, lo, 0x44));
+        _mm512_store_si512((void *)(a1 + 64 * r), _mm512_shuffle_i64x2(hi, lo, 0xEE));
+    }
+}
+
+static int wq_rows_amx(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m,
+                       int n, int k, int bits) {
+    int nb = k / QB, groups = (m + 15) / 16;
+    size_t stride = bits == 4 ? (size_t)(k / 2) : (size_t)k;
+    int8_t *q = (int8_t *)malloc((size_t)m * k + 64);
+    float *d = (float *)malloc(((size_t)m * nb + 1) * sizeof(float));
+    float *corr = (float *)calloc((size_t)groups * 16 + 1, sizeof(float));
+    int32_t *bt = (int32_t *)malloc((size_t)nb * groups * 1024 + 64);
+    float *dt = (float *)malloc(((size_t)nb * groups * 16 + 16) * sizeof(float));
+    if (!q || !d || !corr || !bt || !dt) {
+        free(q), free(d), free(corr), free(bt), free(dt);
+        return -1;
+    }
+    for (int b = 0; b < m; b++)
+        corr[b] = quantize_row(x + (size_t)b * k, k, bits == 4, nb, q + (size_t)b * k, d + (size_t)b * nb);
+    memset(bt, 0, (size_t)nb * groups * 1024);
+    memset(dt, 0, (size_t)nb * groups * 16 * sizeof(float));
+    for (int r = 0; r < m; r++) {
+        int g = r / 16, mm = r % 16;
+        const int32_t *qr = (const int32_t *)(q + (size_t)r * k);
+        for (int b = 0; b < nb; b++) {
+            int32_t *t = bt + ((size_t)b * groups + g) * 256;
+            for (int kk = 0; kk < 16; kk++) t[kk * 16 + mm] = qr[b * 16 + kk];
+            dt[((size_t)b * groups + g) * 16 + mm] = d[(size_t)r * nb + b];
+        }
+    }
+    float off = bits == 4 ? 8.f : 0.f;
+#pragma omp parallel
+    {
+        uint8_t abuf[4][1024] __attribute__((aligned(64)));
+        int32_t s[2][16][16] __attribute__((aligned(64)));
+        float tmp[16][16] __attribute__((aligned(64)));
+        amx_configure();
+        for (int g = 0; g < groups; g++) {
+            int mg = m - g * 16 < 16 ? m - g * 16 : 16;
+            __m512 cv = _mm512_mul_ps(_mm512_set1_ps(off), _mm512_loadu_ps(corr + g * 16));
+#pragma omp for schedule(static)
+            for (int n0 = 0; n0 < n; n0 += 16) {
+                int rows = n - n0 < 16 ? n - n0 : 16;
+                __m512 f[16];
+                for (int r = 0; r < 16; r++) f[r] = _mm512_setzero_ps();
+                if (rows < 16) memset(abuf, 0, sizeof abuf);
+                const int8_t *wg = w + (size_t)n0 * stride;
+                if (bits == 4) {
+                    if (nb > 1)
+                        amx_unpack4x2(wg, stride, rows, abuf[0], abuf[1]);
+                    else
+                        amx_unpack4(wg, stride, rows, abuf[0]);
+                }
+                /* step b: the weights of block b into a tile, its product and store; then block b - 1 scaled */
+                for (int b = 0; b <= nb; b++) {
+                    if (b < nb) {
+                        int u = b & 1;
+                        uint8_t *ab = abuf[u];
+                        const int32_t *bb = bt + ((size_t)b * groups + g) * 256;
+                        if (bits == 4) {
+                            ab = abuf[b & 3];
+                            if ((b & 1) == 0 && b + 2 < nb) { /* two blocks ahead of their tile loads */
+                                int c = b + 2;
+                                for (int r = 0; r < rows; r++) _mm_prefetch((const char *)(wg + r * stride + (size_t)(c + 8) * 32), VNNI_PREFETCH);
+                                if (c + 1 < nb)
+                                    amx_unpack4x2(wg + (size_t)c * 32, stride, rows, abuf[c & 3], abuf[(c + 1) & 3]);
+                                else
+                                    amx_unpack4(wg + (size_t)c * 32, stride, rows, abuf[c & 3]);
+                            }
+                        } else if (rows < 16) {
+                            for (int r = 0; r < rows; r++) memcpy(ab + 64 * r, wg + r * stride + (size_t)b * QB, 64);
+                        } else {
+                            for (int r = 0; r < 16; r++) _mm_prefetch((const char *)(wg + r * stride + (size_t)(b + 4) * QB), VNNI_PREFETCH);
+                        }
+                        const void *src = bits == 8 && rows == 16 ? (const void *)(wg + (size_t)b * QB) : (const void *)ab;
+                        size_t ss = bits == 8 && rows == 16 ? stride : 64;
+                        if (u) {
+                            _tile_loadd(2, src, ss);
+                            _tile_loadd(3, bb, 64);
+                            _tile_zero(5);
+                            if (bits == 4) _tile_dpbusd(5, 2, 3); else _tile_dpbssd(5, 2, 3);
+                            _tile_stored(5, s[1], 64);
+                        } else {
+                            _tile_loadd(0, src, ss);
+                            _tile_loadd(1, bb, 64);
+                            _tile_zero(4);
+                            if (bits == 4) _tile_dpbusd(4, 0, 1); else _tile_dpbssd(4, 0, 1);
+                            _tile_stored(4, s[0], 64);
+                        }
+                    }
+                    if (b > 0) {
+                        int p = (b - 1) & 1;
+                        __m512 dv = _mm512_loadu_ps(dt + ((size_t)(b - 1) * groups + g) * 16);
+                        for (int r = 0; r < 16; r++) f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(s[p][r])), dv, f[r]);
+                    }
+                }
+                for (int r = 0; r < rows; r++) {
+                    __m512 v = _mm512_fmadd_ps(_mm512_sub_ps(f[r], cv), _mm512_set1_ps(scale[n0 + r]),
+                                               _mm512_set1_ps(bias ? bias[n0 + r] : 0.f));
+                    _mm512_store_ps(tmp[r], v);
+                }
+                for (int mm = 0; mm < mg; mm++)
+                    for (int r = 0; r < rows; r++) y[(size_t)(g * 16 + mm) * n + n0 + r] = tmp[r][mm];
+            }
+        }
+        _tile_release();
+    }
+    free(q), free(d), free(corr), free(bt), free(dt);
+    return 0;
+}
 #endif
 
 /* y [m, n] = x [m, k] @ W^T * scale + bias as w8_linear / w4_linear compute it (bits 8 or 4), as a GEMM for
@@ -1001,7 +1144,7 @@ static int wq_gemm_impl(const float *x, const int8_t *w, const float *scale, con
 #else
     if (k % QB || m <= 0) return -2;
 #ifdef USE_AMX
-    tiles = tiles && amx_granted();
+    tiles = tiles && amx_enabled && amx_granted();
 #else
     tiles = 0;
 #endif
@@ -1093,7 +1236,16 @@ int wq_gemm_vnni(const float *x, const int8_t *w, const float *scale, const floa
     return wq_gemm_impl(x, w, scale, bias, y, m, n, k, bits, 0);
 }
 
-/* Whether wq_gemm runs on AMX tiles here: the build has them and the kernel lets this process use them. */
+/* Whether the kernels may use AMX tiles where they have them (settings.cpu_amx; on by default). */
+void set_amx(int on) {
+#ifdef USE_AMX
+    amx_enabled = on;
+#else
+    (void)on;
+#endif
+}
+
+/* Whether this build has AMX tiles and the kernel lets this process use them. */
 int gemm_tiles(void) {
 #ifdef USE_AMX
     return amx_granted();

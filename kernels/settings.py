@@ -39,6 +39,9 @@ class Settings:
     # every row count, so that a row's result never depends on how many rows share its call (a reply through the
     # engine's chunked prefill and prefix reuse then equals the reply alone bit for bit, as on an AVX2 CPU).
     cpu_quantized_gemm: bool = dataclasses.field(default_factory=lambda: not _set("CHATGLM_NO_QUANTIZED_GEMM"))
+    # AMX int8 tiles in the INT8/INT4 kernels where the CPU has them (Intel Xeon, Sapphire Rapids and later): the
+    # GEMM for prefill, INT8 decode and batches. Off: the AVX-512 VNNI code (other bits, same precision).
+    cpu_amx: bool = dataclasses.field(default_factory=lambda: not _set("CHATGLM_NO_AMX"))
     # Where the compiled kernel libraries are cached.
     kernel_cache: str = dataclasses.field(
         default_factory=lambda: os.environ.get("CHATGLM_KERNEL_CACHE") or _home_cache("kernels")
@@ -78,6 +81,7 @@ ENVIRONMENT = {
     "cpu_isa": "CHATGLM_CPU_ISA",
     "cpu_float_activations": "CHATGLM_CPU_FLOAT_ACTIVATIONS=1",
     "cpu_quantized_gemm": "CHATGLM_NO_QUANTIZED_GEMM=1 turns off",
+    "cpu_amx": "CHATGLM_NO_AMX=1 turns off",
     "kernel_cache": "CHATGLM_KERNEL_CACHE",
     "triton": "CHATGLM_NO_TRITON=1 turns off",
     "triton_gemv": "CHATGLM_TRITON_GEMV=1",

@@ -69,7 +69,9 @@ def test_native_build_uses_avx512_vnni_and_amx_where_the_cpu_has_them():
     amx = vnni and {"amx_tile", "amx_int8"} <= kernels.cpu_flags()
     assert k.simd.startswith("AVX2+FMA+F16C, AVX-512 VNNI") == vnni, k.simd
     assert (k.simd == "AVX2+FMA+F16C, AVX-512 VNNI, AMX int8") == amx, k.simd
-    assert k.has_gemm == vnni and k.gemm_tiles <= amx  # (tiles where Linux grants them: kernels before 5.16 do not)
+    assert k.has_gemm == vnni and k.amx <= amx  # (tiles where Linux grants them: kernels before 5.16 do not)
+    with settings.override(cpu_amx=False):
+        assert not k.gemm_tiles
 
 
 @pytest.fixture(params=[1, 2])

@@ -141,9 +141,11 @@ def test_int8_gemm_takes_many_rows_where_the_kernel_has_it(monkeypatch, bits, dt
     with settings.override(cpu_float_activations=True):
         run(300)
     monkeypatch.setattr(ops, "amx", lambda: True)  # an AMX CPU: our GEMM where it runs on the tiles
-    monkeypatch.setattr(kernel, "gemm_tiles", True)
+    monkeypatch.setattr(kernel, "amx", True)
     assert ops._gemm_path(kernel) == "int8"
-    monkeypatch.setattr(kernel, "gemm_tiles", False)  # else dequantize + torch's bf16 GEMM (on the tiles)
+    with settings.override(cpu_amx=False):  # else dequantize + torch's bf16 GEMM (on the tiles)
+        assert ops._gemm_path(kernel) == "bf16"
+    monkeypatch.setattr(kernel, "amx", False)
     assert ops._gemm_path(kernel) == "bf16"
     assert calls == []
 
