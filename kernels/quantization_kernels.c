@@ -607,6 +607,99 @@ static inline void store_outputs(float *yrow, const float *sums, const float *sc
 }
 
 /* bits 8 or 4: the activation-quantized ("q") kernels. x [m, k] fp32. Returns 0, or -1 when out of memory. */
+
+#ifdef USE_AMX
+/* INT4 for one or two x rows on an AMX build, with the arithmetic of the AMX kernel (wq_rows_amx) so that a row
+ * gets the same bits alone as in any batch: 8 weight rows per pass, two blocks per step as q4_rows8_vnni reads
+ * them, but each block's integer sum is completed first (the 8 rows' vpdpbusd lanes transposed and added) and
+ * then added as acc = cvt(sum) * d + acc, block after block. The AMX kernel's nibble unpacking costs as much as
+ * this whole kernel, so decode keeps this one. f, fb: the 8 rows' sums (ymm), before the -8 * corr. */
+static inline __m512i bs_reduce8(const __m512i *t) {
+    __m512i r[2];
+    for (int h = 0; h < 2; h++) {
+        const __m512i *u = t + 4 * h;
+        __m512i a = _mm512_add_epi32(_mm512_unpacklo_epi32(u[0], u[1]), _mm512_unpackhi_epi32(u[0], u[1]));
+        __m512i b = _mm512_add_epi32(_mm512_unpacklo_epi32(u[2], u[3]), _mm512_unpackhi_epi32(u[2], u[3]));
+        r[h] = _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
+    } /* r[h], per 128-bit lane L: the sums of lane L of rows 4h .. 4h + 3 */
+    __m512i s = _mm512_add_epi32(_mm512_shuffle_i32x4(r[0], r[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_i32x4(r[0], r[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    /* s: [first block rows 0-3, second block rows 0-3, first block rows 4-7, second block rows 4-7] */
+    return _mm512_shuffle_i32x4(s, s, _MM_SHUFFLE(3, 1, 2, 0));
+}
+
+static inline void q4_rows8_bs(const int8_t *w, size_t stride, const int8_t *q2, const float *d, const int8_t *q2b,
+                               const float *db, int pairs, __m256 *f, __m256 *fb) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x88);
+    __m256 a = _mm256_setzero_ps(), c = a;
+    const char *pf = (const char *)(w + 16 * stride);
+    for (int p = 0; p < pairs; p++) {
+        for (int l = 0; l < 8; l++) _mm_prefetch(pf + (size_t)p * 512 + 64 * l, VNNI_PREFETCH);
+        __m512i xe = _mm512_loadu_si512((const void *)(q2 + (size_t)p * 128));
+        __m512i xo = _mm512_loadu_si512((const void *)(q2 + (size_t)p * 128 + 64));
+        __m512i ye = xe, yo = xo;
+        if (q2b) {
+            ye = _mm512_loadu_si512((const void *)(q2b + (size_t)p * 128));
+            yo = _mm512_loadu_si512((const void *)(q2b + (size_t)p * 128 + 64));
+        }
+        __m512i t[8], u[8];
+        const int8_t *wb = w + (size_t)p * 64;
+        for (int r = 0; r < 8; r++) {
+            __m512i v = _mm512_xor_si512(_mm512_loadu_si512((const void *)(wb + r * stride)), flip);
+            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4), lo = _mm512_and_si512(v, m4);
+            t[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, xe), lo, xo);
+            if (q2b) u[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, ye), lo, yo);
+        }
+        __m512 s = _mm512_cvtepi32_ps(bs_reduce8(t));
+        a = _mm256_fmadd_ps(_mm512_castps512_ps256(s), _mm256_set1_ps(d[2 * p]), a);
+        a = _mm256_fmadd_ps(_mm512_extractf32x8_ps(s, 1), _mm256_set1_ps(d[2 * p + 1]), a);
+        if (q2b) {
+            s = _mm512_cvtepi32_ps(bs_reduce8(u));
+            c = _mm256_fmadd_ps(_mm512_castps512_ps256(s), _mm256_set1_ps(db[2 * p]), c);
+            c = _mm256_fmadd_ps(_mm512_extractf32x8_ps(s, 1), _mm256_set1_ps(db[2 * p + 1]), c);
+        }
+    }
+    *f = a;
+    if (q2b) *fb = c;
+}
+
+/* INT4, m < 4 rows, n % 8 == 0 and an even number of 64-column blocks (every ChatGLM shape): q4_rows8_bs. */
+static int wq_rows4_bs(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m,
+                       int n, int k) {
+    int nb = k / QB, pairs = nb / 2;
+    size_t stride = (size_t)(k / 2);
+    int8_t *q = (int8_t *)malloc((size_t)m * k + 64), *q2 = (int8_t *)malloc((size_t)m * pairs * 128 + 64);
+    float *d = (float *)malloc(((size_t)m * nb + 1) * sizeof(float));
+    float *d2 = (float *)malloc(((size_t)m * pairs * 16 + 1) * sizeof(float)), corr[4];
+    if (!q || !q2 || !d || !d2) {
+        free(q), free(q2), free(d), free(d2);
+        return -1;
+    }
+    for (int b = 0; b < m; b++) {
+        corr[b] = quantize_row(x + (size_t)b * k, k, 1, nb, q + (size_t)b * k, d + (size_t)b * nb);
+        vnni_pairs(q + (size_t)b * k, d + (size_t)b * nb, pairs, q2 + (size_t)b * pairs * 128, d2 + (size_t)b * pairs * 16);
+    }
+#pragma omp parallel for schedule(static)
+    for (int o0 = 0; o0 < n; o0 += 8) {
+        const int8_t *wr = w + (size_t)o0 * stride;
+        __m256 sc = _mm256_loadu_ps(scale + o0), bi = bias ? _mm256_loadu_ps(bias + o0) : _mm256_setzero_ps();
+        for (int b = 0; b < m; b += 2) {
+            int two = b + 1 < m;
+            __m256 f[2];
+            q4_rows8_bs(wr, stride, q2 + (size_t)b * pairs * 128, d + (size_t)b * nb,
+                        two ? q2 + (size_t)(b + 1) * pairs * 128 : NULL, two ? d + (size_t)(b + 1) * nb : NULL, pairs,
+                        &f[0], &f[1]);
+            for (int i = 0; i <= two; i++) {
+                __m256 c = _mm256_set1_ps(8.f * corr[b + i]);
+                _mm256_storeu_ps(y + (size_t)(b + i) * n + o0, _mm256_fmadd_ps(_mm256_sub_ps(f[i], c), sc, bi));
+            }
+        }
+    }
+    free(q), free(q2), free(d), free(d2);
+    return 0;
+}
+#endif
+
 #ifdef USE_AMX
 static int amx_enabled, amx_granted(void);
 static int wq_rows_amx(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m,
@@ -616,7 +709,10 @@ static int wq_rows_amx(const float *x, const int8_t *w, const float *scale, cons
 static int wq_linear(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m,
                      int n, int k, int bits) {
 #ifdef USE_AMX
-    if (bits == 8 && k % QB == 0 && amx_enabled && amx_granted()) return wq_rows_amx(x, w, scale, bias, y, m, n, k, bits);
+    if (k % QB == 0 && amx_enabled && amx_granted()) {
+        if (bits == 4 && m < 4 && n % 8 == 0 && (k / QB) % 2 == 0) return wq_rows4_bs(x, w, scale, bias, y, m, n, k);
+        return wq_rows_amx(x, w, scale, bias, y, m, n, k, bits);
+    }
 #endif
     int nb = (k + QB - 1) / QB;
     size_t stride = bits == 4 ? (size_t)(k / 2) : (size_t)k;

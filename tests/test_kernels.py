@@ -157,7 +157,7 @@ def test_quantized_kernels(kernel, threads, bits, shape):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("k, n", [(4096, 37), (192, 16), (4160, 24)])
+@pytest.mark.parametrize("k, n", [(4096, 37), (192, 16), (4160, 24), (256, 40)])  # AMX INT4 1-3 rows: (256, 40)
 def test_quantized_kernels_give_each_row_its_bits_alone(kernel, threads, bits, k, n):
     """The engine decodes the rows of several requests in one call: each row must get exactly the bits it gets in a
     call of its own, at every batch size up to the rows from which prefill takes a GEMM (quantization/ops.py)."""
