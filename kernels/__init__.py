@@ -8,7 +8,8 @@ single-threaded build), and callers use the PyTorch reference instead.
 CHATGLM_CPU_ISA (read once) picks the instruction set the kernels are built for, so that every CPU path can be
 run on any machine that can execute it:
   native    (default) -march=native: the AVX2/FMA/F16C intrinsics, and whatever else the compiler finds here
-            (AVX-512 code generation on such a CPU);
+            (AVX-512 code generation; the AVX-512 VNNI kernels; on a CPU with AMX the int8 tile kernels, which
+            CHATGLM_NO_AMX=1, settings.cpu_amx, turns off at run time);
   avx2      -march=x86-64-v3: exactly what an AVX2-only CPU runs, even on an AVX-512 one; the CPU is also
             treated as having no native bf16/fp16 GEMM (`native_half_gemm`);
   portable  -DCHATGLM_PORTABLE: the plain C path without intrinsics; no native half GEMM either.

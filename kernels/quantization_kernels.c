@@ -888,15 +888,17 @@ int w4_linear(const float *x, const int8_t *w, const float *scale, const float *
 #define GK 4096
 
 /* Panel rows o0 .. o0 + GN - 1 (rows at or past n left as zero bytes), columns [c0, c0 + kc) (multiples of
- * 64) -> p: per group of 4 columns, GN dwords of 4 unsigned bytes. */
-static void gemm_pack(const int8_t *w, size_t stride, int n, int o0, int c0, int kc, int bits, uint32_t *p) {
+ * 64) -> p: per group of 4 columns, GN dwords of 4 unsigned bytes (INT8 with `sign`: the signed bytes). */
+static void gemm_pack(const int8_t *w, size_t stride, int n, int o0, int c0, int kc, int bits, int sign,
+                      uint32_t *p) {
     const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32((int)stride));
     /* INT4: one gathered dword = 4 packed bytes = 8 columns = two groups; bytes [b, b, b', b'] per group, then
      * the high nibble into the even byte (the even column) and the low nibble into the odd one */
     const __m512i lo_pair = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 0, 1, 1, 4, 4, 5, 5, 8, 8, 9, 9, 12, 12, 13, 13));
     const __m512i hi_pair = _mm512_broadcast_i32x4(_mm_setr_epi8(2, 2, 3, 3, 6, 6, 7, 7, 10, 10, 11, 11, 14, 14, 15, 15));
-    const __m512i m4 = _mm512_set1_epi8(0x0F), flip4 = _mm512_set1_epi8((char)0x88), flip8 = _mm512_set1_epi8((char)0x80);
+    const __m512i m4 = _mm512_set1_epi8(0x0F), flip4 = _mm512_set1_epi8((char)0x88);
+    const __m512i flip8 = _mm512_set1_epi8(sign ? 0 : (char)0x80);
     const __mmask64 odd = 0xAAAAAAAAAAAAAAAAull;
     for (int h = 0; h < GN; h += 16) {
         int valid = n - (o0 + h);
@@ -981,9 +983,11 @@ static inline void gemm_tile(const uint32_t *p, const int8_t *q, size_t k, const
 
 #ifdef USE_AMX
 /* The GEMM on AMX int8 tiles: per 64-column block, a tile of 16 x rows (signed bytes, TM) times a tile of 16
- * packed weight rows (gemm_pack's unsigned bytes, read in place: 16 groups of 4 columns, 128 bytes apart) gives
- * the block's exact integer sums (TDPBSUD), which are then scaled and added exactly as gemm_tile does (one fma
- * per block, in block order): the results are gemm_tile's, bit for bit. Measured on a Xeon (Sapphire Rapids
+ * packed weight rows (gemm_pack's bytes, read in place: 16 groups of 4 columns, 128 bytes apart) gives the
+ * block's exact integer sums (TDPBSUD on INT4's s + 8, TDPBSSD on INT8's signed bytes), which are then scaled and
+ * added exactly as gemm_tile does (one fma per block, in block order). So INT4 gets gemm_tile's bits, and both
+ * get the bits of the AMX row kernels below (wq_rows_amx, wq_rows4_bs): a prompt's rows are the same whether
+ * prefilled in one GEMM, in chunks, or one by one. Measured on a Xeon (Sapphire Rapids
  * class, 2 threads), a ChatGLM2 block's four matrices at 512 rows: 138 ms against 262 without the tiles and
  * 154 dequantize + torch's bf16 GEMM; a tile product costs ~13 cycles, its store and scaling ~40 more, which
  * the per-block scales make unavoidable (docs/benchmarks.md). */
@@ -1018,13 +1022,13 @@ static void amx_configure(void) {
 #define MT 8
 
 /* Up to MT * TM x rows (`rows` of them real) against the panel's GN weight rows, blocks [0, nbk): per block the
- * panel's two halves are loaded once (tiles 1, 2), then per 16 x rows (tile 0 or 3) two TDPBSUD give the block's
+ * panel's two halves are loaded once (tiles 1, 2), then per 16 x rows (tile 0 or 3) two products give the block's
  * exact integer sums (tiles 4-5 or 6-7, alternating so that one group's products run beside the other's
  * scaling), stored and added into acc as gemm_tile adds them: acc = cvt(sum) * d + acc, block after block. q:
  * the x rows in tiles (16 rows x 64 columns a KB; the next block 1 KB on, the next 16 rows nb KB on). */
 static inline void amx_panel(const uint32_t *p, const int8_t *q, size_t nb, const float *d, int nbk, float *y,
                              size_t n, int first, int last, const float *scale, const float *bias, const float *corr,
-                             float off, int rows, __mmask16 cols0, __mmask16 cols1) {
+                             float off, int rows, __mmask16 cols0, __mmask16 cols1, int bits) {
     int tiles = (rows + TM - 1) / TM;
     int32_t s[2][2][TM][16] __attribute__((aligned(64)));
     float acc[MT * TM * GN] __attribute__((aligned(64)));
@@ -1052,16 +1056,26 @@ static inline void amx_panel(const uint32_t *p, const int8_t *q, size_t nb, cons
                 _tile_loadd(3, qa, QB);
                 _tile_zero(6);
                 _tile_zero(7);
-                _tile_dpbsud(6, 3, 1);
-                _tile_dpbsud(7, 3, 2);
+                if (bits == 4) {
+                    _tile_dpbsud(6, 3, 1);
+                    _tile_dpbsud(7, 3, 2);
+                } else {
+                    _tile_dpbssd(6, 3, 1);
+                    _tile_dpbssd(7, 3, 2);
+                }
                 _tile_stored(6, s[1][0], 64);
                 _tile_stored(7, s[1][1], 64);
             } else {
                 _tile_loadd(0, qa, QB);
                 _tile_zero(4);
                 _tile_zero(5);
-                _tile_dpbsud(4, 0, 1);
-                _tile_dpbsud(5, 0, 2);
+                if (bits == 4) {
+                    _tile_dpbsud(4, 0, 1);
+                    _tile_dpbsud(5, 0, 2);
+                } else {
+                    _tile_dpbssd(4, 0, 1);
+                    _tile_dpbssd(5, 0, 2);
+                }
                 _tile_stored(4, s[0][0], 64);
                 _tile_stored(5, s[0][1], 64);
             }
@@ -1273,7 +1287,7 @@ static int wq_gemm_impl(const float *x, const int8_t *w, const float *scale, con
     }
 #endif
     size_t stride = bits == 4 ? (size_t)(k / 2) : (size_t)k;
-    float off = bits == 4 ? 8.f : 128.f;
+    float off = bits == 4 ? 8.f : tiles ? 0.f : 128.f; /* INT8 on the tiles: signed products, as wq_rows_amx */
     int panels = (n + GN - 1) / GN, failed = 0;
 #pragma omp parallel
     {
@@ -1293,14 +1307,14 @@ static int wq_gemm_impl(const float *x, const int8_t *w, const float *scale, con
             __mmask16 c1 = valid >= 32 ? 0xFFFF : valid <= 16 ? 0 : (__mmask16)((1u << (valid - 16)) - 1);
             for (int k0 = 0; k0 < k; k0 += GK) {
                 int kc = k - k0 < GK ? k - k0 : GK;
-                gemm_pack(w, stride, n, o0, k0, kc, bits, p);
+                gemm_pack(w, stride, n, o0, k0, kc, bits, tiles, p);
                 for (int i0 = 0; i0 < m; i0 += tm) {
 #ifdef USE_AMX
                     if (tiles) {
                         int rows = m - i0 < MT * TM ? m - i0 : MT * TM;
                         amx_panel(p, qt + ((size_t)(i0 / TM) * nb + k0 / QB) * TM * QB, (size_t)nb,
                                   d + (size_t)i0 * nb + k0 / QB, kc / QB, y + (size_t)i0 * n + o0, (size_t)n, k0 == 0,
-                                  k0 + kc == k, scale + o0, bias ? bias + o0 : NULL, corr + i0, off, rows, c0, c1);
+                                  k0 + kc == k, scale + o0, bias ? bias + o0 : NULL, corr + i0, off, rows, c0, c1, bits);
                         i0 += (MT - 1) * TM;
                         continue;
                     }

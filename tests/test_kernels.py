@@ -156,9 +156,10 @@ def test_quantized_kernels(kernel, threads, bits, shape):
     _check(y, xq @ wq.t(), xq.abs() @ wq.abs().t())
 
 
+@pytest.mark.parametrize("amx", [True, False])  # the AMX kernels where there are (settings.cpu_amx), or the VNNI ones
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("k, n", [(4096, 37), (192, 16), (4160, 24), (256, 40)])  # AMX INT4 1-3 rows: (256, 40)
-def test_quantized_kernels_give_each_row_its_bits_alone(kernel, threads, bits, k, n):
+def test_quantized_kernels_give_each_row_its_bits_alone(kernel, threads, amx, bits, k, n):
     """The engine decodes the rows of several requests in one call: each row must get exactly the bits it gets in a
     call of its own, at every batch size up to the rows from which prefill takes a GEMM (quantization/ops.py)."""
     from quantization.ops import GEMM_MIN_ROWS
@@ -166,9 +167,10 @@ def test_quantized_kernels_give_each_row_its_bits_alone(kernel, threads, bits, k
     rows = GEMM_MIN_ROWS - 1
     w, x, bias = _data((rows, k, n), bits * k + n)
     q, scale = quantize_weight(w, bits)
-    alone = torch.cat([kernel.linear(x[i : i + 1], q, scale.float(), bits, bias) for i in range(rows)])
-    for m in (2, 3, 4, 5, 8, 9, 16, 17, rows):
-        assert torch.equal(kernel.linear(x[:m], q, scale.float(), bits, bias), alone[:m]), m
+    with settings.override(cpu_amx=amx):
+        alone = torch.cat([kernel.linear(x[i : i + 1], q, scale.float(), bits, bias) for i in range(rows)])
+        for m in (2, 3, 4, 5, 8, 9, 16, 17, rows):
+            assert torch.equal(kernel.linear(x[:m], q, scale.float(), bits, bias), alone[:m]), m
 
 
 GEMM_SHAPES = [
@@ -186,8 +188,8 @@ GEMM_SHAPES = [
 @pytest.mark.parametrize("shape", GEMM_SHAPES)
 def test_quantized_gemm(kernel, threads, bits, shape):
     """The GEMM for many rows (AVX-512 VNNI builds): the q kernels' integer sums per block, so within fp32
-    accumulation of their exact emulation, and close to linear() on the same input; on AMX tiles the same bits as
-    without them; other builds have none."""
+    accumulation of their exact emulation, and close to linear() on the same input; on AMX tiles, each row exactly
+    what linear() gives it alone (INT4 also the VNNI GEMM's bits); other builds have none."""
     m, k, n = shape
     w, x, bias = _data(shape, hash(("gemm", bits, shape)) % 2**31)
     q, scale = quantize_weight(w, bits)
@@ -203,7 +205,11 @@ def test_quantized_gemm(kernel, threads, bits, shape):
         _check(y, xq @ wq.t() + bd, xq.abs() @ wq.abs().t() + bd.abs())
         fused = kernel.linear(x, q, scale.float(), bits, b, quantize_activations=True)
         _check(y, fused.double(), xq.abs() @ wq.abs().t() + bd.abs(), rel=2e-5)
-        assert torch.equal(kernel.gemm(x, q, scale.float(), bits, b, tiles=False), y)  # (on AMX: without tiles)
+        if bits == 4 or not kernel.gemm_tiles:  # INT4 on AMX tiles: the VNNI GEMM's bits (INT8 there: signed sums)
+            assert torch.equal(kernel.gemm(x, q, scale.float(), bits, b, tiles=False), y)
+        if kernel.gemm_tiles:  # and on AMX every row the bits of the row kernels, alone
+            alone = torch.cat([kernel.linear(x[i : i + 1], q, scale.float(), bits, b) for i in range(m)])
+            assert torch.equal(y, alone)
     assert kernel.gemm(x[:, :-1].contiguous(), q[:, : q.shape[1] - 1], scale.float(), bits) is None  # k % 64
 
 
