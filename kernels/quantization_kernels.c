@@ -677,7 +677,8 @@ static int wq_rows4_bs(const float *x, const int8_t *w, const float *scale, cons
     }
     for (int b = 0; b < m; b++) {
         corr[b] = quantize_row(x + (size_t)b * k, k, 1, nb, q + (size_t)b * k, d + (size_t)b * nb);
-        vnni_pairs(q + (size_t)b * k, d + (size_t)b * nb, pairs, q2 + (size_t)b * pairs * 128, d2 + (size_t)b * pairs * 16);
+        vnni_pairs(q + (size_t)b * k, d + (size_t)b * nb, pairs, q2 + (size_t)b * pairs * 128,
+                   d2 + (size_t)b * pairs * 16);
     }
 #pragma omp parallel for schedule(static)
     for (int o0 = 0; o0 < n; o0 += 8) {
@@ -925,6 +926,29 @@ static void gemm_pack(const int8_t *w, size_t stride, int n, int o0, int c0, int
     }
 }
 
+/* The scales and biases of a tile's 32 columns (zero unless `last`): sb = {scale lo, scale hi, bias lo, bias hi}. */
+static inline void gemm_scales(int last, const float *scale, const float *bias, __mmask16 cols0, __mmask16 cols1,
+                               __m512 *sb) {
+    sb[0] = sb[1] = sb[2] = sb[3] = _mm512_setzero_ps();
+    if (last) {
+        sb[0] = _mm512_maskz_loadu_ps(cols0, scale), sb[1] = _mm512_maskz_loadu_ps(cols1, scale + 16);
+        if (bias) sb[2] = _mm512_maskz_loadu_ps(cols0, bias), sb[3] = _mm512_maskz_loadu_ps(cols1, bias + 16);
+    }
+}
+
+/* A tile row's 32 sums to y: with `last`, (sum - c) * scale + bias (c = off * corr of the x row), else as they
+ * are (the next pass over k adds to them). */
+static inline void gemm_store_row(float *yr, __m512 v0, __m512 v1, int last, float c, const __m512 *sb,
+                                  __mmask16 cols0, __mmask16 cols1) {
+    if (last) {
+        __m512 cv = _mm512_set1_ps(c);
+        v0 = _mm512_fmadd_ps(_mm512_sub_ps(v0, cv), sb[0], sb[2]);
+        v1 = _mm512_fmadd_ps(_mm512_sub_ps(v1, cv), sb[1], sb[3]);
+    }
+    _mm512_mask_storeu_ps(yr, cols0, v0);
+    _mm512_mask_storeu_ps(yr + 16, cols1, v1);
+}
+
 /* One GM x GN tile: x rows q (row stride k bytes, natural column order) with scales d (row stride nb), blocks
  * [0, nbk) of the packed panel p, added to the tile of y (row stride n; `first`: y not yet written). With
  * `last`, y = (sum - off * corr[r]) * scale[o] + bias[o]. Only `rows` x rows and the columns in `cols` are
@@ -963,21 +987,10 @@ static inline void gemm_tile(const uint32_t *p, const int8_t *q, size_t k, const
             f[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][1]), e, f[r][1]);
         }
     }
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0, b0 = s0, b1 = s0;
-    if (last) {
-        s0 = _mm512_maskz_loadu_ps(cols0, scale), s1 = _mm512_maskz_loadu_ps(cols1, scale + 16);
-        if (bias) b0 = _mm512_maskz_loadu_ps(cols0, bias), b1 = _mm512_maskz_loadu_ps(cols1, bias + 16);
-    }
-    for (int r = 0; r < rows && r < GM; r++) {
-        __m512 v0 = f[r][0], v1 = f[r][1];
-        if (last) {
-            __m512 c = _mm512_set1_ps(off * corr[r]);
-            v0 = _mm512_fmadd_ps(_mm512_sub_ps(v0, c), s0, b0);
-            v1 = _mm512_fmadd_ps(_mm512_sub_ps(v1, c), s1, b1);
-        }
-        _mm512_mask_storeu_ps(y + r * n, cols0, v0);
-        _mm512_mask_storeu_ps(y + r * n + 16, cols1, v1);
-    }
+    __m512 sb[4];
+    gemm_scales(last, scale, bias, cols0, cols1, sb);
+    for (int r = 0; r < rows && r < GM; r++)
+        gemm_store_row(y + r * n, f[r][0], f[r][1], last, off * corr[r], sb, cols0, cols1);
 }
 #endif
 
@@ -1017,6 +1030,26 @@ static void amx_configure(void) {
     _tile_loadconfig(&c);
 }
 
+/* The tile instructions take constant tile numbers, hence macros for the two sets that alternate. C = A x B:
+ * with sgn (INT8) signed bytes on both sides, else MIXED (the INT4 weights' s + 8 unsigned: _tile_dpbsud when
+ * they are B, _tile_dpbusd when they are A), then C stored to out. */
+#define AMX_PRODUCT(A, B, C, out, sgn, MIXED)                                                                 \
+    do {                                                                                                       \
+        _tile_zero(C);                                                                                         \
+        if (sgn)                                                                                               \
+            _tile_dpbssd(C, A, B);                                                                             \
+        else                                                                                                   \
+            MIXED(C, A, B);                                                                                    \
+        _tile_stored(C, out, 64);                                                                              \
+    } while (0)
+/* The GEMM's step: x tile XT (loaded from qa) against the panel's two halves (tiles 1, 2) into C0, C1 -> out[0, 1]. */
+#define AMX_TWO(XT, C0, C1, qa, out, sgn)                                                                      \
+    do {                                                                                                       \
+        _tile_loadd(XT, qa, QB);                                                                               \
+        AMX_PRODUCT(XT, 1, C0, out[0], sgn, _tile_dpbsud);                                                     \
+        AMX_PRODUCT(XT, 2, C1, out[1], sgn, _tile_dpbsud);                                                     \
+    } while (0)
+
 /* Rows of x per pass over a panel: their fp32 sums (MT * TM x GN, 16 KB) stay in L1 while each block's weight
  * tiles are loaded once for all of them. */
 #define MT 8
@@ -1052,33 +1085,10 @@ static inline void amx_panel(const uint32_t *p, const int8_t *q, size_t nb, cons
                 _tile_loadd(1, pb, GN * 4);
                 _tile_loadd(2, pb + 16, GN * 4);
             }
-            if (i & 1) {
-                _tile_loadd(3, qa, QB);
-                _tile_zero(6);
-                _tile_zero(7);
-                if (bits == 4) {
-                    _tile_dpbsud(6, 3, 1);
-                    _tile_dpbsud(7, 3, 2);
-                } else {
-                    _tile_dpbssd(6, 3, 1);
-                    _tile_dpbssd(7, 3, 2);
-                }
-                _tile_stored(6, s[1][0], 64);
-                _tile_stored(7, s[1][1], 64);
-            } else {
-                _tile_loadd(0, qa, QB);
-                _tile_zero(4);
-                _tile_zero(5);
-                if (bits == 4) {
-                    _tile_dpbsud(4, 0, 1);
-                    _tile_dpbsud(5, 0, 2);
-                } else {
-                    _tile_dpbssd(4, 0, 1);
-                    _tile_dpbssd(5, 0, 2);
-                }
-                _tile_stored(4, s[0][0], 64);
-                _tile_stored(5, s[0][1], 64);
-            }
+            if (i & 1)
+                AMX_TWO(3, 6, 7, qa, s[1], bits == 8);
+            else
+                AMX_TWO(0, 4, 5, qa, s[0], bits == 8);
         }
         if (i == 0) continue;
         int j = i - 1, b = j / tiles, t = j % tiles, u = j & 1;
@@ -1092,21 +1102,11 @@ static inline void amx_panel(const uint32_t *p, const int8_t *q, size_t nb, cons
                                                              _mm512_load_ps(f + r * GN + 16)));
         }
     }
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0, b0 = s0, b1 = s0;
-    if (last) {
-        s0 = _mm512_maskz_loadu_ps(cols0, scale), s1 = _mm512_maskz_loadu_ps(cols1, scale + 16);
-        if (bias) b0 = _mm512_maskz_loadu_ps(cols0, bias), b1 = _mm512_maskz_loadu_ps(cols1, bias + 16);
-    }
-    for (int r = 0; r < rows; r++) {
-        __m512 v0 = _mm512_load_ps(acc + (size_t)r * GN), v1 = _mm512_load_ps(acc + (size_t)r * GN + 16);
-        if (last) {
-            __m512 c = _mm512_set1_ps(off * corr[r]);
-            v0 = _mm512_fmadd_ps(_mm512_sub_ps(v0, c), s0, b0);
-            v1 = _mm512_fmadd_ps(_mm512_sub_ps(v1, c), s1, b1);
-        }
-        _mm512_mask_storeu_ps(y + r * n, cols0, v0);
-        _mm512_mask_storeu_ps(y + r * n + 16, cols1, v1);
-    }
+    __m512 sb[4];
+    gemm_scales(last, scale, bias, cols0, cols1, sb);
+    for (int r = 0; r < rows; r++)
+        gemm_store_row(y + r * n, _mm512_load_ps(acc + (size_t)r * GN), _mm512_load_ps(acc + (size_t)r * GN + 16),
+                       last, off * corr[r], sb, cols0, cols1);
 }
 /* Decode and small batches on AMX int8 tiles (wq_linear, where enabled): any number of x rows, and every row gets
  * the same bits whatever rows share its call. Per group of 16 weight rows and 64-column block, the weights (a
@@ -1193,7 +1193,8 @@ static int wq_rows_amx(const float *x, const int8_t *w, const float *scale, cons
                             ab = abuf[b & 3];
                             if ((b & 1) == 0 && b + 2 < nb) { /* two blocks ahead of their tile loads */
                                 int c = b + 2;
-                                for (int r = 0; r < rows; r++) _mm_prefetch((const char *)(wg + r * stride + (size_t)(c + 8) * 32), VNNI_PREFETCH);
+                                for (int r = 0; r < rows; r++)
+                                    _mm_prefetch((const char *)(wg + r * stride + (size_t)(c + 8) * 32), VNNI_PREFETCH);
                                 if (c + 1 < nb)
                                     amx_unpack4x2(wg + (size_t)c * 32, stride, rows, abuf[c & 3], abuf[(c + 1) & 3]);
                                 else
@@ -1202,28 +1203,27 @@ static int wq_rows_amx(const float *x, const int8_t *w, const float *scale, cons
                         } else if (rows < 16) {
                             for (int r = 0; r < rows; r++) memcpy(ab + 64 * r, wg + r * stride + (size_t)b * QB, 64);
                         } else {
-                            for (int r = 0; r < 16; r++) _mm_prefetch((const char *)(wg + r * stride + (size_t)(b + 4) * QB), VNNI_PREFETCH);
+                            for (int r = 0; r < 16; r++)
+                                _mm_prefetch((const char *)(wg + r * stride + (size_t)(b + 4) * QB), VNNI_PREFETCH);
                         }
-                        const void *src = bits == 8 && rows == 16 ? (const void *)(wg + (size_t)b * QB) : (const void *)ab;
-                        size_t ss = bits == 8 && rows == 16 ? stride : 64;
+                        int direct = bits == 8 && rows == 16; /* INT8 tiles read in place */
+                        const void *src = direct ? (const void *)(wg + (size_t)b * QB) : (const void *)ab;
+                        size_t ss = direct ? stride : 64;
                         if (u) {
                             _tile_loadd(2, src, ss);
                             _tile_loadd(3, bb, 64);
-                            _tile_zero(5);
-                            if (bits == 4) _tile_dpbusd(5, 2, 3); else _tile_dpbssd(5, 2, 3);
-                            _tile_stored(5, s[1], 64);
+                            AMX_PRODUCT(2, 3, 5, s[1], bits == 8, _tile_dpbusd);
                         } else {
                             _tile_loadd(0, src, ss);
                             _tile_loadd(1, bb, 64);
-                            _tile_zero(4);
-                            if (bits == 4) _tile_dpbusd(4, 0, 1); else _tile_dpbssd(4, 0, 1);
-                            _tile_stored(4, s[0], 64);
+                            AMX_PRODUCT(0, 1, 4, s[0], bits == 8, _tile_dpbusd);
                         }
                     }
                     if (b > 0) {
                         int p = (b - 1) & 1;
                         __m512 dv = _mm512_loadu_ps(dt + ((size_t)(b - 1) * groups + g) * 16);
-                        for (int r = 0; r < 16; r++) f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(s[p][r])), dv, f[r]);
+                        for (int r = 0; r < 16; r++)
+                            f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(s[p][r])), dv, f[r]);
                     }
                 }
                 for (int r = 0; r < rows; r++) {
@@ -1283,7 +1283,8 @@ static int wq_gemm_impl(const float *x, const int8_t *w, const float *scale, con
         for (int t = 0; t < mp / TM; t++)
             for (int b = 0; b < nb; b++)
                 for (int r = 0; r < TM; r++)
-                    memcpy(qt + (((size_t)t * nb + b) * TM + r) * QB, q + ((size_t)t * TM + r) * k + (size_t)b * QB, QB);
+                    memcpy(qt + (((size_t)t * nb + b) * TM + r) * QB, q + ((size_t)t * TM + r) * k + (size_t)b * QB,
+                           QB);
     }
 #endif
     size_t stride = bits == 4 ? (size_t)(k / 2) : (size_t)k;
@@ -1314,7 +1315,8 @@ static int wq_gemm_impl(const float *x, const int8_t *w, const float *scale, con
                         int rows = m - i0 < MT * TM ? m - i0 : MT * TM;
                         amx_panel(p, qt + ((size_t)(i0 / TM) * nb + k0 / QB) * TM * QB, (size_t)nb,
                                   d + (size_t)i0 * nb + k0 / QB, kc / QB, y + (size_t)i0 * n + o0, (size_t)n, k0 == 0,
-                                  k0 + kc == k, scale + o0, bias ? bias + o0 : NULL, corr + i0, off, rows, c0, c1, bits);
+                                  k0 + kc == k, scale + o0, bias ? bias + o0 : NULL, corr + i0, off, rows, c0, c1,
+                                  bits);
                         i0 += (MT - 1) * TM;
                         continue;
                     }
