@@ -7,10 +7,10 @@ For each shape and thread count: fp32 and bf16 matmul (PyTorch), our bf16/fp16 G
 quantization.fast_linear calls), our INT8 and INT4 kernels (default: activations rounded to int8 per 64 columns;
 "f32 x": the fp32-activation kernels; with --rows above 1 also what prefill can take: dequantize + torch's bf16 GEMM,
 and our INT8 GEMM on AVX-512 VNNI builds, on AMX tiles where it has them and then without), PyTorch's own
-weight-only ops (aten._weight_int8pack_mm; aten._weight_int4pack_mm_for_cpu with the per-row scale repeated per
-group), and the original's approach (dequantize the whole matrix, then matmul). The ceiling is the machine's memory bandwidth, measured in the same
-run (a 512 MiB tensor copy: bytes read plus written per second). Then the cold-weights section (many matrices in
-turn, 4 KiB against huge pages, as decode reads them). Last, the thread interplay check: a loop of
+weight-only ops (aten._weight_int8pack_mm; aten._weight_int4pack_mm_for_cpu with the per-row scale repeated per group), and the
+original's approach (dequantize the whole matrix, then matmul). The ceiling is the machine's memory bandwidth,
+measured in the same run (a 512 MiB tensor copy: bytes read plus written per second). Then the cold-weights section
+(many matrices in turn, 4 KiB against huge pages, as decode reads them). Last, the thread interplay check: a loop of
 [our GEMV, a torch op] pairs against the two timed alone (OpenMP spin-waiting would show as a slower pair).
 """
 

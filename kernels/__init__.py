@@ -200,8 +200,8 @@ class CpuKernel:
 
     @property
     def gemm_tiles(self) -> bool:
-        """Whether the INT8 decode kernel and the GEMM run on AMX tiles: this build and process have them and
-        settings.cpu_amx holds (CHATGLM_NO_AMX=1 turns them off)."""
+        """Whether the INT8/INT4 kernels (decode, batches, the GEMM) use AMX tiles: this build and process have them
+        and settings.cpu_amx holds (CHATGLM_NO_AMX=1 turns them off)."""
         return self.amx and settings.cpu_amx
 
     def _sync_threads(self):
@@ -245,7 +245,8 @@ class CpuKernel:
         """What linear() computes with int8 activations, as a GEMM for many rows (wq_gemm: the same integer sums per
         64-column block, summed over the blocks in another order): x [m, k] float32 -> [m, n] float32, or None
         where this build has no such kernel (has_gemm) or k is not a multiple of 64. On AMX (gemm_tiles) the
-        integer sums come from the tiles unless tiles=False; the result is the same bits either way."""
+        integer sums come from the tiles unless tiles=False (INT4: the same bits either way; INT8 on the tiles sums
+        signed bytes, as linear() does there, so each row gets exactly what linear() gives it alone)."""
         self._sync_threads()
         m, k = x.shape
         n = weight.shape[0]

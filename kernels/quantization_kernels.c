@@ -507,7 +507,8 @@ static void vnni_pairs(const int8_t *q, const float *d, int pairs, int8_t *q2, f
         const int8_t *b0 = q + (size_t)(2 * p) * QB, *b1 = b0 + QB;
         int8_t *o = q2 + (size_t)p * 128;
         memcpy(o, b0, 32), memcpy(o + 32, b1, 32), memcpy(o + 64, b0 + 32, 32), memcpy(o + 96, b1 + 32, 32);
-        for (int i = 0; i < 8; i++) d2[16 * p + i] = d[2 * p], d2[16 * p + 8 + i] = d[2 * p + 1];
+        if (d2)
+            for (int i = 0; i < 8; i++) d2[16 * p + i] = d[2 * p], d2[16 * p + 8 + i] = d[2 * p + 1];
     }
 }
 
@@ -606,8 +607,6 @@ static inline void store_outputs(float *yrow, const float *sums, const float *sc
     for (int r = 0; r < rows; r++) yrow[o0 + r] = sums[r] * scale[o0 + r] + (bias ? bias[o0 + r] : 0.f);
 }
 
-/* bits 8 or 4: the activation-quantized ("q") kernels. x [m, k] fp32. Returns 0, or -1 when out of memory. */
-
 #ifdef USE_AMX
 /* INT4 for one or two x rows on an AMX build, with the arithmetic of the AMX kernel (wq_rows_amx) so that a row
  * gets the same bits alone as in any batch: 8 weight rows per pass, two blocks per step as q4_rows8_vnni reads
@@ -669,16 +668,14 @@ static int wq_rows4_bs(const float *x, const int8_t *w, const float *scale, cons
     int nb = k / QB, pairs = nb / 2;
     size_t stride = (size_t)(k / 2);
     int8_t *q = (int8_t *)malloc((size_t)m * k + 64), *q2 = (int8_t *)malloc((size_t)m * pairs * 128 + 64);
-    float *d = (float *)malloc(((size_t)m * nb + 1) * sizeof(float));
-    float *d2 = (float *)malloc(((size_t)m * pairs * 16 + 1) * sizeof(float)), corr[4];
-    if (!q || !q2 || !d || !d2) {
-        free(q), free(q2), free(d), free(d2);
+    float *d = (float *)malloc(((size_t)m * nb + 1) * sizeof(float)), corr[4];
+    if (!q || !q2 || !d) {
+        free(q), free(q2), free(d);
         return -1;
     }
     for (int b = 0; b < m; b++) {
         corr[b] = quantize_row(x + (size_t)b * k, k, 1, nb, q + (size_t)b * k, d + (size_t)b * nb);
-        vnni_pairs(q + (size_t)b * k, d + (size_t)b * nb, pairs, q2 + (size_t)b * pairs * 128,
-                   d2 + (size_t)b * pairs * 16);
+        vnni_pairs(q + (size_t)b * k, d + (size_t)b * nb, pairs, q2 + (size_t)b * pairs * 128, NULL);
     }
 #pragma omp parallel for schedule(static)
     for (int o0 = 0; o0 < n; o0 += 8) {
@@ -696,17 +693,16 @@ static int wq_rows4_bs(const float *x, const int8_t *w, const float *scale, cons
             }
         }
     }
-    free(q), free(q2), free(d), free(d2);
+    free(q), free(q2), free(d);
     return 0;
 }
-#endif
 
-#ifdef USE_AMX
 static int amx_enabled, amx_granted(void);
 static int wq_rows_amx(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m,
                        int n, int k, int bits);
 #endif
 
+/* bits 8 or 4: the activation-quantized ("q") kernels. x [m, k] fp32. Returns 0, or -1 when out of memory. */
 static int wq_linear(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m,
                      int n, int k, int bits) {
 #ifdef USE_AMX
@@ -1187,10 +1183,9 @@ static int wq_rows_amx(const float *x, const int8_t *w, const float *scale, cons
                 for (int b = 0; b <= nb; b++) {
                     if (b < nb) {
                         int u = b & 1;
-                        uint8_t *ab = abuf[u];
+                        uint8_t *ab = abuf[bits == 4 ? b & 3 : u]; /* INT4: unpacked two blocks ahead */
                         const int32_t *bb = bt + ((size_t)b * groups + g) * 256;
                         if (bits == 4) {
-                            ab = abuf[b & 3];
                             if ((b & 1) == 0 && b + 2 < nb) { /* two blocks ahead of their tile loads */
                                 int c = b + 2;
                                 for (int r = 0; r < rows; r++)
@@ -1243,7 +1238,7 @@ static int wq_rows_amx(const float *x, const int8_t *w, const float *scale, cons
 #endif
 
 /* y [m, n] = x [m, k] @ W^T * scale + bias as w8_linear / w4_linear compute it (bits 8 or 4), as a GEMM for
- * many rows, on AMX tiles where this build has them and `tiles` is nonzero (the same bits either way).
+ * many rows, on AMX tiles where this build has them and `tiles` is nonzero (INT4: the same bits either way).
  * Returns 0; -1 when out of memory; -2 when this build has no such kernel (no AVX-512 VNNI, or k not a
  * multiple of 64): the caller then takes w8_linear / w4_linear. */
 static int wq_gemm_impl(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m,
@@ -1342,7 +1337,7 @@ int wq_gemm(const float *x, const int8_t *w, const float *scale, const float *bi
     return wq_gemm_impl(x, w, scale, bias, y, m, n, k, bits, 1);
 }
 
-/* The same without AMX tiles (for the tests and benchmarks: both give the same bits). */
+/* The same without AMX tiles (for the tests and benchmarks; INT4 gets the same bits, INT8 sums w + 128 there). */
 int wq_gemm_vnni(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m, int n,
                  int k, int bits) {
     return wq_gemm_impl(x, w, scale, bias, y, m, n, k, bits, 0);

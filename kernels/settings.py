@@ -35,13 +35,13 @@ class Settings:
     cpu_float_activations: bool = dataclasses.field(default_factory=lambda: _set("CHATGLM_CPU_FLOAT_ACTIVATIONS"))
     # INT8/INT4 layers given GEMM_MIN_ROWS rows or more (prefill) take a GEMM (quantization/ops.py): our INT8 GEMM
     # where the kernels are built with AVX-512 VNNI (on AMX int8 tiles where the CPU has them), else on a CPU with
-    # native bf16 matmuls the weight dequantized to bf16 and torch's GEMM; 2-3x the fused kernel at 512 rows. Off: the fused kernel at
-    # every row count, so that a row's result never depends on how many rows share its call (a reply through the
-    # engine's chunked prefill and prefix reuse then equals the reply alone bit for bit, as on an AVX2 CPU; on an
-    # AMX CPU with cpu_amx the GEMM already gives each row the bits the row kernels give it).
+    # native bf16 matmuls the weight dequantized to bf16 and torch's GEMM; 2-3x the fused kernel at 512 rows. Off: the
+    # fused kernel at every row count, so that a row's result never depends on how many rows share its call (a reply
+    # through the engine's chunked prefill and prefix reuse then equals the reply alone bit for bit, as on an AVX2
+    # CPU; on an AMX CPU with cpu_amx the GEMM already gives each row the bits the row kernels give it).
     cpu_quantized_gemm: bool = dataclasses.field(default_factory=lambda: not _set("CHATGLM_NO_QUANTIZED_GEMM"))
     # AMX int8 tiles in the INT8/INT4 kernels where the CPU has them (Intel Xeon, Sapphire Rapids and later): the
-    # GEMM for prefill, INT8 decode and batches. Off: the AVX-512 VNNI code (other bits, same precision).
+    # GEMM for prefill, INT8 decode, INT4 batches. Off: the AVX-512 VNNI code (other bits, same precision).
     cpu_amx: bool = dataclasses.field(default_factory=lambda: not _set("CHATGLM_NO_AMX"))
     # Where the compiled kernel libraries are cached.
     kernel_cache: str = dataclasses.field(

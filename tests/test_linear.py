@@ -100,8 +100,8 @@ def test_dequantized_gemm_takes_many_rows_on_native_bf16(monkeypatch, bits, dtyp
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_int8_gemm_takes_many_rows_where_the_kernel_has_it(monkeypatch, bits, dtype):
-    """With an AVX-512 VNNI build (on AMX CPUs: with the tiles), GEMM_MIN_ROWS rows or more (in chunks of GEMM_CHUNK_ROWS) go through
-    our INT8 GEMM; fewer rows, settings.cpu_quantized_gemm off, fp32 activations asked
+    """With an AVX-512 VNNI build (on AMX CPUs: with the tiles), GEMM_MIN_ROWS rows or more (in chunks of
+    GEMM_CHUNK_ROWS) go through our INT8 GEMM; fewer rows, settings.cpu_quantized_gemm off, fp32 activations asked
     for, or a width that is not a multiple of 64 stay on the fused kernel."""
     import kernels
     from quantization import ops
