@@ -498,105 +498,8 @@ static inline void q4_rows8(const int8_t *w, size_t stride, const int8_t *q, con
 }
 #endif
 
-#ifdef USE_VNNI512
-/* The activations of one x row rearranged for 512-bit INT4 work: per pair of 64-column blocks (2p, 2p + 1),
- * the 32 even columns of both, then the 32 odd ones of both (128 bytes), and the pair's scales as 16 floats
- * (eight of each block's). Only whole pairs (2 * pairs <= full). */
-static void vnni_pairs(const int8_t *q, const float *d, int pairs, int8_t *q2, float *d2) {
-    for (int p = 0; p < pairs; p++) {
-        const int8_t *b0 = q + (size_t)(2 * p) * QB, *b1 = b0 + QB;
-        int8_t *o = q2 + (size_t)p * 128;
-        memcpy(o, b0, 32), memcpy(o + 32, b1, 32), memcpy(o + 64, b0 + 32, 32), memcpy(o + 96, b1 + 32, 32);
-        if (d2)
-            for (int i = 0; i < 8; i++) d2[16 * p + i] = d[2 * p], d2[16 * p + 8 + i] = d[2 * p + 1];
-    }
-}
-
-/* INT4, 8 weight rows per pass, two blocks (64 packed bytes of a row) per step, against one x row (q2/d2) or two
- * (also q2b/d2b, each unpacked weight vector used for both): XOR 0x88 makes the nibbles unsigned (s + 8), vpdpbusd
- * sums (s + 8) * x over the high nibbles against the even columns and the low ones against the odd columns;
- * int32 lanes 0-7 belong to the first block, 8-15 to the second (d2 matches). A last odd block, if any, is left
- * to the caller. Returns the sums without the -8 * corr. */
-static inline void q4_rows8_vnni(const int8_t *w, size_t stride, const int8_t *q2, const float *d2,
-                                 const int8_t *q2b, const float *d2b, int pairs, float *sums, float *sumsb) {
-    const __m512i m4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x88);
-    __m512 a[8], c[8];
-    for (int r = 0; r < 8; r++) a[r] = c[r] = _mm512_setzero_ps();
-    const char *pf = (const char *)(w + 16 * stride);
-    for (int p = 0; p < pairs; p++) {
-        for (int l = 0; l < 8; l++) _mm_prefetch(pf + (size_t)p * 512 + 64 * l, VNNI_PREFETCH);
-        __m512i xe = _mm512_loadu_si512((const void *)(q2 + (size_t)p * 128));
-        __m512i xo = _mm512_loadu_si512((const void *)(q2 + (size_t)p * 128 + 64));
-        __m512 dp = _mm512_loadu_ps(d2 + 16 * p);
-        __m512i ye = xe, yo = xo;
-        __m512 dq = dp;
-        if (q2b) {
-            ye = _mm512_loadu_si512((const void *)(q2b + (size_t)p * 128));
-            yo = _mm512_loadu_si512((const void *)(q2b + (size_t)p * 128 + 64));
-            dq = _mm512_loadu_ps(d2b + 16 * p);
-        }
-        const int8_t *wb = w + (size_t)p * 64;
-        for (int r = 0; r < 8; r++) { /* unrolled by the compiler: a[] and c[] stay in registers */
-            __m512i v = _mm512_xor_si512(_mm512_loadu_si512((const void *)(wb + r * stride)), flip);
-            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4), lo = _mm512_and_si512(v, m4);
-            __m512i t = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, xe), lo, xo);
-            a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), dp, a[r]);
-            if (q2b) {
-                t = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, ye), lo, yo);
-                c[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), dq, c[r]);
-            }
-        }
-    }
-    for (int r = 0; r < 8; r++) sums[r] = _mm512_reduce_add_ps(a[r]);
-    if (q2b)
-        for (int r = 0; r < 8; r++) sumsb[r] = _mm512_reduce_add_ps(c[r]);
-}
-#endif
-
-
-#ifdef USE_VNNI512
-/* INT8: four weight rows (ROWS rows `rs` bytes apart, read in place, w XOR 0x80 = w + 128 as an unsigned byte,
- * exact for -128 .. 127) against one or two x rows (their int8 blocks q, scales d), one vpdpbusd per block, row
- * and x row. The 128 * sum(x) the unsigned weights add is taken back once per x row (corr). `pf`: the next rows,
- * prefetched 256 bytes per block. With q1 NULL only s0 is written. Full 64-column blocks only. */
-static inline void q8_rows_vnni(const uint8_t *u, size_t rs, const char *pf, int full, const int8_t *q0,
-                                const float *d0, float c0, const int8_t *q1, const float *d1, float c1, float *s0,
-                                float *s1) {
-    const __m512i f = _mm512_set1_epi8((char)0x80);
-    const float bias = 128.f;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-    for (int b = 0; b < full; b++) {
-        if (pf)
-            for (int l = 0; l < 4; l++) _mm_prefetch(pf + (size_t)b * 256 + 64 * l, VNNI_PREFETCH);
-        __m512i x0 = _mm512_loadu_si512((const void *)(q0 + (size_t)b * QB));
-        __m512i x1 = q1 ? _mm512_loadu_si512((const void *)(q1 + (size_t)b * QB)) : x0;
-        __m512 e0 = _mm512_set1_ps(d0[b]), e1 = q1 ? _mm512_set1_ps(d1[b]) : e0;
-        const uint8_t *ub = u + (size_t)b * QB;
-#define U8_VNNI(a, c, r)                                                                                       \
-    do {                                                                                                       \
-        __m512i v = _mm512_xor_si512(_mm512_loadu_si512((const void *)(ub + (r) * rs)), f);                    \
-        a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), v, x0)), e0, a);    \
-        if (q1) c = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), v, x1)), e1, c); \
-    } while (0)
-        U8_VNNI(a0, b0, 0);
-        U8_VNNI(a1, b1, 1);
-        U8_VNNI(a2, b2, 2);
-        U8_VNNI(a3, b3, 3);
-#undef U8_VNNI
-    }
-    s0[0] = _mm512_reduce_add_ps(a0) - bias * c0, s0[1] = _mm512_reduce_add_ps(a1) - bias * c0;
-    s0[2] = _mm512_reduce_add_ps(a2) - bias * c0, s0[3] = _mm512_reduce_add_ps(a3) - bias * c0;
-    if (q1) {
-        s1[0] = _mm512_reduce_add_ps(b0) - bias * c1, s1[1] = _mm512_reduce_add_ps(b1) - bias * c1;
-        s1[2] = _mm512_reduce_add_ps(b2) - bias * c1, s1[3] = _mm512_reduce_add_ps(b3) - bias * c1;
-    }
-}
-#endif
-
-/* x rows from which an AVX2 INT4 call unpacks each weight group once (q4_unpack_rows) rather than per x row. An
- * AVX-512 VNNI build unpacks in registers per group of 8 weight rows, shared by two x rows, at every row count
- * (measured on a Zen 4, 2 threads: m = 2 costs what m = 1 does; at 17-256 rows 1.2-1.6x faster than unpacking each
- * group once into memory; and an x row gets the same bits whatever rows share its call). */
+/* x rows from which an AVX2 INT4 call unpacks each weight group once (q4_unpack_rows) rather than per x row
+ * (AVX-512 VNNI builds take wq_rows_bs / wq_rows_lanes below instead). */
 #ifndef Q4_UNPACK_MIN_ROWS
 #define Q4_UNPACK_MIN_ROWS 4
 #endif
@@ -607,12 +510,24 @@ static inline void store_outputs(float *yrow, const float *sums, const float *sc
     for (int r = 0; r < rows; r++) yrow[o0 + r] = sums[r] * scale[o0 + r] + (bias ? bias[o0 + r] : 0.f);
 }
 
-#ifdef USE_AMX
-/* INT4 for one or two x rows on an AMX build, with the arithmetic of the AMX kernel (wq_rows_amx) so that a row
- * gets the same bits alone as in any batch: 8 weight rows per pass, two blocks per step as q4_rows8_vnni reads
- * them, but each block's integer sum is completed first (the 8 rows' vpdpbusd lanes transposed and added) and
- * then added as acc = cvt(sum) * d + acc, block after block. The AMX kernel's nibble unpacking costs as much as
- * this whole kernel, so decode keeps this one. f, fb: the 8 rows' sums (ymm), before the -8 * corr. */
+#ifdef USE_VNNI512
+/* The activations of one x row rearranged for 512-bit INT4 work: per pair of 64-column blocks (2p, 2p + 1), the 32
+ * even columns of both, then the 32 odd ones of both (128 bytes). */
+static void vnni_pairs(const int8_t *q, int pairs, int8_t *q2) {
+    for (int p = 0; p < pairs; p++) {
+        const int8_t *b0 = q + (size_t)(2 * p) * QB, *b1 = b0 + QB;
+        int8_t *o = q2 + (size_t)p * 128;
+        memcpy(o, b0, 32), memcpy(o + 32, b1, 32), memcpy(o + 64, b0 + 32, 32), memcpy(o + 96, b1 + 32, 32);
+    }
+}
+
+/* INT4 and INT8 for one or two x rows ("block sums"), with the arithmetic of the GEMM (gemm_tile), of the lanes
+ * kernels below and of the AMX kernels, so that a row gets the same bits alone as in any batch: 8 weight rows per
+ * pass (read in place, a 512-bit vector of one row at a time), two blocks per step, each block's integer sum
+ * completed first (the 8 rows' vpdpbusd lanes transposed and added, bs_reduce8) and then added as
+ * acc = cvt(sum) * d + acc, block after block. At one or two x rows this costs what the old per-row kernels did
+ * (decode stays at the memory's speed); from three rows the lanes kernels are faster. INT4 (q4_rows8_bs): the
+ * nibbles unpacked in registers, x in vnni_pairs order; f, fb: the 8 rows' sums (ymm), before the -8 * corr. */
 static inline __m512i bs_reduce8(const __m512i *t) {
     __m512i r[2];
     for (int h = 0; h < 2; h++) {
@@ -662,44 +577,261 @@ static inline void q4_rows8_bs(const int8_t *w, size_t stride, const int8_t *q2,
     if (q2b) *fb = c;
 }
 
-/* INT4, m < 4 rows, n % 8 == 0 and an even number of 64-column blocks (every ChatGLM shape): q4_rows8_bs. */
-static int wq_rows4_bs(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m,
-                       int n, int k) {
+/* INT8 as q4_rows8_bs: 8 weight rows (w + 128 as unsigned bytes, read in place) per pass, two blocks per step,
+ * each row's two 16-lane vpdpbusd results folded to [first block, 8 lanes | second block, 8 lanes] so that
+ * bs_reduce8 completes both blocks' sums; then acc = cvt(sum) * d + acc, block after block. The x rows in natural
+ * column order (q, q2: k bytes each, or q2 NULL). f, fb: the 8 rows' sums, before the -128 * corr. */
+static inline __m512i bs_fold(__m512i u, __m512i v) {
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(u, v, _MM_SHUFFLE(1, 0, 1, 0)),
+                            _mm512_shuffle_i32x4(u, v, _MM_SHUFFLE(3, 2, 3, 2)));
+}
+
+static inline void q8_rows8_bs(const int8_t *w, size_t stride, const int8_t *q, const float *d, const int8_t *q2,
+                               const float *d2, int pairs, __m256 *f, __m256 *fb) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80), z = _mm512_setzero_si512();
+    __m256 a = _mm256_setzero_ps(), c = a;
+    const char *pf = (const char *)(w + 16 * stride);
+    for (int p = 0; p < pairs; p++) {
+        for (int l = 0; l < 16; l++) _mm_prefetch(pf + (size_t)p * 1024 + 64 * l, VNNI_PREFETCH);
+        const int8_t *qp = q + (size_t)p * 128, *qp2 = q2 ? q2 + (size_t)p * 128 : NULL;
+        __m512i x0 = _mm512_loadu_si512((const void *)qp), x1 = _mm512_loadu_si512((const void *)(qp + 64));
+        __m512i y0 = x0, y1 = x1;
+        if (q2) y0 = _mm512_loadu_si512((const void *)qp2), y1 = _mm512_loadu_si512((const void *)(qp2 + 64));
+        __m512i t[8], u[8];
+        const int8_t *wb = w + (size_t)p * 128;
+        for (int r = 0; r < 8; r++) {
+            __m512i v0 = _mm512_xor_si512(_mm512_loadu_si512((const void *)(wb + r * stride)), flip);
+            __m512i v1 = _mm512_xor_si512(_mm512_loadu_si512((const void *)(wb + r * stride + 64)), flip);
+            t[r] = bs_fold(_mm512_dpbusd_epi32(z, v0, x0), _mm512_dpbusd_epi32(z, v1, x1));
+            if (q2) u[r] = bs_fold(_mm512_dpbusd_epi32(z, v0, y0), _mm512_dpbusd_epi32(z, v1, y1));
+        }
+        __m512 s = _mm512_cvtepi32_ps(bs_reduce8(t));
+        a = _mm256_fmadd_ps(_mm512_castps512_ps256(s), _mm256_set1_ps(d[2 * p]), a);
+        a = _mm256_fmadd_ps(_mm512_extractf32x8_ps(s, 1), _mm256_set1_ps(d[2 * p + 1]), a);
+        if (q2) {
+            s = _mm512_cvtepi32_ps(bs_reduce8(u));
+            c = _mm256_fmadd_ps(_mm512_castps512_ps256(s), _mm256_set1_ps(d2[2 * p]), c);
+            c = _mm256_fmadd_ps(_mm512_extractf32x8_ps(s, 1), _mm256_set1_ps(d2[2 * p + 1]), c);
+        }
+    }
+    *f = a;
+    if (q2) *fb = c;
+}
+
+/* INT4 or INT8, few x rows, n % 8 == 0 and an even number of 64-column blocks (every ChatGLM shape):
+ * q4_rows8_bs / q8_rows8_bs, two x rows per pass. */
+static int wq_rows_bs(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m,
+                      int n, int k, int bits) {
     int nb = k / QB, pairs = nb / 2;
-    size_t stride = (size_t)(k / 2);
-    int8_t *q = (int8_t *)malloc((size_t)m * k + 64), *q2 = (int8_t *)malloc((size_t)m * pairs * 128 + 64);
-    float *d = (float *)malloc(((size_t)m * nb + 1) * sizeof(float)), corr[4];
-    if (!q || !q2 || !d) {
-        free(q), free(q2), free(d);
+    size_t stride = bits == 4 ? (size_t)(k / 2) : (size_t)k;
+    int8_t *q = (int8_t *)malloc((size_t)m * k + 64);
+    int8_t *q2 = bits == 4 ? (int8_t *)malloc((size_t)m * pairs * 128 + 64) : q; /* INT4: vnni_pairs order */
+    float *d = (float *)malloc(((size_t)m * nb + 1) * sizeof(float));
+    float *corr = (float *)malloc(((size_t)m + 1) * sizeof(float));
+    if (!q || !q2 || !d || !corr) {
+        free(q), free(d), free(corr);
+        if (bits == 4) free(q2);
         return -1;
     }
     for (int b = 0; b < m; b++) {
-        corr[b] = quantize_row(x + (size_t)b * k, k, 1, nb, q + (size_t)b * k, d + (size_t)b * nb);
-        vnni_pairs(q + (size_t)b * k, d + (size_t)b * nb, pairs, q2 + (size_t)b * pairs * 128, NULL);
+        corr[b] = quantize_row(x + (size_t)b * k, k, bits == 4, nb, q + (size_t)b * k, d + (size_t)b * nb);
+        if (bits == 4)
+            vnni_pairs(q + (size_t)b * k, pairs, q2 + (size_t)b * pairs * 128);
     }
+    const float off = bits == 4 ? 8.f : 128.f;
+    size_t xs = bits == 4 ? (size_t)pairs * 128 : (size_t)k; /* == k */
 #pragma omp parallel for schedule(static)
     for (int o0 = 0; o0 < n; o0 += 8) {
         const int8_t *wr = w + (size_t)o0 * stride;
         __m256 sc = _mm256_loadu_ps(scale + o0), bi = bias ? _mm256_loadu_ps(bias + o0) : _mm256_setzero_ps();
         for (int b = 0; b < m; b += 2) {
             int two = b + 1 < m;
+            const int8_t *qa = q2 + (size_t)b * xs, *qb = two ? qa + xs : NULL;
+            const float *da = d + (size_t)b * nb, *db = two ? da + nb : NULL;
             __m256 f[2];
-            q4_rows8_bs(wr, stride, q2 + (size_t)b * pairs * 128, d + (size_t)b * nb,
-                        two ? q2 + (size_t)(b + 1) * pairs * 128 : NULL, two ? d + (size_t)(b + 1) * nb : NULL, pairs,
-                        &f[0], &f[1]);
+            if (bits == 4)
+                q4_rows8_bs(wr, stride, qa, da, qb, db, pairs, &f[0], &f[1]);
+            else
+                q8_rows8_bs(wr, stride, qa, da, qb, db, pairs, &f[0], &f[1]);
             for (int i = 0; i <= two; i++) {
-                __m256 c = _mm256_set1_ps(8.f * corr[b + i]);
+                __m256 c = _mm256_set1_ps(off * corr[b + i]);
                 _mm256_storeu_ps(y + (size_t)(b + i) * n + o0, _mm256_fmadd_ps(_mm256_sub_ps(f[i], c), sc, bi));
             }
         }
     }
-    free(q), free(q2), free(d);
+    free(q), free(d), free(corr);
+    if (bits == 4) free(q2);
     return 0;
 }
+#endif
 
+#ifdef USE_AMX
 static int amx_enabled, amx_granted(void);
 static int wq_rows_amx(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m,
                        int n, int k, int bits);
+#endif
+
+#ifdef USE_VNNI512
+/* The "lanes" kernels (AVX-512 VNNI builds; on AMX builds with the tiles switched off): INT4 and INT8 for 3 x rows
+ * and more (decode batches, below the GEMM's row count), with the GEMM's arithmetic. Per 64-column block, 16
+ * weight rows are read in place and transposed in registers so that each 512-bit vector holds 4 columns of the 16
+ * rows (one row per int32 lane); one vpdpbusd per 4 columns and x row, with the x row's 4 int8 activations as an
+ * embedded broadcast, so the 16 rows' exact integer sums of the block come out in the lanes with no horizontal
+ * reduction and the transposition is shared by all the x rows of a pass (the kernels they replace spent a
+ * conversion and an fma per row, block and x row, and unpacked the weights again for every pair of x rows). The
+ * sums are then scaled and added as gemm_tile does (acc = cvt(sum) * d + acc, block after block;
+ * y = (acc - off * corr) * scale + bias), so a row gets the bits it gets alone (wq_rows_bs), in any batch, and in
+ * the GEMM. Measured on a Zen 4 (2 threads, weights from memory), a ChatGLM2 block's four INT4 matrices / the
+ * 65024 x 4096 INT8 output layer at 8 rows: 6.8-7.1 / 13.0-13.7 ms against 9.2-9.7 / 15.5-16.1 with the kernels
+ * replaced; at 3-4 rows INT4 15-25% faster, INT8 about even; one or two rows: wq_rows_bs, as fast as before. */
+#ifndef LANES_MIN_ROWS4
+#define LANES_MIN_ROWS4 3
+#endif
+#ifndef LANES_MIN_ROWS8
+#define LANES_MIN_ROWS8 3
+#endif
+#define LX 8 /* x rows per pass over a group of 16 weight rows */
+
+/* 8x8 dword transposes in both 256-bit halves of a[0..7] (a[i] = [row i | row i + 8], 8 dwords each) -> a[g] = dword
+ * g of rows 0 .. 15, row order in the lanes. */
+static inline __attribute__((always_inline)) void lanes_transpose(__m512i *a) {
+    __m512i t[8], u[8];
+    for (int i = 0; i < 8; i += 2) t[i] = _mm512_unpacklo_epi32(a[i], a[i + 1]), t[i + 1] = _mm512_unpackhi_epi32(a[i], a[i + 1]);
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]), u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]), u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    /* u[j] (j < 4), 128-bit lanes: dword j of rows 0-3, dword j + 4 of rows 0-3, the same of rows 8-11; u[4 + j]: of
+     * rows 4-7 and 12-15 */
+    const __m512i lo = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), hi = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+    for (int j = 0; j < 4; j++) {
+        a[j] = _mm512_permutex2var_epi64(u[j], lo, u[4 + j]);
+        a[j + 4] = _mm512_permutex2var_epi64(u[j], hi, u[4 + j]);
+    }
+}
+
+/* 16 rows (rows[i], i < 16) x 32 bytes at `off` -> a[0..7] as lanes_transpose expects. */
+static inline __attribute__((always_inline)) void lanes_load(const int8_t *const *rows, size_t off, __m512i *a) {
+    for (int i = 0; i < 8; i++)
+        a[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(rows[i] + off))),
+                                  _mm256_loadu_si256((const __m256i *)(rows[i + 8] + off)), 1);
+}
+
+/* s[r] += the 16 rows' products of x row r (q + r * k, 4 bytes at o, broadcast) with wv: vpdpbusd with an
+ * embedded broadcast (a separate broadcast costs the shuffle unit as much again; measured on a Zen 4). */
+#define LANES_DP(s, wv, p) __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(s) : "v"(wv), "m"(*(const int32_t *)(p)))
+
+/* One group of 16 weight rows (rows[], `pf`: the next group's rows, prefetched) against nx <= LX x rows (q: row
+ * stride k bytes; INT4: split order, as the q kernels quantize; d: row stride nb). f[r]: the 16 sums of x row r.
+ * Registers: the block's transposed weights, one integer sum per x row (more for one to three rows, so that the
+ * dependent vpdpbusd overlap), the scaled sums kept in memory. */
+static inline __attribute__((always_inline)) void lanes_group(const int8_t *const *rows, const int8_t *const *pf,
+                                                              int bits, const int8_t *q, size_t k, const float *d,
+                                                              size_t nb, int nx, __m512 *f) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(bits == 4 ? (char)0x88 : (char)0x80);
+    const int na = nx == 1 ? 4 : nx <= 3 ? 2 : 1; /* partial sums per x row (exact: any split gives the same sum) */
+    for (int r = 0; r < nx; r++) f[r] = _mm512_setzero_ps();
+    for (size_t b = 0; b < nb; b++) {
+        __m512i v[16], s[LX < 4 ? 4 : LX]; /* INT4: v[0..7] */
+        for (int r = 0; r < nx * na; r++) s[r] = _mm512_setzero_si512();
+        const int8_t *qb = q + b * QB;
+        if (bits == 4) {
+            size_t off = b * 32;
+            if (pf && !(b & 1))
+                for (int i = 0; i < 16; i++) _mm_prefetch((const char *)(pf[i] + off), VNNI_PREFETCH);
+            lanes_load(rows, off, v);
+            for (int i = 0; i < 8; i++) v[i] = _mm512_xor_si512(v[i], flip);
+            lanes_transpose(v);
+            for (int g = 0; g < 8; g++) { /* dword g: columns 8g .. 8g + 7, high nibbles the even ones, which q
+                                           * holds at 4g (split order), the odd ones at 32 + 4g */
+                __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v[g], 4), m4), lo = _mm512_and_si512(v[g], m4);
+                for (int r = 0; r < nx; r++) {
+                    LANES_DP(s[r * na + (2 * g) % na], hi, qb + r * k + 4 * g);
+                    LANES_DP(s[r * na + (2 * g + 1) % na], lo, qb + r * k + 32 + 4 * g);
+                }
+            }
+        } else {
+            size_t off = b * QB;
+            if (pf)
+                for (int i = 0; i < 16; i++) _mm_prefetch((const char *)(pf[i] + off), VNNI_PREFETCH);
+            /* each row's 64 bytes in one load (rows 4 KB apart share an L1 set: 16 of them do not stay for a
+             * second read), split into the halves lanes_transpose takes: v[i] columns 0-31, v[8 + i] 32-63 */
+            for (int i = 0; i < 8; i++) {
+                __m512i r0 = _mm512_loadu_si512((const void *)(rows[i] + off)), r1 = _mm512_loadu_si512((const void *)(rows[i + 8] + off));
+                v[i] = _mm512_xor_si512(_mm512_shuffle_i64x2(r0, r1, _MM_SHUFFLE(1, 0, 1, 0)), flip);
+                v[8 + i] = _mm512_xor_si512(_mm512_shuffle_i64x2(r0, r1, _MM_SHUFFLE(3, 2, 3, 2)), flip);
+            }
+            for (int h = 0; h < 64; h += 32) {
+                if (h) for (int i = 0; i < 8; i++) v[i] = v[8 + i];
+                lanes_transpose(v);
+                for (int g = 0; g < 8; g++) /* columns h + 4g .. h + 4g + 3 */
+                    for (int r = 0; r < nx; r++) LANES_DP(s[r * na + g % na], v[g], qb + r * k + h + 4 * g);
+            }
+        }
+        for (int r = 0; r < nx; r++) {
+            __m512i t = s[r * na];
+            for (int j = 1; j < na; j++) t = _mm512_add_epi32(t, s[r * na + j]);
+            f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(d[r * nb + b]), f[r]);
+        }
+    }
+}
+
+static void lanes_groups(const int8_t *const *rows, const int8_t *const *pf, int bits, const int8_t *q, size_t k,
+                         const float *d, size_t nb, int nx, __m512 *f) {
+    switch (nx) { /* one instance per x-row count: f[] and the weight vectors stay in registers */
+#define LANES_CASE(N)                                                                                          \
+    case N:                                                                                                    \
+        if (bits == 4)                                                                                         \
+            lanes_group(rows, pf, 4, q, k, d, nb, N, f);                                                       \
+        else                                                                                                   \
+            lanes_group(rows, pf, 8, q, k, d, nb, N, f);                                                       \
+        break;
+        LANES_CASE(1) LANES_CASE(2) LANES_CASE(3) LANES_CASE(4) LANES_CASE(5) LANES_CASE(6) LANES_CASE(7) LANES_CASE(8)
+#undef LANES_CASE
+    }
+}
+
+/* k % 64 == 0. Rows past n in the last group repeat row n - 1 (their outputs are not stored). */
+static int wq_rows_lanes(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m,
+                         int n, int k, int bits) {
+    int nb = k / QB;
+    size_t stride = bits == 4 ? (size_t)(k / 2) : (size_t)k;
+    int8_t *q = (int8_t *)malloc((size_t)m * k + 64);
+    float *d = (float *)malloc(((size_t)m * nb + 1) * sizeof(float));
+    float *corr = (float *)malloc(((size_t)m + 1) * sizeof(float));
+    if (!q || !d || !corr) {
+        free(q), free(d), free(corr);
+        return -1;
+    }
+    for (int b = 0; b < m; b++)
+        corr[b] = quantize_row(x + (size_t)b * k, k, bits == 4, nb, q + (size_t)b * k, d + (size_t)b * nb);
+    const float off = bits == 4 ? 8.f : 128.f;
+    int groups = (n + 15) / 16;
+#pragma omp parallel for schedule(static)
+    for (int gi = 0; gi < groups; gi++) {
+        int o0 = gi * 16, valid = n - o0 < 16 ? n - o0 : 16;
+        __mmask16 cols = (__mmask16)((1u << valid) - 1);
+        const int8_t *rows[16], *next[16];
+        for (int i = 0; i < 16; i++) {
+            rows[i] = w + (size_t)(i < valid ? o0 + i : n - 1) * stride;
+            next[i] = w + (size_t)(o0 + 16 + i < n ? o0 + 16 + i : n - 1) * stride;
+        }
+        __m512 sc = _mm512_maskz_loadu_ps(cols, scale + o0);
+        __m512 bi = bias ? _mm512_maskz_loadu_ps(cols, bias + o0) : _mm512_setzero_ps();
+        for (int r0 = 0; r0 < m; r0 += LX) {
+            int nx = m - r0 < LX ? m - r0 : LX;
+            __m512 f[LX];
+            lanes_groups(rows, r0 == 0 && o0 + 16 < n ? next : NULL, bits, q + (size_t)r0 * k, (size_t)k,
+                         d + (size_t)r0 * nb, (size_t)nb, nx, f);
+            for (int r = 0; r < nx; r++) {
+                __m512 c = _mm512_set1_ps(off * corr[r0 + r]);
+                _mm512_mask_storeu_ps(y + (size_t)(r0 + r) * n + o0, cols, _mm512_fmadd_ps(_mm512_sub_ps(f[r], c), sc, bi));
+            }
+        }
+    }
+    free(q), free(d), free(corr);
+    return 0;
+}
 #endif
 
 /* bits 8 or 4: the activation-quantized ("q") kernels. x [m, k] fp32. Returns 0, or -1 when out of memory. */
@@ -707,8 +839,15 @@ static int wq_linear(const float *x, const int8_t *w, const float *scale, const 
                      int n, int k, int bits) {
 #ifdef USE_AMX
     if (k % QB == 0 && amx_enabled && amx_granted()) {
-        if (bits == 4 && m < 4 && n % 8 == 0 && (k / QB) % 2 == 0) return wq_rows4_bs(x, w, scale, bias, y, m, n, k);
+        if (bits == 4 && m < 4 && n % 8 == 0 && (k / QB) % 2 == 0) return wq_rows_bs(x, w, scale, bias, y, m, n, k, 4);
         return wq_rows_amx(x, w, scale, bias, y, m, n, k, bits);
+    }
+#endif
+#ifdef USE_VNNI512
+    if (k % QB == 0) {
+        if (m < (bits == 4 ? LANES_MIN_ROWS4 : LANES_MIN_ROWS8) && n % 8 == 0 && (k / QB) % 2 == 0)
+            return wq_rows_bs(x, w, scale, bias, y, m, n, k, bits);
+        return wq_rows_lanes(x, w, scale, bias, y, m, n, k, bits);
     }
 #endif
     int nb = (k + QB - 1) / QB;
@@ -725,58 +864,7 @@ static int wq_linear(const float *x, const int8_t *w, const float *scale, const 
         corr[b] = quantize_row(x + (size_t)b * k, k, bits == 4, full, q + (size_t)b * nb * QB, d + (size_t)b * nb);
     int unpack = 0;
 #ifdef USE_AVX2
-#ifdef USE_VNNI512
-    if (bits == 4 && k % QB == 0) {
-        /* groups of 8 weight rows unpacked in registers, two x rows per pass (the last partial group of rows by
-         * q4_rows) */
-        int pairs = full / 2;
-        int8_t *q2 = (int8_t *)malloc((size_t)m * pairs * 128 + 64);
-        float *d2 = (float *)malloc(((size_t)m * pairs * 16 + 1) * sizeof(float));
-        if (!q2 || !d2) {
-            free(q2), free(d2), free(q), free(d), free(corr);
-            return -1;
-        }
-        for (int b = 0; b < m; b++)
-            vnni_pairs(q + (size_t)b * nb * QB, d + (size_t)b * nb, pairs, q2 + (size_t)b * pairs * 128,
-                       d2 + (size_t)b * pairs * 16);
-#pragma omp parallel for schedule(static)
-        for (int o0 = 0; o0 < n; o0 += 8) {
-            int rows = n - o0 < 8 ? n - o0 : 8;
-            const int8_t *wr = w + (size_t)o0 * stride;
-            for (int b = 0; b < m; b += 2) {
-                int nx = b + 1 < m ? 2 : 1;
-                float sums[2][8];
-                for (int i = 0; i < nx; i++) {
-                    if (rows == 8) continue;
-                    const int8_t *qb = q + (size_t)(b + i) * nb * QB;
-                    for (int r0 = 0; r0 < rows; r0 += ROWS)
-                        q4_rows(wr + (size_t)r0 * stride, stride, rows - r0 < ROWS ? rows - r0 : ROWS, qb,
-                                d + (size_t)(b + i) * nb, corr[b + i], k, sums[i] + r0);
-                }
-                if (rows == 8) {
-                    q4_rows8_vnni(wr, stride, q2 + (size_t)b * pairs * 128, d2 + (size_t)b * pairs * 16,
-                                  nx == 2 ? q2 + (size_t)(b + 1) * pairs * 128 : NULL,
-                                  nx == 2 ? d2 + (size_t)(b + 1) * pairs * 16 : NULL, pairs, sums[0], sums[1]);
-                    for (int i = 0; i < nx; i++) {
-                        const int8_t *qb = q + (size_t)(b + i) * nb * QB;
-                        if (full % 2) { /* the last block of an odd count */
-                            size_t off = (size_t)(full - 1) * 32;
-                            __m256i xe = _mm256_loadu_si256((const __m256i *)(qb + (size_t)(full - 1) * QB));
-                            __m256i xo = _mm256_loadu_si256((const __m256i *)(qb + (size_t)(full - 1) * QB + 32));
-                            float db = d[(size_t)(b + i) * nb + full - 1];
-                            for (int r = 0; r < 8; r++)
-                                sums[i][r] += db * hsum256(_mm256_cvtepi32_ps(dot4_avx2(wr + r * stride + off, xe, xo)));
-                        }
-                        for (int r = 0; r < 8; r++) sums[i][r] -= 8.f * corr[b + i];
-                    }
-                }
-                for (int i = 0; i < nx; i++) store_outputs(y + (size_t)(b + i) * n, sums[i], scale, bias, o0, rows);
-            }
-        }
-        free(q2), free(d2), free(q), free(d), free(corr);
-        return 0;
-    }
-#else
+#ifndef USE_VNNI512 /* (VNNI builds took k % 64 == 0 above) */
     unpack = bits == 4 && m >= Q4_UNPACK_MIN_ROWS && k % QB == 0;
     if (bits == 4 && m == 1 && k % QB == 0) { /* decode: groups of 8 rows (the last partial group by q4_rows) */
 #pragma omp parallel for schedule(static)
@@ -822,12 +910,7 @@ static int wq_linear(const float *x, const int8_t *w, const float *scale, const 
                         q4u_rows2(u, full, qb, db, corr[b], qb + (size_t)nb * QB, db + nb, corr[b + 1], sums, sums1,
                                   b == 0 && o0 + 2 * ROWS <= n ? wr + ROWS * stride : NULL, stride);
                     else
-#ifdef USE_VNNI512
-                        q8_rows_vnni((const uint8_t *)wr, stride, (const char *)(wr + 2 * ROWS * stride), full, qb, db,
-                                     corr[b], qb + (size_t)nb * QB, db + nb, corr[b + 1], sums, sums1);
-#else
                         q8_rows2(wr, stride, full, qb, db, qb + (size_t)nb * QB, db + nb, sums, sums1);
-#endif
                     store_outputs(y + (size_t)b * n, sums, scale, bias, o0, ROWS);
                     store_outputs(y + (size_t)(b + 1) * n, sums1, scale, bias, o0, ROWS);
                     b++;
@@ -839,11 +922,6 @@ static int wq_linear(const float *x, const int8_t *w, const float *scale, const 
 #endif
                 if (bits == 4)
                     q4_rows(wr, stride, rows, qb, db, corr[b], k, sums);
-#ifdef USE_VNNI512
-                else if (pair8)
-                    q8_rows_vnni((const uint8_t *)wr, stride, (const char *)(wr + 2 * ROWS * stride), full, qb, db,
-                                 corr[b], NULL, NULL, 0.f, sums, NULL);
-#endif
                 else
                     q8_rows(wr, stride, rows, qb, db, k, sums);
                 store_outputs(y + (size_t)b * n, sums, scale, bias, o0, rows);

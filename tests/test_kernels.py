@@ -158,7 +158,9 @@ def test_quantized_kernels(kernel, threads, bits, shape):
 
 @pytest.mark.parametrize("amx", [True, False])  # the AMX kernels where there are (settings.cpu_amx), or the VNNI ones
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("k, n", [(4096, 37), (192, 16), (4160, 24), (256, 40)])  # AMX INT4 1-3 rows: (256, 40)
+# VNNI: (4096, 37), (192, 16), (4160, 24) the lanes kernels at every row count (a last group of 5 rows, an odd
+# block count); (256, 40) the block-sum kernels for 1-2 rows (1-3 on AMX for INT4), then the lanes (or the tiles)
+@pytest.mark.parametrize("k, n", [(4096, 37), (192, 16), (4160, 24), (256, 40)])
 def test_quantized_kernels_give_each_row_its_bits_alone(kernel, threads, amx, bits, k, n):
     """The engine decodes the rows of several requests in one call: each row must get exactly the bits it gets in a
     call of its own, at every batch size up to the rows from which prefill takes a GEMM (quantization/ops.py)."""
@@ -188,8 +190,9 @@ GEMM_SHAPES = [
 @pytest.mark.parametrize("shape", GEMM_SHAPES)
 def test_quantized_gemm(kernel, threads, bits, shape):
     """The GEMM for many rows (AVX-512 VNNI builds): the q kernels' integer sums per block, so within fp32
-    accumulation of their exact emulation, and close to linear() on the same input; on AMX tiles, each row exactly
-    what linear() gives it alone (INT4 also the VNNI GEMM's bits); other builds have none."""
+    accumulation of their exact emulation, and each row exactly what linear() gives it alone (so a prompt's KV
+    cache is the same prefilled whole, in chunks or row by row); on AMX tiles INT4 also the VNNI GEMM's bits;
+    other builds have none."""
     m, k, n = shape
     w, x, bias = _data(shape, hash(("gemm", bits, shape)) % 2**31)
     q, scale = quantize_weight(w, bits)
@@ -207,9 +210,12 @@ def test_quantized_gemm(kernel, threads, bits, shape):
         _check(y, fused.double(), xq.abs() @ wq.abs().t() + bd.abs(), rel=2e-5)
         if bits == 4 or not kernel.gemm_tiles:  # INT4 on AMX tiles: the VNNI GEMM's bits (INT8 there: signed sums)
             assert torch.equal(kernel.gemm(x, q, scale.float(), bits, b, tiles=False), y)
-        if kernel.gemm_tiles:  # and on AMX every row the bits of the row kernels, alone
-            alone = torch.cat([kernel.linear(x[i : i + 1], q, scale.float(), bits, b) for i in range(m)])
-            assert torch.equal(y, alone)
+        # and every row the bits of the row kernels, alone (AVX-512 VNNI: the block-sum and lanes kernels; AMX
+        # tiles: their row kernels)
+        alone = torch.cat([kernel.linear(x[i : i + 1], q, scale.float(), bits, b) for i in range(m)])
+        assert torch.equal(y, alone)
+        if not kernel.gemm_tiles:
+            assert torch.equal(kernel.linear(x, q, scale.float(), bits, b), y)  # and in a batch of all m rows
     assert kernel.gemm(x[:, :-1].contiguous(), q[:, : q.shape[1] - 1], scale.float(), bits) is None  # k % 64
 
 
