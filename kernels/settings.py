@@ -33,12 +33,12 @@ class Settings:
     )
     # INT8/INT4 on the CPU with fp32 activations (exact) instead of int8-quantized ones (faster).
     cpu_float_activations: bool = dataclasses.field(default_factory=lambda: _set("CHATGLM_CPU_FLOAT_ACTIVATIONS"))
-    # INT8/INT4 layers given GEMM_MIN_ROWS rows or more (prefill) take a GEMM (quantization/ops.py): our INT8 GEMM
+    # INT8/INT4 layers given enough rows (prefill; quantization/ops.py gemm_min_rows) take a GEMM: our INT8 GEMM
     # where the kernels are built with AVX-512 VNNI (on AMX int8 tiles where the CPU has them), else on a CPU with
     # native bf16 matmuls the weight dequantized to bf16 and torch's GEMM; 2-3x the fused kernel at 512 rows. Off: the
     # fused kernel at every row count, so that a row's result never depends on how many rows share its call (a reply
     # through the engine's chunked prefill and prefix reuse then equals the reply alone bit for bit, as on an AVX2
-    # CPU; on an AMX CPU with cpu_amx the GEMM already gives each row the bits the row kernels give it).
+    # CPU; our GEMM, on AVX-512 VNNI and on AMX tiles, already gives each row the bits the row kernels give it).
     cpu_quantized_gemm: bool = dataclasses.field(default_factory=lambda: not _set("CHATGLM_NO_QUANTIZED_GEMM"))
     # AMX int8 tiles in the INT8/INT4 kernels where the CPU has them (Intel Xeon, Sapphire Rapids and later): the
     # GEMM for prefill, INT8 decode, INT4 batches. Off: the AVX-512 VNNI code (other bits, same precision).

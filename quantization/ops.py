@@ -92,7 +92,7 @@ def cached_fp32(owner, name: str) -> torch.Tensor | None:
 
 def quantized_linear(x, weight, scale, bits, bias=None, owner=None):
     """The forward of QuantizedLinear: on the CPU the fused C kernel (decode, batches), and for GEMM_MIN_ROWS rows or
-    more (prefill) a GEMM where this CPU has one (settings.cpu_quantized_gemm, `_gemm_path`): our INT8/INT4 GEMM on
+    more (prefill; LANES_GEMM_MIN_ROWS for our GEMM without AMX tiles) a GEMM where this CPU has one (settings.cpu_quantized_gemm, `_gemm_path`): our INT8/INT4 GEMM on
     AVX-512 VNNI or AMX tiles (kernel.gemm), else on a CPU with native bf16 matmuls the weight dequantized to bf16 and
     torch's GEMM (`dequantized_gemm`); on CUDA the Triton kernels (fused for up to 64 rows, dequantize + cuBLAS
     above); else the reference. The CPU kernels quantize x to int8 per 64-column block (see
@@ -111,6 +111,8 @@ def quantized_linear(x, weight, scale, bits, bias=None, owner=None):
             else:
                 s, b = scale.float().contiguous(), bias
             path = _gemm_path(kernel) if rows >= GEMM_MIN_ROWS else None
+            if path is not None and rows < gemm_min_rows(kernel, path):
+                path = None
             if path == "int8" and x.shape[-1] % 64 == 0:
                 return _by_row_chunks(x, lambda flat: kernel.gemm(flat, w, s, bits, b), GEMM_CHUNK_ROWS)
             if path == "bf16":
@@ -134,6 +136,10 @@ def quantized_linear(x, weight, scale, bits, bias=None, owner=None):
 #   the fused kernel 14.7 / 28.4 / 59.4 (INT8 13.2 / 16.2 / 22.8 against 21.4 / 41.2 / 78.6). Decode batches below
 #   32 rows stay on the fused kernel all the same: a row gets there the bits it gets alone.
 GEMM_MIN_ROWS = 32
+# The same on an AVX-512 VNNI build without AMX tiles, whose decode-batch ("lanes") kernel beats our GEMM up to
+# about 60 rows (Zen 4, 2 threads, a ChatGLM2 block's four INT4 matrices, ms, lanes / GEMM: 32 rows 22.3 / 27.6,
+# 48 38.4 / 45.7, 56 44.6 / 50.7, 64 45.2 / 43.8, 128 91.5 / 80.1; INT8 lanes still ahead at 96 rows: 88.4 / 96.1).
+LANES_GEMM_MIN_ROWS = 64
 # Rows per call of our GEMM: x and y in fp32 stay a few tens of MB for any prompt length.
 GEMM_CHUNK_ROWS = 1024
 # Most bytes of bf16 weight dequantized per block (a buffer kept by each thread that runs prefill): every block is
@@ -156,6 +162,12 @@ def _gemm_path(kernel) -> str | None:
     if kernel.has_gemm and (kernel.gemm_tiles or not amx()):
         return "int8"
     return "bf16" if native_half_gemm(torch.bfloat16) else None
+
+
+def gemm_min_rows(kernel, path: str | None = "int8") -> int:
+    """Rows from which a quantized layer takes `path` (_gemm_path): LANES_GEMM_MIN_ROWS for our GEMM without AMX
+    tiles, else GEMM_MIN_ROWS."""
+    return LANES_GEMM_MIN_ROWS if path == "int8" and not kernel.gemm_tiles else GEMM_MIN_ROWS
 
 
 @functools.cache

@@ -164,14 +164,14 @@ def test_quantized_kernels(kernel, threads, bits, shape):
 def test_quantized_kernels_give_each_row_its_bits_alone(kernel, threads, amx, bits, k, n):
     """The engine decodes the rows of several requests in one call: each row must get exactly the bits it gets in a
     call of its own, at every batch size up to the rows from which prefill takes a GEMM (quantization/ops.py)."""
-    from quantization.ops import GEMM_MIN_ROWS
+    from quantization.ops import LANES_GEMM_MIN_ROWS
 
-    rows = GEMM_MIN_ROWS - 1
+    rows = LANES_GEMM_MIN_ROWS - 1
     w, x, bias = _data((rows, k, n), bits * k + n)
     q, scale = quantize_weight(w, bits)
     with settings.override(cpu_amx=amx):
         alone = torch.cat([kernel.linear(x[i : i + 1], q, scale.float(), bits, bias) for i in range(rows)])
-        for m in (2, 3, 4, 5, 8, 9, 16, 17, rows):
+        for m in (2, 3, 4, 5, 8, 9, 16, 17, 31, rows):
             assert torch.equal(kernel.linear(x[:m], q, scale.float(), bits, bias), alone[:m]), m
 
 

@@ -100,7 +100,7 @@ def test_dequantized_gemm_takes_many_rows_on_native_bf16(monkeypatch, bits, dtyp
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_int8_gemm_takes_many_rows_where_the_kernel_has_it(monkeypatch, bits, dtype):
-    """With an AVX-512 VNNI build (on AMX CPUs: with the tiles), GEMM_MIN_ROWS rows or more (in chunks of
+    """With an AVX-512 VNNI build (on AMX CPUs: with the tiles), gemm_min_rows rows or more (in chunks of
     GEMM_CHUNK_ROWS) go through our INT8 GEMM; fewer rows, settings.cpu_quantized_gemm off, fp32 activations asked
     for, or a width that is not a multiple of 64 stay on the fused kernel."""
     import kernels
@@ -130,10 +130,12 @@ def test_int8_gemm_takes_many_rows_where_the_kernel_has_it(monkeypatch, bits, dt
         assert (y.double() - ref).abs().max() <= 0.02 * ref.abs().max()
 
     q6, _ = ops.quantize_weight(torch.randn(47, 96, generator=g), bits)
-    run(ops.GEMM_MIN_ROWS - 1)
-    run(ops.GEMM_MIN_ROWS)
+    first = ops.gemm_min_rows(kernel)  # 32 on AMX tiles; 64 on VNNI, where the lanes kernel is faster below
+    assert first == (ops.GEMM_MIN_ROWS if kernel.gemm_tiles else ops.LANES_GEMM_MIN_ROWS)
+    run(first - 1)
+    run(first)
     run(300)  # three chunks: 128, 128, 44
-    assert calls == [(ops.GEMM_MIN_ROWS, 128), (128, 128), (128, 128), (44, 128)]
+    assert calls == [(first, 128), (128, 128), (128, 128), (44, 128)]
     calls.clear()
     run(300, width=96)
     with settings.override(cpu_quantized_gemm=False):
