@@ -542,6 +542,14 @@ static inline __m512i bs_reduce8(const __m512i *t) {
     return _mm512_shuffle_i32x4(s, s, _MM_SHUFFLE(3, 1, 2, 0));
 }
 
+/* a + the 8 rows' sums of two blocks (bs_reduce8 of t), each block's times its activation scale (d[0], d[1]), in
+ * block order. */
+static inline __m256 bs_accumulate(const __m512i *t, const float *d, __m256 a) {
+    __m512 s = _mm512_cvtepi32_ps(bs_reduce8(t));
+    a = _mm256_fmadd_ps(_mm512_castps512_ps256(s), _mm256_set1_ps(d[0]), a);
+    return _mm256_fmadd_ps(_mm512_extractf32x8_ps(s, 1), _mm256_set1_ps(d[1]), a);
+}
+
 static inline void q4_rows8_bs(const int8_t *w, size_t stride, const int8_t *q2, const float *d, const int8_t *q2b,
                                const float *db, int pairs, __m256 *f, __m256 *fb) {
     const __m512i m4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x88);
@@ -564,14 +572,8 @@ static inline void q4_rows8_bs(const int8_t *w, size_t stride, const int8_t *q2,
             t[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, xe), lo, xo);
             if (q2b) u[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, ye), lo, yo);
         }
-        __m512 s = _mm512_cvtepi32_ps(bs_reduce8(t));
-        a = _mm256_fmadd_ps(_mm512_castps512_ps256(s), _mm256_set1_ps(d[2 * p]), a);
-        a = _mm256_fmadd_ps(_mm512_extractf32x8_ps(s, 1), _mm256_set1_ps(d[2 * p + 1]), a);
-        if (q2b) {
-            s = _mm512_cvtepi32_ps(bs_reduce8(u));
-            c = _mm256_fmadd_ps(_mm512_castps512_ps256(s), _mm256_set1_ps(db[2 * p]), c);
-            c = _mm256_fmadd_ps(_mm512_extractf32x8_ps(s, 1), _mm256_set1_ps(db[2 * p + 1]), c);
-        }
+        a = bs_accumulate(t, d + 2 * p, a);
+        if (q2b) c = bs_accumulate(u, db + 2 * p, c);
     }
     *f = a;
     if (q2b) *fb = c;
@@ -605,14 +607,8 @@ static inline void q8_rows8_bs(const int8_t *w, size_t stride, const int8_t *q, 
             t[r] = bs_fold(_mm512_dpbusd_epi32(z, v0, x0), _mm512_dpbusd_epi32(z, v1, x1));
             if (q2) u[r] = bs_fold(_mm512_dpbusd_epi32(z, v0, y0), _mm512_dpbusd_epi32(z, v1, y1));
         }
-        __m512 s = _mm512_cvtepi32_ps(bs_reduce8(t));
-        a = _mm256_fmadd_ps(_mm512_castps512_ps256(s), _mm256_set1_ps(d[2 * p]), a);
-        a = _mm256_fmadd_ps(_mm512_extractf32x8_ps(s, 1), _mm256_set1_ps(d[2 * p + 1]), a);
-        if (q2) {
-            s = _mm512_cvtepi32_ps(bs_reduce8(u));
-            c = _mm256_fmadd_ps(_mm512_castps512_ps256(s), _mm256_set1_ps(d2[2 * p]), c);
-            c = _mm256_fmadd_ps(_mm512_extractf32x8_ps(s, 1), _mm256_set1_ps(d2[2 * p + 1]), c);
-        }
+        a = bs_accumulate(t, d + 2 * p, a);
+        if (q2) c = bs_accumulate(u, d2 + 2 * p, c);
     }
     *f = a;
     if (q2) *fb = c;
