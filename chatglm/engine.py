@@ -30,8 +30,9 @@ torch's sgemm, whose last bits depend on the row count (logits within about 1e-6
 or only its end after a kept prefix) or beside other prompts is another matter: its attention runs through torch's
 SDPA, whose rounding depends on where the prompt was cut, on a CPU with native bf16 matmuls bf16 weights (above 16
 rows) take torch's bf16 GEMM for prompts, and INT8/INT4 weights (32+ rows, settings.cpu_quantized_gemm) a GEMM:
-ours on AVX-512 VNNI or AMX tiles (each row the bits it gets alone), else torch's bf16 one. With fp32 activations that is a last-bit difference; with bf16 activations (CPUs with native
-bf16) a reply after a kept prefix can differ from the reply alone by rounding.
+ours on AVX-512 VNNI or AMX tiles (each row the bits it gets alone), else torch's bf16 one. With fp32 activations
+that is a last-bit difference; with bf16 activations (CPUs with native bf16) a reply after a kept prefix can differ
+from the reply alone by rounding.
 
 Bounded: `max_batch` requests run, `max_waiting` more wait; beyond that `submit` raises `EngineBusy` (servers
 answer 503 with Retry-After). Each step runs under `model_lock(model)`, so other users of the model (a request
@@ -252,9 +253,9 @@ class Engine:
             return
         first = reading[0]
         end = self._chunk_end(first)
-        group, budget = [first], self.prefill_chunk - (end - first.read)
+        span = end - first.read
+        group, budget = [first], self.prefill_chunk - span
         for r in reading[1:]:
-            span = end - first.read
             if budget >= span and r.read == first.read and r.length == first.length and self._chunk_end(r) == end:
                 group.append(r)
                 budget -= span

@@ -692,7 +692,8 @@ static int wq_rows_amx(const float *x, const int8_t *w, const float *scale, cons
  * g of rows 0 .. 15, row order in the lanes. */
 static inline __attribute__((always_inline)) void lanes_transpose(__m512i *a) {
     __m512i t[8], u[8];
-    for (int i = 0; i < 8; i += 2) t[i] = _mm512_unpacklo_epi32(a[i], a[i + 1]), t[i + 1] = _mm512_unpackhi_epi32(a[i], a[i + 1]);
+    for (int i = 0; i < 8; i += 2)
+        t[i] = _mm512_unpacklo_epi32(a[i], a[i + 1]), t[i + 1] = _mm512_unpackhi_epi32(a[i], a[i + 1]);
     for (int i = 0; i < 8; i += 4) {
         u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]), u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
         u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]), u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
@@ -753,7 +754,8 @@ static inline __attribute__((always_inline)) void lanes_group(const int8_t *cons
             /* each row's 64 bytes in one load (rows 4 KB apart share an L1 set: 16 of them do not stay for a
              * second read), split into the halves lanes_transpose takes: v[i] columns 0-31, v[8 + i] 32-63 */
             for (int i = 0; i < 8; i++) {
-                __m512i r0 = _mm512_loadu_si512((const void *)(rows[i] + off)), r1 = _mm512_loadu_si512((const void *)(rows[i + 8] + off));
+                __m512i r0 = _mm512_loadu_si512((const void *)(rows[i] + off));
+                __m512i r1 = _mm512_loadu_si512((const void *)(rows[i + 8] + off));
                 v[i] = _mm512_xor_si512(_mm512_shuffle_i64x2(r0, r1, _MM_SHUFFLE(1, 0, 1, 0)), flip);
                 v[8 + i] = _mm512_xor_si512(_mm512_shuffle_i64x2(r0, r1, _MM_SHUFFLE(3, 2, 3, 2)), flip);
             }
@@ -821,7 +823,8 @@ static int wq_rows_lanes(const float *x, const int8_t *w, const float *scale, co
                          d + (size_t)r0 * nb, (size_t)nb, nx, f);
             for (int r = 0; r < nx; r++) {
                 __m512 c = _mm512_set1_ps(off * corr[r0 + r]);
-                _mm512_mask_storeu_ps(y + (size_t)(r0 + r) * n + o0, cols, _mm512_fmadd_ps(_mm512_sub_ps(f[r], c), sc, bi));
+                __m512 v = _mm512_fmadd_ps(_mm512_sub_ps(f[r], c), sc, bi);
+                _mm512_mask_storeu_ps(y + (size_t)(r0 + r) * n + o0, cols, v);
             }
         }
     }

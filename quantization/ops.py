@@ -92,10 +92,10 @@ def cached_fp32(owner, name: str) -> torch.Tensor | None:
 
 def quantized_linear(x, weight, scale, bits, bias=None, owner=None):
     """The forward of QuantizedLinear: on the CPU the fused C kernel (decode, batches), and for GEMM_MIN_ROWS rows or
-    more (prefill; LANES_GEMM_MIN_ROWS for our GEMM without AMX tiles) a GEMM where this CPU has one (settings.cpu_quantized_gemm, `_gemm_path`): our INT8/INT4 GEMM on
-    AVX-512 VNNI or AMX tiles (kernel.gemm), else on a CPU with native bf16 matmuls the weight dequantized to bf16 and
-    torch's GEMM (`dequantized_gemm`); on CUDA the Triton kernels (fused for up to 64 rows, dequantize + cuBLAS
-    above); else the reference. The CPU kernels quantize x to int8 per 64-column block (see
+    more (prefill; LANES_GEMM_MIN_ROWS for our GEMM without AMX tiles: `gemm_min_rows`) a GEMM where this CPU has
+    one (settings.cpu_quantized_gemm, `_gemm_path`): our INT8/INT4 GEMM on AVX-512 VNNI or AMX tiles (kernel.gemm),
+    else on a CPU with native bf16 matmuls the weight dequantized to bf16 and torch's GEMM (`dequantized_gemm`); on
+    CUDA the Triton kernels (fused for up to 64 rows, dequantize + cuBLAS above); else the reference. The CPU kernels quantize x to int8 per 64-column block (see
     kernels/quantization_kernels.c; ~0.3-0.5% relative error on the output) and beat "dequantize, then fp32 BLAS
     matmul" at every row count measured (92x at 1 row, 2.1x at 512 rows, 4096x4096 INT4, 2 threads);
     CHATGLM_CPU_FLOAT_ACTIVATIONS=1 selects the exact fp32-activation ones (and no GEMM). `owner` (the
@@ -134,7 +134,7 @@ def quantized_linear(x, weight, scale, bits, bias=None, owner=None):
 #   GEMM on bf16 weights 15.9 / 24.9 / 43.6 / 319; INT8 alike (about even with the fused kernel at 32 rows).
 #   Intel Xeon (AMX), a block's four INT4 matrices at 16 / 32 / 64 rows: our GEMM on AMX tiles 10.9 / 14.2 / 22.2,
 #   the fused kernel 14.7 / 28.4 / 59.4 (INT8 13.2 / 16.2 / 22.8 against 21.4 / 41.2 / 78.6). Decode batches below
-#   32 rows stay on the fused kernel all the same: a row gets there the bits it gets alone.
+#   these rows stay on the row kernels all the same, which give a row the bits it gets alone (and so does our GEMM).
 GEMM_MIN_ROWS = 32
 # The same on an AVX-512 VNNI build without AMX tiles, whose decode-batch ("lanes") kernel beats our GEMM up to
 # about 60 rows (Zen 4, 2 threads, a ChatGLM2 block's four INT4 matrices, ms, lanes / GEMM: 32 rows 22.3 / 27.6,
