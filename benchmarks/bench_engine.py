@@ -98,9 +98,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
 
     from chatglm.engine import attach, detach
-    from kernels import cpu_summary
+    from kernels import cpu_summary, release_openmp_threads
 
     model, what = load(args)
+    release_openmp_threads()  # as attach() does: the clients' threads (and the engine's) run unthrottled, alike
     vocab = min(getattr(model.config, "padded_vocab_size", None) or model.config.vocab_size, 60000)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(100, vocab, (1, args.prompt), generator=g).to(args.device) for _ in range(args.clients)]

@@ -53,6 +53,8 @@ from collections.abc import Iterator
 
 import torch
 
+from kernels import release_openmp_threads
+
 from .kv_cache import KVCache
 
 logger = logging.getLogger(__name__)
@@ -129,6 +131,9 @@ class Engine:
         self._closed = False
         self.steps = 0  # decode forwards run (for tests and benchmarks)
         self.prefills = 0  # prompt forwards run (several requests' chunks may share one)
+        # The attaching thread (usually the one that loaded the model) hands back its OpenMP workers, so that the
+        # engine thread's parallel regions are not throttled (kernels.release_openmp_threads).
+        release_openmp_threads()
         self._thread = threading.Thread(target=self._run, name="chatglm-engine", daemon=True)
         self._thread.start()
 

@@ -15,6 +15,7 @@ import ast
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -316,6 +317,27 @@ def test_one_openmp_runtime():
     torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
     if any(name.startswith("libgomp") for name in os.listdir(torch_lib)):
         assert os.path.dirname(runtimes[0]) == torch_lib  # torch's own, not the system's
+
+
+def test_release_openmp_threads(kernel, threads):
+    """The engine's attaching thread hands back its OpenMP workers (kernels.release_openmp_threads): every runtime
+    loaded does, and the next parallel regions, in this thread and in another, start new workers and compute as
+    before (torch's ops and our kernels)."""
+    from kernels import openmp_runtimes, release_openmp_threads
+
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(8, 65536, generator=g), torch.randint(-127, 128, (256, 4096), dtype=torch.int8, generator=g)
+    xk, scale = torch.randn(8, 4096, generator=g), torch.rand(256, generator=g)
+    expect = (torch.nn.functional.silu(x), kernel.linear(xk, w, scale, 8))
+    assert release_openmp_threads() == len(openmp_runtimes())
+    results = []
+    worker = threading.Thread(
+        target=lambda: results.append((torch.nn.functional.silu(x), kernel.linear(xk, w, scale, 8)))
+    )
+    worker.start()
+    worker.join()
+    for got in (results[0], (torch.nn.functional.silu(x), kernel.linear(xk, w, scale, 8))):
+        assert torch.equal(got[0], expect[0]) and torch.equal(got[1], expect[1])
 
 
 # --- decode helpers (rms_norm, rotary, single-query attention, silu * up) against the torch code they replace --
