@@ -8,8 +8,7 @@ request's greedy reply is the one it gets alone. One thread runs the steps; each
   2. admit waiting requests into free slots;
   3. prefill one chunk (at most `prefill_chunk` tokens) of the oldest request still reading its prompt, so the
      running streams keep getting tokens while a long prompt is read (ChatGLM-6B, whose prompt attends both ways,
-     is prefilled whole), together with the same chunk of the requests at the same point (requests that arrived
-     together with prompts of one length: one forward of many rows instead of one per request);
+     is prefilled whole);
   4. decode one token for every request past its prompt, in one forward: each row at its own position. The rows
      run are the slots from the lowest running one to the highest (a view of the cache, no copy); a slot between
      them that is free or still prefilling gets a dummy token whose output is ignored and whose key is written
@@ -27,12 +26,14 @@ in an earlier decode). On the CPU each decode row is computed on its own: bf16/f
 rotary by our kernels, and attention over exactly the row's own keys (layers.KeyLengths, layers.decode_rows), with
 fp32 or bf16 activations alike, so a decode row in a batch gets the bits it gets alone. fp32 weights go through
 torch's sgemm, whose last bits depend on the row count (logits within about 1e-6). A prompt read in pieces (chunks,
-or only its end after a kept prefix) or beside other prompts is another matter: its attention runs through torch's
-SDPA, whose rounding depends on where the prompt was cut, on a CPU with native bf16 matmuls bf16 weights (above 16
-rows) take torch's bf16 GEMM for prompts, and INT8/INT4 weights (32+ rows, settings.cpu_quantized_gemm) a GEMM:
-ours on AVX-512 VNNI or AMX tiles (each row the bits it gets alone), else torch's bf16 one. With fp32 activations
-that is a last-bit difference; with bf16 activations (CPUs with native bf16) a reply after a kept prefix can differ
-from the reply alone by rounding.
+or only its end after a kept prefix) is another matter: its attention runs through torch's SDPA, whose rounding
+depends on where the prompt was cut, on a CPU with native bf16 matmuls bf16 weights (above 16 rows) take torch's
+bf16 GEMM for prompts, and INT8/INT4 weights (32+ rows, settings.cpu_quantized_gemm) a GEMM: ours on AVX-512 VNNI
+or AMX tiles (each row the bits it gets alone), else torch's bf16 one. With fp32 activations that is a last-bit
+difference; with bf16 activations (CPUs with native bf16) a reply after a kept prefix can differ from the reply
+alone by rounding. Either way a prompt's keys never depend on the other requests: each prompt is read in its own
+forward (reading prompts that arrived together in one forward of several rows was tried: it changed the last bits
+of every row, through torch's fp32 GEMMs and SDPA).
 
 Bounded: `max_batch` requests run, `max_waiting` more wait; beyond that `submit` raises `EngineBusy` (servers
 answer 503 with Retry-After). Each step runs under `model_lock(model)`, so other users of the model (a request
@@ -130,7 +131,6 @@ class Engine:
         self._cv = threading.Condition()
         self._closed = False
         self.steps = 0  # decode forwards run (for tests and benchmarks)
-        self.prefills = 0  # prompt forwards run (several requests' chunks may share one)
         # The attaching thread (usually the one that loaded the model) hands back its OpenMP workers, so that the
         # engine thread's parallel regions are not throttled (kernels.release_openmp_threads).
         release_openmp_threads()
@@ -203,7 +203,7 @@ class Engine:
                 running = [r for r in self.slots if r is not None]
                 try:
                     with model_lock(self.model):
-                        self._prefill()
+                        self._prefill_one()
                         self._decode()
                 except Exception as e:  # noqa: BLE001  (handed to every request of the failed step)
                     logger.exception("engine step failed")
@@ -249,34 +249,17 @@ class Engine:
             self.last_used[req.slot] = self._clock
         req.out.put(error if error is not None else _END)
 
-    def _prefill(self) -> None:
-        """Read one chunk of the oldest request still reading its prompt, and in the same forward the same chunk
-        of every other one at the same point (as many tokens, written from the same length: requests that arrived
-        together with prompts of one length), up to `prefill_chunk` tokens in all."""
-        reading = [r for r in self.slots if r is not None and r.next is None]
-        if not reading:
+    def _prefill_one(self) -> None:
+        req = next((r for r in self.slots if r is not None and r.next is None), None)
+        if req is None:
             return
-        first = reading[0]
-        end = self._chunk_end(first)
-        span = end - first.read
-        group, budget = [first], self.prefill_chunk - span
-        for r in reading[1:]:
-            if budget >= span and r.read == first.read and r.length == first.length and self._chunk_end(r) == end:
-                group.append(r)
-                budget -= span
-        ids = torch.cat([r.prompt[:, r.read : end] for r in group])
-        pos = torch.cat([r.position_ids[..., r.read : end] for r in group])
-        out = self.model(input_ids=ids, position_ids=pos, return_last_logit=True,
-                         past_key_values=self.cache.select([r.slot for r in group], first.length))  # fmt: skip
-        self.prefills += 1
-        for i, r in enumerate(group):
-            r.length, r.read = out.past_key_values.length, end
-            if end == r.prompt.shape[1]:
-                self._emit(r, out.logits[i : i + 1, -1])
-
-    def _chunk_end(self, req: _Request) -> int:
         n = req.prompt.shape[1]
-        return min(n, req.read + self.prefill_chunk) if self.chunked else n
+        end = min(n, req.read + self.prefill_chunk) if self.chunked else n
+        out = self.model(input_ids=req.prompt[:, req.read : end], position_ids=req.position_ids[..., req.read : end],
+                         past_key_values=self.cache.select([req.slot], req.length), return_last_logit=True)  # fmt: skip
+        req.length, req.read = out.past_key_values.length, end
+        if end == n:
+            self._emit(req, out.logits[:, -1])
 
     def _decode(self) -> None:
         rows = [r for r in self.slots if r is not None and r.next is not None]

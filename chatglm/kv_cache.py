@@ -10,9 +10,8 @@ of the positions written so far; nothing is copied per step.
 
 A `KVCache` is a snapshot: `lengths` (one int for every row, or one per row) never changes; a forward returns
 the next snapshot over the same storage (`advance`). A storage made with `slots` holds that many rows, and a
-snapshot may cover some of them (`select`): a sequence is prefilled into its slot (alone or beside others at the
-same point), then decodes in one batch with the others, each at its own length; rows outside a snapshot are
-neither read nor written. Storage is only written past every snapshot's length, and a cache handed back to
+snapshot may cover some of them (`select`): a sequence is prefilled alone into its slot, then decodes in one batch
+with the others, each at its own length; rows outside a snapshot are neither read nor written. Storage is only written past every snapshot's length, and a cache handed back to
 `generate` (the next chat turn, a retry from an older turn) is copied first, so an old snapshot never sees another
 branch's tokens.
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import chatglm
-from chatglm.engine import Engine, EngineBusy, attach, model_lock
+from chatglm.engine import Engine, EngineBusy, attach
 from chatglm.generation import generate_stream
 from kernels.settings import settings
 
@@ -83,39 +83,6 @@ def test_requests_batched_together_get_their_replies_alone(tiny_dirs, version, b
             before = engine.steps
             assert _together(model, prompts, sample) == alone[sample]
             assert engine.steps - before < sum(NEW)  # decode steps were shared: batched, not one by one
-        assert engine.load() == (0, 0)
-    finally:
-        engine.close()
-
-
-@pytest.mark.parametrize("bits", [0, 4], ids=["fp32", "int4"])
-@pytest.mark.parametrize("version", ["v1", "v2", "v3"])
-def test_prompts_of_one_length_arriving_together_share_their_prefill(tiny_dirs, version, bits):
-    """Requests that arrive together with prompts of one length are read in one forward of several rows (not one
-    forward each), and each still gets the reply it gets alone."""
-    model, tok = _model(tiny_dirs, version, bits)
-    texts = [f"What is {a} + {b}?" for a, b in ((1, 1), (2, 2), (3, 5), (4, 9))]
-    prompts = [tok([t], return_tensors="pt")["input_ids"] for t in texts]
-    assert len({p.shape[1] for p in prompts}) == 1
-    alone = [_reply(model, p, 6, _options(i, False)) for i, p in enumerate(prompts)]
-    engine = attach(model, max_batch=4)
-    replies = [None] * len(prompts)
-
-    def run(i):
-        replies[i] = _reply(model, prompts[i], 6, _options(i, False))
-
-    try:
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-        with model_lock(model):  # the engine waits at its first step until every request is in
-            for t in threads:
-                t.start()
-            deadline = time.monotonic() + 30
-            while sum(engine.load()) < len(prompts) and time.monotonic() < deadline:
-                time.sleep(0.01)
-        for t in threads:
-            t.join(timeout=120)
-        assert replies == alone
-        assert engine.prefills <= 2  # the first step's requests in one forward, the ones admitted next in another
         assert engine.load() == (0, 0)
     finally:
         engine.close()
