@@ -621,7 +621,7 @@ static int wq_rows_bs(const float *x, const int8_t *w, const float *scale, const
     int nb = k / QB, pairs = nb / 2;
     size_t stride = bits == 4 ? (size_t)(k / 2) : (size_t)k;
     int8_t *q = (int8_t *)malloc((size_t)m * k + 64);
-    int8_t *q2 = bits == 4 ? (int8_t *)malloc((size_t)m * pairs * 128 + 64) : q; /* INT4: vnni_pairs order */
+    int8_t *q2 = bits == 4 ? (int8_t *)malloc((size_t)m * k + 64) : q; /* INT4: vnni_pairs order (k bytes a row) */
     float *d = (float *)malloc(((size_t)m * nb + 1) * sizeof(float));
     float *corr = (float *)malloc(((size_t)m + 1) * sizeof(float));
     if (!q || !q2 || !d || !corr) {
@@ -632,17 +632,16 @@ static int wq_rows_bs(const float *x, const int8_t *w, const float *scale, const
     for (int b = 0; b < m; b++) {
         corr[b] = quantize_row(x + (size_t)b * k, k, bits == 4, nb, q + (size_t)b * k, d + (size_t)b * nb);
         if (bits == 4)
-            vnni_pairs(q + (size_t)b * k, pairs, q2 + (size_t)b * pairs * 128);
+            vnni_pairs(q + (size_t)b * k, pairs, q2 + (size_t)b * k);
     }
     const float off = bits == 4 ? 8.f : 128.f;
-    size_t xs = bits == 4 ? (size_t)pairs * 128 : (size_t)k; /* == k */
 #pragma omp parallel for schedule(static)
     for (int o0 = 0; o0 < n; o0 += 8) {
         const int8_t *wr = w + (size_t)o0 * stride;
         __m256 sc = _mm256_loadu_ps(scale + o0), bi = bias ? _mm256_loadu_ps(bias + o0) : _mm256_setzero_ps();
         for (int b = 0; b < m; b += 2) {
             int two = b + 1 < m;
-            const int8_t *qa = q2 + (size_t)b * xs, *qb = two ? qa + xs : NULL;
+            const int8_t *qa = q2 + (size_t)b * k, *qb = two ? qa + k : NULL;
             const float *da = d + (size_t)b * nb, *db = two ? da + nb : NULL;
             __m256 f[2];
             if (bits == 4)
@@ -680,11 +679,8 @@ static int wq_rows_amx(const float *x, const int8_t *w, const float *scale, cons
  * the GEMM. Measured on a Zen 4 (2 threads, weights from memory), a ChatGLM2 block's four INT4 matrices / the
  * 65024 x 4096 INT8 output layer at 8 rows: 6.8-7.1 / 13.0-13.7 ms against 9.2-9.7 / 15.5-16.1 with the kernels
  * replaced; at 3-4 rows INT4 15-25% faster, INT8 about even; one or two rows: wq_rows_bs, as fast as before. */
-#ifndef LANES_MIN_ROWS4
-#define LANES_MIN_ROWS4 3
-#endif
-#ifndef LANES_MIN_ROWS8
-#define LANES_MIN_ROWS8 3
+#ifndef LANES_MIN_ROWS
+#define LANES_MIN_ROWS 3 /* x rows from which the lanes kernels take over from wq_rows_bs (INT4 and INT8) */
 #endif
 #define LX 8 /* x rows per pass over a group of 16 weight rows */
 
@@ -720,8 +716,8 @@ static inline __attribute__((always_inline)) void lanes_load(const int8_t *const
 
 /* One group of 16 weight rows (rows[], `pf`: the next group's rows, prefetched) against nx <= LX x rows (q: row
  * stride k bytes; INT4: split order, as the q kernels quantize; d: row stride nb). f[r]: the 16 sums of x row r.
- * Registers: the block's transposed weights, one integer sum per x row (more for one to three rows, so that the
- * dependent vpdpbusd overlap), the scaled sums kept in memory. */
+ * Registers: the block's transposed weights and one integer sum per x row (more for one to three rows, so that
+ * the dependent vpdpbusd overlap). */
 static inline __attribute__((always_inline)) void lanes_group(const int8_t *const *rows, const int8_t *const *pf,
                                                               int bits, const int8_t *q, size_t k, const float *d,
                                                               size_t nb, int nx, __m512 *f) {
@@ -844,7 +840,7 @@ static int wq_linear(const float *x, const int8_t *w, const float *scale, const 
 #endif
 #ifdef USE_VNNI512
     if (k % QB == 0) {
-        if (m < (bits == 4 ? LANES_MIN_ROWS4 : LANES_MIN_ROWS8) && n % 8 == 0 && (k / QB) % 2 == 0)
+        if (m < LANES_MIN_ROWS && n % 8 == 0 && (k / QB) % 2 == 0)
             return wq_rows_bs(x, w, scale, bias, y, m, n, k, bits);
         return wq_rows_lanes(x, w, scale, bias, y, m, n, k, bits);
     }

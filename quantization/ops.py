@@ -95,10 +95,10 @@ def quantized_linear(x, weight, scale, bits, bias=None, owner=None):
     more (prefill; LANES_GEMM_MIN_ROWS for our GEMM without AMX tiles: `gemm_min_rows`) a GEMM where this CPU has
     one (settings.cpu_quantized_gemm, `_gemm_path`): our INT8/INT4 GEMM on AVX-512 VNNI or AMX tiles (kernel.gemm),
     else on a CPU with native bf16 matmuls the weight dequantized to bf16 and torch's GEMM (`dequantized_gemm`); on
-    CUDA the Triton kernels (fused for up to 64 rows, dequantize + cuBLAS above); else the reference. The CPU kernels quantize x to int8 per 64-column block (see
-    kernels/quantization_kernels.c; ~0.3-0.5% relative error on the output) and beat "dequantize, then fp32 BLAS
-    matmul" at every row count measured (92x at 1 row, 2.1x at 512 rows, 4096x4096 INT4, 2 threads);
-    CHATGLM_CPU_FLOAT_ACTIVATIONS=1 selects the exact fp32-activation ones (and no GEMM). `owner` (the
+    CUDA the Triton kernels (fused for up to 64 rows, dequantize + cuBLAS above); else the reference. The CPU
+    kernels quantize x to int8 per 64-column block (see kernels/quantization_kernels.c; ~0.3-0.5% relative error on
+    the output) and beat "dequantize, then fp32 BLAS matmul" at every row count measured (92x at 1 row, 2.1x at
+    512 rows, 4096x4096 INT4, 2 threads); CHATGLM_CPU_FLOAT_ACTIVATIONS=1 selects the exact fp32-activation ones (and no GEMM). `owner` (the
     QuantizedLinear) keeps the fp32 copies of the scale and bias that the C kernels take between calls."""
     if x.device.type == "cpu":
         kernel = get_cpu_kernel()
