@@ -3,7 +3,7 @@
     python benchmarks/bench_gemv.py [--threads 1 2] [--rows 1] [--no-original] [--no-interplay]
     python benchmarks/bench_gemv.py --device cuda [--rows 1]     # Triton INT8/INT4 against cuBLAS fp16/bf16
 
-For each shape and thread count: fp32 and bf16 matmul (PyTorch), our bf16/fp16 GEMV (kernels half_linear, what
+For each shape and thread count: fp32 and bf16 matmul (PyTorch), our bf16/fp16 GEMV (kernels float_linear, what
 quantization.fast_linear calls), our INT8 and INT4 kernels (default: activations rounded to int8 per 64 columns;
 "f32 x": the fp32-activation kernels; with --rows above 1 also what prefill can take: dequantize + torch's bf16 GEMM,
 and our INT8 GEMM on AVX-512 VNNI builds, on AMX tiles where it has them and then without), PyTorch's own
@@ -73,8 +73,8 @@ def cases_for(k, n, rows, kernel, original, g):
     ]
     if kernel is not None:
         out += [
-            ("bf16 ours", w.numel() * 2, lambda: kernel.half_linear(x, wb)),
-            ("fp16 ours", w.numel() * 2, lambda: kernel.half_linear(x, wh)),
+            ("bf16 ours", w.numel() * 2, lambda: kernel.float_linear(x, wb)),
+            ("fp16 ours", w.numel() * 2, lambda: kernel.float_linear(x, wh)),
         ]
     if (k, n) == OUTPUT_LAYER:
         return out
@@ -277,7 +277,10 @@ def cold(threads: int, total_bytes: int = 3 << 29) -> list[str]:
     one("INT8 ours", lambda: (torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g),),
         lambda q: kernel.linear(x, q, s, 8), n * k)  # fmt: skip
     one(
-        "bf16 ours", lambda: (torch.randn(n, k, generator=g).bfloat16(),), lambda w: kernel.half_linear(x, w), n * k * 2
+        "bf16 ours",
+        lambda: (torch.randn(n, k, generator=g).bfloat16(),),
+        lambda w: kernel.float_linear(x, w),
+        n * k * 2,
     )
     xb = x.bfloat16()
     one("bf16 torch", lambda: (torch.randn(n, k, generator=g).bfloat16(),), lambda w: xb @ w.t(), n * k * 2)

@@ -1,12 +1,12 @@
 """Load test of the three HTTP servers on the tiny model: 32 concurrent clients x 8 requests each, then 1000
 abandoned requests, loopback only.
 
-    python benchmarks/bench_servers.py [--clients 32] [--requests 8] [--abandoned 1000] [--version v2]
+    python benchmarks/bench_servers.py [--clients 32] [--requests 8] [--abandoned 1000] [--version v2] [--dtype auto]
 
 Each server runs as a real process (`python api.py|stream_api.py|openai_api.py --port P`, batching through the
-engine as by default) on the built-in tiny model written to a temporary directory. Requests are greedy
+engine as by default) on the built-in tiny model written to a temporary directory, in --dtype. Requests are greedy
 (temperature 0) and use one of 16 prompts; a reply counts as right only when it equals the reply computed for that
-prompt alone in this process, so a reply given to the wrong client or mixed with another shows as "wrong". Then
+prompt alone in this process, in the same dtype, so a reply given to the wrong client or mixed with another shows as "wrong". Then
 the server's memory (RSS) is read before and after --abandoned requests whose clients leave: api.py and
 openai_api.py clients disconnect right after sending (the work is cancelled), stream_api.py clients queue a request
 and never read it (the server runs with --unread-ttl 5; RSS is read after that expired). Prints throughput,
@@ -122,10 +122,10 @@ def abandon(script: str, base: str, port: int, n: int) -> None:
     time.sleep(2)
 
 
-def run(script, one, clients, requests, abandoned, model_dir, want) -> str:
+def run(script, one, clients, requests, abandoned, model_dir, want, dtype) -> str:
     port = free_port()
     env = dict(os.environ, MODEL_PATH=model_dir, CHATGLM_NO_PROGRESS="1")
-    extra = ["--unread-ttl", str(UNREAD_TTL)] if script == "stream_api.py" else []
+    extra = ["--dtype", dtype] + (["--unread-ttl", str(UNREAD_TTL)] if script == "stream_api.py" else [])
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, script), "--device", "cpu", "--port", str(port),
                              *extra], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -180,29 +180,40 @@ def main():
     parser.add_argument("--abandoned", type=int, default=1000, help="requests whose client leaves (default 1000)")
     parser.add_argument("--version", default="v2", choices=["v1", "v2", "v3"], help="tiny model generation")
     parser.add_argument("--servers", default="api.py,openai_api.py,stream_api.py", help="comma-separated")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bf16", "fp32"],
+        help="the servers' --dtype (default auto: bf16 on a CPU with native bf16 matmuls, else fp32)",
+    )
     args = parser.parse_args()
     sys.path.insert(0, REPO)
-    import torch
 
     import chatglm
+    from chatglm.backends import resolve_dtype
     from chatglm.tiny import make_tiny_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_tiny_checkpoint(os.path.join(tmp, "tiny"), args.version)
-        model, tok = chatglm.load_model(model_dir, dtype=torch.float32), chatglm.load_tokenizer(model_dir)
+        # the dtype the servers load in (bf16 on a CPU with native bf16 matmuls, else fp32): the reference is the
+        # servers' own arithmetic, alone
+        dtype = resolve_dtype(args.dtype, "cpu")
+        model, tok = chatglm.load_model(model_dir, dtype=dtype), chatglm.load_tokenizer(model_dir)
         want = {p: {"api": model.chat(tok, p, [], max_length=API_MAX_LENGTH, do_sample=False)[0],
                     "openai": model.chat(tok, p, [], max_new_tokens=OPENAI_MAX_TOKENS, do_sample=False)[0]}
                 for p in PROMPTS}  # fmt: skip
         del model
         print(
-            f"# bench_servers: tiny {args.version}, {args.clients} clients x {args.requests} requests, then "
+            f"# bench_servers: tiny {args.version} {str(dtype).replace('torch.', '')}, {args.clients} clients x "
+            f"{args.requests} requests, then "
             f"{args.abandoned} abandoned; loopback, {os.cpu_count()} cpus; stream_api clients poll every 200 ms"
         )
         print(f"{'server':<15} {'req/s':>8} {'p50 ms':>9} {'p99 ms':>9} {'done':>6} {'wrong':>6} {'5xx':>4} "
               f"{'RSS MB':>9} {'after ab.':>9}  alive")  # fmt: skip
         ones = {"api.py": one_api, "openai_api.py": one_openai, "stream_api.py": one_stream}
         for script in args.servers.split(","):
-            print(run(script, ones[script], args.clients, args.requests, args.abandoned, model_dir, want), flush=True)
+            out = run(script, ones[script], args.clients, args.requests, args.abandoned, model_dir, want, args.dtype)
+            print(out, flush=True)
 
 
 if __name__ == "__main__":

@@ -168,8 +168,8 @@ class CpuKernel:
         self.lib.w4_linear_f.argtypes = [p, p, p, p, p, p, i, i, i]
         self.lib.wq_gemm.argtypes = self.lib.wq_gemm_vnni.argtypes = [p, p, p, p, p, i, i, i, i]
         self.lib.wq_gemm.restype = self.lib.wq_gemm_vnni.restype = i
-        self.lib.half_linear.argtypes = [p, p, p, p, i, i, i, i]
-        self.lib.half_linear.restype = i
+        self.lib.float_linear.argtypes = [p, p, p, p, i, i, i, i]
+        self.lib.float_linear.restype = i
         self.lib.quantize_activations.argtypes = [p, p, p, i, i, i]
         self.lib.unpack_int4.argtypes = [p, p, i, i]
         self.lib.dequantize.argtypes = [p, p, p, i, i, i]
@@ -258,19 +258,20 @@ class CpuKernel:
             raise MemoryError("out of memory in the CPU quantized GEMM kernel")
         return None if rc else y
 
-    def half_linear(self, x, weight, bias=None):
-        """x [m, k] float32, weight bf16 or fp16 [n, k] (contiguous), bias [n] or None -> [m, n] float32,
-        accumulated in fp32."""
-        if weight.dtype not in (torch.bfloat16, torch.float16):
-            raise TypeError(f"half_linear takes bf16 or fp16 weights, not {weight.dtype}")
+    def float_linear(self, x, weight, bias=None):
+        """x [m, k] float32, weight bf16, fp16 or fp32 [n, k] (contiguous), bias [n] or None -> [m, n] float32,
+        accumulated in fp32, each row of x in one fixed order whatever m is (a row's bits do not depend on the
+        rows beside it)."""
+        wtype = WEIGHT_TYPES.get(weight.dtype)
+        if wtype is None:
+            raise TypeError(f"float_linear takes bf16, fp16 or fp32 weights, not {weight.dtype}")
         self._sync_threads()
         m, k = x.shape
         n = weight.shape[0]
         y = torch.empty(m, n, dtype=torch.float32)
         bias = bias.float().contiguous() if bias is not None else None
-        fp16 = int(weight.dtype == torch.float16)
-        if self.lib.half_linear(self._ptr(x), self._ptr(weight), self._ptr(bias), self._ptr(y), m, n, k, fp16):
-            raise MemoryError("out of memory in the CPU half_linear kernel")
+        if self.lib.float_linear(self._ptr(x), self._ptr(weight), self._ptr(bias), self._ptr(y), m, n, k, wtype):
+            raise MemoryError("out of memory in the CPU float_linear kernel")
         return y
 
     # --- decode helpers: fp32 activations on the CPU, one call where PyTorch runs several small ops ---------

@@ -1502,7 +1502,9 @@ void w4_linear_f(const float *x_even, const float *x_odd, const int8_t *w, const
 }
 
 /* ------------------------------------------------------------------------------------------------------- */
-/* bf16 / fp16 GEMV: y [m, n] fp32 = x [m, k] fp32 @ w [n, k]^T (+ bias), fp32 accumulation.                */
+/* bf16 / fp16 / fp32 GEMV: y [m, n] fp32 = x [m, k] fp32 @ w [n, k]^T (+ bias), fp32 accumulation. Each x row  */
+/* is summed in one fixed order whatever m is, so a row gets the same bits alone and in a batch (torch's sgemm  */
+/* does not promise that for fp32 weights).                                                                  */
 
 static inline float bf16_to_float(uint16_t v) {
     uint32_t bits = (uint32_t)v << 16;
@@ -1527,16 +1529,32 @@ static inline float fp16_to_float(uint16_t h) {
     return f;
 }
 
+/* Weight element types (kernels.WEIGHT_TYPES). */
+enum { W_FP32 = 0, W_BF16 = 1, W_FP16 = 2 };
+
+/* weight element i of a vector of type wtype, as fp32 */
+static inline float weight_at(const void *w, int wtype, size_t i) {
+    if (wtype == W_FP32) return ((const float *)w)[i];
+    uint16_t v = ((const uint16_t *)w)[i];
+    return wtype == W_BF16 ? bf16_to_float(v) : fp16_to_float(v);
+}
+
 /* One x row against R rows (portable). */
-static inline void half_rows_portable(const float *x, const uint16_t *w, size_t k, int R, int fp16, float *sums) {
+static inline void float_rows_portable(const float *x, const void *w, size_t k, int R, int wtype, float *sums) {
+    size_t esize = wtype == W_FP32 ? 4 : 2;
     for (int r = 0; r < R; r++) {
-        const uint16_t *row = w + r * k;
+        const void *row = (const char *)w + r * k * esize;
         float a = 0.f;
-        if (fp16) {
-            for (size_t i = 0; i < k; i++) a += x[i] * fp16_to_float(row[i]);
-        } else {
+        if (wtype == W_FP16) {
+            for (size_t i = 0; i < k; i++) a += x[i] * fp16_to_float(((const uint16_t *)row)[i]);
+        } else if (wtype == W_FP32) {
+            const float *f = (const float *)row;
 #pragma omp simd reduction(+ : a)
-            for (size_t i = 0; i < k; i++) a += x[i] * bf16_to_float(row[i]);
+            for (size_t i = 0; i < k; i++) a += x[i] * f[i];
+        } else {
+            const uint16_t *h = (const uint16_t *)row;
+#pragma omp simd reduction(+ : a)
+            for (size_t i = 0; i < k; i++) a += x[i] * bf16_to_float(h[i]);
         }
         sums[r] = a;
     }
@@ -1572,6 +1590,31 @@ static inline void bf16_rows_avx2(const float *xs, const uint16_t *w, size_t k, 
         }
     }
 }
+
+/* fp32: per row two accumulators, columns i..i+7 and i+8..i+15 of every 16; four rows share each x load. */
+static inline void fp32_rows_avx2(const float *x, const float *w, size_t k, size_t kv, int R, float *sums) {
+    if (R == ROWS) {
+        __m256 a[2 * ROWS];
+        for (int i = 0; i < 2 * ROWS; i++) a[i] = _mm256_setzero_ps();
+        for (size_t i = 0; i < kv; i += 16) {
+            __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+            for (int r = 0; r < ROWS; r++) {
+                a[2 * r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * k + i), x0, a[2 * r]);
+                a[2 * r + 1] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * k + i + 8), x1, a[2 * r + 1]);
+            }
+        }
+        for (int r = 0; r < ROWS; r++) sums[r] = hsum256(_mm256_add_ps(a[2 * r], a[2 * r + 1]));
+    } else {
+        for (int r = 0; r < R; r++) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            for (size_t i = 0; i < kv; i += 16) {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * k + i), _mm256_loadu_ps(x + i), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * k + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+            }
+            sums[r] = hsum256(_mm256_add_ps(a0, a1));
+        }
+    }
+}
 #endif
 
 #ifdef USE_F16C
@@ -1593,16 +1636,16 @@ static inline void fp16_rows_f16c(const float *x, const uint16_t *w, size_t k, s
 }
 #endif
 
-/* fp16: 0 for bf16 weights, 1 for IEEE half weights. Returns 0, or -1 when out of memory. */
-int half_linear(const float *x, const uint16_t *w, const float *bias, float *y, int m, int n, int k, int fp16) {
-    size_t kk = (size_t)k, kv = 0;
+/* wtype: W_BF16, W_FP16 or W_FP32 (the weight's element type). Returns 0, or -1 when out of memory. */
+int float_linear(const float *x, const void *w, const float *bias, float *y, int m, int n, int k, int wtype) {
+    size_t kk = (size_t)k, kv = 0, esize = wtype == W_FP32 ? 4 : 2;
     float *xbuf = NULL;
 #ifdef USE_AVX2
     kv = kk / 16 * 16;
 #ifndef USE_F16C
-    if (fp16) kv = 0;
+    if (wtype == W_FP16) kv = 0;
 #endif
-    if (!fp16 && kv) {
+    if (wtype == W_BF16 && kv) {
         xbuf = (float *)malloc(((size_t)m * kv + 1) * sizeof(float));
         if (!xbuf) return -1;
         for (int b = 0; b < m; b++)
@@ -1616,24 +1659,24 @@ int half_linear(const float *x, const uint16_t *w, const float *bias, float *y, 
 #pragma omp parallel for schedule(static)
     for (int o0 = 0; o0 < n; o0 += ROWS) {
         int rows = n - o0 < ROWS ? n - o0 : ROWS;
-        const uint16_t *wr = w + (size_t)o0 * kk;
+        const char *wr = (const char *)w + (size_t)o0 * kk * esize;
         for (int b = 0; b < m; b++) {
             const float *xb = x + (size_t)b * kk;
             float sums[ROWS] = {0.f, 0.f, 0.f, 0.f};
             if (kv) {
 #ifdef USE_AVX2
-                if (!fp16) bf16_rows_avx2(xbuf + (size_t)b * kv, wr, kk, kv, rows, sums);
+                if (wtype == W_BF16) bf16_rows_avx2(xbuf + (size_t)b * kv, (const uint16_t *)wr, kk, kv, rows, sums);
+                if (wtype == W_FP32) fp32_rows_avx2(xb, (const float *)wr, kk, kv, rows, sums);
 #endif
 #ifdef USE_F16C
-                if (fp16) fp16_rows_f16c(xb, wr, kk, kv, rows, sums);
+                if (wtype == W_FP16) fp16_rows_f16c(xb, (const uint16_t *)wr, kk, kv, rows, sums);
 #endif
                 for (int r = 0; r < rows; r++) {
-                    const uint16_t *row = wr + r * kk;
-                    for (size_t i = kv; i < kk; i++)
-                        sums[r] += xb[i] * (fp16 ? fp16_to_float(row[i]) : bf16_to_float(row[i]));
+                    const char *row = wr + r * kk * esize;
+                    for (size_t i = kv; i < kk; i++) sums[r] += xb[i] * weight_at(row, wtype, i);
                 }
             } else {
-                half_rows_portable(xb, wr, kk, rows, fp16, sums);
+                float_rows_portable(xb, wr, kk, rows, wtype, sums);
             }
             for (int r = 0; r < rows; r++) {
                 int o = o0 + r;
@@ -1735,13 +1778,6 @@ void dequantize_bf16(const int8_t *w, const float *scale, uint16_t *out, int o0,
 /* At batch 1 those ops cost more in dispatch than in arithmetic (tens of microseconds a layer).             */
 
 #include <math.h>
-
-/* weight element i of a float (0), bf16 (1) or fp16 (2) vector */
-static inline float weight_at(const void *w, int wtype, size_t i) {
-    if (wtype == 0) return ((const float *)w)[i];
-    uint16_t v = ((const uint16_t *)w)[i];
-    return wtype == 1 ? bf16_to_float(v) : fp16_to_float(v);
-}
 
 #ifdef USE_AVX2
 /* e^x as 2^n * poly(r), |r| <= ln2/2, a degree-6 Taylor polynomial (relative error about 1.2e-7) for x in

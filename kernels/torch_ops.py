@@ -53,11 +53,11 @@ def _define() -> None:
     def _(x, weight, scale, bits, bias):
         return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
-    @custom_op("chatglm::cpu_half_linear", mutates_args=())
-    def cpu_half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return _kernel().half_linear(x, weight, bias)
+    @custom_op("chatglm::cpu_float_linear", mutates_args=())
+    def cpu_float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return _kernel().float_linear(x, weight, bias)
 
-    @cpu_half_linear.register_fake
+    @cpu_float_linear.register_fake
     def _(x, weight, bias):
         return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
@@ -105,8 +105,8 @@ class CompiledKernel:
     def linear(self, x, weight, scale_f32, bits, bias=None):
         return torch.ops.chatglm.cpu_linear(x.contiguous(), weight, scale_f32, bits, bias)
 
-    def half_linear(self, x, weight, bias=None):
-        return torch.ops.chatglm.cpu_half_linear(x.contiguous(), weight, bias)
+    def float_linear(self, x, weight, bias=None):
+        return torch.ops.chatglm.cpu_float_linear(x.contiguous(), weight, bias)
 
     def rms_norm(self, x, weight, eps):
         return torch.ops.chatglm.cpu_rms_norm(x, weight, eps)

@@ -241,19 +241,31 @@ def test_int8_kernel_takes_minus_128(kernel):
     assert torch.equal(y, (x.double() @ q.double().t()).float())
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES + [(1, 4096, 65), (4, 33, 130)])
-def test_half_linear(kernel, threads, dtype, shape):
+def test_float_linear(kernel, threads, dtype, shape):
     w, x, bias = _data(shape, hash((str(dtype), shape)) % 2**31)
     wh = w.to(dtype)
     if dtype == torch.float16:  # subnormals, infinities' neighbours and signed zeros go through the conversion
         wh.view(-1)[:4] = torch.tensor([6e-8, -3e-5, 65504.0, -0.0], dtype=dtype)
     ref = x.double() @ wh.double().t()
     terms = x.double().abs() @ wh.double().abs().t()
-    _check(kernel.half_linear(x, wh), ref, terms)
-    _check(kernel.half_linear(x, wh, bias.to(dtype)), ref + bias.to(dtype).double(), terms + bias.double().abs())
+    _check(kernel.float_linear(x, wh), ref, terms)
+    _check(kernel.float_linear(x, wh, bias.to(dtype)), ref + bias.to(dtype).double(), terms + bias.double().abs())
     with pytest.raises(TypeError):
-        kernel.half_linear(x, w)
+        kernel.float_linear(x, w.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("k, n", [(64, 8), (100, 7), (4098, 13)])  # tails of k (16 columns a step), of n (4 rows)
+def test_float_linear_gives_each_row_its_bits_alone(kernel, threads, dtype, k, n):
+    """A decode batch through float_linear: every row the bits it gets in a call of its own (the engine's promise
+    that a reply does not depend on the requests beside it; torch's sgemm does not keep it for fp32)."""
+    w, x, bias = _data((70, k, n), k + n)
+    w = w.to(dtype)
+    alone = torch.cat([kernel.float_linear(x[i : i + 1], w, bias) for i in range(x.shape[0])])
+    for m in (2, 3, 8, 17, 70):
+        assert torch.equal(kernel.float_linear(x[:m], w, bias), alone[:m]), m
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -268,8 +280,10 @@ def test_fast_linear_matches_f_linear(dtype, rows):
     # fp32 accumulation, then one rounding to x's dtype (as F.linear)
     tol = {torch.float32: 1e-5, torch.bfloat16: 2**-8, torch.float16: 2**-10}[dtype]
     assert ((y.double() - ref).abs() <= tol * (ref.abs() + 1) + 1e-4 * ref.abs().max()).all()
-    if dtype == torch.float32 or (rows > 16 and native_half_gemm(dtype)):
-        assert torch.equal(y, F.linear(x, w, b))  # not the kernel's business: exactly torch
+    if rows > 16 and (dtype == torch.float32 or native_half_gemm(dtype)):
+        assert torch.equal(y, F.linear(x, w, b))  # prefill that torch's matmul takes: exactly torch
+    elif rows <= 16 and kernels.get_cpu_kernel() is not None:  # decode batches: each row its bits alone
+        assert torch.equal(y, torch.cat([fast_linear(x[i : i + 1], w, b) for i in range(rows)]))
     # 3-d input and fp32 activations with bf16 weights (the output layer of a bf16 model fed fp32)
     y3 = fast_linear(x.float().view(1, rows, 300), w, b)
     assert y3.shape == (1, rows, 70) and y3.dtype == torch.float32

@@ -85,7 +85,7 @@ def test_each_kernel_module_equals_its_reference(monkeypatch):
         x = torch.randn(4, 64, generator=G)
         expected = lin(x)
         torch.testing.assert_close(layers.use_kernels(lin)(x), expected, rtol=1e-4, atol=1e-4)
-    assert {"rms_norm", "silu_mul", "rotary_", "attention_decode", "half_linear"} <= set(calls)
+    assert {"rms_norm", "silu_mul", "rotary_", "attention_decode", "float_linear"} <= set(calls)
 
 
 @needs_kernel
