@@ -112,6 +112,7 @@ class _Request:
         self.read = 0  # prompt tokens prefilled
         self.next = None  # the inputs of its next decode step, once prefilled
         self.left = False  # its reader is gone
+        self.greedy = plan.plain_greedy  # its token is the argmax of its logits: taken for the whole batch at once
 
 
 class Engine:
@@ -132,6 +133,7 @@ class Engine:
         self._cv = threading.Condition()
         self._closed = False
         self.steps = 0  # decode forwards run (for tests and benchmarks)
+        self._outbox: list = []  # (a reader's queue, its item) of the step under way: handed over after it
         # The attaching thread (usually the one that loaded the model) hands back its OpenMP workers, so that the
         # engine thread's parallel regions are not throttled (kernels.release_openmp_threads).
         release_openmp_threads()
@@ -157,6 +159,8 @@ class Engine:
 
     def stream(self, plan, input_ids):
         """Yield the growing sequence [1, prompt + new] after every new token, as generate_stream does."""
+        if self._closed:
+            raise EngineBusy("the engine is shut down")
         req = _Request(plan, input_ids, self.model._init_generation(input_ids))
         with self._cv:
             if self._closed:
@@ -205,11 +209,20 @@ class Engine:
                 try:
                     with model_lock(self.model):
                         self._prefill_one()
+                        self._flush()  # a first token goes out before the decode step
                         self._decode()
                 except Exception as e:  # noqa: BLE001  (handed to every request of the failed step)
                     logger.exception("engine step failed")
                     for req in running:
                         self._finish(req, e)
+                self._flush()
+
+    def _flush(self) -> None:
+        """Hand the step's tokens and ends to their readers, after the step: a reader woken mid-step would take
+        the GIL from the rows still being emitted."""
+        outbox, self._outbox = self._outbox, []
+        for out, item in outbox:
+            out.put(item)
 
     def _admit(self) -> None:
         for req in list(self.slots):
@@ -248,7 +261,7 @@ class Engine:
             self.kept[req.slot] = req.ids[0, :written].clone() if error is None and written > 0 else None
             self._clock += 1
             self.last_used[req.slot] = self._clock
-        req.out.put(error if error is not None else _END)
+        self._outbox.append((req.out, error if error is not None else _END))
 
     def _prefill_one(self) -> None:
         req = next((r for r in self.slots if r is not None and r.next is None), None)
@@ -276,10 +289,14 @@ class Engine:
                          return_last_logit=True)  # fmt: skip
         self.steps += 1
         logits = out.logits[:, -1]
+        greedy = ids = None
+        if any(r is not None and r.greedy for r in batch):  # one argmax and one read for the batch, not one a row
+            greedy = logits.argmax(dim=-1)
+            ids = greedy.tolist()
         for i, req in enumerate(batch):
             if req is not None:
                 req.length += 1
-                self._emit(req, logits[i : i + 1])
+                self._emit(req, logits[i : i + 1], (greedy[i : i + 1], ids[i]) if req.greedy else None)
 
     def _idle_length(self, slot: int) -> int:
         """Where a slot not decoding this step may take a dummy key: its own next write position (a free slot:
@@ -289,14 +306,21 @@ class Engine:
             return req.length
         return self.prefix + len(kept) if kept is not None else 0
 
-    def _emit(self, req: _Request, logits) -> None:
-        """Choose the request's next token from its logits [1, vocab], hand the sequence over, stop or go on."""
+    def _emit(self, req: _Request, logits, chosen=None) -> None:
+        """Choose the request's next token from its logits [1, vocab] (or take `chosen`, (tokens [1], the id), a
+        plain greedy row's argmax taken with the batch's), hand the sequence over, stop or go on."""
         plan = req.plan
-        tokens, scores = plan.choose(req.ids, logits)
+        if chosen is None:
+            tokens, scores = plan.choose(req.ids, logits)
+            token = int(tokens[0])
+        else:
+            (tokens, token), scores = chosen, None
         req.ids = torch.cat([req.ids, tokens[:, None]], dim=1)
-        req.out.put(req.ids)
-        done = int(tokens[0]) in plan.eos or req.ids.shape[1] >= plan.max_length
-        stopped = plan.stopped(req.ids, scores)
+        self._outbox.append((req.out, req.ids))
+        done = token in plan.eos or req.ids.shape[1] >= plan.max_length
+        stopped = None
+        if plan.stopping:  # the scores a plain greedy row's criteria see: its logits in fp32, as choose() gives
+            stopped = plan.stopped(req.ids, logits.float() if scores is None else scores)
         if done or (stopped is not None and bool(stopped[0])) or req.left:
             self._finish(req)
         else:

@@ -126,6 +126,12 @@ class GenerationPlan:
     def do_sample(self) -> bool:
         return bool(_value(self.config, "do_sample"))
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no processor and nothing recorded: the next token is the argmax of the logits."""
+        gc = self.config
+        return not self.do_sample and not self.processors and not gc.output_logits and not gc.output_scores
+
     def choose(self, input_ids: torch.Tensor, logits: torch.Tensor):
         """(next tokens [b], the processed scores [b, vocab] that transformers reports and stops on)."""
         gc = self.config

@@ -50,13 +50,13 @@ def _reply(model, ids, n, options):
     return out[0, ids.shape[1] :].tolist()
 
 
-def _together(model, prompts, sample, stagger=0.02):
-    """Each request on its own thread, started `stagger` seconds apart."""
+def _together(model, prompts, sample, stagger=0.02, options=None):
+    """Each request on its own thread, started `stagger` seconds apart (with options[i], else _options)."""
     replies, errors = [None] * len(prompts), []
 
     def run(i):
         try:
-            replies[i] = _reply(model, prompts[i], NEW[i], _options(i, sample))
+            replies[i] = _reply(model, prompts[i], NEW[i], options[i] if options else _options(i, sample))
         except Exception as e:  # noqa: BLE001
             errors.append(e)
 
@@ -84,6 +84,41 @@ def test_requests_batched_together_get_their_replies_alone(tiny_dirs, version, b
             assert _together(model, prompts, sample) == alone[sample]
             assert engine.steps - before < sum(NEW)  # decode steps were shared: batched, not one by one
         assert engine.load() == (0, 0)
+    finally:
+        engine.close()
+
+
+class _StopAt:
+    """A stopping criterion: stop once the sequence is `length` long; records the scores it was shown."""
+
+    def __init__(self, length):
+        self.length, self.seen = length, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.seen.append(scores)
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool)
+
+
+def test_plain_greedy_rows_share_one_argmax_beside_sampled_and_processed_rows(tiny_dirs):
+    """Plain greedy rows take their tokens from one argmax over the batch's logits; rows with a processor
+    (repetition penalty), sampling or a stopping criterion in the same batch still get their replies alone, and
+    a criterion sees a plain greedy row's logits in fp32, as choose() gives them."""
+    model, tok = _model(tiny_dirs, "v3")
+    prompts = [tok([p], return_tensors="pt")["input_ids"] for p in PROMPTS]
+    stop_alone, stop_together = (_StopAt(prompts[4].shape[1] + 5) for _ in range(2))
+
+    def options(stop):  # fresh each time: the sampled row's generator starts from its seed
+        return [dict(do_sample=False), _options(1, True), dict(do_sample=False, repetition_penalty=1.3),
+                dict(do_sample=False), dict(do_sample=False, stopping_criteria=[stop])]  # fmt: skip
+
+    alone = [_reply(model, p, n, o) for p, n, o in zip(prompts, NEW, options(stop_alone))]
+    assert len(alone[4]) == 5  # the criterion ended it
+    engine = attach(model, max_batch=5)
+    try:
+        assert _together(model, prompts, False, options=options(stop_together)) == alone
+        assert len(stop_together.seen) == len(stop_alone.seen) == 5
+        for a, b in zip(stop_alone.seen, stop_together.seen):  # (the path alone rounds a few last bits otherwise)
+            assert a.dtype == b.dtype == torch.float32 and torch.allclose(a, b, rtol=0, atol=1e-5)
     finally:
         engine.close()
 
