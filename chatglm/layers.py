@@ -19,7 +19,10 @@ applies (fp32 activations on the CPU, no autograd, the layout the kernel reads) 
 `compute_dtype`: on a CPU without native half-precision GEMM, inference keeps the weights in bf16/fp16 (or
 INT8/INT4) but computes the activations, attention and KV cache in fp32, as CPU inference engines do: torch's
 emulated bf16 kernels (attention, norms, conversions around every GEMV) cost more there than the weights' memory
-traffic. The result is at least as accurate as bf16 arithmetic. Off with settings.cpu_kernels.
+traffic. An INT8/INT4 model does so on every CPU: its big matrices are our kernels, which take fp32 activations
+(as the original's CPU path, `.float().quantize()`, computes), so bf16 activations would only add conversions and
+torch's bf16 norms, rotary and per-row attention around them. The result is at least as accurate as bf16
+arithmetic. Off with settings.cpu_kernels.
 """
 
 from __future__ import annotations
@@ -34,14 +37,15 @@ from quantization.ops import fast_linear, linear_reference
 HALF = (torch.bfloat16, torch.float16)
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the trunk computes in for hidden states `x` (the embedding output)."""
+def compute_dtype(x: torch.Tensor, quantized: bool = False) -> torch.dtype:
+    """The dtype the trunk computes in for hidden states `x` (the embedding output) of a model whose linear layers
+    are INT8/INT4 (`quantized`) or not."""
     if (
         x.dtype in HALF
         and x.device.type == "cpu"
         and not torch.is_grad_enabled()
         and cpu_fast_paths()
-        and not native_half_gemm(x.dtype)
+        and (quantized or not native_half_gemm(x.dtype))
     ):
         return torch.float32
     return x.dtype

@@ -172,7 +172,7 @@ class ChatGLMModel(nn.Module):
         own mask: no Python value read from the data); the original's tuple (copied); or None.
         Returns (hidden [b, s, hidden], the cache after these tokens, per-layer hidden states when asked)."""
         x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        x = x.to(compute_dtype(x))  # [b, s, hidden]
+        x = x.to(compute_dtype(x, bool(self.config.quantization_bit)))  # [b, s, hidden]
         b, s = x.shape[:2]
         fixed = isinstance(past_key_values, KVCache) and past_key_values.pos is not None
         if fixed:  # the fixed-shape decode step (chatglm/static_decode.py sized the rotary tables)

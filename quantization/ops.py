@@ -263,6 +263,15 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             w = weight.contiguous()
             b = cached_fp32(owner, "bias") if owner is not None else bias
             return _by_row_chunks(x, lambda flat: kernel.float_linear(flat, w, b))
+    if (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype in (torch.bfloat16, torch.float16)
+        and native_half_gemm(weight.dtype)
+        and not torch.is_grad_enabled()
+    ):  # fp32 activations (an INT8/INT4 model's trunk) against a half layer (its output layer), many rows:
+        # torch's native half GEMM, not an fp32 copy of the weight at every call
+        return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
     return linear_reference(x, weight, bias)
 
 

@@ -168,6 +168,26 @@ def test_cpu_inference_computes_in_fp32_when_half_math_is_emulated(tiny_dirs):
     assert model.transformer.layers[0].input_layernorm.weight.dtype == torch.bfloat16  # weights untouched
 
 
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_quantized_cpu_model_computes_in_fp32_on_every_cpu(tiny_dirs, version):
+    """INT8/INT4 matrices are our kernels, which take fp32 activations: the trunk of a quantized model loaded in
+    bf16 computes in fp32 with or without native bf16 (the original's CPU path, .float().quantize(), does too);
+    training keeps bf16."""
+    from chatglm.layers import compute_dtype
+
+    x = torch.zeros(1, 2, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert compute_dtype(x, quantized=True) == torch.float32
+    assert compute_dtype(x, quantized=True) == torch.bfloat16
+    model = chatglm.load_model(str(tiny_dirs[version]), dtype=torch.bfloat16, quantization_bit=4).eval()
+    ids = torch.randint(10, 100, (1, 6))
+    with torch.no_grad():
+        out = model(ids)
+    assert out.logits.dtype == torch.float32 and out.past_key_values[0][0].dtype == torch.float32
+    with settings.override(cpu_kernels=False), torch.no_grad():  # the original's paths: the weights' dtype
+        assert compute_dtype(x, quantized=True) == torch.bfloat16
+
+
 def test_cached_fp32_follows_the_parameter():
     """The fp32 copy of a bias/scale that the CPU kernels take is refreshed when the parameter changes."""
     from quantization.ops import cached_fp32
