@@ -39,13 +39,14 @@ HALF = (torch.bfloat16, torch.float16)
 
 def compute_dtype(x: torch.Tensor, quantized: bool = False) -> torch.dtype:
     """The dtype the trunk computes in for hidden states `x` (the embedding output) of a model whose linear layers
-    are INT8/INT4 (`quantized`) or not."""
+    are INT8/INT4 (`quantized`: fp32 where our kernels run them; without the kernels, the reference dequantizes
+    into the activations' dtype) or not."""
     if (
         x.dtype in HALF
         and x.device.type == "cpu"
         and not torch.is_grad_enabled()
         and cpu_fast_paths()
-        and (quantized or not native_half_gemm(x.dtype))
+        and ((quantized and get_cpu_kernel() is not None) or not native_half_gemm(x.dtype))
     ):
         return torch.float32
     return x.dtype

@@ -267,11 +267,14 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype in (torch.bfloat16, torch.float16)
+        and rows > FAST_LINEAR_MAX_ROWS
+        and cpu_fast_paths()
         and native_half_gemm(weight.dtype)
         and not torch.is_grad_enabled()
     ):  # fp32 activations (an INT8/INT4 model's trunk) against a half layer (its output layer), many rows:
         # torch's native half GEMM, not an fp32 copy of the weight at every call
-        return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+        b = None if bias is None else bias.to(weight.dtype)
+        return F.linear(x.to(weight.dtype), weight, b).to(x.dtype)
     return linear_reference(x, weight, bias)
 
 

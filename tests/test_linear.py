@@ -173,8 +173,11 @@ def test_a_quantized_cpu_model_computes_in_fp32_on_every_cpu(tiny_dirs, version)
     """INT8/INT4 matrices are our kernels, which take fp32 activations: the trunk of a quantized model loaded in
     bf16 computes in fp32 with or without native bf16 (the original's CPU path, .float().quantize(), does too);
     training keeps bf16."""
+    import kernels
     from chatglm.layers import compute_dtype
 
+    if kernels.get_cpu_kernel() is None:
+        pytest.skip("the CPU kernels could not be built here (gcc missing)")
     x = torch.zeros(1, 2, 8, dtype=torch.bfloat16)
     with torch.no_grad():
         assert compute_dtype(x, quantized=True) == torch.float32
