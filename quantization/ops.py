@@ -256,25 +256,18 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         and rows > 0
         and cpu_fast_paths()
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and _float_kernel_takes(x.dtype, weight.dtype, rows)
     ):
         kernel = get_cpu_kernel()
-        if kernel is not None:
+        if kernel is not None and _float_kernel_takes(x.dtype, weight.dtype, rows):
             w = weight.contiguous()
             b = cached_fp32(owner, "bias") if owner is not None else bias
             return _by_row_chunks(x, lambda flat: kernel.float_linear(flat, w, b))
-    if (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.dtype in (torch.bfloat16, torch.float16)
-        and rows > FAST_LINEAR_MAX_ROWS
-        and cpu_fast_paths()
-        and native_half_gemm(weight.dtype)
-        and not torch.is_grad_enabled()
-    ):  # fp32 activations (an INT8/INT4 model's trunk) against a half layer (its output layer), many rows:
-        # torch's native half GEMM, not an fp32 copy of the weight at every call
-        b = None if bias is None else bias.to(weight.dtype)
-        return F.linear(x.to(weight.dtype), weight, b).to(x.dtype)
+        half = weight.dtype in (torch.bfloat16, torch.float16) and native_half_gemm(weight.dtype)
+        if half and x.dtype == torch.float32 and rows > FAST_LINEAR_MAX_ROWS and not torch.is_grad_enabled():
+            # fp32 activations (an INT8/INT4 model's trunk) against a half layer (its output layer), many rows, in
+            # inference: torch's native half GEMM, not an fp32 copy of the weight at every call
+            b = None if bias is None else bias.to(weight.dtype)
+            return F.linear(x.to(weight.dtype), weight, b).to(x.dtype)
     return linear_reference(x, weight, bias)
 
 
