@@ -386,7 +386,10 @@ def test_rotary_helper_equals_apply_rotary(kernel, rows, heads, head_dim, rot):
 
 
 @pytest.mark.parametrize(
-    ("b", "heads", "groups", "t", "d"), [(1, 32, 2, 300, 128), (2, 4, 4, 1, 16), (2, 6, 3, 37, 12)]
+    ("b", "heads", "groups", "t", "d"),
+    # ChatGLM2/3 (16 heads a group), ChatGLM-6B (one head a group), the tiny models (2), odd sizes
+    [(1, 32, 2, 300, 128), (1, 32, 32, 130, 128), (3, 4, 2, 37, 16), (2, 4, 4, 1, 16), (2, 6, 3, 37, 12),
+     (2, 3, 1, 5, 24)],
 )
 def test_attention_decode_helper(kernel, threads, b, heads, groups, t, d):
     from chatglm.kv_cache import KVCache
