@@ -53,7 +53,7 @@ class KVCache:
     (`rows`: slot indices, None = all) of shared, growable per-layer buffers; in fixed-step mode (`pos` set)
     writes go to tensor positions and reads cover `span` positions."""
 
-    __slots__ = ("_storage", "lengths", "rows", "pos", "span", "key_valid", "__weakref__")
+    __slots__ = ("_storage", "lengths", "rows", "pos", "span", "key_valid", "_index", "__weakref__")
 
     def __init__(self, storage: _Storage, lengths: int | tuple[int, ...] = 0, rows=None, pos=None, span=None,
                  key_valid=None):  # fmt: skip
@@ -61,6 +61,7 @@ class KVCache:
             lengths = lengths[0]  # rows that agree are one length: slice writes
         self._storage, self.lengths, self.rows = storage, lengths, rows
         self.pos, self.span, self.key_valid = pos, span, key_valid
+        self._index = None  # (shape, flat write positions) of rows at their own lengths, shared by the layers
 
     @classmethod
     def empty(cls, num_layers: int, capacity: int, slots: int | None = None) -> KVCache:
@@ -191,11 +192,11 @@ class KVCache:
         n = k.shape[2]
         if isinstance(self.lengths, int):
             self._write_slice(i, k, v, self.lengths)
-        else:  # rows at their own positions: one indexed write per tensor
-            rows = self._row_numbers(k)[:, None]
-            positions = torch.tensor(self.lengths, device=k.device)[:, None] + torch.arange(n, device=k.device)
-            for buf, t in zip(self._buffers(i, k, v, self.length + n, 0), (k, v)):
-                buf[rows, :, positions] = t.transpose(1, 2).to(buf.dtype)  # [rows, s, heads, d]
+        else:  # rows at their own positions: one indexed copy per tensor into the buffer seen as [-1, d]
+            kb, vb = self._buffers(i, k, v, self.length + n, 0)
+            index = self._flat_positions(kb, n)
+            for buf, t in ((kb, k), (vb, v)):
+                buf.view(-1, buf.shape[-1]).index_copy_(0, index, t.reshape(-1, t.shape[-1]).to(buf.dtype))
         end = self.length + n
         rows = self._row_index(k.device)  # a slice (a view) unless the rows are scattered (then a gather)
         return s.k[i][rows, :, :end], s.v[i][rows, :, :end]
@@ -226,6 +227,18 @@ class KVCache:
         if r == tuple(range(r[0], r[0] + len(r))):
             return slice(r[0], r[0] + len(r))
         return torch.tensor(r, device=device)
+
+    def _flat_positions(self, buf: torch.Tensor, n: int) -> torch.Tensor:
+        """Where row r's head h position lengths[r] + j is in a (contiguous) buffer seen as [-1, d], in the order
+        of new keys [rows, heads, n, d]; made once per snapshot and shape (every layer's buffer has the same)."""
+        slots, heads, cap, _ = buf.shape
+        key = (slots, heads, cap, n, buf.device)
+        if self._index is None or self._index[0] != key:
+            rows = self._row_numbers(buf)[:, None, None]
+            lengths = torch.tensor(self.lengths, device=buf.device)[:, None, None]
+            h = torch.arange(heads, device=buf.device)[None, :, None]
+            self._index = (key, ((rows * heads + h) * cap + lengths + torch.arange(n, device=buf.device)).reshape(-1))
+        return self._index[1]
 
     def _row_numbers(self, t: torch.Tensor) -> torch.Tensor:
         return (
