@@ -103,7 +103,13 @@ _END = object()
 
 class _Request:
     def __init__(self, plan, input_ids, state):
-        self.plan, self.ids, self.state = plan, input_ids, state  # ids [1, prompt + generated]
+        self.plan, self.state = plan, state
+        # ids [1, prompt + generated]: a view of a buffer that holds the whole reply, so a new token is one write
+        # (what a reader was handed never changes: only positions past it are written later)
+        n = input_ids.shape[1]
+        self.buffer = input_ids.new_empty(1, max(plan.max_length, n + 1))
+        self.buffer[:, :n] = input_ids
+        self.ids = self.buffer[:, :n]
         self.prompt = state["input_ids"]  # [1, n]
         self.position_ids = state["position_ids"]  # [1, n] (v2/v3) or [1, 2, n] (v1)
         self.out: queue.SimpleQueue = queue.SimpleQueue()
@@ -315,7 +321,9 @@ class Engine:
             token = int(tokens[0])
         else:
             (tokens, token), scores = chosen, None
-        req.ids = torch.cat([req.ids, tokens[:, None]], dim=1)
+        n = req.ids.shape[1]
+        req.buffer[0, n] = token
+        req.ids = req.buffer[:, : n + 1]
         self._outbox.append((req.out, req.ids))
         done = token in plan.eos or req.ids.shape[1] >= plan.max_length
         stopped = None
