@@ -99,6 +99,7 @@ class EngineBusy(RuntimeError):
 
 
 _END = object()
+IDS_ROOM = 1024  # room for new tokens a request's ids buffer starts with
 
 
 class _Request:
@@ -107,7 +108,7 @@ class _Request:
         # ids [1, prompt + generated]: a view of a buffer that holds the whole reply, so a new token is one write
         # (what a reader was handed never changes: only positions past it are written later)
         n = input_ids.shape[1]
-        self.buffer = input_ids.new_empty(1, max(plan.max_length, n + 1))
+        self.buffer = input_ids.new_empty(1, max(min(plan.max_length, n + IDS_ROOM), n + 1))  # grows by doubling
         self.buffer[:, :n] = input_ids
         self.ids = self.buffer[:, :n]
         self.prompt = state["input_ids"]  # [1, n]
@@ -322,6 +323,8 @@ class Engine:
         else:
             (tokens, token), scores = chosen, None
         n = req.ids.shape[1]
+        if n == req.buffer.shape[1]:
+            req.buffer = torch.cat([req.buffer, torch.empty_like(req.buffer)], dim=1)
         req.buffer[0, n] = token
         req.ids = req.buffer[:, : n + 1]
         self._outbox.append((req.out, req.ids))

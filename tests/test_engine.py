@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import chatglm
+from chatglm import engine as engine_module
 from chatglm.engine import Engine, EngineBusy, attach
 from chatglm.generation import generate_stream
 from kernels.settings import settings
@@ -72,7 +73,8 @@ def _together(model, prompts, sample, stagger=0.02, options=None):
 
 @pytest.mark.parametrize("bits", [0, 4], ids=["fp32", "int4"])
 @pytest.mark.parametrize("version", ["v1", "v2", "v3"])
-def test_requests_batched_together_get_their_replies_alone(tiny_dirs, version, bits):
+def test_requests_batched_together_get_their_replies_alone(tiny_dirs, version, bits, monkeypatch):
+    monkeypatch.setattr(engine_module, "IDS_ROOM", 3)  # the ids buffers grow during the replies
     model, tok = _model(tiny_dirs, version, bits)
     prompts = [tok([p], return_tensors="pt")["input_ids"] for p in PROMPTS]
     alone = {s: [_reply(model, p, n, _options(i, s)) for i, (p, n) in enumerate(zip(prompts, NEW))]
@@ -86,6 +88,22 @@ def test_requests_batched_together_get_their_replies_alone(tiny_dirs, version, b
         assert engine.load() == (0, 0)
     finally:
         engine.close()
+
+
+def test_what_a_reader_was_handed_never_changes(tiny_dirs, monkeypatch):
+    """The sequences yielded are views of a request's ids buffer: each stays the prefix it was when handed over
+    while later tokens are written (and the buffer grows)."""
+    monkeypatch.setattr(engine_module, "IDS_ROOM", 2)
+    model, tok = _model(tiny_dirs, "v2")
+    ids = tok(["Hello world"], return_tensors="pt")["input_ids"]
+    engine = attach(model, max_batch=2)
+    try:
+        seen = [(out, out.clone()) for out in generate_stream(model, ids, max_new_tokens=9, eos_token_id=[-1])]
+    finally:
+        engine.close()
+    assert [out.shape[1] for out, _ in seen] == list(range(ids.shape[1] + 1, ids.shape[1] + 10))
+    assert all(torch.equal(out, copy) for out, copy in seen)
+    assert torch.equal(seen[-1][0][:, : ids.shape[1]], ids)
 
 
 class _StopAt:
