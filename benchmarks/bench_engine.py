@@ -92,6 +92,9 @@ def main(argv=None):
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens per client (default 16)")
     parser.add_argument("--new", type=int, default=128, help="tokens generated per client (default 128)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--stream-interval", type=float, default=None, help="seconds between handovers of a "
+                        "running request's tokens to its reader (default: the engine's, chatglm.engine.STREAM_INTERVAL; "
+                        "0: every step)")  # fmt: skip
     parser.add_argument("--history", type=int, default=1000, help="shared conversation tokens of the follow-up turn "
                         "(default 1000; 0 skips it)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -105,8 +108,11 @@ def main(argv=None):
     vocab = min(getattr(model.config, "padded_vocab_size", None) or model.config.vocab_size, 60000)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(100, vocab, (1, args.prompt), generator=g).to(args.device) for _ in range(args.clients)]
+    from chatglm.engine import STREAM_INTERVAL
+
+    interval_s = STREAM_INTERVAL if args.stream_interval is None else args.stream_interval
     print(f"# {what}; {args.clients} clients, prompt {args.prompt} tokens, {args.new} new, greedy, "
-          f"{args.threads} threads, torch {torch.__version__}")  # fmt: skip
+          f"{args.threads} threads, engine stream interval {interval_s * 1e3:g} ms, torch {torch.__version__}")  # fmt: skip
     print(f"# CPU: {cpu_summary()}")
     if args.device != "cpu":
         print(f"# device: {torch.cuda.get_device_name(torch.device(args.device))}, CUDA {torch.version.cuda}")
@@ -124,8 +130,9 @@ def main(argv=None):
     rows.append((f"{args.clients} clients, one at a time (lock)", args.clients, args.new * args.clients, t,
                  replies == solo))  # fmt: skip
     runs = []
+    interval = {} if args.stream_interval is None else {"stream_interval": args.stream_interval}
     for _ in range(3):  # a fresh engine each time: nothing kept from an earlier run (prefix reuse is measured below)
-        attach(model, max_batch=args.clients)
+        attach(model, max_batch=args.clients, **interval)
         try:
             run(model, [torch.randint(3, 100, (1, args.prompt), generator=g).to(args.device) for _ in range(2)], 4)
             runs.append(run(model, prompts, args.new))  # (ids of 100+: no prefix shared with the warm-up)

@@ -106,6 +106,37 @@ def test_what_a_reader_was_handed_never_changes(tiny_dirs, monkeypatch):
     assert torch.equal(seen[-1][0][:, : ids.shape[1]], ids)
 
 
+def test_a_running_request_gets_its_tokens_at_most_every_stream_interval(tiny_dirs):
+    """The first token goes out at once; later tokens wait until `stream_interval` has passed since the last
+    handover (each wakes the reader's thread), and whatever is pending goes out with the end, every token still
+    yielded one by one."""
+    model, tok = _model(tiny_dirs, "v2")
+    ids = tok(["Hello world"], return_tensors="pt")["input_ids"]
+    release = threading.Event()
+
+    def until_released(input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), release.is_set(), dtype=torch.bool)
+
+    with pytest.raises(ValueError, match="stream_interval"):
+        Engine(model, stream_interval=-1)
+    engine = attach(model, max_batch=2, stream_interval=60.0)
+    lengths, running = [], []
+    try:
+        for out in generate_stream(model, ids, max_new_tokens=500, eos_token_id=[-1], do_sample=False,
+                                   stopping_criteria=[until_released]):  # fmt: skip
+            lengths.append(out.shape[1])
+            running.append(engine.load()[0])
+            if len(lengths) == 1:
+                time.sleep(0.05)  # steps run meanwhile; their tokens wait
+                release.set()
+    finally:
+        release.set()
+        engine.close()
+    assert running[0] == 1  # the first token while the request still runs
+    assert len(lengths) > 2 and all(r == 0 for r in running[1:])  # the rest with the end
+    assert lengths == list(range(ids.shape[1] + 1, ids.shape[1] + 1 + len(lengths)))
+
+
 class _StopAt:
     """A stopping criterion: stop once the sequence is `length` long; records the scores it was shown."""
 
@@ -214,13 +245,19 @@ def test_a_follow_up_reuses_the_kept_prefix_and_answers_as_alone(tiny_dirs, vers
     g = torch.Generator().manual_seed(1)
     a, b, c = (torch.randint(5, 100, (1, n), generator=g) for n in (9, 14, 6))
     engine = attach(model, max_batch=3)
+    release = threading.Event()  # a and c run until the follow-up is answered (whatever the machine's speed)
+
+    def until_released(input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), release.is_set(), dtype=torch.bool)
+
     try:
         results = {}
 
         def run(name, ids, n):
-            results[name] = _reply(model, ids, n, {"do_sample": False})
+            options = {"do_sample": False, "stopping_criteria": [until_released] if n > 4 else []}
+            results[name] = _reply(model, ids, n, options)
 
-        threads = [threading.Thread(target=run, args=args) for args in (("a", a, 300), ("b", b, 4), ("c", c, 300))]
+        threads = [threading.Thread(target=run, args=args) for args in (("a", a, 4000), ("b", b, 4), ("c", c, 4000))]
         for t in threads:  # slots 0, 1, 2 in this order; b finishes first and its slot waits between a and c
             t.start()
             time.sleep(0.05)
@@ -230,10 +267,11 @@ def test_a_follow_up_reuses_the_kept_prefix_and_answers_as_alone(tiny_dirs, vers
         before = engine.reused
         got = _reply(model, follow, 6, {"do_sample": False})
         assert engine.reused - before == b.shape[1] + 3  # the prompt and the reply's tokens already written
+    finally:
+        release.set()
         for t in threads:
             t.join(timeout=60)
-    finally:
         engine.close()
         del model.engine
     assert got == _reply(model, follow, 6, {"do_sample": False})  # the same follow-up alone, no engine
-    assert results["a"] == _reply(model, a, 300, {"do_sample": False})
+    assert results["a"] == _reply(model, a, len(results["a"]), {"do_sample": False})
