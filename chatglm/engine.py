@@ -115,9 +115,10 @@ class _Request:
         # ids [1, prompt + generated]: a view of a buffer that holds the whole reply, so a new token is one write
         # (what a reader was handed never changes: only positions past it are written later)
         n = input_ids.shape[1]
-        self.buffer = input_ids.new_empty(1, max(min(plan.max_length, n + IDS_ROOM), n + 1))  # grows by doubling
-        self.buffer[:, :n] = input_ids
-        self.ids = self.buffer[:, :n]
+        with torch.inference_mode():  # as the sequences generate_stream yields without the engine: int64, inference
+            self.buffer = input_ids.new_empty(1, max(min(plan.max_length, n + IDS_ROOM), n + 1), dtype=torch.long)
+            self.buffer[:, :n] = input_ids
+            self.ids = self.buffer[:, :n]
         self.prompt = state["input_ids"]  # [1, n]
         self.position_ids = state["position_ids"]  # [1, n] (v2/v3) or [1, 2, n] (v1)
         self.out: queue.SimpleQueue = queue.SimpleQueue()  # lists of items (sequences, then _END or an error)

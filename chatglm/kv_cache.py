@@ -194,7 +194,7 @@ class KVCache:
             self._write_slice(i, k, v, self.lengths)
         else:  # rows at their own positions: one indexed copy per tensor into the buffer seen as [-1, d]
             kb, vb = self._buffers(i, k, v, self.length + n, 0)
-            index = self._flat_positions(kb, n)
+            index = self._flat_positions(kb, k)
             for buf, t in ((kb, k), (vb, v)):
                 buf.view(-1, buf.shape[-1]).index_copy_(0, index, t.reshape(-1, t.shape[-1]).to(buf.dtype))
         end = self.length + n
@@ -228,13 +228,14 @@ class KVCache:
             return slice(r[0], r[0] + len(r))
         return torch.tensor(r, device=device)
 
-    def _flat_positions(self, buf: torch.Tensor, n: int) -> torch.Tensor:
+    def _flat_positions(self, buf: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """Where row r's head h position lengths[r] + j is in a (contiguous) buffer seen as [-1, d], in the order
-        of new keys [rows, heads, n, d]; made once per snapshot and shape (every layer's buffer has the same)."""
+        of the new keys [rows, heads, n, d]; made once per snapshot and shape (every layer's buffer has the same)."""
         slots, heads, cap, _ = buf.shape
+        n = new.shape[2]
         key = (slots, heads, cap, n, buf.device)
         if self._index is None or self._index[0] != key:
-            rows = self._row_numbers(buf)[:, None, None]
+            rows = self._row_numbers(new)[:, None, None]
             lengths = torch.tensor(self.lengths, device=buf.device)[:, None, None]
             h = torch.arange(heads, device=buf.device)[None, :, None]
             self._index = (key, ((rows * heads + h) * cap + lengths + torch.arange(n, device=buf.device)).reshape(-1))

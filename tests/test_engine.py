@@ -95,12 +95,15 @@ def test_what_a_reader_was_handed_never_changes(tiny_dirs, monkeypatch):
     while later tokens are written (and the buffer grows)."""
     monkeypatch.setattr(engine_module, "IDS_ROOM", 2)
     model, tok = _model(tiny_dirs, "v2")
-    ids = tok(["Hello world"], return_tensors="pt")["input_ids"]
+    ids = tok(["Hello world"], return_tensors="pt")["input_ids"].int()  # int32 in, int64 out, as without the engine
+    plain = list(generate_stream(model, ids, max_new_tokens=9, eos_token_id=[-1]))
     engine = attach(model, max_batch=2)
     try:
         seen = [(out, out.clone()) for out in generate_stream(model, ids, max_new_tokens=9, eos_token_id=[-1])]
     finally:
         engine.close()
+    assert {(out.dtype, out.is_inference()) for out, _ in seen} == {(p.dtype, p.is_inference()) for p in plain}
+    assert torch.equal(seen[-1][0], plain[-1])
     assert [out.shape[1] for out, _ in seen] == list(range(ids.shape[1] + 1, ids.shape[1] + 10))
     assert all(torch.equal(out, copy) for out, copy in seen)
     assert torch.equal(seen[-1][0][:, : ids.shape[1]], ids)
