@@ -27,10 +27,10 @@ not mean shared keys: it always prefills whole.)
 
 Bit for bit: a row's result must not depend on the rows sharing its forward (chunks, batches, a kept prefix computed
 in an earlier decode). On the CPU each decode row is computed on its own: bf16/fp16 and INT8/INT4 weights, norms and
-rotary by our kernels, and attention over exactly the row's own keys (layers.KeyLengths, layers.decode_rows), with
-fp32 or bf16 activations alike, so a decode row in a batch gets the bits it gets alone (fp32 weights too, by our
-kernel up to quantization.ops.FAST_LINEAR_MAX_ROWS rows: a larger max_batch puts bigger batches on torch's sgemm,
-whose last bits depend on the row count, logits within about 1e-6). A prompt read in pieces (chunks,
+rotary by our kernels, and attention over exactly the row's own keys (layers.KeyLengths: our kernel for fp32 and
+bf16 activations, layers.decode_rows elsewhere), so a decode row in a batch gets the bits it gets alone (fp32
+weights too, by our kernel up to quantization.ops.FAST_LINEAR_MAX_ROWS rows: a larger max_batch puts bigger
+batches on torch's sgemm, whose last bits depend on the row count, logits within about 1e-6). A prompt read in pieces (chunks,
 or only its end after a kept prefix) is another matter: its attention runs through torch's SDPA, whose rounding
 depends on where the prompt was cut, on a CPU with native bf16 matmuls bf16 weights (above 16 rows) take torch's
 bf16 GEMM for prompts, and INT8/INT4 weights (32+ rows, settings.cpu_quantized_gemm) a GEMM: ours on AVX-512 VNNI

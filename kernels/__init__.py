@@ -178,8 +178,9 @@ class CpuKernel:
         f, lg = ctypes.c_float, ctypes.c_long
         self.lib.rms_norm_f32.argtypes = [p, p, i, p, i, i, f]
         self.lib.rotary_f32.argtypes = [p, i, lg, i, i, i, p]
-        self.lib.attention_decode_f32.argtypes = [p, lg, p, p, lg, lg, lg, p, p, i, i, i, i, i, f]
-        self.lib.attention_decode_f32.restype = i
+        for name in ("attention_decode_f32", "attention_decode_bf16"):
+            getattr(self.lib, name).argtypes = [p, lg, p, p, lg, lg, lg, p, p, i, i, i, i, i, f]
+            getattr(self.lib, name).restype = i
         self.lib.silu_mul_f32.argtypes = [p, p, i, i]
         self.openmp = bool(self.lib.has_openmp())
         level = self.lib.simd_level()
@@ -292,21 +293,25 @@ class CpuKernel:
         return x
 
     def attention_decode(self, q, k, v, heads, scale, lengths=None):
-        """One query per head: q [b, ...] fp32 whose rows hold heads * d contiguous floats (row stride
-        q.stride(0)); k, v [b, groups, T, d] fp32 with d contiguous and equal strides -> [b, heads * d]. lengths:
-        int32 [b], row r attending to its first lengths[r] keys (None: all T); each row's result is the same
-        whatever rows share the call."""
+        """One query per head: q [b, ...] whose rows hold heads * d contiguous elements (row stride q.stride(0));
+        k, v [b, groups, T, d] with d contiguous and equal strides; all fp32 or all bf16 (read as they are,
+        computed in fp32) -> fp32 [b, heads * d]. lengths: int32 [b], row r attending to its first lengths[r] keys
+        (None: all T); each row's result is the same whatever rows share the call."""
         b, groups, t, d = k.shape
         if v.stride() != k.stride() or k.stride(-1) != 1:
             raise ValueError("attention_decode needs k and v with the same strides and contiguous rows")
+        if not q.dtype == k.dtype == v.dtype or q.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"attention_decode needs q, k, v all fp32 or all bf16, not {q.dtype}, {k.dtype}, "
+                             f"{v.dtype}")  # fmt: skip
         if lengths is not None and (lengths.dtype != torch.int32 or lengths.shape != (b,)):
             raise ValueError(f"attention_decode needs int32 lengths of shape ({b},)")
         self._sync_threads()
         out = torch.empty(b, heads * d, dtype=torch.float32)
         sb, sg, st, _ = k.stride()
         lens = None if lengths is None else lengths.contiguous()
-        if self.lib.attention_decode_f32(q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), sb, sg, st,
-                                         self._ptr(lens), out.data_ptr(), b, heads, groups, t, d, scale):  # fmt: skip
+        fn = self.lib.attention_decode_f32 if q.dtype == torch.float32 else self.lib.attention_decode_bf16
+        if fn(q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), sb, sg, st, self._ptr(lens), out.data_ptr(), b,
+              heads, groups, t, d, scale):  # fmt: skip
             raise MemoryError("out of memory in the CPU decode attention kernel")
         return out
 

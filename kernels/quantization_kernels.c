@@ -1835,31 +1835,58 @@ void rotary_f32(float *x, int rows, long row_stride, int heads, int head_dim, in
 
 
 #ifdef USE_AVX2
-/* scores sc[h * T + t] = k[t] . qs[h] (qs is [per, d], d a multiple of 8): 8 dims a vector, four keys at a time
- * against one head (the keys stay in L1 across the group's heads). */
-static void att_scores(const float *kg, long st, const float *qs, int d, int T, int per, float *sc) {
+/* 8 cached floats at element i of an fp32 or bf16 (kv_bf16) buffer */
+static inline __attribute__((always_inline)) __m256 kv_load8(const void *p, size_t i, const int kv_bf16) {
+    if (kv_bf16)
+        return _mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i))), 16));
+    return _mm256_loadu_ps((const float *)p + i);
+}
+
+/* scores sc[h * T + t] = k[t] . qs[h] (qs is [per, d] fp32, d a multiple of 8; k fp32 or bf16, row stride st
+ * elements): 8 dims a vector, four keys at a time against one head (the keys stay in L1 across the group's
+ * heads). */
+static inline __attribute__((always_inline)) void att_scores(const void *kg, long st, const float *qs, int d, int T,
+                                                             int per, float *sc, const int kv_bf16) {
     int t = 0;
     for (; t + 4 <= T; t += 4) {
-        const float *k0 = kg + (size_t)t * st, *k1 = k0 + st, *k2 = k1 + st, *k3 = k2 + st;
-        for (int h = 0; h < per; h++) {
+        size_t r0 = (size_t)t * st, r1 = r0 + st, r2 = r1 + st, r3 = r2 + st;
+        int h = 0;
+        for (; h + 2 <= per; h += 2) { /* two heads: each key vector loaded once for both */
+            const float *qa = qs + (size_t)h * d, *qb = qa + d;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+            for (int j = 0; j < d; j += 8) {
+                __m256 qva = _mm256_loadu_ps(qa + j), qvb = _mm256_loadu_ps(qb + j);
+                __m256 k0 = kv_load8(kg, r0 + j, kv_bf16), k1 = kv_load8(kg, r1 + j, kv_bf16);
+                __m256 k2 = kv_load8(kg, r2 + j, kv_bf16), k3 = kv_load8(kg, r3 + j, kv_bf16);
+                a0 = _mm256_fmadd_ps(k0, qva, a0), b0 = _mm256_fmadd_ps(k0, qvb, b0);
+                a1 = _mm256_fmadd_ps(k1, qva, a1), b1 = _mm256_fmadd_ps(k1, qvb, b1);
+                a2 = _mm256_fmadd_ps(k2, qva, a2), b2 = _mm256_fmadd_ps(k2, qvb, b2);
+                a3 = _mm256_fmadd_ps(k3, qva, a3), b3 = _mm256_fmadd_ps(k3, qvb, b3);
+            }
+            float *s = sc + (size_t)h * T + t, *z = s + T;
+            s[0] = hsum256(a0), s[1] = hsum256(a1), s[2] = hsum256(a2), s[3] = hsum256(a3);
+            z[0] = hsum256(b0), z[1] = hsum256(b1), z[2] = hsum256(b2), z[3] = hsum256(b3);
+        }
+        for (; h < per; h++) {
             const float *qh = qs + (size_t)h * d;
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             for (int j = 0; j < d; j += 8) {
                 __m256 qv = _mm256_loadu_ps(qh + j);
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(k0 + j), qv, a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(k1 + j), qv, a1);
-                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(k2 + j), qv, a2);
-                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(k3 + j), qv, a3);
+                a0 = _mm256_fmadd_ps(kv_load8(kg, r0 + j, kv_bf16), qv, a0);
+                a1 = _mm256_fmadd_ps(kv_load8(kg, r1 + j, kv_bf16), qv, a1);
+                a2 = _mm256_fmadd_ps(kv_load8(kg, r2 + j, kv_bf16), qv, a2);
+                a3 = _mm256_fmadd_ps(kv_load8(kg, r3 + j, kv_bf16), qv, a3);
             }
             float *s = sc + (size_t)h * T + t;
             s[0] = hsum256(a0), s[1] = hsum256(a1), s[2] = hsum256(a2), s[3] = hsum256(a3);
         }
     }
     for (; t < T; t++) {
-        const float *kt = kg + (size_t)t * st;
+        size_t r = (size_t)t * st;
         for (int h = 0; h < per; h++) {
             __m256 a = _mm256_setzero_ps();
-            for (int j = 0; j < d; j += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(kt + j), _mm256_loadu_ps(qs + (size_t)h * d + j), a);
+            for (int j = 0; j < d; j += 8) a = _mm256_fmadd_ps(kv_load8(kg, r + j, kv_bf16), _mm256_loadu_ps(qs + (size_t)h * d + j), a);
             sc[(size_t)h * T + t] = hsum256(a);
         }
     }
@@ -1890,9 +1917,10 @@ static float att_softmax_row(float *s, int n) {
 #endif
 
 /* Single-query attention: out[b, h * d + j] = sum_t softmax_t(scale * q[b, h] . k[b, g, t]) v[b, g, t, j], head
- * h reading KV group g = h / per (per = heads / groups). q: row stride q_stride floats per batch row, heads * d
- * contiguous; k, v: strides (sb, sg, st) in floats with d contiguous. The `per` heads of a group are done
- * together, so each cached key and value is read once per group, not once per head (ChatGLM2: 16 heads a
+ * h reading KV group g = h / per (per = heads / groups). q: row stride q_stride elements per batch row, heads * d
+ * contiguous; k, v: strides (sb, sg, st) in elements with d contiguous; q, k, v all fp32 or all bf16 (a bf16
+ * model's activations and cache: read as they are, computed in fp32); out fp32. The `per` heads of a group are
+ * done together, so each cached key and value is read once per group, not once per head (ChatGLM2: 16 heads a
  * group): scores s[h, t] = k[t] . (scale q)[h] vectorized over d (d a multiple of 8; else scalar), a softmax per
  * head vectorized over t, then out[h] += s[h, t] v[t] over blocks of TB positions that stay in L1. (Vectorizing
  * the scores over 8 heads instead, queries transposed, was 1.4x slower at ChatGLM2's 16 heads a group and left
@@ -1900,15 +1928,21 @@ static float att_softmax_row(float *s, int n) {
  * lens: row bi attends to its first lens[bi] keys (rows of a batch at their own lengths), or NULL for T each. A
  * row's result depends only on its own query, keys and length: the same bits alone or beside any other rows. */
 #define ATT_TB 32
-int attention_decode_f32(const float *q, long q_stride, const float *k, const float *v, long sb, long sg, long st,
-                         const int *lens, float *out, int b, int heads, int groups, int T_all, int d, float scale) {
+static inline __attribute__((always_inline)) int attention_decode(const void *q, long q_stride, const void *k,
+                                                                  const void *v, long sb, long sg, long st,
+                                                                  const int *lens, float *out, int b, int heads,
+                                                                  int groups, int T_all, int d, float scale,
+                                                                  const int kv_bf16) {
     int per = heads / groups, units = b * groups, failed = 0;
+    const int et = kv_bf16 ? W_BF16 : W_FP32;
+    const size_t es = kv_bf16 ? 2 : 4;
 #pragma omp parallel for schedule(static)
     for (int u = 0; u < units; u++) {
         int bi = u / groups, g = u % groups;
         const int T = lens ? (lens[bi] < T_all ? lens[bi] : T_all) : T_all; /* this row's keys */
-        const float *kg = k + (size_t)bi * sb + (size_t)g * sg, *vg = v + (size_t)bi * sb + (size_t)g * sg;
-        const float *qg = q + (size_t)bi * q_stride + (size_t)g * per * d;
+        const size_t kv_off = (size_t)bi * sb + (size_t)g * sg;
+        const char *kg = (const char *)k + kv_off * es, *vg = (const char *)v + kv_off * es;
+        const char *qg = (const char *)q + ((size_t)bi * q_stride + (size_t)g * per * d) * es;
         float *og = out + (size_t)bi * heads * d + (size_t)g * per * d;
         float *qt = (float *)malloc((size_t)d * per * sizeof(float));
         float *sc = (float *)malloc(((size_t)T * per + 1) * sizeof(float));
@@ -1923,20 +1957,20 @@ int attention_decode_f32(const float *q, long q_stride, const float *k, const fl
         for (int h = 0; h < per; h++) mx[h] = -INFINITY, sum[h] = 0.f;
 #ifdef USE_AVX2
         if (d % 8 == 0) {
-            for (size_t i = 0; i < (size_t)per * d; i++) qt[i] = qg[i] * scale; /* [per, d] */
+            for (size_t i = 0; i < (size_t)per * d; i++) qt[i] = weight_at(qg, et, i) * scale; /* [per, d] */
             sct = 1, sch = (size_t)T;
-            att_scores(kg, st, qt, d, T, per, sc);
+            att_scores(kg, st, qt, d, T, per, sc, kv_bf16);
             for (int h = 0; h < per; h++) sum[h] = att_softmax_row(sc + (size_t)h * T, T);
         } else
 #endif
         {
             for (int h = 0; h < per; h++)
-                for (int j = 0; j < d; j++) qt[(size_t)j * per + h] = qg[(size_t)h * d + j] * scale;
+                for (int j = 0; j < d; j++) qt[(size_t)j * per + h] = weight_at(qg, et, (size_t)h * d + j) * scale;
             for (int t = 0; t < T; t++) {
-                const float *kt = kg + (size_t)t * st;
+                size_t kt = (size_t)t * st;
                 for (int h = 0; h < per; h++) {
                     float a = 0.f;
-                    for (int j = 0; j < d; j++) a += kt[j] * qt[(size_t)j * per + h];
+                    for (int j = 0; j < d; j++) a += weight_at(kg, et, kt + j) * qt[(size_t)j * per + h];
                     sc[(size_t)t * per + h] = a;
                     mx[h] = a > mx[h] ? a : mx[h];
                 }
@@ -1951,7 +1985,36 @@ int attention_decode_f32(const float *q, long q_stride, const float *k, const fl
         for (size_t i = 0; i < (size_t)per * d; i++) og[i] = 0.f;
         for (int t0 = 0; t0 < T; t0 += ATT_TB) {
             int t1 = t0 + ATT_TB < T ? t0 + ATT_TB : T;
-            for (int h = 0; h < per; h++) {
+            int h = 0;
+#ifdef USE_AVX2
+            for (; h + 2 <= per; h += 2) { /* two heads: each value vector loaded once for both */
+                float *oa = og + (size_t)h * d, *ob = oa + d;
+                const float *sa = sc + (size_t)h * sch, *sb2 = sa + sch;
+                int j = 0;
+                for (; j + 16 <= d; j += 16) {
+                    __m256 a0 = _mm256_loadu_ps(oa + j), a1 = _mm256_loadu_ps(oa + j + 8);
+                    __m256 b0 = _mm256_loadu_ps(ob + j), b1 = _mm256_loadu_ps(ob + j + 8);
+                    for (int t2 = t0; t2 < t1; t2++) {
+                        size_t vt = (size_t)t2 * st + j;
+                        __m256 v0 = kv_load8(vg, vt, kv_bf16), v1 = kv_load8(vg, vt + 8, kv_bf16);
+                        __m256 pa = _mm256_broadcast_ss(sa + (size_t)t2 * sct), pb = _mm256_broadcast_ss(sb2 + (size_t)t2 * sct);
+                        a0 = _mm256_fmadd_ps(pa, v0, a0), a1 = _mm256_fmadd_ps(pa, v1, a1);
+                        b0 = _mm256_fmadd_ps(pb, v0, b0), b1 = _mm256_fmadd_ps(pb, v1, b1);
+                    }
+                    _mm256_storeu_ps(oa + j, a0), _mm256_storeu_ps(oa + j + 8, a1);
+                    _mm256_storeu_ps(ob + j, b0), _mm256_storeu_ps(ob + j + 8, b1);
+                }
+                for (; j < d; j++) {
+                    float x = oa[j], y = ob[j];
+                    for (int t2 = t0; t2 < t1; t2++) {
+                        float w = weight_at(vg, et, (size_t)t2 * st + j);
+                        x += sa[(size_t)t2 * sct] * w, y += sb2[(size_t)t2 * sct] * w;
+                    }
+                    oa[j] = x, ob[j] = y;
+                }
+            }
+#endif
+            for (; h < per; h++) {
                 float *oh = og + (size_t)h * d;
                 const float *sh = sc + (size_t)h * sch;
                 int j = 0;
@@ -1960,12 +2023,12 @@ int attention_decode_f32(const float *q, long q_stride, const float *k, const fl
                     __m256 a0 = _mm256_loadu_ps(oh + j), a1 = _mm256_loadu_ps(oh + j + 8);
                     __m256 a2 = _mm256_loadu_ps(oh + j + 16), a3 = _mm256_loadu_ps(oh + j + 24);
                     for (int t2 = t0; t2 < t1; t2++) {
-                        const float *vt = vg + (size_t)t2 * st + j;
+                        size_t vt = (size_t)t2 * st + j;
                         __m256 p = _mm256_broadcast_ss(sh + (size_t)t2 * sct);
-                        a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt), a0);
-                        a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 8), a1);
-                        a2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 16), a2);
-                        a3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 24), a3);
+                        a0 = _mm256_fmadd_ps(p, kv_load8(vg, vt, kv_bf16), a0);
+                        a1 = _mm256_fmadd_ps(p, kv_load8(vg, vt + 8, kv_bf16), a1);
+                        a2 = _mm256_fmadd_ps(p, kv_load8(vg, vt + 16, kv_bf16), a2);
+                        a3 = _mm256_fmadd_ps(p, kv_load8(vg, vt + 24, kv_bf16), a3);
                     }
                     _mm256_storeu_ps(oh + j, a0), _mm256_storeu_ps(oh + j + 8, a1);
                     _mm256_storeu_ps(oh + j + 16, a2), _mm256_storeu_ps(oh + j + 24, a3);
@@ -1974,13 +2037,13 @@ int attention_decode_f32(const float *q, long q_stride, const float *k, const fl
                     __m256 a = _mm256_loadu_ps(oh + j);
                     for (int t2 = t0; t2 < t1; t2++)
                         a = _mm256_fmadd_ps(_mm256_broadcast_ss(sh + (size_t)t2 * sct),
-                                            _mm256_loadu_ps(vg + (size_t)t2 * st + j), a);
+                                            kv_load8(vg, (size_t)t2 * st + j, kv_bf16), a);
                     _mm256_storeu_ps(oh + j, a);
                 }
 #endif
                 for (; j < d; j++) {
                     float a = oh[j];
-                    for (int t2 = t0; t2 < t1; t2++) a += sh[(size_t)t2 * sct] * vg[(size_t)t2 * st + j];
+                    for (int t2 = t0; t2 < t1; t2++) a += sh[(size_t)t2 * sct] * weight_at(vg, et, (size_t)t2 * st + j);
                     oh[j] = a;
                 }
             }
@@ -1992,6 +2055,17 @@ int attention_decode_f32(const float *q, long q_stride, const float *k, const fl
         free(qt), free(sc), free(mx);
     }
     return failed ? -1 : 0;
+}
+
+int attention_decode_f32(const float *q, long q_stride, const float *k, const float *v, long sb, long sg, long st,
+                         const int *lens, float *out, int b, int heads, int groups, int T_all, int d, float scale) {
+    return attention_decode(q, q_stride, k, v, sb, sg, st, lens, out, b, heads, groups, T_all, d, scale, 0);
+}
+
+int attention_decode_bf16(const uint16_t *q, long q_stride, const uint16_t *k, const uint16_t *v, long sb, long sg,
+                          long st, const int *lens, float *out, int b, int heads, int groups, int T_all, int d,
+                          float scale) {
+    return attention_decode(q, q_stride, k, v, sb, sg, st, lens, out, b, heads, groups, T_all, d, scale, 1);
 }
 
 /* out[r, i] = silu(h[r, i]) * h[r, f + i] for rows of 2f (the [gate | up] output of ChatGLM2's h_to_4h). */

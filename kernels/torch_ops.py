@@ -95,6 +95,7 @@ class CompiledKernel:
         # Not an operator: it reads strided cache views. The fixed-shape decode step (what gets compiled) runs
         # SDPA with a mask instead; this is the same arithmetic in PyTorch ops for anything else compiled.
         b, groups, t, d = k.shape
+        q, k, v = q.float(), k.float(), v.float()  # as the kernel: bf16 read as it is, computed in fp32
         qg = q[:, : heads * d].reshape(b, groups, heads // groups, d)
         scores = torch.matmul(qg, k.transpose(-1, -2)) * scale
         if lengths is not None:

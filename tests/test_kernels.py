@@ -388,33 +388,47 @@ def test_rotary_helper_equals_apply_rotary(kernel, rows, heads, head_dim, rot):
 @pytest.mark.parametrize(
     ("b", "heads", "groups", "t", "d"),
     # ChatGLM2/3 (16 heads a group), ChatGLM-6B (one head a group), the tiny models (2), odd sizes
-    [(1, 32, 2, 300, 128), (1, 32, 32, 130, 128), (3, 4, 2, 37, 16), (2, 4, 4, 1, 16), (2, 6, 3, 37, 12),
-     (2, 3, 1, 5, 24)],
+    [
+        (1, 32, 2, 300, 128),
+        (1, 32, 32, 130, 128),
+        (3, 4, 2, 37, 16),
+        (2, 4, 4, 1, 16),
+        (2, 6, 3, 37, 12),
+        (2, 3, 1, 5, 24),
+    ],
 )
-def test_attention_decode_helper(kernel, threads, b, heads, groups, t, d):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_attention_decode_helper(kernel, threads, b, heads, groups, t, d, dtype):
+    """fp32 or bf16 q, k, v (a bf16 model's activations and cache, read as they are): computed in fp32, close to
+    a float64 reference on the same values."""
     from chatglm.kv_cache import KVCache
     from chatglm.layers import decode_attention
 
     g = torch.Generator().manual_seed(t + heads)
     cache = KVCache.empty(1, t + 9)  # strided views into a preallocated cache, as decode sees them
-    k, v = cache.append(0, torch.randn(b, groups, t, d, generator=g) * 3, torch.randn(b, groups, t, d, generator=g))
-    qkv = torch.randn(b, heads * d + 2 * groups * d, generator=g)  # q first in the row, as in the projection
+    k, v = cache.append(0, (torch.randn(b, groups, t, d, generator=g) * 3).to(dtype),
+                        torch.randn(b, groups, t, d, generator=g).to(dtype))  # fmt: skip
+    qkv = torch.randn(b, heads * d + 2 * groups * d, generator=g).to(dtype)  # q first in the row, as in the projection
     q = qkv[:, : heads * d].view(b, heads, 1, d)
     ref = decode_attention(q.double(), k.double(), v.double()).reshape(b, heads * d)
     out = kernel.attention_decode(qkv, k, v, heads, d**-0.5)
-    assert out.shape == (b, heads * d)
+    assert out.shape == (b, heads * d) and out.dtype == torch.float32
     assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-5)
+    if dtype == torch.bfloat16:
+        with pytest.raises(ValueError, match="all fp32 or all bf16"):
+            kernel.attention_decode(qkv.float(), k, v, heads, d**-0.5)
 
 
-def test_attention_decode_rows_at_their_own_lengths(kernel, threads):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_attention_decode_rows_at_their_own_lengths(kernel, threads, dtype):
     """With `lengths` each row attends to its own first keys and gets the bits it gets alone (a call over exactly
     its keys), close to the reference."""
     from chatglm.layers import decode_attention
 
     b, heads, groups, t, d = 3, 8, 2, 41, 32
     g = torch.Generator().manual_seed(7)
-    k, v = (torch.randn(b, groups, t, d, generator=g) for _ in range(2))
-    q = torch.randn(b, heads * d, generator=g)
+    k, v = (torch.randn(b, groups, t, d, generator=g).to(dtype) for _ in range(2))
+    q = torch.randn(b, heads * d, generator=g).to(dtype)
     lengths = torch.tensor([17, 41, 1], dtype=torch.int32)
     out = kernel.attention_decode(q, k, v, heads, d**-0.5, lengths)
     for r, n in enumerate(lengths.tolist()):
@@ -439,40 +453,49 @@ def test_silu_mul_helper(kernel, f):
     assert torch.allclose(out.double(), ref, rtol=1e-6, atol=1e-6)
 
 
-def test_glm2_decode_with_helpers_equals_torch_path(tiny_dirs, monkeypatch):
-    """The tiny v2 model decodes the same tokens, with close logits, with the kernel modules and with their torch
-    references swapped back (chatglm/layers.py)."""
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_glm2_decode_with_helpers_equals_torch_path(tiny_dirs, monkeypatch, dtype):
+    """The tiny v2 model decodes with close logits (fp32: the same greedy tokens) with the kernel modules and with
+    their torch references swapped back (chatglm/layers.py). bf16: on a CPU with native bf16 matmuls the
+    activations and cache stay bf16 and the decode attention reads them as they are (elsewhere they are fp32)."""
     import chatglm
     from chatglm import layers
 
-    model = chatglm.load_model(str(tiny_dirs["v2"]), dtype="fp32").eval()
+    model = chatglm.load_model(str(tiny_dirs["v2"]), dtype=dtype).eval()
     ids = torch.randint(5, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    forced = torch.randint(5, 100, (5, 2, 1), generator=torch.Generator().manual_seed(1))  # bf16: the same inputs
 
     def run():
         from chatglm.kv_cache import KVCache
 
         logits, tokens, cache = [], ids, KVCache.empty(len(model.transformer.encoder.layers), 32)
         with torch.inference_mode():
-            for _ in range(5):
+            for i in range(5):
                 out = model(tokens, past_key_values=cache, return_last_logit=True)
                 cache = out.past_key_values
-                logits.append(out.logits[:, -1])
-                tokens = out.logits[:, -1:].argmax(-1)
+                logits.append(out.logits[:, -1].float())
+                tokens = out.logits[:, -1:].argmax(-1) if dtype == "fp32" else forced[i]
         return torch.stack(logits)
 
     if kernels.get_cpu_kernel() is None:
         pytest.skip("the CPU kernels could not be built here (gcc missing)")
     used = []
     real = layers.cpu_kernel_for
-    monkeypatch.setattr(layers, "cpu_kernel_for", lambda x: used.append(real(x)) or used[-1])
+    monkeypatch.setattr(layers, "cpu_kernel_for", lambda x, *also: used.append(real(x, *also)) or used[-1])
     fast = run()
-    assert used and all(k is not None for k in used)  # every helper site took the C path
+    if dtype == "fp32":
+        assert used and all(k is not None for k in used)  # every helper site took the C path
+    else:  # bf16 activations: the decode attention (norms, rotary, SwiGLU: torch's); fp32 ones: every site
+        assert any(k is not None for k in used)
     used.clear()
     layers.use_kernels(model, False)
     slow = run()
     assert not used  # the references never ask for a kernel
-    assert torch.equal(fast.argmax(-1), slow.argmax(-1))
-    assert torch.allclose(fast, slow, rtol=1e-4, atol=1e-4)
+    if dtype == "fp32":
+        assert torch.equal(fast.argmax(-1), slow.argmax(-1))
+        assert torch.allclose(fast, slow, rtol=1e-4, atol=1e-4)
+    else:  # bf16 rounding of activations on both paths, in different places
+        assert (fast - slow).abs().max() <= 0.05 * slow.abs().max()
 
 
 def test_cpu_isa_switch_is_read_once_and_checked():
