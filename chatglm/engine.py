@@ -236,15 +236,16 @@ class Engine:
                         self._finish(req, e)
                 self._flush()
 
-    def _flush(self) -> None:
+    def _flush(self, everything: bool = False) -> None:
         """Hand new tokens and ends to their readers, after a step (a reader woken mid-step would take the GIL
         from the rows still being emitted): a request's first token and its end at once, otherwise what it has
-        pending once `stream_interval` seconds have passed since its last handover, all in one item (each
-        handover wakes the reader's thread, and on a model whose steps take less than a millisecond the readers'
-        wakeups and GIL handoffs were a fifth of the engine's time with 8 requests)."""
+        pending once `stream_interval` seconds have passed since its last handover (or `everything`: before a
+        prompt chunk, a long step), all in one item (each handover wakes the reader's thread, and on a model
+        whose steps take less than a millisecond the readers' wakeups and GIL handoffs were a fifth of the
+        engine's time with 8 requests)."""
         now, keep = time.perf_counter(), []
         for req in self._outbox:
-            if req.final or now - req.handed >= self.stream_interval:
+            if everything or req.final or now - req.handed >= self.stream_interval:
                 req.out.put(req.pending)
                 req.pending, req.handed = [], now
             else:
@@ -295,6 +296,7 @@ class Engine:
         req = next((r for r in self.slots if r is not None and r.next is None), None)
         if req is None:
             return
+        self._flush(everything=True)  # no token waits through a prompt chunk (seconds on a CPU)
         n = req.prompt.shape[1]
         end = min(n, req.read + self.prefill_chunk) if self.chunked else n
         out = self.model(input_ids=req.prompt[:, req.read : end], position_ids=req.position_ids[..., req.read : end],
