@@ -236,6 +236,18 @@ def _file_read_bytes(path: str, hf_dir: str, config) -> int:
 LOADERS = {"ours": load_ours, "chatglm.cpp": load_chatglm_cpp, "llama.cpp": load_llama_cpp}
 
 
+def huge_page_gib() -> float | None:
+    """GiB of this process's anonymous memory in transparent huge pages (Linux), None where unknown."""
+    try:
+        with open("/proc/self/smaps_rollup", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) / 2**20
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def worker_main(args) -> None:
     """One engine, one repetition: bandwidth, load, warm-up, the timed prompt and steps; a JSON line."""
     import torch
@@ -257,7 +269,7 @@ def worker_main(args) -> None:
     # faster of the two gives the floor (the stricter yardstick)
     bw = max(bw, bandwidth("cpu"))
     result = dict(engine=args.worker, load_s=load_s, prefill_s=times[0], step_s=times[1:], tokens=tokens[:8],
-                  bw=bw, read_bytes=read_bytes, threads=threads, peak_gib=peak)  # fmt: skip
+                  bw=bw, read_bytes=read_bytes, threads=threads, peak_gib=peak, huge_gib=huge_page_gib())  # fmt: skip
     print(json.dumps(result), flush=True)
 
 
@@ -383,8 +395,9 @@ def main(argv=None):
                 continue
             runs[engine].append(result)
             dec, floor = statistics.median(result["step_s"]) * 1e3, floor_ms(result)
+            huge = "" if result.get("huge_gib") is None else f", {result['huge_gib']:.2f} GiB in huge pages"
             print(f"# {engine} rep {rep + 1}: decode {dec:.1f} ms/token, floor {floor:.1f} ms ({floor / dec:.0%}), "
-                  f"prefill {result['prefill_s']:.2f} s, first tokens {result['tokens'][:4]}", flush=True)  # fmt: skip
+                  f"prefill {result['prefill_s']:.2f} s{huge}, first tokens {result['tokens'][:4]}", flush=True)  # fmt: skip
     print(
         "# columns: decode = median ms per greedy step (median over reps, range of the reps' medians); floor = "
         "bytes one step reads / copy bandwidth of that run (median over reps); of floor = floor / decode per rep "

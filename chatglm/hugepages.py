@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE = 14
+MADV_COLLAPSE = 25  # Linux 6.1+: back a range with huge pages now (compacting memory if it must)
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 # Tensors smaller than this stay where they are (a huge page must be wholly inside the tensor to help).
 MIN_BYTES = 4 << 20
@@ -68,11 +69,28 @@ def huge_page_empty(nbytes: int) -> torch.Tensor:
     return whole[offset : offset + nbytes]
 
 
+def collapse(address: int, nbytes: int) -> bool:
+    """Ask Linux to back the whole 2 MiB pages of [address, address + nbytes) with huge pages now
+    (MADV_COLLAPSE); True when it did. A page fault in MADV_HUGEPAGE memory takes a huge page only when one is
+    free at that moment, and with the page cache full of checkpoint shards part of a model's weights fell back
+    to 4 KiB pages (2.26 of 2.9 GiB in one load, 2.71 in the next; decode 119 against 83 ms/token). Kernels
+    before 6.1 refuse it (EINVAL): the memory stays as it is."""
+    start = address + (-address) % HUGE_PAGE
+    span = (address + nbytes - start) // HUGE_PAGE * HUGE_PAGE
+    if span <= 0:
+        return False
+    if _madvise()(start, span, MADV_COLLAPSE) != 0:
+        logger.debug("madvise(MADV_COLLAPSE) failed: errno %d", ctypes.get_errno())
+        return False
+    return True
+
+
 def to_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
     """A copy of a contiguous CPU tensor in huge-page memory (same dtype, shape and values)."""
     nbytes = tensor.numel() * tensor.element_size()
     out = huge_page_empty(nbytes).view(tensor.dtype).view(tensor.shape)
     out.copy_(tensor)
+    collapse(out.data_ptr(), nbytes)
     return out
 
 

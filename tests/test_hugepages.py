@@ -35,6 +35,35 @@ def test_tensor_copy_is_exact_and_advised():
     assert not torch.equal(out, src)
 
 
+def _anon_huge_kib(address: int) -> int:
+    """AnonHugePages (KiB) of the /proc/self/smaps mapping that holds `address` (0 when not found)."""
+    inside = False
+    with open("/proc/self/smaps", encoding="ascii") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(v, 16) for v in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1])
+    return 0
+
+
+def test_a_copy_is_collapsed_into_huge_pages_where_linux_can():
+    """to_huge_pages asks for the whole range at once (MADV_COLLAPSE): where Linux says it did, every whole 2 MiB
+    page of the copy is a huge page, whatever was free when the copy faulted its pages in."""
+    if not hugepages.enabled():
+        import pytest
+
+        pytest.skip(f"transparent huge pages are {hugepages.thp_mode() or 'unavailable'} here")
+    src = torch.arange(5 << 20, dtype=torch.int32)  # 20 MiB
+    out = hugepages.to_huge_pages(src)
+    assert torch.equal(out, src)
+    if hugepages.collapse(out.data_ptr(), out.numel() * 4):  # again: a no-op on pages already huge
+        assert _anon_huge_kib(out.data_ptr()) >= 10 * 2048  # 10 whole huge pages
+    assert not hugepages.collapse(out.data_ptr() + 4096, 8192)  # no whole huge page inside: nothing asked
+
+
 def test_model_moves_in_place_and_gives_the_same_logits(tiny_dirs, monkeypatch):
     import chatglm
 
