@@ -7,8 +7,8 @@ from chatglm import hugepages
 from kernels.settings import settings
 
 
-def _vm_flags(address: int) -> str:
-    """The VmFlags line of the /proc/self/smaps mapping that holds `address` ('' when not found)."""
+def _smaps_line(address: int, field: str) -> str:
+    """The `field` line (e.g. 'VmFlags:') of the /proc/self/smaps mapping that holds `address` ('' when not found)."""
     inside = False
     with open("/proc/self/smaps", encoding="ascii") as f:
         for line in f:
@@ -16,9 +16,13 @@ def _vm_flags(address: int) -> str:
             if "-" in head and not head.endswith(":"):
                 start, end = (int(v, 16) for v in head.split("-"))
                 inside = start <= address < end
-            elif inside and head == "VmFlags:":
+            elif inside and head == field:
                 return line
     return ""
+
+
+def _vm_flags(address: int) -> str:
+    return _smaps_line(address, "VmFlags:")
 
 
 def test_tensor_copy_is_exact_and_advised():
@@ -36,17 +40,9 @@ def test_tensor_copy_is_exact_and_advised():
 
 
 def _anon_huge_kib(address: int) -> int:
-    """AnonHugePages (KiB) of the /proc/self/smaps mapping that holds `address` (0 when not found)."""
-    inside = False
-    with open("/proc/self/smaps", encoding="ascii") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                start, end = (int(v, 16) for v in head.split("-"))
-                inside = start <= address < end
-            elif inside and head == "AnonHugePages:":
-                return int(line.split()[1])
-    return 0
+    """AnonHugePages (KiB) of the mapping that holds `address` (0 when not found)."""
+    line = _smaps_line(address, "AnonHugePages:")
+    return int(line.split()[1]) if line else 0
 
 
 def test_a_copy_is_collapsed_into_huge_pages_where_linux_can():
