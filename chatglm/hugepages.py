@@ -57,15 +57,26 @@ def _madvise():
     return fn
 
 
+def _advise(address: int, nbytes: int, advice: int, name: str) -> bool:
+    """madvise the whole 2 MiB pages of [address, address + nbytes) (the rest keeps 4 KiB pages); True when Linux
+    took it, False when it refused or no whole huge page lies inside."""
+    start = address + (-address) % HUGE_PAGE
+    span = (address + nbytes - start) // HUGE_PAGE * HUGE_PAGE
+    if span <= 0:
+        return False
+    if _madvise()(start, span, advice) != 0:
+        logger.debug("madvise(%s) failed: errno %d", name, ctypes.get_errno())
+        return False
+    return True
+
+
 def huge_page_empty(nbytes: int) -> torch.Tensor:
     """A uint8 CPU tensor of nbytes whose 2 MiB-aligned whole pages are advised MADV_HUGEPAGE. The memory
     belongs to an anonymous private mapping that lives as long as the tensor (and its views)."""
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = torch.frombuffer(region, dtype=torch.uint8)  # holds a reference to the mapping
     offset = (-whole.data_ptr()) % HUGE_PAGE
-    span = nbytes // HUGE_PAGE * HUGE_PAGE  # the tail beyond the last whole huge page keeps 4 KiB pages
-    if span and _madvise()(whole.data_ptr() + offset, span, MADV_HUGEPAGE) != 0:
-        logger.debug("madvise(MADV_HUGEPAGE) failed: errno %d", ctypes.get_errno())
+    _advise(whole.data_ptr() + offset, nbytes, MADV_HUGEPAGE, "MADV_HUGEPAGE")
     return whole[offset : offset + nbytes]
 
 
@@ -75,14 +86,7 @@ def collapse(address: int, nbytes: int) -> bool:
     free at that moment, and with the page cache full of checkpoint shards part of a model's weights fell back
     to 4 KiB pages (2.26 of 2.9 GiB in one load, 2.71 in the next; decode 119 against 83 ms/token). Kernels
     before 6.1 refuse it (EINVAL): the memory stays as it is."""
-    start = address + (-address) % HUGE_PAGE
-    span = (address + nbytes - start) // HUGE_PAGE * HUGE_PAGE
-    if span <= 0:
-        return False
-    if _madvise()(start, span, MADV_COLLAPSE) != 0:
-        logger.debug("madvise(MADV_COLLAPSE) failed: errno %d", ctypes.get_errno())
-        return False
-    return True
+    return _advise(address, nbytes, MADV_COLLAPSE, "MADV_COLLAPSE")
 
 
 def to_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
