@@ -44,6 +44,6 @@ if [ $# -eq 0 ] && .venv/bin/python -c "$BEYOND_AVX2" 2>/dev/null; then
   CHATGLM_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 run_pytest \
     tests/test_kernels.py tests/test_linear.py tests/test_quantization.py tests/test_static_decode.py \
     tests/test_generation.py tests/test_modeling.py tests/test_golden_models.py tests/test_kv_cache.py \
-    tests/test_utils.py tests/test_layers.py
+    tests/test_utils.py tests/test_layers.py tests/test_engine.py
 fi
 step "all checks passed"
