@@ -91,10 +91,10 @@ def build(config_dir: str, layers: int, dtype, bits: int, device: str, output: s
         from quantization import set_output_layer
 
         set_output_layer(model, output)
-    if device == "cpu":
-        from chatglm.hugepages import move_to_huge_pages
+    if device == "cpu":  # as the loader leaves it: the kernels' weight layout, huge pages
+        from chatglm.loading import settle_on_cpu
 
-        move_to_huge_pages(model)
+        settle_on_cpu(model)
     return model.eval(), real_layers
 
 

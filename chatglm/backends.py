@@ -24,8 +24,7 @@ from quantization import OUTPUT_LAYER_MODES, QuantizedLinear, set_output_layer
 from .adapters import apply_lora, read_adapter
 from .config import VERSIONS, ChatGLMConfig, require_directory
 from .device_map import OFFLOADED, auto_configure_device_map, dispatch, infer_device_map
-from .hugepages import move_to_huge_pages
-from .loading import load_model, read_shard, weight_files
+from .loading import load_model, read_shard, settle_on_cpu, weight_files
 from .loading import resolve_dtype as _parse_dtype
 from .static_decode import check_mode, check_model
 from .tokenizer import ChatGLMTokenizer
@@ -265,7 +264,7 @@ def load_model_and_tokenizer(
             apply_lora(model, lora)
         model = _place(model, device)
         if kind == "cpu":
-            move_to_huge_pages(model)
+            settle_on_cpu(model)
     tokenizer = ChatGLMTokenizer.from_pretrained(tok_path)
     model.eval()
     check_model(model, decode)  # before the first chat: a split model, or cuda_graph off CUDA, is an error

@@ -230,10 +230,19 @@ def load_model(path: str, config: ChatGLMConfig | None = None, dtype=None, devic
     if device is not None:
         model.to(device)
     if device is not None and torch.device(device).type == "cpu":
-        move_to_huge_pages(model)
+        settle_on_cpu(model)
     model.name_or_path = path
     model.generation_config = load_generation_config(path, config)
     return model
+
+
+def settle_on_cpu(model) -> None:
+    """A model that runs on the CPU, arranged for it: the quantized layers' weights in the kernels' layout
+    (quantization.pack_for_cpu), then the large tensors in huge pages (move_to_huge_pages)."""
+    from quantization import pack_for_cpu
+
+    pack_for_cpu(model)
+    move_to_huge_pages(model)
 
 
 def _quantized_modules(model) -> dict:

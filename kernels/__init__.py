@@ -166,8 +166,9 @@ class CpuKernel:
             getattr(self.lib, name).argtypes = [p, p, p, p, p, i, i, i]
         self.lib.w8_linear.restype = self.lib.w4_linear.restype = i
         self.lib.w4_linear_f.argtypes = [p, p, p, p, p, p, i, i, i]
-        self.lib.wq_gemm.argtypes = self.lib.wq_gemm_vnni.argtypes = [p, p, p, p, p, i, i, i, i]
-        self.lib.wq_gemm.restype = self.lib.wq_gemm_vnni.restype = i
+        for name in ("wq_gemm", "wq_gemm_vnni", "wq_rows_packed", "wq_gemm_packed"):
+            getattr(self.lib, name).argtypes = [p, p, p, p, p, i, i, i, i]
+            getattr(self.lib, name).restype = i
         self.lib.float_linear.argtypes = [p, p, p, p, i, i, i, i]
         self.lib.float_linear.restype = i
         self.lib.quantize_activations.argtypes = [p, p, p, i, i, i]
@@ -188,6 +189,9 @@ class CpuKernel:
         # AMX int8 tiles: built where the CPU has them (level 6) and granted by Linux (asked here, once)
         self.lib.set_amx.argtypes = [i]
         self.amx = level == 6 and bool(self.lib.gemm_tiles())
+        # INT8/INT4 weights in the lanes16 layout (quantization.ops.to_lanes16): the AVX-512 VNNI kernels' own, not
+        # AMX builds' (whose tiles read THUDM's layout)
+        self.packed_layout = level == 5
         self._amx_on = None
         self.simd = {
             0: "portable C",
@@ -218,15 +222,24 @@ class CpuKernel:
     def _ptr(t):
         return t.data_ptr() if t is not None else None  # ctypes takes a plain int for a c_void_p argument
 
-    def linear(self, x, weight, scale_f32, bits, bias=None, quantize_activations=None):
+    def linear(self, x, weight, scale_f32, bits, bias=None, quantize_activations=None, packed=False):
         """x [m, k] float32, weight int8 [n, k] or [n, k/2], scale_f32 [n] -> [m, n] float32.
         quantize_activations: None for the default (QUANTIZE_ACTIVATIONS), True for the int8-activation
-        kernel, False for the fp32-activation one."""
+        kernel, False for the fp32-activation one. packed: the weight is in the lanes16 layout (packed_layout
+        builds; int8 activations, the bits the THUDM layout gets)."""
         self._sync_threads()
         m, k = x.shape
         n = weight.shape[0]
         y = torch.empty(m, n, dtype=torch.float32)
         bias = bias.float().contiguous() if bias is not None else None
+        if packed:
+            rc = self.lib.wq_rows_packed(self._ptr(x), self._ptr(weight), self._ptr(scale_f32), self._ptr(bias),
+                                         self._ptr(y), m, n, k, bits)  # fmt: skip
+            if rc == -1:
+                raise MemoryError("out of memory in the CPU quantized linear kernel")
+            if rc:
+                raise ValueError(f"no lanes16 kernel for this build or shape ({n} x {k})")
+            return y
         if quantize_activations is None:
             quantize_activations = QUANTIZE_ACTIVATIONS[bits] and not settings.cpu_float_activations
         if quantize_activations:
@@ -242,18 +255,19 @@ class CpuKernel:
                                  self._ptr(bias), self._ptr(y), m, n, k)  # fmt: skip
         return y
 
-    def gemm(self, x, weight, scale_f32, bits, bias=None, tiles=True):
+    def gemm(self, x, weight, scale_f32, bits, bias=None, tiles=True, packed=False):
         """What linear() computes with int8 activations, as a GEMM for many rows (wq_gemm: the same integer sums per
         64-column block, summed over the blocks in another order): x [m, k] float32 -> [m, n] float32, or None
         where this build has no such kernel (has_gemm) or k is not a multiple of 64. On AMX (gemm_tiles) the
         integer sums come from the tiles unless tiles=False (INT4: the same bits either way; INT8 on the tiles sums
-        signed bytes, as linear() does there, so each row gets exactly what linear() gives it alone)."""
+        signed bytes, as linear() does there, so each row gets exactly what linear() gives it alone). packed: the
+        weight in the lanes16 layout (no tiles)."""
         self._sync_threads()
         m, k = x.shape
         n = weight.shape[0]
         y = torch.empty(m, n, dtype=torch.float32)
         bias = bias.float().contiguous() if bias is not None else None
-        fn = self.lib.wq_gemm if tiles else self.lib.wq_gemm_vnni
+        fn = self.lib.wq_gemm_packed if packed else self.lib.wq_gemm if tiles else self.lib.wq_gemm_vnni
         rc = fn(self._ptr(x), self._ptr(weight), self._ptr(scale_f32), self._ptr(bias), self._ptr(y), m, n, k, bits)
         if rc == -1:
             raise MemoryError("out of memory in the CPU quantized GEMM kernel")

@@ -683,6 +683,21 @@ static int wq_rows_amx(const float *x, const int8_t *w, const float *scale, cons
 #define LANES_MIN_ROWS 3 /* x rows from which the lanes kernels take over from wq_rows_bs (INT4 and INT8) */
 #endif
 #define LX 8 /* x rows per pass over a group of 16 weight rows */
+#ifndef XPAD /* bytes between quantized x rows beyond k: rows 4 KB apart share L1 sets (INT8 65024 x 4096, 8 rows: 5%) */
+#define XPAD 256
+#endif
+/* The lanes16 layout (wq_rows_packed): each thread reads its groups as one sequential stream, prefetched this many
+ * bytes ahead into L2. One or two x rows (memory-bound): 1 KB; more (compute-bound, x rows to keep in L1): 4 KB.
+ * Measured on a Zen 4, 2 threads, ChatGLM2 shapes at 8 rows: 2 KB ahead costs 10-35%, no prefetch 45-60%, T0
+ * hints 10-25%; at one or two rows T0 or 512 bytes ahead cost up to 5%. */
+#ifndef AHEAD_FEW
+#define AHEAD_FEW 1024
+#endif
+#ifndef AHEAD_MANY
+#define AHEAD_MANY 4096
+#endif
+#define PACKED_PREFETCH(src, i, nx)                                                                            \
+    _mm_prefetch((const char *)((src) + ((nx) <= 2 ? AHEAD_FEW : AHEAD_MANY) + 64 * (i)), _MM_HINT_T1)
 
 /* 8x8 dword transposes in both 256-bit halves of a[0..7] (a[i] = [row i | row i + 8], 8 dwords each) -> a[g] = dword
  * g of rows 0 .. 15, row order in the lanes. */
@@ -714,13 +729,14 @@ static inline __attribute__((always_inline)) void lanes_load(const int8_t *const
  * embedded broadcast (a separate broadcast costs the shuffle unit as much again; measured on a Zen 4). */
 #define LANES_DP(s, wv, p) __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(s) : "v"(wv), "m"(*(const int32_t *)(p)))
 
-/* One group of 16 weight rows (rows[], `pf`: the next group's rows, prefetched) against nx <= LX x rows (q: row
+/* One group of 16 weight rows (rows[], `pf`: the next group's rows, prefetched; or `gp`: the group in the lanes16
+ * layout, whose 64-byte vectors are what the transposition makes of rows[]) against nx <= LX x rows (q: row
  * stride k bytes; INT4: split order, as the q kernels quantize; d: row stride nb). f[r]: the 16 sums of x row r.
  * Registers: the block's transposed weights and one integer sum per x row (more for one to three rows, so that
  * the dependent vpdpbusd overlap). */
 static inline __attribute__((always_inline)) void lanes_group(const int8_t *const *rows, const int8_t *const *pf,
-                                                              int bits, const int8_t *q, size_t k, const float *d,
-                                                              size_t nb, int nx, __m512 *f) {
+                                                              const int8_t *gp, int bits, const int8_t *q, size_t k,
+                                                              const float *d, size_t nb, int nx, __m512 *f) {
     const __m512i m4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(bits == 4 ? (char)0x88 : (char)0x80);
     const int na = nx == 1 ? 4 : nx <= 3 ? 2 : 1; /* partial sums per x row (exact: any split gives the same sum) */
     for (int r = 0; r < nx; r++) f[r] = _mm512_setzero_ps();
@@ -728,7 +744,25 @@ static inline __attribute__((always_inline)) void lanes_group(const int8_t *cons
         __m512i v[16], s[LX < 4 ? 4 : LX]; /* INT4: v[0..7] */
         for (int r = 0; r < nx * na; r++) s[r] = _mm512_setzero_si512();
         const int8_t *qb = q + b * QB;
-        if (bits == 4) {
+        if (gp && bits == 4) {
+            const int8_t *src = gp + b * 512;
+            for (int i = 0; i < 8; i++) PACKED_PREFETCH(src, i, nx);
+            for (int g = 0; g < 8; g++) {
+                __m512i v8 = _mm512_xor_si512(_mm512_loadu_si512((const void *)(src + 64 * g)), flip);
+                __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v8, 4), m4), lo = _mm512_and_si512(v8, m4);
+                for (int r = 0; r < nx; r++) {
+                    LANES_DP(s[r * na + (2 * g) % na], hi, qb + r * k + 4 * g);
+                    LANES_DP(s[r * na + (2 * g + 1) % na], lo, qb + r * k + 32 + 4 * g);
+                }
+            }
+        } else if (gp) {
+            const int8_t *src = gp + b * 1024;
+            for (int i = 0; i < 16; i++) PACKED_PREFETCH(src, i, nx);
+            for (int g = 0; g < 16; g++) {
+                __m512i v8 = _mm512_xor_si512(_mm512_loadu_si512((const void *)(src + 64 * g)), flip);
+                for (int r = 0; r < nx; r++) LANES_DP(s[r * na + g % na], v8, qb + r * k + 4 * g);
+            }
+        } else if (bits == 4) {
             size_t off = b * 32;
             if (pf && !(b & 1))
                 for (int i = 0; i < 16; i++) _mm_prefetch((const char *)(pf[i] + off), VNNI_PREFETCH);
@@ -770,15 +804,19 @@ static inline __attribute__((always_inline)) void lanes_group(const int8_t *cons
     }
 }
 
-static void lanes_groups(const int8_t *const *rows, const int8_t *const *pf, int bits, const int8_t *q, size_t k,
-                         const float *d, size_t nb, int nx, __m512 *f) {
+static void lanes_groups(const int8_t *const *rows, const int8_t *const *pf, const int8_t *gp, int bits,
+                         const int8_t *q, size_t k, const float *d, size_t nb, int nx, __m512 *f) {
     switch (nx) { /* one instance per x-row count: f[] and the weight vectors stay in registers */
 #define LANES_CASE(N)                                                                                          \
     case N:                                                                                                    \
-        if (bits == 4)                                                                                         \
-            lanes_group(rows, pf, 4, q, k, d, nb, N, f);                                                       \
+        if (gp && bits == 4)                                                                                   \
+            lanes_group(NULL, NULL, gp, 4, q, k, d, nb, N, f);                                                 \
+        else if (gp)                                                                                           \
+            lanes_group(NULL, NULL, gp, 8, q, k, d, nb, N, f);                                                 \
+        else if (bits == 4)                                                                                    \
+            lanes_group(rows, pf, NULL, 4, q, k, d, nb, N, f);                                                 \
         else                                                                                                   \
-            lanes_group(rows, pf, 8, q, k, d, nb, N, f);                                                       \
+            lanes_group(rows, pf, NULL, 8, q, k, d, nb, N, f);                                                 \
         break;
         LANES_CASE(1) LANES_CASE(2) LANES_CASE(3) LANES_CASE(4) LANES_CASE(5) LANES_CASE(6) LANES_CASE(7) LANES_CASE(8)
 #undef LANES_CASE
@@ -787,10 +825,11 @@ static void lanes_groups(const int8_t *const *rows, const int8_t *const *pf, int
 
 /* k % 64 == 0. Rows past n in the last group repeat row n - 1 (their outputs are not stored). */
 static int wq_rows_lanes(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m,
-                         int n, int k, int bits) {
+                         int n, int k, int bits, int packed) {
     int nb = k / QB;
     size_t stride = bits == 4 ? (size_t)(k / 2) : (size_t)k;
-    int8_t *q = (int8_t *)malloc((size_t)m * k + 64);
+    size_t qs = (size_t)k + XPAD; /* x rows' stride */
+    int8_t *q = (int8_t *)malloc((size_t)m * qs + 64);
     float *d = (float *)malloc(((size_t)m * nb + 1) * sizeof(float));
     float *corr = (float *)malloc(((size_t)m + 1) * sizeof(float));
     if (!q || !d || !corr) {
@@ -798,7 +837,7 @@ static int wq_rows_lanes(const float *x, const int8_t *w, const float *scale, co
         return -1;
     }
     for (int b = 0; b < m; b++)
-        corr[b] = quantize_row(x + (size_t)b * k, k, bits == 4, nb, q + (size_t)b * k, d + (size_t)b * nb);
+        corr[b] = quantize_row(x + (size_t)b * k, k, bits == 4, nb, q + (size_t)b * qs, d + (size_t)b * nb);
     const float off = bits == 4 ? 8.f : 128.f;
     int groups = (n + 15) / 16;
 #pragma omp parallel for schedule(static)
@@ -815,7 +854,7 @@ static int wq_rows_lanes(const float *x, const int8_t *w, const float *scale, co
         for (int r0 = 0; r0 < m; r0 += LX) {
             int nx = m - r0 < LX ? m - r0 : LX;
             __m512 f[LX];
-            lanes_groups(rows, r0 == 0 && o0 + 16 < n ? next : NULL, bits, q + (size_t)r0 * k, (size_t)k,
+            lanes_groups(rows, r0 == 0 && o0 + 16 < n ? next : NULL, packed ? w + (size_t)o0 * stride : NULL, bits, q + (size_t)r0 * qs, qs,
                          d + (size_t)r0 * nb, (size_t)nb, nx, f);
             for (int r = 0; r < nx; r++) {
                 __m512 c = _mm512_set1_ps(off * corr[r0 + r]);
@@ -842,7 +881,7 @@ static int wq_linear(const float *x, const int8_t *w, const float *scale, const 
     if (k % QB == 0) {
         if (m < LANES_MIN_ROWS && n % 8 == 0 && (k / QB) % 2 == 0)
             return wq_rows_bs(x, w, scale, bias, y, m, n, k, bits);
-        return wq_rows_lanes(x, w, scale, bias, y, m, n, k, bits);
+        return wq_rows_lanes(x, w, scale, bias, y, m, n, k, bits, 0);
     }
 #endif
     int nb = (k + QB - 1) / QB;
@@ -958,9 +997,10 @@ int w4_linear(const float *x, const int8_t *w, const float *scale, const float *
 #define GK 4096
 
 /* Panel rows o0 .. o0 + GN - 1 (rows at or past n left as zero bytes), columns [c0, c0 + kc) (multiples of
- * 64) -> p: per group of 4 columns, GN dwords of 4 unsigned bytes (INT8 with `sign`: the signed bytes). */
+ * 64) -> p: per group of 4 columns, GN dwords of 4 unsigned bytes (INT8 with `sign`: the signed bytes). With
+ * `packed` the weights are in the lanes16 layout (n % 16 == 0): each gathered vector is one load there. */
 static void gemm_pack(const int8_t *w, size_t stride, int n, int o0, int c0, int kc, int bits, int sign,
-                      uint32_t *p) {
+                      int packed, uint32_t *p) {
     const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32((int)stride));
     /* INT4: one gathered dword = 4 packed bytes = 8 columns = two groups; bytes [b, b, b', b'] per group, then
@@ -977,7 +1017,9 @@ static void gemm_pack(const int8_t *w, size_t stride, int n, int o0, int c0, int
         if (bits == 4) {
             for (int g = 0; g < kc / 4; g += 2) {
                 const int8_t *src = base + (size_t)(c0 + 4 * g) / 2;
-                __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, rows, (const void *)src, 1);
+                __m512i v = packed ? (mask ? _mm512_loadu_si512((const void *)(base + (size_t)(c0 + 4 * g) / 8 * 64))
+                                           : _mm512_setzero_si512())
+                                   : _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, rows, (const void *)src, 1);
                 v = _mm512_xor_si512(v, flip4);
                 __m512i t0 = _mm512_shuffle_epi8(v, lo_pair), t1 = _mm512_shuffle_epi8(v, hi_pair);
                 t0 = _mm512_and_si512(_mm512_mask_blend_epi8(odd, _mm512_srli_epi16(t0, 4), t0), m4);
@@ -988,7 +1030,9 @@ static void gemm_pack(const int8_t *w, size_t stride, int n, int o0, int c0, int
         } else {
             for (int g = 0; g < kc / 4; g++) {
                 const int8_t *src = base + (size_t)c0 + 4 * g;
-                __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, rows, (const void *)src, 1);
+                __m512i v = packed ? (mask ? _mm512_loadu_si512((const void *)(base + (size_t)(c0 + 4 * g) / 4 * 64))
+                                           : _mm512_setzero_si512())
+                                   : _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, rows, (const void *)src, 1);
                 _mm512_storeu_si512((void *)(p + (size_t)g * GN + h), _mm512_xor_si512(v, flip8));
             }
         }
@@ -1315,12 +1359,13 @@ static int wq_rows_amx(const float *x, const int8_t *w, const float *scale, cons
  * Returns 0; -1 when out of memory; -2 when this build has no such kernel (no AVX-512 VNNI, or k not a
  * multiple of 64): the caller then takes w8_linear / w4_linear. */
 static int wq_gemm_impl(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m,
-                        int n, int k, int bits, int tiles) {
+                        int n, int k, int bits, int tiles, int packed) {
 #ifndef USE_VNNI512
     (void)x, (void)w, (void)scale, (void)bias, (void)y, (void)m, (void)n, (void)k, (void)bits, (void)tiles;
+    (void)packed;
     return -2;
 #else
-    if (k % QB || m <= 0) return -2;
+    if (k % QB || m <= 0 || (packed && n % 16)) return -2;
 #ifdef USE_AMX
     tiles = tiles && amx_enabled && amx_granted();
 #else
@@ -1376,7 +1421,7 @@ static int wq_gemm_impl(const float *x, const int8_t *w, const float *scale, con
             __mmask16 c1 = valid >= 32 ? 0xFFFF : valid <= 16 ? 0 : (__mmask16)((1u << (valid - 16)) - 1);
             for (int k0 = 0; k0 < k; k0 += GK) {
                 int kc = k - k0 < GK ? k - k0 : GK;
-                gemm_pack(w, stride, n, o0, k0, kc, bits, tiles, p);
+                gemm_pack(w, stride, n, o0, k0, kc, bits, tiles, packed, p);
                 for (int i0 = 0; i0 < m; i0 += tm) {
 #ifdef USE_AMX
                     if (tiles) {
@@ -1407,13 +1452,32 @@ static int wq_gemm_impl(const float *x, const int8_t *w, const float *scale, con
 
 int wq_gemm(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m, int n, int k,
             int bits) {
-    return wq_gemm_impl(x, w, scale, bias, y, m, n, k, bits, 1);
+    return wq_gemm_impl(x, w, scale, bias, y, m, n, k, bits, 1, 0);
 }
 
 /* The same without AMX tiles (for the tests and benchmarks; INT4 gets the same bits, INT8 sums w + 128 there). */
 int wq_gemm_vnni(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m, int n,
                  int k, int bits) {
-    return wq_gemm_impl(x, w, scale, bias, y, m, n, k, bits, 0);
+    return wq_gemm_impl(x, w, scale, bias, y, m, n, k, bits, 0, 0);
+}
+
+/* The weights in the "lanes16" layout (AVX-512 VNNI builds; quantization/ops.py to_lanes16): per group of 16 rows,
+ * per 4 bytes of a row (INT8: 4 columns; INT4: 8), the 16 rows' 4 bytes, row after row (64 bytes), so the lanes
+ * kernels load what they would otherwise transpose, one sequential stream a thread. The same bits as w8_linear /
+ * w4_linear and wq_gemm_vnni on THUDM's layout (tests/test_kernels.py). n % 16 == 0, k % 64 == 0; else, and on
+ * other builds, -2. wq_rows_packed: any number of rows; wq_gemm_packed: the GEMM (many rows). */
+int wq_rows_packed(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m, int n,
+                   int k, int bits) {
+#ifdef USE_VNNI512
+    if (k % QB == 0 && n % 16 == 0 && m > 0) return wq_rows_lanes(x, w, scale, bias, y, m, n, k, bits, 1);
+#endif
+    (void)x, (void)w, (void)scale, (void)bias, (void)y, (void)m, (void)n, (void)k, (void)bits;
+    return -2;
+}
+
+int wq_gemm_packed(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m, int n,
+                   int k, int bits) {
+    return wq_gemm_impl(x, w, scale, bias, y, m, n, k, bits, 0, 1);
 }
 
 /* Whether the kernels may use AMX tiles where they have them (settings.cpu_amx; on by default). */

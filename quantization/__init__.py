@@ -71,6 +71,12 @@ def prepare_for_quantized_checkpoint(model: nn.Module, bits: int, quantize_embed
     return model
 
 
+def pack_for_cpu(model: nn.Module) -> int:
+    """Every QuantizedLinear's weight into the CPU kernels' layout where they have one (QuantizedLinear.pack_for_cpu,
+    ops.lanes16_takes); returns how many were rearranged. Loading a model for the CPU calls it."""
+    return sum(m.pack_for_cpu() for m in model.modules() if isinstance(m, QuantizedLinear))
+
+
 OUTPUT_LAYER_MODES = ("float", "bf16", "int8")
 
 
@@ -113,6 +119,7 @@ __all__ = [
     "QuantizedLinear",
     "dequantize",
     "fast_linear",
+    "pack_for_cpu",
     "pack_int4",
     "prepare_for_quantized_checkpoint",
     "quantize",

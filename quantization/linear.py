@@ -10,7 +10,14 @@ from . import ops
 
 class QuantizedLinear(nn.Module):
     """A weight-only INT8/INT4 linear layer. The weight is int8 [out, in] (INT8) or packed [out, in/2]
-    (INT4); activations and the output keep the input's dtype."""
+    (INT4); activations and the output keep the input's dtype.
+
+    On a CPU whose kernels have their own layout (AVX-512 VNNI), `pack_for_cpu()` rearranges the weight's bytes
+    into it (weight_layout "lanes16", ops.to_lanes16; same shape and dtype): loading a model for the CPU does it.
+    state_dict() gives THUDM's layout whatever the layout in memory, `thudm_weight()` too, and moving or casting
+    the module (`.to()`, `.half()`) first puts THUDM's layout back."""
+
+    weight_layout = "thudm"  # or "lanes16"
 
     def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = True, device=None,
                  dtype=torch.float16):  # fmt: skip
@@ -35,6 +42,42 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.quantized_linear(x, self.weight, self.weight_scale, self.weight_bit_width, self.bias, self)
+
+    def pack_for_cpu(self) -> bool:
+        """The weight into the CPU kernels' lanes16 layout where they have one (ops.lanes16_takes); returns
+        whether it was rearranged now."""
+        if self.weight_layout != "thudm" or not ops.lanes16_takes(self.weight, self.in_features):
+            return False
+        self.weight.data = ops.to_lanes16(self.weight.data)
+        self.weight_layout = "lanes16"
+        return True
+
+    def unpack(self) -> None:
+        """THUDM's layout back in memory."""
+        if self.weight_layout != "thudm":
+            self.weight.data = ops.from_lanes16(self.weight.data)
+            self.weight_layout = "thudm"
+
+    def thudm_weight(self) -> torch.Tensor:
+        """The weight in THUDM's layout (the parameter itself, or a rearranged copy)."""
+        return ops.from_lanes16(self.weight.detach()) if self.weight_layout != "thudm" else self.weight
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight_layout != "thudm":
+            destination[prefix + "weight"] = self.thudm_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        packed = self.weight_layout != "thudm"
+        self.unpack()  # the checkpoint's bytes are THUDM's
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if packed:
+            self.pack_for_cpu()
+
+    def _apply(self, fn, recurse=True):
+        if self.weight_layout != "thudm" and fn(self.weight) is not self.weight:  # a move or a cast: THUDM's bytes
+            self.unpack()
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.weight_bit_width}"

@@ -61,6 +61,38 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([high, low], dim=-1).flatten(-2)
 
 
+# The AVX-512 VNNI kernels' weight layout ("lanes16"): per group of 16 rows, per 4 bytes of a row, the 16 rows' 4
+# bytes one after the other. Their decode-batch kernel otherwise transposes each 16 rows x 64 columns it reads, in
+# shuffles that take the cycles of its dot products (Zen 4, 2 threads, 8 rows: 4096 -> 27392 INT4 3.06 -> 2.30 ms,
+# 4096 -> 65024 INT8 9.41 -> 7.20; one or two rows as fast or faster; docs/benchmarks.md). A permutation of THUDM's
+# bytes, same shape: [n, kb] viewed [n/16, 16, kb/4, 4] with the middle dimensions swapped.
+LANES = 16
+
+
+def to_lanes16(weight: torch.Tensor) -> torch.Tensor:
+    """THUDM's [n, kb] int8 (INT8, or INT4 packed) -> the same bytes in the lanes16 layout (a new tensor)."""
+    n, kb = weight.shape
+    return weight.view(n // LANES, LANES, kb // 4, 4).transpose(1, 2).contiguous().view(n, kb)
+
+
+def from_lanes16(weight: torch.Tensor) -> torch.Tensor:
+    """The inverse of to_lanes16: THUDM's layout back (a new tensor)."""
+    n, kb = weight.shape
+    return weight.view(n // LANES, kb // 4, LANES, 4).transpose(1, 2).contiguous().view(n, kb)
+
+
+def lanes16_takes(weight: torch.Tensor, in_features: int) -> bool:
+    """Whether a QuantizedLinear weight goes to the lanes16 layout: on the CPU, where the kernels are built for
+    it (kernel.packed_layout: AVX-512 VNNI, not AMX), out features a multiple of 16, in features of 64, int8
+    activations (settings.cpu_float_activations off) and settings.cpu_packed_weights on."""
+    if not (settings.cpu_packed_weights and not settings.cpu_float_activations and weight.device.type == "cpu"):
+        return False
+    if weight.dim() != 2 or weight.shape[0] % LANES or in_features % 64 or not cpu_fast_paths():
+        return False
+    kernel = get_cpu_kernel()
+    return kernel is not None and kernel.packed_layout
+
+
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, bits: int, dtype=torch.float32) -> torch.Tensor:
     q = unpack_int4(weight) if bits == 4 else weight
     return (q.to(torch.float32) * scale.to(torch.float32)[:, None]).to(dtype)
@@ -100,16 +132,22 @@ def quantized_linear(x, weight, scale, bits, bias=None, owner=None):
     the output) and beat "dequantize, then fp32 BLAS matmul" at every row count measured (92x at 1 row, 2.1x at
     512 rows, 4096x4096 INT4, 2 threads); CHATGLM_CPU_FLOAT_ACTIVATIONS=1 selects the exact fp32-activation ones (and no GEMM). `owner` (the
     QuantizedLinear) keeps the fp32 copies of the scale and bias that the C kernels take between calls."""
+    packed = getattr(owner, "weight_layout", "thudm") == "lanes16"
     if x.device.type == "cpu":
         kernel = get_cpu_kernel()
         training = torch.is_grad_enabled() and x.requires_grad  # the C kernels have no backward
         rows = x.shape[:-1].numel()
         if kernel is not None and not training and rows > 0:
-            w = weight.contiguous()
             if owner is not None:
                 s, b = cached_fp32(owner, "weight_scale"), cached_fp32(owner, "bias")
             else:
                 s, b = scale.float().contiguous(), bias
+            if packed and kernel.packed_layout and not settings.cpu_float_activations:
+                if _gemm_path(kernel) == "int8" and rows >= gemm_min_rows(kernel):
+                    fn = lambda flat: kernel.gemm(flat, weight, s, bits, b, packed=True)  # noqa: E731
+                    return _by_row_chunks(x, fn, GEMM_CHUNK_ROWS)
+                return _by_row_chunks(x, lambda flat: kernel.linear(flat, weight, s, bits, b, packed=True))
+            w = from_lanes16(weight) if packed else weight.contiguous()  # (a setting changed since the packing)
             path = _gemm_path(kernel) if rows >= GEMM_MIN_ROWS else None
             if path is not None and rows < gemm_min_rows(kernel, path):
                 path = None
@@ -118,6 +156,8 @@ def quantized_linear(x, weight, scale, bits, bias=None, owner=None):
             if path == "bf16":
                 return dequantized_gemm(kernel, x, w, s, bits, b)
             return _by_row_chunks(x, lambda flat: kernel.linear(flat, w, s, bits, b))
+    if packed:
+        weight = from_lanes16(weight)
     elif x.device.type == "cuda" and not (torch.is_grad_enabled() and x.requires_grad) and cuda_kernels():
         from .triton_ops import triton_quantized_linear
 

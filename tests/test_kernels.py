@@ -221,6 +221,36 @@ def test_quantized_gemm(kernel, threads, bits, shape):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
+# 48 x 4096: three groups of 16 rows; 16 x 192: one, 3 blocks (odd); 32 x 4160: 65 blocks, the GEMM's panel of 32;
+# 64 x 13696: ChatGLM2's dense_4h_to_h width (the GEMM's four passes over k)
+@pytest.mark.parametrize("m, k, n", [(9, 4096, 48), (17, 192, 16), (70, 4160, 32), (3, 13696, 64)])
+def test_lanes16_layout_gets_the_thudm_layouts_bits(kernel, threads, bits, m, k, n):
+    """The AVX-512 VNNI build's own weight layout (quantization.ops.to_lanes16): a permutation of THUDM's bytes that
+    from_lanes16 undoes, in which every row count gets the bits THUDM's layout gets, alone and in any batch, from
+    the row kernels and from the GEMM; other builds, and shapes it does not cover, are refused."""
+    from quantization.ops import from_lanes16, to_lanes16
+
+    w, x, bias = _data((m, k, n), bits * k + n + m)
+    q, scale = quantize_weight(w, bits)
+    p, s = to_lanes16(q), scale.float()
+    assert p.shape == q.shape and torch.equal(from_lanes16(p), q) and not torch.equal(p, q)
+    # row 16 * g + i's bytes 4 * j .. 4 * j + 3 sit at group g, dword j, lane i
+    assert torch.equal(p.view(n // 16, -1, 16, 4)[n // 16 - 1, 2, 5], q[n - 16 + 5, 8:12])
+    if not kernel.packed_layout:
+        with pytest.raises(ValueError, match="lanes16"):
+            kernel.linear(x, p, s, bits, bias, packed=True)
+        return
+    with pytest.raises(ValueError, match="lanes16"):  # rows not a multiple of 16
+        kernel.linear(x, p[: n - 8], s[: n - 8], bits, packed=True)
+    for b in (bias, None):
+        ref = kernel.linear(x, q, s, bits, b)
+        for r in sorted({1, 2, 3, 4, 8, 9, m}):
+            if r <= m:
+                assert torch.equal(kernel.linear(x[:r], p, s, bits, b, packed=True), ref[:r]), r
+        assert torch.equal(kernel.gemm(x, p, s, bits, b, packed=True), kernel.gemm(x, q, s, bits, b, tiles=False))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("n, k", [(37, 4096), (5, 2), (9, 130)])
 def test_dequantize_bf16_is_the_reference_rounded(kernel, threads, bits, n, k):
     g = torch.Generator().manual_seed(n * k + bits)

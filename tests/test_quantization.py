@@ -260,3 +260,63 @@ def test_output_layer_int8_quantized_while_loading_saves_and_loads_back(tiny_dir
         load_model(path, dtype=torch.float32, quantization_bit=4, quantization_output_bit=4)
     with pytest.raises(ValueError, match="output layer must be"):
         set_output_layer(loaded, "int4")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_layer_in_the_cpu_kernels_layout_computes_and_saves_as_thudms(bits):
+    """QuantizedLinear.pack_for_cpu: where the kernels have their own layout (AVX-512 VNNI) the weight's bytes are
+    rearranged in place, the outputs keep their bits (decode rows, batches, the GEMM, fp32 activations), and
+    state_dict, load_state_dict and moves see THUDM's layout; elsewhere nothing changes."""
+
+    g = torch.Generator().manual_seed(bits)
+    ref = QuantizedLinear.from_linear(torch.nn.Linear(256, 96), bits)
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(256, 96), bits)
+    layer.load_state_dict(ref.state_dict())
+    kernel = get_cpu_kernel()
+    can = kernel is not None and kernel.packed_layout
+    with settings.override(cpu_packed_weights=False):
+        assert not layer.pack_for_cpu() and layer.weight_layout == "thudm"
+    assert layer.pack_for_cpu() == can and layer.weight_layout == ("lanes16" if can else "thudm")
+    assert not layer.pack_for_cpu()  # once
+    if can:
+        assert not torch.equal(layer.weight, ref.weight) and torch.equal(layer.thudm_weight(), ref.weight)
+    x = torch.randn(80, 256, generator=g)
+    with torch.no_grad():
+        for rows in (1, 2, 5, 80):  # 80: the GEMM
+            assert torch.equal(layer(x[:rows]), ref(x[:rows])), rows
+        with settings.override(cpu_float_activations=True):
+            assert torch.equal(layer(x[:3]), ref(x[:3]))
+        with settings.override(cpu_kernels=False):
+            assert torch.equal(layer(x[:3]), ref(x[:3]))
+    state = layer.state_dict()
+    assert torch.equal(state["weight"], ref.weight) and torch.equal(state["weight_scale"], ref.weight_scale)
+    other = QuantizedLinear.from_linear(torch.nn.Linear(256, 96), bits)
+    layer.load_state_dict(other.state_dict())  # THUDM's bytes in, the layout kept
+    assert layer.weight_layout == ("lanes16" if can else "thudm") and torch.equal(layer.thudm_weight(), other.weight)
+    with torch.no_grad():
+        assert torch.equal(layer(x[:4]), other(x[:4]))
+    layer.to(torch.float16)  # a cast that leaves int8 weights alone keeps the layout
+    assert layer.weight_layout == ("lanes16" if can else "thudm") and layer.bias.dtype == torch.float16
+    layer.to("meta")  # a move: THUDM's layout first
+    assert layer.weight_layout == "thudm"
+
+
+def test_model_loaded_for_the_cpu_holds_the_kernels_layout_and_saves_thudms(tiny_dirs, tmp_path):
+    """load_model(device="cpu") rearranges the quantized layers where the kernels have a layout of their own; the
+    logits are those of the model in THUDM's layout, and the saved checkpoint is byte for byte the same."""
+    path = str(tiny_dirs["v3"])
+    with settings.override(cpu_packed_weights=False):
+        plain = load_model(path, dtype=torch.float32, quantization_bit=4, quantization_output_bit=8, device="cpu")
+    model = load_model(path, dtype=torch.float32, quantization_bit=4, quantization_output_bit=8, device="cpu")
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    kernel = get_cpu_kernel()
+    want = "lanes16" if kernel is not None and kernel.packed_layout else "thudm"
+    assert layers and {m.weight_layout for m in layers} == {want}
+    assert {m.weight_layout for m in plain.modules() if isinstance(m, QuantizedLinear)} == {"thudm"}
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain(ids).logits)
+    model.save_pretrained(tmp_path / "a")
+    plain.save_pretrained(tmp_path / "b")
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
