@@ -11,7 +11,8 @@ bench_generate.py does), or is the tiny checkpoint. Each client is a thread stre
 generate_stream (what stream_chat and every server run), with its own random `--prompt`-token prompt, for `--new`
 tokens (no EOS). Printed per row: clients, total generated tokens, wall seconds from the first request to the last
 token, generated tokens/s, the ratio to one client alone, and whether every reply is token for token the reply its
-prompt gets alone.
+prompt gets alone. Then each engine run against a one-client run timed just before it, and the median of those
+ratios (this VM's memory changes speed between minutes: the first rows and the last can see different machines).
 
 Then prefix reuse: time to first token of a follow-up turn whose prompt starts with a `--history`-token
 conversation the engine has just answered (its prompt and reply), against the same prompt sent cold (a fresh
@@ -129,9 +130,13 @@ def main(argv=None):
     replies, t = run(model, prompts, args.new)  # no engine: the steps of the clients take turns under the lock
     rows.append((f"{args.clients} clients, one at a time (lock)", args.clients, args.new * args.clients, t,
                  replies == solo))  # fmt: skip
-    runs = []
+    runs, paired = [], []
     interval = {} if args.stream_interval is None else {"stream_interval": args.stream_interval}
-    for _ in range(3):  # a fresh engine each time: nothing kept from an earlier run (prefix reuse is measured below)
+    for i in range(3):  # a fresh engine each time: nothing kept from an earlier run (prefix reuse is measured below)
+        # one client just before: this VM's memory changes speed between minutes, and the one-client rate measured
+        # minutes earlier moved the ratio by 1.5x (45-64 tok/s) where the engine's runs did not move alike
+        _, alone = run(model, [prompts[i % len(prompts)]], args.new)
+        paired.append(args.new / alone)
         attach(model, max_batch=args.clients, **interval)
         try:
             run(model, [torch.randint(3, 100, (1, args.prompt), generator=g).to(args.device) for _ in range(2)], 4)
@@ -145,6 +150,11 @@ def main(argv=None):
     print(f"{'':34} {'tokens':>7} {'wall s':>7} {'tok/s':>7} {'x one':>6}  same replies")
     for name, _, tokens, secs, same in rows:
         print(f"{name:34} {tokens:7d} {secs:7.2f} {tokens / secs:7.2f} {tokens / secs / one:6.2f}  {same}")
+    ratios = [args.new * args.clients / t / rate for (_, t), rate in zip(runs, paired)]
+    print(
+        f"engine runs against one client run just before each: {' / '.join(f'{r:.2f}x' for r in ratios)} "
+        f"(one client {' / '.join(f'{r:.1f}' for r in paired)} tok/s), median {statistics.median(ratios):.2f}x"
+    )
     if args.history:
         follow_up(model, vocab, args.history, g)
 

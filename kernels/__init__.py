@@ -166,7 +166,7 @@ class CpuKernel:
             getattr(self.lib, name).argtypes = [p, p, p, p, p, i, i, i]
         self.lib.w8_linear.restype = self.lib.w4_linear.restype = i
         self.lib.w4_linear_f.argtypes = [p, p, p, p, p, p, i, i, i]
-        for name in ("wq_gemm", "wq_gemm_vnni", "wq_rows_packed", "wq_gemm_packed"):
+        for name in ("wq_gemm", "wq_gemm_vnni", "wq_rows_packed"):
             getattr(self.lib, name).argtypes = [p, p, p, p, p, i, i, i, i]
             getattr(self.lib, name).restype = i
         self.lib.float_linear.argtypes = [p, p, p, p, i, i, i, i]
@@ -255,19 +255,18 @@ class CpuKernel:
                                  self._ptr(bias), self._ptr(y), m, n, k)  # fmt: skip
         return y
 
-    def gemm(self, x, weight, scale_f32, bits, bias=None, tiles=True, packed=False):
+    def gemm(self, x, weight, scale_f32, bits, bias=None, tiles=True):
         """What linear() computes with int8 activations, as a GEMM for many rows (wq_gemm: the same integer sums per
         64-column block, summed over the blocks in another order): x [m, k] float32 -> [m, n] float32, or None
         where this build has no such kernel (has_gemm) or k is not a multiple of 64. On AMX (gemm_tiles) the
         integer sums come from the tiles unless tiles=False (INT4: the same bits either way; INT8 on the tiles sums
-        signed bytes, as linear() does there, so each row gets exactly what linear() gives it alone). packed: the
-        weight in the lanes16 layout (no tiles)."""
+        signed bytes, as linear() does there, so each row gets exactly what linear() gives it alone)."""
         self._sync_threads()
         m, k = x.shape
         n = weight.shape[0]
         y = torch.empty(m, n, dtype=torch.float32)
         bias = bias.float().contiguous() if bias is not None else None
-        fn = self.lib.wq_gemm_packed if packed else self.lib.wq_gemm if tiles else self.lib.wq_gemm_vnni
+        fn = self.lib.wq_gemm if tiles else self.lib.wq_gemm_vnni
         rc = fn(self._ptr(x), self._ptr(weight), self._ptr(scale_f32), self._ptr(bias), self._ptr(y), m, n, k, bits)
         if rc == -1:
             raise MemoryError("out of memory in the CPU quantized GEMM kernel")

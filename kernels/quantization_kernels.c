@@ -687,14 +687,15 @@ static int wq_rows_amx(const float *x, const int8_t *w, const float *scale, cons
 #define XPAD 256
 #endif
 /* The lanes16 layout (wq_rows_packed): each thread reads its groups as one sequential stream, prefetched this many
- * bytes ahead into L2. One or two x rows (memory-bound): 1 KB; more (compute-bound, x rows to keep in L1): 4 KB.
- * Measured on a Zen 4, 2 threads, ChatGLM2 shapes at 8 rows: 2 KB ahead costs 10-35%, no prefetch 45-60%, T0
- * hints 10-25%; at one or two rows T0 or 512 bytes ahead cost up to 5%. */
+ * bytes ahead into L2. One or two x rows (memory-bound): 1 KB; more (compute-bound, x rows to keep in L1): 8 KB.
+ * Measured on a Zen 4, 2 threads, ChatGLM2 shapes at 8 rows: INT8 65024 x 4096 5.6 ms at 8 or 16 KB ahead, 5.7 at
+ * 6 KB, 6.8 at 4 KB (INT4 the same from 4 KB on); 2 KB ahead costs 10-35%, no prefetch 45-60%, T0 hints 10-25%;
+ * at one or two rows T0 or 512 bytes ahead cost up to 5%. */
 #ifndef AHEAD_FEW
 #define AHEAD_FEW 1024
 #endif
 #ifndef AHEAD_MANY
-#define AHEAD_MANY 4096
+#define AHEAD_MANY 8192
 #endif
 #define PACKED_PREFETCH(src, i, nx)                                                                            \
     _mm_prefetch((const char *)((src) + ((nx) <= 2 ? AHEAD_FEW : AHEAD_MANY) + 64 * (i)), _MM_HINT_T1)
@@ -997,10 +998,9 @@ int w4_linear(const float *x, const int8_t *w, const float *scale, const float *
 #define GK 4096
 
 /* Panel rows o0 .. o0 + GN - 1 (rows at or past n left as zero bytes), columns [c0, c0 + kc) (multiples of
- * 64) -> p: per group of 4 columns, GN dwords of 4 unsigned bytes (INT8 with `sign`: the signed bytes). With
- * `packed` the weights are in the lanes16 layout (n % 16 == 0): each gathered vector is one load there. */
+ * 64) -> p: per group of 4 columns, GN dwords of 4 unsigned bytes (INT8 with `sign`: the signed bytes). */
 static void gemm_pack(const int8_t *w, size_t stride, int n, int o0, int c0, int kc, int bits, int sign,
-                      int packed, uint32_t *p) {
+                      uint32_t *p) {
     const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32((int)stride));
     /* INT4: one gathered dword = 4 packed bytes = 8 columns = two groups; bytes [b, b, b', b'] per group, then
@@ -1017,9 +1017,7 @@ static void gemm_pack(const int8_t *w, size_t stride, int n, int o0, int c0, int
         if (bits == 4) {
             for (int g = 0; g < kc / 4; g += 2) {
                 const int8_t *src = base + (size_t)(c0 + 4 * g) / 2;
-                __m512i v = packed ? (mask ? _mm512_loadu_si512((const void *)(base + (size_t)(c0 + 4 * g) / 8 * 64))
-                                           : _mm512_setzero_si512())
-                                   : _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, rows, (const void *)src, 1);
+                __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, rows, (const void *)src, 1);
                 v = _mm512_xor_si512(v, flip4);
                 __m512i t0 = _mm512_shuffle_epi8(v, lo_pair), t1 = _mm512_shuffle_epi8(v, hi_pair);
                 t0 = _mm512_and_si512(_mm512_mask_blend_epi8(odd, _mm512_srli_epi16(t0, 4), t0), m4);
@@ -1030,9 +1028,7 @@ static void gemm_pack(const int8_t *w, size_t stride, int n, int o0, int c0, int
         } else {
             for (int g = 0; g < kc / 4; g++) {
                 const int8_t *src = base + (size_t)c0 + 4 * g;
-                __m512i v = packed ? (mask ? _mm512_loadu_si512((const void *)(base + (size_t)(c0 + 4 * g) / 4 * 64))
-                                           : _mm512_setzero_si512())
-                                   : _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, rows, (const void *)src, 1);
+                __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, rows, (const void *)src, 1);
                 _mm512_storeu_si512((void *)(p + (size_t)g * GN + h), _mm512_xor_si512(v, flip8));
             }
         }
@@ -1359,13 +1355,12 @@ static int wq_rows_amx(const float *x, const int8_t *w, const float *scale, cons
  * Returns 0; -1 when out of memory; -2 when this build has no such kernel (no AVX-512 VNNI, or k not a
  * multiple of 64): the caller then takes w8_linear / w4_linear. */
 static int wq_gemm_impl(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m,
-                        int n, int k, int bits, int tiles, int packed) {
+                        int n, int k, int bits, int tiles) {
 #ifndef USE_VNNI512
     (void)x, (void)w, (void)scale, (void)bias, (void)y, (void)m, (void)n, (void)k, (void)bits, (void)tiles;
-    (void)packed;
     return -2;
 #else
-    if (k % QB || m <= 0 || (packed && n % 16)) return -2;
+    if (k % QB || m <= 0) return -2;
 #ifdef USE_AMX
     tiles = tiles && amx_enabled && amx_granted();
 #else
@@ -1421,7 +1416,7 @@ static int wq_gemm_impl(const float *x, const int8_t *w, const float *scale, con
             __mmask16 c1 = valid >= 32 ? 0xFFFF : valid <= 16 ? 0 : (__mmask16)((1u << (valid - 16)) - 1);
             for (int k0 = 0; k0 < k; k0 += GK) {
                 int kc = k - k0 < GK ? k - k0 : GK;
-                gemm_pack(w, stride, n, o0, k0, kc, bits, tiles, packed, p);
+                gemm_pack(w, stride, n, o0, k0, kc, bits, tiles, p);
                 for (int i0 = 0; i0 < m; i0 += tm) {
 #ifdef USE_AMX
                     if (tiles) {
@@ -1452,20 +1447,20 @@ static int wq_gemm_impl(const float *x, const int8_t *w, const float *scale, con
 
 int wq_gemm(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m, int n, int k,
             int bits) {
-    return wq_gemm_impl(x, w, scale, bias, y, m, n, k, bits, 1, 0);
+    return wq_gemm_impl(x, w, scale, bias, y, m, n, k, bits, 1);
 }
 
 /* The same without AMX tiles (for the tests and benchmarks; INT4 gets the same bits, INT8 sums w + 128 there). */
 int wq_gemm_vnni(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m, int n,
                  int k, int bits) {
-    return wq_gemm_impl(x, w, scale, bias, y, m, n, k, bits, 0, 0);
+    return wq_gemm_impl(x, w, scale, bias, y, m, n, k, bits, 0);
 }
 
 /* The weights in the "lanes16" layout (AVX-512 VNNI builds; quantization/ops.py to_lanes16): per group of 16 rows,
  * per 4 bytes of a row (INT8: 4 columns; INT4: 8), the 16 rows' 4 bytes, row after row (64 bytes), so the lanes
  * kernels load what they would otherwise transpose, one sequential stream a thread. The same bits as w8_linear /
- * w4_linear and wq_gemm_vnni on THUDM's layout (tests/test_kernels.py). n % 16 == 0, k % 64 == 0; else, and on
- * other builds, -2. wq_rows_packed: any number of rows; wq_gemm_packed: the GEMM (many rows). */
+ * w4_linear and wq_gemm_vnni on THUDM's layout (tests/test_kernels.py), at any number of rows (as fast as the GEMM
+ * from 128 rows to 512, so prompts take it too). n % 16 == 0, k % 64 == 0; else, and on other builds, -2. */
 int wq_rows_packed(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m, int n,
                    int k, int bits) {
 #ifdef USE_VNNI512
@@ -1473,11 +1468,6 @@ int wq_rows_packed(const float *x, const int8_t *w, const float *scale, const fl
 #endif
     (void)x, (void)w, (void)scale, (void)bias, (void)y, (void)m, (void)n, (void)k, (void)bits;
     return -2;
-}
-
-int wq_gemm_packed(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m, int n,
-                   int k, int bits) {
-    return wq_gemm_impl(x, w, scale, bias, y, m, n, k, bits, 0, 1);
 }
 
 /* Whether the kernels may use AMX tiles where they have them (settings.cpu_amx; on by default). */

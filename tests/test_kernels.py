@@ -227,7 +227,8 @@ def test_quantized_gemm(kernel, threads, bits, shape):
 def test_lanes16_layout_gets_the_thudm_layouts_bits(kernel, threads, bits, m, k, n):
     """The AVX-512 VNNI build's own weight layout (quantization.ops.to_lanes16): a permutation of THUDM's bytes that
     from_lanes16 undoes, in which every row count gets the bits THUDM's layout gets, alone and in any batch, from
-    the row kernels and from the GEMM; other builds, and shapes it does not cover, are refused."""
+    the row kernels and from the GEMM (prompts take the lanes16 kernel there too); other builds, and shapes it does
+    not cover, are refused."""
     from quantization.ops import from_lanes16, to_lanes16
 
     w, x, bias = _data((m, k, n), bits * k + n + m)
@@ -247,7 +248,7 @@ def test_lanes16_layout_gets_the_thudm_layouts_bits(kernel, threads, bits, m, k,
         for r in sorted({1, 2, 3, 4, 8, 9, m}):
             if r <= m:
                 assert torch.equal(kernel.linear(x[:r], p, s, bits, b, packed=True), ref[:r]), r
-        assert torch.equal(kernel.gemm(x, p, s, bits, b, packed=True), kernel.gemm(x, q, s, bits, b, tiles=False))
+        assert torch.equal(kernel.linear(x, p, s, bits, b, packed=True), kernel.gemm(x, q, s, bits, b, tiles=False))
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -282,7 +282,7 @@ def test_layer_in_the_cpu_kernels_layout_computes_and_saves_as_thudms(bits):
         assert not torch.equal(layer.weight, ref.weight) and torch.equal(layer.thudm_weight(), ref.weight)
     x = torch.randn(80, 256, generator=g)
     with torch.no_grad():
-        for rows in (1, 2, 5, 80):  # 80: the GEMM
+        for rows in (1, 2, 5, 80):  # 80: THUDM's layout takes the GEMM there
             assert torch.equal(layer(x[:rows]), ref(x[:rows])), rows
         with settings.override(cpu_float_activations=True):
             assert torch.equal(layer(x[:3]), ref(x[:3]))
