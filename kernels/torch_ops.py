@@ -46,11 +46,11 @@ def register() -> None:
 def _define() -> None:
     @custom_op("chatglm::cpu_linear", mutates_args=())
     def cpu_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bits: int,
-                   bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-        return _kernel().linear(x, weight, scale, bits, bias)
+                   bias: torch.Tensor | None, packed: bool = False) -> torch.Tensor:  # fmt: skip
+        return _kernel().linear(x, weight, scale, bits, bias, packed=packed)
 
     @cpu_linear.register_fake
-    def _(x, weight, scale, bits, bias):
+    def _(x, weight, scale, bits, bias, packed=False):
         return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
     @custom_op("chatglm::cpu_float_linear", mutates_args=())
@@ -103,8 +103,10 @@ class CompiledKernel:
             scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
         return torch.matmul(scores.softmax(dim=-1), v).reshape(b, heads * d)
 
-    def linear(self, x, weight, scale_f32, bits, bias=None):
-        return torch.ops.chatglm.cpu_linear(x.contiguous(), weight, scale_f32, bits, bias)
+    packed_layout = False  # the compiled kernel's (get_cpu_kernel sets it; asking while tracing would recurse)
+
+    def linear(self, x, weight, scale_f32, bits, bias=None, packed=False):
+        return torch.ops.chatglm.cpu_linear(x.contiguous(), weight, scale_f32, bits, bias, packed)
 
     def float_linear(self, x, weight, bias=None):
         return torch.ops.chatglm.cpu_float_linear(x.contiguous(), weight, bias)

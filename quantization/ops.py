@@ -155,9 +155,9 @@ def quantized_linear(x, weight, scale, bits, bias=None, owner=None):
             if path == "bf16":
                 return dequantized_gemm(kernel, x, w, s, bits, b)
             return _by_row_chunks(x, lambda flat: kernel.linear(flat, w, s, bits, b))
-    if packed:
+    if packed:  # the reference on the CPU (a move to another device puts THUDM's layout back first)
         weight = from_lanes16(weight)
-    elif x.device.type == "cuda" and not (torch.is_grad_enabled() and x.requires_grad) and cuda_kernels():
+    if x.device.type == "cuda" and not (torch.is_grad_enabled() and x.requires_grad) and cuda_kernels():
         from .triton_ops import triton_quantized_linear
 
         if torch.compiler.is_compiling():  # torch.compile: run the kernel launch as it is, between graphs

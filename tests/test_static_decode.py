@@ -102,10 +102,15 @@ def test_compiled_step_equals_eager(tiny):
     _assert_same(_run(model, "compile", **kw), eager)  # the second generation reuses the compiled step
 
 
-@pytest.mark.parametrize("dtype, bits", [(torch.bfloat16, 0), (torch.bfloat16, 4)], ids=["bf16", "int4"])
-def test_compiled_step_keeps_the_cpu_kernels(tiny_dirs, dtype, bits):
+@pytest.mark.parametrize(
+    "dtype, bits, device",
+    [(torch.bfloat16, 0, None), (torch.bfloat16, 4, None), (torch.bfloat16, 4, "cpu")],
+    ids=["bf16", "int4", "int4-loaded-for-cpu"],
+)
+def test_compiled_step_keeps_the_cpu_kernels(tiny_dirs, dtype, bits, device):
     """The C kernels enter the compiled step as operators (kernels/torch_ops.py): one graph, no breaks, the
-    operators in it, and eager decode's logits at every step (each step forced onto eager's token)."""
+    operators in it, and eager decode's logits at every step (each step forced onto eager's token). Loaded for the
+    CPU, the INT4 weights are in the kernels' own layout where they have one (lanes16)."""
     import torch._dynamo
 
     from kernels import get_cpu_kernel, native_half_gemm
@@ -113,7 +118,12 @@ def test_compiled_step_keeps_the_cpu_kernels(tiny_dirs, dtype, bits):
     if get_cpu_kernel() is None:
         pytest.skip("no CPU kernels here (no compiler)")
     path = str(tiny_dirs["v3"])
-    model = chatglm.load_model(path, dtype=dtype, quantization_bit=bits or None).eval()
+    model = chatglm.load_model(path, dtype=dtype, quantization_bit=bits or None, device=device).eval()
+    if device:
+        from quantization import QuantizedLinear
+
+        layouts = {m.weight_layout for m in model.modules() if isinstance(m, QuantizedLinear)}
+        assert layouts == {"lanes16" if get_cpu_kernel().packed_layout else "thudm"}
     tok = chatglm.load_tokenizer(path)
     # Tight where the trunk computes in fp32 (an INT4 model, or no native bf16: the kernels take fp32
     # activations); bf16 weights with native bf16 keep bf16 activations, which inductor's fused kernels round at
