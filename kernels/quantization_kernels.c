@@ -735,7 +735,7 @@ static inline __attribute__((always_inline)) void lanes_load(const int8_t *const
 
 /* One group of 16 weight rows (rows[], `pf`: the next group's rows, prefetched; or `gp`: the group in the lanes16
  * layout, whose 64-byte vectors are what the transposition makes of rows[]) against nx <= LX x rows (q: row
- * stride k bytes; INT4: split order, as the q kernels quantize; d: row stride nb). f[r]: the 16 sums of x row r.
+ * stride k bytes, k + XPAD here; INT4: split order, as the q kernels quantize; d: row stride nb). f[r]: the 16 sums of x row r.
  * Registers: the block's transposed weights and one integer sum per x row (more for one to three rows, so that
  * the dependent vpdpbusd overlap). */
 static inline __attribute__((always_inline)) void lanes_group(const int8_t *const *rows, const int8_t *const *pf,
@@ -858,7 +858,8 @@ static int wq_rows_lanes(const float *x, const int8_t *w, const float *scale, co
         for (int r0 = 0; r0 < m; r0 += LX) {
             int nx = m - r0 < LX ? m - r0 : LX;
             __m512 f[LX];
-            lanes_groups(rows, r0 == 0 && o0 + 16 < n ? next : NULL, packed ? w + (size_t)o0 * stride : NULL, bits, q + (size_t)r0 * qs, qs,
+            const int8_t *gp = packed ? w + (size_t)o0 * stride : NULL; /* the group's 16 rows, lanes16 */
+            lanes_groups(rows, r0 == 0 && o0 + 16 < n ? next : NULL, gp, bits, q + (size_t)r0 * qs, qs,
                          d + (size_t)r0 * nb, (size_t)nb, nx, f);
             for (int r = 0; r < nx; r++) {
                 __m512 c = _mm512_set1_ps(off * corr[r0 + r]);
