@@ -748,6 +748,8 @@ static inline __attribute__((always_inline)) void lanes_group(const int8_t *cons
         __m512i v[16], s[LX < 4 ? 4 : LX]; /* INT4: v[0..7] */
         for (int r = 0; r < nx * na; r++) s[r] = _mm512_setzero_si512();
         const int8_t *qb = q + b * QB;
+        /* lanes16: each vector straight from its load into its dot products (loading the block into v[] first
+         * and sharing the loops below measured 1% slower for INT4 and 28% for INT8 at 8 rows: 7.1 against 5.5 ms) */
         if (gp && bits == 4) {
             const int8_t *src = gp + b * 512;
             for (int i = 0; i < 8; i++) PACKED_PREFETCH(src, i, nx);
