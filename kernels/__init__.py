@@ -478,6 +478,4 @@ def get_cpu_kernel() -> CpuKernel | None:
         except OSError as e:
             logger.warning("could not load the CPU quantization kernels (%s); using the PyTorch fallback", e)
             _cpu_kernel = None
-        if _cpu_kernel is not None:
-            torch_ops.COMPILED.packed_layout = _cpu_kernel.packed_layout
         return _cpu_kernel

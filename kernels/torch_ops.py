@@ -103,7 +103,12 @@ class CompiledKernel:
             scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
         return torch.matmul(scores.softmax(dim=-1), v).reshape(b, heads * d)
 
-    packed_layout = False  # the compiled kernel's (get_cpu_kernel sets it; asking while tracing would recurse)
+    @property
+    def packed_layout(self) -> bool:
+        """The compiled library's (get_cpu_kernel hands out this object while tracing, so it is not asked)."""
+        from . import _cpu_kernel
+
+        return _cpu_kernel is not None and _cpu_kernel.packed_layout
 
     def linear(self, x, weight, scale_f32, bits, bias=None, packed=False):
         return torch.ops.chatglm.cpu_linear(x.contiguous(), weight, scale_f32, bits, bias, packed)

@@ -75,8 +75,10 @@ class QuantizedLinear(nn.Module):
             self.pack_for_cpu()
 
     def _apply(self, fn, recurse=True):
-        if self.weight_layout != "thudm" and fn(self.weight) is not self.weight:  # a move or a cast: THUDM's bytes
-            self.unpack()
+        if self.weight_layout != "thudm":  # a move or a cast (what fn makes of an empty slice): THUDM's bytes
+            probe = self.weight.data[:0]
+            if fn(probe) is not probe:
+                self.unpack()
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
