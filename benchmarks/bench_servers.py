@@ -1,7 +1,8 @@
 """Load test of the three HTTP servers on the tiny model: 32 concurrent clients x 8 requests each, then 1000
-abandoned requests, loopback only.
+abandoned requests, loopback only; then N streaming clients at once against one alone through openai_api.py.
 
     python benchmarks/bench_servers.py [--clients 32] [--requests 8] [--abandoned 1000] [--version v2] [--dtype auto]
+    python benchmarks/bench_servers.py --servers none --stream-clients 8 --model-path DIR --quantize 4
 
 Each server runs as a real process (`python api.py|stream_api.py|openai_api.py --port P`, batching through the
 engine as by default) on the built-in tiny model written to a temporary directory, in --dtype. Requests are greedy
@@ -11,6 +12,14 @@ the server's memory (RSS) is read before and after --abandoned requests whose cl
 openai_api.py clients disconnect right after sending (the work is cancelled), stream_api.py clients queue a request
 and never read it (the server runs with --unread-ttl 5; RSS is read after that expired). Prints throughput,
 p50/p99 latency, wrong answers, 5xx counts and RSS. Bounded: every request has a timeout, the run stops by itself.
+
+Streaming throughput (--stream-clients N, default 8; 0 skips it): openai_api.py on the tiny model, or on
+--model-path (a full-width checkpoint, e.g. bench_peers.py's `hf-4` written with `--layers 4`, loaded with
+--quantize), batching N requests. Three runs, each one client alone just before N clients at once (this VM's memory
+changes speed between minutes, so each run of N is set against the one-client run just before it), every prompt
+new to the server; each prompt's reply alone comes from an earlier server process. Every request streams (SSE, greedy, --stream-tokens
+max_tokens); generated tokens are the server's own usage count. Prints tokens/s of each, the ratio, and whether
+every reply of the N clients equals its prompt's reply alone.
 """
 
 from __future__ import annotations
@@ -80,6 +89,103 @@ def one_stream(base, prompt, want, poll=0.2, deadline=120.0):
     return status, False
 
 
+def stream_openai(base: str, prompt: str, max_tokens: int, timeout: float = 600.0) -> tuple[str, int]:
+    """One streamed greedy chat completion: (the text, completion tokens from the usage chunk)."""
+    body = {"model": "chatglm", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    req = urllib.request.Request(base + "/v1/chat/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})  # fmt: skip
+    text, tokens = [], 0
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        for line in r:
+            line = line.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk.get("choices", []):
+                text.append(choice["delta"].get("content") or "")
+    return "".join(text), tokens
+
+
+def start_server(script: str, model_dir: str, args: list[str]) -> tuple[subprocess.Popen, int]:
+    """The server as a process on a free loopback port, once it accepts connections (up to 10 minutes: a
+    full-width checkpoint is quantized while loading)."""
+    port = free_port()
+    env = dict(os.environ, MODEL_PATH=model_dir, CHATGLM_NO_PROGRESS="1")
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, script), "--device", "cpu", "--port", str(port), *args],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    for _ in range(6000):
+        if proc.poll() is not None:
+            raise SystemExit(f"error: {script} exited with status {proc.returncode} before listening")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit(f"error: {script} did not listen within 10 minutes")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def streaming(model_dir: str, server_args: list[str], clients: int, max_tokens: int, reps: int = 3) -> None:
+    """N streaming clients at once against one alone, through openai_api.py batching N (see the docstring)."""
+    # Every prompt is new to the server that times it: a prompt sent again would reuse its kept keys (no prefill)
+    # and, with bf16 activations, could change its reply by rounding (chatglm/engine.py). So the replies alone
+    # come from a first server process, and a second one times one client and then N at once on fresh prompts.
+    singles = [f"第{rep}次，一个人的问题：请写一段话" for rep in range(reps)]
+    batches = [[f"第{rep}次，第{i}个问题：请写一段话" for i in range(clients)] for rep in range(reps)]
+    args = [*server_args, "--max-batch", str(clients)]
+
+    def at_once(base, ps):
+        out = [None] * len(ps)
+
+        def one(i):
+            out[i] = stream_openai(base, ps[i], max_tokens)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(ps))]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return out, time.perf_counter() - start
+
+    proc, port = start_server("openai_api.py", model_dir, args)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        want = {p: at_once(base, [p])[0][0][0] for ps in batches for p in ps}
+    finally:
+        stop(proc)
+    proc, port = start_server("openai_api.py", model_dir, args)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        at_once(base, ["预热"])  # warm up
+        print(f"streaming through openai_api.py ({' '.join(args)}; {os.path.basename(model_dir)}), max_tokens "
+              f"{max_tokens}, greedy; each run: one client alone, then {clients} at once, every prompt new")  # fmt: skip
+        ratios = []
+        for rep in range(reps):
+            (single,), t1 = at_once(base, [singles[rep]])
+            out, t = at_once(base, batches[rep])
+            tokens = sum(n for _, n in out)
+            rate1, rate = single[1] / t1, tokens / t
+            ratios.append(rate / rate1)
+            same = all(text == want[p] for (text, _), p in zip(out, batches[rep]))
+            print(f"  run {rep + 1}: one client {rate1:6.1f} tok/s, then {clients} clients {rate:7.1f} tok/s "
+                  f"({tokens} tokens in {t:.2f} s) = {rate / rate1:.2f}x; replies as alone: {same}")  # fmt: skip
+        print(f"  median {statistics.median(ratios):.2f}x one client")
+    finally:
+        stop(proc)
+
+
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -123,19 +229,10 @@ def abandon(script: str, base: str, port: int, n: int) -> None:
 
 
 def run(script, one, clients, requests, abandoned, model_dir, want, dtype) -> str:
-    port = free_port()
-    env = dict(os.environ, MODEL_PATH=model_dir, CHATGLM_NO_PROGRESS="1")
     extra = ["--dtype", dtype] + (["--unread-ttl", str(UNREAD_TTL)] if script == "stream_api.py" else [])
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, script), "--device", "cpu", "--port", str(port),
-                             *extra], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc, port = start_server(script, model_dir, extra)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):  # wait up to 60 s for the server
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.1)
         latencies, wrong, errors, lock = [], 0, 0, threading.Lock()
 
         def client(c):
@@ -166,11 +263,7 @@ def run(script, one, clients, requests, abandoned, model_dir, want, dtype) -> st
                 f"{p99 * 1e3:9.0f} {len(lat):6d} {wrong:6d} {errors:4d} {before:9.0f} {after:9.0f}  "
                 f"{'yes' if alive else 'NO'}")  # fmt: skip
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def main():
@@ -179,41 +272,68 @@ def main():
     parser.add_argument("--requests", type=int, default=8, help="requests per client, one after another (default 8)")
     parser.add_argument("--abandoned", type=int, default=1000, help="requests whose client leaves (default 1000)")
     parser.add_argument("--version", default="v2", choices=["v1", "v2", "v3"], help="tiny model generation")
-    parser.add_argument("--servers", default="api.py,openai_api.py,stream_api.py", help="comma-separated")
+    parser.add_argument("--servers", default="api.py,openai_api.py,stream_api.py",
+                        help="comma-separated, for the load test ('none' skips it)")  # fmt: skip
     parser.add_argument(
         "--dtype",
         default="auto",
         choices=["auto", "bf16", "fp32"],
         help="the servers' --dtype (default auto: bf16 on a CPU with native bf16 matmuls, else fp32)",
     )
+    parser.add_argument("--stream-clients", type=int, default=8,
+                        help="streaming clients at once against one alone (default 8; 0 skips it)")  # fmt: skip
+    parser.add_argument("--stream-tokens", type=int, default=64, help="max_tokens of each streamed request")
+    parser.add_argument("--model-path", default=None,
+                        help="a checkpoint for the streaming run (default: the tiny model)")  # fmt: skip
+    parser.add_argument("--quantize", type=int, default=0, choices=[0, 4, 8], help="its --quantize (default 0)")
     args = parser.parse_args()
+    if args.model_path and not os.path.isfile(os.path.join(args.model_path, "config.json")):
+        parser.error(f"--model-path {args.model_path}: no config.json there")
+    unknown = set(args.servers.split(",")) - {"none", "api.py", "openai_api.py", "stream_api.py"}
+    if unknown:
+        parser.error(f"--servers: unknown {', '.join(sorted(unknown))} (api.py, openai_api.py, stream_api.py, none)")
+    if args.stream_clients < 0 or args.stream_tokens < 1:
+        parser.error("--stream-clients must be >= 0 and --stream-tokens >= 1")
     sys.path.insert(0, REPO)
 
-    import chatglm
-    from chatglm.backends import resolve_dtype
     from chatglm.tiny import make_tiny_checkpoint
+    from kernels import cpu_summary
 
+    print(f"# CPU: {cpu_summary()}; {os.cpu_count()} cpus")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_tiny_checkpoint(os.path.join(tmp, "tiny"), args.version)
-        # the dtype the servers load in (bf16 on a CPU with native bf16 matmuls, else fp32): the reference is the
-        # servers' own arithmetic, alone
-        dtype = resolve_dtype(args.dtype, "cpu")
-        model, tok = chatglm.load_model(model_dir, dtype=dtype), chatglm.load_tokenizer(model_dir)
-        want = {p: {"api": model.chat(tok, p, [], max_length=API_MAX_LENGTH, do_sample=False)[0],
-                    "openai": model.chat(tok, p, [], max_new_tokens=OPENAI_MAX_TOKENS, do_sample=False)[0]}
-                for p in PROMPTS}  # fmt: skip
-        del model
-        print(
-            f"# bench_servers: tiny {args.version} {str(dtype).replace('torch.', '')}, {args.clients} clients x "
-            f"{args.requests} requests, then "
-            f"{args.abandoned} abandoned; loopback, {os.cpu_count()} cpus; stream_api clients poll every 200 ms"
-        )
-        print(f"{'server':<15} {'req/s':>8} {'p50 ms':>9} {'p99 ms':>9} {'done':>6} {'wrong':>6} {'5xx':>4} "
-              f"{'RSS MB':>9} {'after ab.':>9}  alive")  # fmt: skip
-        ones = {"api.py": one_api, "openai_api.py": one_openai, "stream_api.py": one_stream}
-        for script in args.servers.split(","):
-            out = run(script, ones[script], args.clients, args.requests, args.abandoned, model_dir, want, args.dtype)
-            print(out, flush=True)
+        if args.servers != "none":
+            load_test(args, model_dir)
+        if args.stream_clients:
+            server_args = ["--dtype", args.dtype]
+            if args.model_path:
+                server_args += ["--quantize", str(args.quantize)]
+            streaming(args.model_path or model_dir, server_args, args.stream_clients, args.stream_tokens)
+
+
+def load_test(args, model_dir: str) -> None:
+    import chatglm
+    from chatglm.backends import resolve_dtype
+
+    # the dtype the servers load in (bf16 on a CPU with native bf16 matmuls, else fp32): the reference is the
+    # servers' own arithmetic, alone
+    dtype = resolve_dtype(args.dtype, "cpu")
+    model, tok = chatglm.load_model(model_dir, dtype=dtype), chatglm.load_tokenizer(model_dir)
+    want = {p: {"api": model.chat(tok, p, [], max_length=API_MAX_LENGTH, do_sample=False)[0],
+                "openai": model.chat(tok, p, [], max_new_tokens=OPENAI_MAX_TOKENS, do_sample=False)[0]}
+            for p in PROMPTS}  # fmt: skip
+    del model
+    print(
+        f"# bench_servers: tiny {args.version} {str(dtype).replace('torch.', '')}, {args.clients} clients x "
+        f"{args.requests} requests, then "
+        f"{args.abandoned} abandoned; loopback, {os.cpu_count()} cpus; stream_api clients poll every 200 ms"
+    )
+    print(f"{'server':<15} {'req/s':>8} {'p50 ms':>9} {'p99 ms':>9} {'done':>6} {'wrong':>6} {'5xx':>4} "
+          f"{'RSS MB':>9} {'after ab.':>9}  alive")  # fmt: skip
+    ones = {"api.py": one_api, "openai_api.py": one_openai, "stream_api.py": one_stream}
+    for script in args.servers.split(","):
+        out = run(script, ones[script], args.clients, args.requests, args.abandoned, model_dir, want, args.dtype)
+        print(out, flush=True)
 
 
 if __name__ == "__main__":

@@ -796,7 +796,9 @@ def test_tiny_tool_help_names_the_command_and_every_option():
         assert help_text in " ".join(proc.stdout.split()), help_text  # every option says what it does
 
 
-@pytest.mark.parametrize("script", ["benchmarks/bench_generate.py", "benchmarks/bench_engine.py"])
+@pytest.mark.parametrize(
+    "script", ["benchmarks/bench_generate.py", "benchmarks/bench_engine.py", "benchmarks/bench_servers.py"]
+)
 def test_benchmark_help_describes_every_option_and_column(script):
     proc = subprocess.run([sys.executable, script, "--help"], cwd=str(REPO), capture_output=True, text=True,
                           timeout=60)  # fmt: skip
@@ -809,6 +811,24 @@ def test_benchmark_help_describes_every_option_and_column(script):
     if script.endswith("bench_generate.py"):  # the table's abbreviations are explained
         text = " ".join(proc.stdout.split())
         assert all(f"{abbr} =" in text for abbr in ("sc.ttft, sc.ms/t, sc.t/s", "of flr", "dec x, pre x"))
+
+
+def test_bench_servers_streams_several_clients_through_openai_api_with_the_replies_they_get_alone():
+    """The streaming run of bench_servers (2 clients, 6 tokens, the tiny model): real server processes, every reply
+    of the batched clients checked against its prompt's reply alone, tokens counted by the server."""
+    proc = subprocess.run([sys.executable, "benchmarks/bench_servers.py", "--servers", "none", "--stream-clients", "2",
+                           "--stream-tokens", "6"], cwd=str(REPO), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = re.findall(r"run \d: one client +([\d.]+) tok/s, then 2 clients +([\d.]+) tok/s \((\d+) tokens in "
+                      r"[\d.]+ s\) = ([\d.]+)x; replies as alone: (\w+)", proc.stdout)  # fmt: skip
+    assert len(runs) == 3, proc.stdout
+    for one, two, tokens, ratio, same in runs:
+        assert same == "True" and 0 < int(tokens) <= 12  # at most max_tokens each, counted by the server
+        assert float(one) > 0 and abs(float(two) / float(one) - float(ratio)) < 0.01 + 0.01 * float(ratio)
+    assert re.search(r"median [\d.]+x one client", proc.stdout)
+    bad = subprocess.run([sys.executable, "benchmarks/bench_servers.py", "--servers", "api.py,nope"], cwd=str(REPO),
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "unknown nope" in bad.stderr
 
 
 def test_servers_keep_the_tiny_models_replies_short(capsys):
