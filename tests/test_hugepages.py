@@ -117,3 +117,50 @@ def test_cpu_load_with_device_moves_big_weights(tiny_dirs, monkeypatch):
     chatglm.load_model(str(tiny_dirs["v3"]), dtype="fp32", device="cpu")
     chatglm.load_model(str(tiny_dirs["v3"]), dtype="fp32")  # no device: it may go to a GPU next, left alone
     assert len(calls) == 1 and calls[0] > 0
+
+
+def test_anon_huge_bytes_reads_each_addresss_mapping_from_smaps(tmp_path):
+    smaps = tmp_path / "smaps"
+    smaps.write_text(
+        "7f0000000000-7f0000800000 rw-p 00000000 00:00 0 \nSize:               8192 kB\nAnonHugePages:      4096 kB\n"
+        "VmFlags: rd wr mr mw me ac hg\n"
+        "7f0000800000-7f0000a00000 rw-p 00000000 00:00 0 \nSize:               2048 kB\nAnonHugePages:         0 kB\n"
+        "7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0                          [stack]\nAnonHugePages: 0 kB\n"
+    )
+    a, b = 0x7F0000000000 + 4096, 0x7F0000800000
+    got = hugepages.anon_huge_bytes([a, b, 0x1000], smaps=str(smaps))
+    assert got == {a: 4096 * 1024, b: 0, 0x1000: 0}
+    assert hugepages.anon_huge_bytes([a], smaps=str(tmp_path / "missing")) == {a: 0}
+
+
+def test_fill_in_collapses_the_short_regions_again_piece_by_piece_a_bounded_number_of_times(monkeypatch):
+    page = hugepages.HUGE_PAGE
+    full, short, never = (10 * page, 5 * page), (20 * page, 6 * page), (40 * page, 4 * page)
+    have = {full[0]: 5 * page, short[0]: 2 * page, never[0]: 0}
+    calls = []
+
+    def collapse(address, nbytes):  # the second region fills in on its first retry; the third never does
+        calls.append((address, nbytes))
+        if short[0] <= address < short[0] + short[1]:
+            have[short[0]] = short[1]
+        return True
+
+    monkeypatch.setattr(hugepages, "collapse", collapse)
+    monkeypatch.setattr(hugepages, "anon_huge_bytes", lambda addresses: {a: have[a] for a in addresses})
+    got, want = hugepages.fill_in([full, short, never, (60 * page + 1, 4096)], tries=3, piece=4 * page)
+    assert (got, want) == (11 * page, 15 * page)  # the last region holds no whole 2 MiB page: not counted
+    assert not any(full[0] <= a < full[0] + full[1] for a, _ in calls)  # a full region is left alone
+    assert [c for c in calls if c[0] < never[0]] == [(short[0], 4 * page), (short[0] + 4 * page, 2 * page)]
+    assert [c for c in calls if c[0] >= never[0]] == [(never[0], 4 * page)] * 3  # three rounds, then it stops
+
+
+def test_moved_weights_report_how_much_of_them_is_in_huge_pages():
+    if not hugepages.enabled():
+        import pytest
+
+        pytest.skip(f"transparent huge pages are {hugepages.thp_mode() or 'unavailable'} here")
+    out = hugepages.to_huge_pages(torch.arange(3 << 20, dtype=torch.int32))  # 12 MiB: 6 whole huge pages
+    have, want = hugepages.fill_in([(out.data_ptr(), 12 << 20)])
+    assert want == 12 << 20 and 0 <= have <= want
+    if hugepages.collapse(out.data_ptr(), 12 << 20):  # where Linux collapses at all, it is all there
+        assert hugepages.fill_in([(out.data_ptr(), 12 << 20)])[0] == want
