@@ -21,7 +21,10 @@ ids for every engine; `--new` greedy single-token steps, each timed (the figure 
 interleaved (ours, chatglm.cpp, llama.cpp, ours, ...) and the table shows the median over them with the spread.
 Each worker also times a 512 MiB copy (the better of ordinary memory and huge pages), before loading and again
 after the timed steps: the faster bandwidth and the weight bytes one decode step reads give "floor", the time to
-read those bytes once; "of floor" = floor / decode of each repetition, the median over them.
+read those bytes once; "of floor" = floor / decode of each repetition, the median over them. Ours also times a read
+of its own weights where they lie (an int64 sum of their bytes, best of 3, after the steps), printed per
+repetition and against its decode: on this VM the memory behind a process's pages changes speed between processes
+and minutes, and a fresh 512 MiB buffer can be faster than the pages the weights sit in.
 The first greedy tokens are printed per engine, to show each ran the same model: on a tiny checkpoint all three
 agree; at full width with random weights the two peers (the same q4_0 blocks) agree with each other while ours,
 THUDM's INT4 with one scale per row, rounds differently and picks other tokens from nearly flat logits.
@@ -154,8 +157,9 @@ def make_gguf(hf_dir: str, out: str, src: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- the workers
-# Each loads its engine and returns (steps, bytes one decode step reads, threads); steps(prompt, n) runs a fresh
-# sequence: the prompt, then greedy tokens, n in all, and returns (seconds per token, tokens).
+# Each loads its engine and returns (steps, bytes one decode step reads, threads, read or None); steps(prompt, n)
+# runs a fresh sequence: the prompt, then greedy tokens, n in all, and returns (seconds per token, tokens);
+# read() times one read of the bytes a decode step reads, where they lie (ours only).
 def load_ours(args, config):
     import torch
 
@@ -177,7 +181,34 @@ def load_ours(args, config):
                 start = now
         return times, tokens
 
-    return steps, sum(weight_bytes(model)), torch.get_num_threads()
+    return steps, sum(weight_bytes(model)), torch.get_num_threads(), lambda: read_in_place(decode_tensors(model))
+
+
+def decode_tensors(model) -> list:
+    """The tensors one decode step reads: every parameter and buffer of the blocks, and the output layer's."""
+    blocks = [t for n, t in [*model.named_parameters(), *model.named_buffers()] if ".layers." in n]
+    head = model.output_head()
+    return blocks + [t for t in (head.weight, getattr(head, "weight_scale", None)) if t is not None]
+
+
+def read_in_place(tensors, passes: int = 3) -> float:
+    """Seconds of the fastest of `passes` reads of the tensors where they lie (a sum of their bytes as int64; an
+    odd tail of under 8 bytes is left out): the floor of a decode step in its own pages, which on this VM can be
+    slower or faster than a fresh buffer (the memory behind them differs between processes and minutes)."""
+    import torch
+
+    views = []
+    for t in tensors:
+        flat = t.detach().reshape(-1).view(torch.uint8)
+        if flat.numel() >= 8:
+            views.append(flat[: flat.numel() // 8 * 8].view(torch.int64))
+    best = float("inf")
+    for _ in range(passes):
+        start = time.perf_counter()
+        for v in views:
+            v.sum()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def load_chatglm_cpp(args, config):
@@ -198,7 +229,7 @@ def load_chatglm_cpp(args, config):
             tokens.append(token)
         return times, tokens
 
-    return steps, _file_read_bytes(args.cpp_file, args.hf_dir, config), os.cpu_count()
+    return steps, _file_read_bytes(args.cpp_file, args.hf_dir, config), os.cpu_count(), None
 
 
 def load_llama_cpp(args, config):
@@ -221,7 +252,7 @@ def load_llama_cpp(args, config):
             tokens.append(chunk[0])
         return times, tokens
 
-    return steps, _file_read_bytes(args.gguf_file, args.hf_dir, config), args.threads
+    return steps, _file_read_bytes(args.gguf_file, args.hf_dir, config), args.threads, None
 
 
 def _file_read_bytes(path: str, hf_dir: str, config) -> int:
@@ -260,7 +291,7 @@ def worker_main(args) -> None:
     ids = prompt_ids(args.prompt, args.seed, getattr(config, "padded_vocab_size", None) or config.vocab_size)
     bw = measured_bandwidth()
     t = time.perf_counter()
-    steps, read_bytes, threads = LOADERS[args.worker](args, config)
+    steps, read_bytes, threads, read = LOADERS[args.worker](args, config)
     load_s = time.perf_counter() - t
     steps(ids[:WARMUP_PROMPT], WARMUP_STEPS)
     times, tokens = steps(ids, args.new + 1)
@@ -269,7 +300,8 @@ def worker_main(args) -> None:
     # faster of the two gives the floor (the stricter yardstick)
     bw = max(bw, bandwidth("cpu"))
     result = dict(engine=args.worker, load_s=load_s, prefill_s=times[0], step_s=times[1:], tokens=tokens[:8],
-                  bw=bw, read_bytes=read_bytes, threads=threads, peak_gib=peak, huge_gib=huge_page_gib())  # fmt: skip
+                  bw=bw, read_bytes=read_bytes, threads=threads, peak_gib=peak, huge_gib=huge_page_gib(),
+                  read_s=read() if read else None)  # fmt: skip
     print(json.dumps(result), flush=True)
 
 
@@ -396,6 +428,10 @@ def main(argv=None):
             runs[engine].append(result)
             dec, floor = statistics.median(result["step_s"]) * 1e3, floor_ms(result)
             huge = "" if result.get("huge_gib") is None else f", {result['huge_gib']:.2f} GiB in huge pages"
+            if result.get("read_s"):
+                huge += (
+                    f", its weights read in place {result['read_s'] * 1e3:.1f} ms ({result['read_s'] * 1e3 / dec:.0%})"
+                )
             print(f"# {engine} rep {rep + 1}: decode {dec:.1f} ms/token, floor {floor:.1f} ms ({floor / dec:.0%}), "
                   f"prefill {result['prefill_s']:.2f} s{huge}, first tokens {result['tokens'][:4]}", flush=True)  # fmt: skip
     print(
@@ -421,6 +457,13 @@ def main(argv=None):
         print(f"{engine:<12} {dec:11.1f} {spread(decs):>13} {1e3 / dec:6.2f} {pre:9.2f} {spread(pres):>11} "
               f"{r0['read_bytes'] / 1e9:8.2f} {floor:8.1f} {of_floor:8.0%} {vs} "
               f"{max(r['peak_gib'] for r in runs[engine]):8.2f} {statistics.median(r['load_s'] for r in runs[engine]):6.1f}")  # fmt: skip
+    in_place = [
+        (r["read_s"] * 1e3, statistics.median(r["step_s"]) * 1e3) for r in runs.get("ours", []) if r.get("read_s")
+    ]
+    if in_place:
+        print(f"# ours against a read of its own weights where they lie, in the same process: "
+              f"{' / '.join(f'{d:.1f} vs {w:.1f} ms' for w, d in in_place)}, median "
+              f"{statistics.median(w / d for w, d in in_place):.0%}")  # fmt: skip
     tokens = {e: runs[e][0]["tokens"][0] for e in engines if runs[e]}
     print(f"# first greedy token after the prompt: {tokens}")
 

@@ -37,6 +37,21 @@ def test_checkpoint_is_the_config_cut_to_its_layers_with_real_norms_and_rotary(t
         assert torch.isfinite(model(torch.tensor([[5, 6, 7]])).logits).all()
 
 
+def test_the_read_floor_reads_every_byte_of_the_blocks_and_the_output_layer(tiny_dirs):
+    import torch
+
+    from benchmarks.bench_generate import weight_bytes
+    from chatglm.backends import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(str(tiny_dirs["v2"]), device="cpu", quantization_bit=4)
+    tensors = bench_peers.decode_tensors(model)
+    blocks, head = weight_bytes(model)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    scale = model.output_head().weight_scale
+    assert nbytes == blocks + head + scale.numel() * scale.element_size()  # what a step reads, and the head's scales
+    assert any(t.dtype == torch.int8 for t in tensors) and bench_peers.read_in_place(tensors, passes=2) > 0
+
+
 def test_converter_tokenizer_reads_like_the_originals():
     """The peers' converters read THUDM's tokenizer attributes: the shim gives them from ours."""
     from chatglm import ChatGLMTokenizer
@@ -75,6 +90,12 @@ def test_whole_run_on_a_tiny_chatglm2(tiny_dirs, tmp_path, capsys):
     assert dec > 0 and abs(1e3 / tok_s - dec) <= 0.051  # the same median, decode printed to 0.1 ms
     assert rows["ours"][-3] == "1.00"  # ours x = ours / ours
     assert len(re.findall(r"^# ours rep \d: decode", out, re.M)) == 2
+    # ours also reads its own weights where they lie, and says how its decode compares
+    reads = re.findall(
+        r"^# ours rep \d: decode ([\d.]+) ms/token.*its weights read in place ([\d.]+) ms \((\d+)%\)", out, re.M
+    )
+    assert len(reads) == 2 and all(float(d) > 0 and float(w) >= 0 and int(p) >= 0 for d, w, p in reads)  # 0.1 ms steps
+    assert re.search(r"^# ours against a read of its own weights .* median \d+%$", out, re.M)
     for engine, module in (("chatglm.cpp", "chatglm_cpp"), ("llama.cpp", "llama_cpp")):
         if not _installed(module):
             assert re.search(rf"^# {re.escape(engine)}: skipped, not installed .*setup_peers\.sh", out, re.M)
