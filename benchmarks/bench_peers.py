@@ -21,10 +21,11 @@ ids for every engine; `--new` greedy single-token steps, each timed (the figure 
 interleaved (ours, chatglm.cpp, llama.cpp, ours, ...) and the table shows the median over them with the spread.
 Each worker also times a 512 MiB copy (the better of ordinary memory and huge pages), before loading and again
 after the timed steps: the faster bandwidth and the weight bytes one decode step reads give "floor", the time to
-read those bytes once; "of floor" = floor / decode of each repetition, the median over them. Ours also times a read
-of its own weights where they lie (an int64 sum of their bytes, best of 3, after the steps), printed per
-repetition and against its decode: on this VM the memory behind a process's pages changes speed between processes
-and minutes, and a fresh 512 MiB buffer can be faster than the pages the weights sit in.
+read those bytes once; "of floor" = floor / decode of each repetition, the median over them. This VM's memory
+changes speed from minute to minute (a 3.1 GB read took 49 ms at one moment and 100 at another), so the copy floor
+(the faster of two moments) and the steps (a minute later) can see different machines. Ours therefore also runs
+16 more steps of the same prompt, each followed by a read of its own weights where they lie (an int64 sum of
+their bytes): the step against the read of the same seconds, the median of read / step per repetition.
 The first greedy tokens are printed per engine, to show each ran the same model: on a tiny checkpoint all three
 agree; at full width with random weights the two peers (the same q4_0 blocks) agree with each other while ours,
 THUDM's INT4 with one scale per row, rounds differently and picks other tokens from nearly flat logits.
@@ -46,6 +47,7 @@ sys.path.insert(0, REPO)
 
 ENGINES = ("ours", "chatglm.cpp", "llama.cpp")
 WARMUP_PROMPT, WARMUP_STEPS = 32, 4
+PAIRED_STEPS = 16  # ours: decode steps alternated with reads of its weights, after the timed steps
 
 
 # ----------------------------------------------------------------------------------------------- shared bits
@@ -159,7 +161,8 @@ def make_gguf(hf_dir: str, out: str, src: str) -> None:
 # ----------------------------------------------------------------------------------------------- the workers
 # Each loads its engine and returns (steps, bytes one decode step reads, threads, read or None); steps(prompt, n)
 # runs a fresh sequence: the prompt, then greedy tokens, n in all, and returns (seconds per token, tokens);
-# read() times one read of the bytes a decode step reads, where they lie (ours only).
+# read(passes) times the fastest of `passes` reads of the bytes a decode step reads, where they lie, and ours' steps
+# take `between`, called after each token outside the timed steps (ours only).
 def load_ours(args, config):
     import torch
 
@@ -169,7 +172,7 @@ def load_ours(args, config):
 
     model, _ = load_model_and_tokenizer(args.hf_dir, device="cpu", quantization_bit=4)
 
-    def steps(prompt, n):
+    def steps(prompt, n, between=None):
         times, tokens = [], []
         with torch.inference_mode():
             start = time.perf_counter()
@@ -178,10 +181,13 @@ def load_ours(args, config):
                 now = time.perf_counter()
                 times.append(now - start)
                 tokens.append(int(seq[0, -1]))
-                start = now
+                if between is not None:
+                    between()
+                start = time.perf_counter()
         return times, tokens
 
-    return steps, sum(weight_bytes(model)), torch.get_num_threads(), lambda: read_in_place(decode_tensors(model))
+    tensors = decode_tensors(model)
+    return steps, sum(weight_bytes(model)), torch.get_num_threads(), lambda passes=3: read_in_place(tensors, passes)
 
 
 def decode_tensors(model) -> list:
@@ -299,9 +305,14 @@ def worker_main(args) -> None:
     # the memory of this VM changes speed from minute to minute: the copy is timed again after the steps and the
     # faster of the two gives the floor (the stricter yardstick)
     bw = max(bw, bandwidth("cpu"))
+    paired = None
+    if read is not None:  # steps and reads of the same bytes alternated: the floor of the same seconds
+        reads = []
+        paired_steps, _ = steps(ids, PAIRED_STEPS + 1, between=lambda: reads.append(read(1)))
+        paired = list(zip(paired_steps[1:], reads[1:]))  # each step, and the read right after it
     result = dict(engine=args.worker, load_s=load_s, prefill_s=times[0], step_s=times[1:], tokens=tokens[:8],
                   bw=bw, read_bytes=read_bytes, threads=threads, peak_gib=peak, huge_gib=huge_page_gib(),
-                  read_s=read() if read else None)  # fmt: skip
+                  paired=paired)  # fmt: skip
     print(json.dumps(result), flush=True)
 
 
@@ -370,6 +381,12 @@ def floor_ms(result: dict) -> float:
     return result["read_bytes"] / (result["bw"] * 1e9) * 1e3
 
 
+def paired_text(pairs: list) -> str:
+    """'step X ms, read Y ms (medians), Z%': Z the median over pairs of read / step."""
+    step, read = (statistics.median(p[i] for p in pairs) * 1e3 for i in (0, 1))
+    return f"step {step:.1f} ms, read {read:.1f} ms, {statistics.median(r / s for s, r in pairs):.0%}"
+
+
 def spread(values: list[float]) -> str:
     return f"{min(values):.1f}-{max(values):.1f}" if len(values) > 1 else ""
 
@@ -428,10 +445,8 @@ def main(argv=None):
             runs[engine].append(result)
             dec, floor = statistics.median(result["step_s"]) * 1e3, floor_ms(result)
             huge = "" if result.get("huge_gib") is None else f", {result['huge_gib']:.2f} GiB in huge pages"
-            if result.get("read_s"):
-                huge += (
-                    f", its weights read in place {result['read_s'] * 1e3:.1f} ms ({result['read_s'] * 1e3 / dec:.0%})"
-                )
+            if result.get("paired"):
+                huge += f", steps alternated with reads of its weights: {paired_text(result['paired'])}"
             print(f"# {engine} rep {rep + 1}: decode {dec:.1f} ms/token, floor {floor:.1f} ms ({floor / dec:.0%}), "
                   f"prefill {result['prefill_s']:.2f} s{huge}, first tokens {result['tokens'][:4]}", flush=True)  # fmt: skip
     print(
@@ -457,13 +472,11 @@ def main(argv=None):
         print(f"{engine:<12} {dec:11.1f} {spread(decs):>13} {1e3 / dec:6.2f} {pre:9.2f} {spread(pres):>11} "
               f"{r0['read_bytes'] / 1e9:8.2f} {floor:8.1f} {of_floor:8.0%} {vs} "
               f"{max(r['peak_gib'] for r in runs[engine]):8.2f} {statistics.median(r['load_s'] for r in runs[engine]):6.1f}")  # fmt: skip
-    in_place = [
-        (r["read_s"] * 1e3, statistics.median(r["step_s"]) * 1e3) for r in runs.get("ours", []) if r.get("read_s")
-    ]
-    if in_place:
-        print(f"# ours against a read of its own weights where they lie, in the same process: "
-              f"{' / '.join(f'{d:.1f} vs {w:.1f} ms' for w, d in in_place)}, median "
-              f"{statistics.median(w / d for w, d in in_place):.0%}")  # fmt: skip
+    paired = [r["paired"] for r in runs.get("ours", []) if r.get("paired")]
+    if paired:
+        print(f"# ours, decode steps alternated with reads of its own weights where they lie (per rep): "
+              f"{' / '.join(paired_text(p) for p in paired)}; median over reps "
+              f"{statistics.median(statistics.median(r / s for s, r in p) for p in paired):.0%} of that floor")  # fmt: skip
     tokens = {e: runs[e][0]["tokens"][0] for e in engines if runs[e]}
     print(f"# first greedy token after the prompt: {tokens}")
 
