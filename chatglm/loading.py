@@ -238,11 +238,32 @@ def load_model(path: str, config: ChatGLMConfig | None = None, dtype=None, devic
 
 def settle_on_cpu(model) -> None:
     """A model that runs on the CPU, arranged for it: the quantized layers' weights in the kernels' layout
-    (quantization.pack_for_cpu), then the large tensors in huge pages (move_to_huge_pages)."""
+    (quantization.pack_for_cpu), then the large tensors in huge pages (move_to_huge_pages), then the memory
+    that freed back to the system (release_free_heap)."""
     from quantization import pack_for_cpu
 
     pack_for_cpu(model)
     move_to_huge_pages(model)
+    release_free_heap()
+
+
+def release_free_heap() -> bool:
+    """Hand the free memory of the C heap back to the system (glibc's malloc_trim); False where there is none.
+
+    Loading frees gigabytes: the fp16 shards' tensors once quantized, each weight's copy before it was rearranged
+    or moved into huge pages. glibc keeps freed blocks below its mmap threshold (which grows to 32 MiB as large
+    blocks are freed, so most of a model's tensors) in its heap: a 28-block INT4 model stayed at 5.0-5.5 GiB
+    resident after loading, 3.8 GiB after this (and 4.05 after a 512-token prompt and decode steps)."""
+    gc.collect()
+    try:
+        import ctypes
+
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True
 
 
 def _quantized_modules(model) -> dict:

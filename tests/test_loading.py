@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -158,3 +159,30 @@ def test_checkpoint_not_matching_config(tiny_dirs, tmp_path):
     (broken / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(RuntimeError, match="missing weights"):
         load_model(str(broken))
+
+
+def test_release_free_heap_hands_freed_heap_blocks_back_to_the_system():
+    """What loading frees (tensors of a few MiB, kept by glibc in its heap once its mmap threshold has grown) leaves
+    the resident set when settle_on_cpu releases the free heap."""
+    import ctypes.util
+
+    from chatglm.loading import release_free_heap
+
+    if not sys.platform.startswith("linux") or "libc.so" not in (ctypes.util.find_library("c") or ""):
+        pytest.skip("glibc only")
+
+    def resident_mib() -> float:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+    big = torch.ones(24 << 18)  # 24 MiB, mmapped; freeing it raises glibc's mmap threshold past the blocks below
+    del big
+    blocks = [torch.ones(1 << 20) for _ in range(64)]  # 64 x 4 MiB, in the heap now
+    pin = torch.ones(1 << 16)  # above them in the heap: free() alone cannot trim the heap's top
+    held = resident_mib()
+    del blocks
+    freed = resident_mib()
+    assert release_free_heap()
+    after = resident_mib()
+    assert held - after > 128, (held, freed, after)  # most of the 256 MiB went back
+    del pin
