@@ -26,7 +26,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 
 import torch
@@ -57,23 +56,16 @@ def load(args):
 
 def run(model, prompts, new: int) -> tuple[list[list[int]], float]:
     """Each prompt on its own thread at once; (replies, wall seconds)."""
+    from benchmarks import all_at_once
     from chatglm.generation import generate_stream
-
-    replies = [None] * len(prompts)
 
     def client(i):
         out = None
         for out in generate_stream(model, prompts[i], max_new_tokens=new, eos_token_id=[-1], do_sample=False):  # noqa: B007
             pass
-        replies[i] = out[0, prompts[i].shape[1] :].tolist()
+        return out[0, prompts[i].shape[1] :].tolist()
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return replies, time.perf_counter() - start
+    return all_at_once(client, len(prompts))
 
 
 def main(argv=None):

@@ -39,6 +39,9 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from benchmarks import all_at_once  # noqa: E402
+
 PROMPTS = [f"第{i}个问题：你好" for i in range(16)]
 API_MAX_LENGTH, OPENAI_MAX_TOKENS = 48, 24
 UNREAD_TTL = 5.0
@@ -146,18 +149,7 @@ def streaming(model_dir: str, server_args: list[str], clients: int, max_tokens: 
     args = [*server_args, "--max-batch", str(clients)]
 
     def at_once(base, ps):
-        out = [None] * len(ps)
-
-        def one(i):
-            out[i] = stream_openai(base, ps[i], max_tokens)
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(ps))]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return out, time.perf_counter() - start
+        return all_at_once(lambda i: stream_openai(base, ps[i], max_tokens), len(ps))
 
     proc, port = start_server("openai_api.py", model_dir, args)
     try:
@@ -294,7 +286,6 @@ def main():
         parser.error(f"--servers: unknown {', '.join(sorted(unknown))} (api.py, openai_api.py, stream_api.py, none)")
     if args.stream_clients < 0 or args.stream_tokens < 1:
         parser.error("--stream-clients must be >= 0 and --stream-tokens >= 1")
-    sys.path.insert(0, REPO)
 
     from chatglm.tiny import make_tiny_checkpoint
     from kernels import cpu_summary
