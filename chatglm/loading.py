@@ -238,8 +238,8 @@ def load_model(path: str, config: ChatGLMConfig | None = None, dtype=None, devic
 
 def settle_on_cpu(model) -> None:
     """A model that runs on the CPU, arranged for it: the quantized layers' weights in the kernels' layout
-    (quantization.pack_for_cpu), then the large tensors in huge pages (move_to_huge_pages), then the memory
-    that freed back to the system (release_free_heap)."""
+    (quantization.pack_for_cpu), then the large tensors in huge pages (move_to_huge_pages); the heap memory
+    this freed goes back to the system (release_free_heap)."""
     from quantization import pack_for_cpu
 
     pack_for_cpu(model)
@@ -259,7 +259,7 @@ def release_free_heap() -> bool:
         import ctypes
 
         trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS; Windows has no CDLL(None))
         return False
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     trim(0)
