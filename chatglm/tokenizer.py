@@ -133,6 +133,21 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
     def _tokenize_chat(self, text: str) -> list[str]:
         raise NotImplementedError
 
+    def _pieces(self, ids) -> list[str]:
+        """`_convert_id_to_token` of each id, remembered per id (at most the vocabulary): a streamed reply is
+        decoded whole at every token, and converting its ids one by one was most of that (8 streams through the
+        OpenAI server on the tiny model spent more time decoding text than generating it)."""
+        cache = self.__dict__.get("_piece_cache")
+        if cache is None:
+            cache = self.__dict__["_piece_cache"] = {}
+        pieces = []
+        for t in ids:
+            piece = cache.get(t)
+            if piece is None:
+                piece = cache[t] = self._convert_id_to_token(t)  # an id out of range raises, and is not kept
+            pieces.append(piece)
+        return pieces
+
     def _decode(self, token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=None, **kwargs) -> str:
         if isinstance(token_ids, int):
             token_ids = [token_ids]
@@ -322,7 +337,7 @@ class GLMTokenizer(ChatGLMTokenizer):
         ids = [t for t in ids if t != self.pad_token_id]
         if not ids:
             return ""
-        return self.convert_tokens_to_string([self._convert_id_to_token(t) for t in ids])
+        return self.convert_tokens_to_string(self._pieces(ids))
 
     def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
         ids = token_ids_0 + [self.gmask_token_id, self.bos_token_id]
@@ -444,7 +459,7 @@ class GLM2Tokenizer(ChatGLMTokenizer):
         return self.sp.decode_pieces(tokens)
 
     def _decode_ids(self, ids):
-        return self.convert_tokens_to_string([self._convert_id_to_token(t) for t in ids])
+        return self.convert_tokens_to_string(self._pieces(ids))
 
     def get_prefix_tokens(self) -> list[int]:
         return [self.get_command("[gMASK]"), self.get_command("sop")]

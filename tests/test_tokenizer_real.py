@@ -186,3 +186,23 @@ def test_chat_template_refuses_roles_the_format_lacks():
     tok = load_tokenizer(str(real_model_dir("v3")))
     with pytest.raises(Exception, match="unknown role"):
         tok.apply_chat_template([{"role": "narrator", "content": "x"}])
+
+
+def test_decode_remembers_pieces_without_changing_the_text_or_the_errors(real):
+    """Decoding remembers each id's piece (a stream decodes its reply whole at every token): the text is the one
+    the ids' pieces give converted one by one, the second time too, and an id out of range still raises."""
+    version, tok = real
+    g = torch.Generator().manual_seed(7)
+    size = tok.sp.vocab_size() if version != "v1" else tok.vocab_size
+    ids = torch.randint(0, size, (300,), generator=g).tolist() + tok.encode(
+        "你好，世界！\n  x = 1", add_special_tokens=False
+    )
+    kept = [t for t in ids if version != "v1" or t != tok.pad_token_id]  # v1 drops its pad ids first
+    one_by_one = tok.convert_tokens_to_string([tok._convert_id_to_token(t) for t in kept])
+    tok.__dict__.pop("_piece_cache", None)  # nothing remembered yet
+    assert tok._decode_ids(ids) == one_by_one and tok._decode_ids(ids) == one_by_one  # cold, then remembered
+    assert tok.decode(ids[:40]) == tok.decode(ids[:40])
+    if version == "v2":
+        for _ in range(2):
+            with pytest.raises(IndexError):
+                tok.decode([size + 100])
