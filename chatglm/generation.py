@@ -173,12 +173,9 @@ class StreamDecoder:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        # ours take a list of ints straight to _decode (what decode() does after checking every element: a third
-        # of a streamed token's decoding, the reply being decoded whole each time); any other tokenizer: decode()
-        self._decode = tokenizer._decode if hasattr(tokenizer, "_pieces") else tokenizer.decode
 
     def __call__(self, ids: list[int]) -> str | None:
-        text = self._decode(ids)
+        text = self.tokenizer.decode(ids)
         if text.rstrip().endswith("\ufffd"):  # replies are stripped: a broken byte before spaces is still last
             return None
         return text

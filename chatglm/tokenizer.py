@@ -137,9 +137,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         """`_convert_id_to_token` of each id, remembered per id (at most the vocabulary): a streamed reply is
         decoded whole at every token, and converting its ids one by one was most of that (8 streams through the
         OpenAI server on the tiny model spent more time decoding text than generating it)."""
-        cache = self.__dict__.get("_piece_cache")
-        if cache is None:
-            cache = self.__dict__["_piece_cache"] = {}
+        cache = self.__dict__.setdefault("_piece_cache", {})
         pieces = []
         for t in ids:
             piece = cache.get(t)
@@ -147,6 +145,13 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
                 piece = cache[t] = self._convert_id_to_token(t)  # an id out of range raises, and is not kept
             pieces.append(piece)
         return pieces
+
+    def decode(self, token_ids, skip_special_tokens=False, **kwargs):
+        """As transformers' decode; a list of ints (what a stream passes, its whole reply, at every token) goes
+        straight to _decode: transformers first converts every element, a third of that decoding."""
+        if type(token_ids) is list and token_ids and type(token_ids[0]) is int:  # one sequence, not a batch
+            return self._decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
+        return super().decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
 
     def _decode(self, token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=None, **kwargs) -> str:
         if isinstance(token_ids, int):
