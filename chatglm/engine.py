@@ -64,6 +64,7 @@ import torch
 from kernels import release_openmp_threads
 
 from .kv_cache import KVCache
+from .sampling import greedy_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +131,9 @@ class _Request:
         self.read = 0  # prompt tokens prefilled
         self.next = None  # the inputs of its next decode step, once prefilled
         self.left = False  # its reader is gone
-        self.greedy = plan.plain_greedy  # its token is the argmax of its logits: taken for the whole batch at once
+        # (guard, limit) when its token is a greedy choice made for all such rows of a step at once
+        # (sampling.greedy_tokens), else None
+        self.greedy = plan.greedy_rule
 
 
 class Engine:
@@ -319,14 +322,18 @@ class Engine:
                          return_last_logit=True)  # fmt: skip
         self.steps += 1
         logits = out.logits[:, -1]
-        greedy = ids = None
-        if any(r is not None and r.greedy for r in batch):  # one argmax and one read for the batch, not one a row
-            greedy = logits.float().argmax(dim=-1)  # (torch's bf16 argmax is 4x slower than converting first)
-            ids = greedy.tolist()
+        groups: dict[tuple, list[int]] = {}  # greedy rows by their rule: one call and one read each, not one a row
+        for i, req in enumerate(batch):
+            if req is not None and req.greedy is not None:
+                groups.setdefault(req.greedy, []).append(i)
+        chosen = {}
+        for rule, rows in groups.items():
+            tokens, ids = greedy_tokens(logits if len(rows) == len(batch) else logits[rows], *rule)
+            chosen.update((i, (tokens[j : j + 1], ids[j])) for j, i in enumerate(rows))
         for i, req in enumerate(batch):
             if req is not None:
                 req.length += 1
-                self._emit(req, logits[i : i + 1], (greedy[i : i + 1], ids[i]) if req.greedy else None)
+                self._emit(req, logits[i : i + 1], chosen.get(i))
 
     def _hand(self, req: _Request, item) -> None:
         if not req.pending:
@@ -343,7 +350,7 @@ class Engine:
 
     def _emit(self, req: _Request, logits, chosen=None) -> None:
         """Choose the request's next token from its logits [1, vocab] (or take `chosen`, (tokens [1], the id), a
-        plain greedy row's argmax taken with the batch's), hand the sequence over, stop or go on."""
+        greedy row's token chosen with the batch's, sampling.greedy_tokens), hand the sequence over, stop or go on."""
         plan = req.plan
         if chosen is None:
             tokens, scores = plan.choose(req.ids, logits)

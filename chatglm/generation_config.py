@@ -23,7 +23,7 @@ from transformers.generation import logits_process as lp
 from transformers.generation.stopping_criteria import MaxTimeCriteria, StoppingCriteriaList, StopStringCriteria
 
 from .config import read_json_object
-from .sampling import apply_repetition_penalty, sample_next, warp
+from .sampling import apply_repetition_penalty, greedy_rule, sample_next, warp
 
 logger = logging.getLogger(__name__)
 
@@ -127,10 +127,15 @@ class GenerationPlan:
         return bool(_value(self.config, "do_sample"))
 
     @property
-    def plain_greedy(self) -> bool:
-        """Greedy with no processor and nothing recorded: the next token is the argmax of the logits."""
+    def greedy_rule(self) -> tuple[bool, int | None] | None:
+        """sampling.greedy_rule's (guard, limit) when the next token is a greedy choice that
+        sampling.greedy_tokens makes for many rows at once (plain greedy, or with the chat's own guards), nothing
+        is recorded and no stopping criterion reads processed scores; else None."""
         gc = self.config
-        return not self.do_sample and not self.processors and not gc.output_logits and not gc.output_scores
+        if self.do_sample or gc.output_logits or gc.output_scores:
+            return None
+        rule = greedy_rule(self.processors)
+        return None if rule is None or (rule != (False, None) and self.stopping) else rule
 
     def choose(self, input_ids: torch.Tensor, logits: torch.Tensor):
         """(next tokens [b], the processed scores [b, vocab] that transformers reports and stops on)."""

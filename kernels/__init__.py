@@ -183,6 +183,7 @@ class CpuKernel:
             getattr(self.lib, name).argtypes = [p, lg, p, p, lg, lg, lg, p, p, i, i, i, i, i, f]
             getattr(self.lib, name).restype = i
         self.lib.silu_mul_f32.argtypes = [p, p, i, i]
+        self.lib.greedy_rows.argtypes = [p, lg, i, i, i, p, p]
         self.openmp = bool(self.lib.has_openmp())
         level = self.lib.simd_level()
         self.has_gemm = level >= 5  # the INT8/INT4 GEMM for many rows (gemm) is built with AVX-512 VNNI only
@@ -334,6 +335,18 @@ class CpuKernel:
         out = torch.empty(*h.shape[:-1], f, dtype=torch.float32)
         self.lib.silu_mul_f32(h.data_ptr(), out.data_ptr(), h.numel() // (2 * f), f)
         return out
+
+    def greedy(self, scores, limit=None):
+        """scores [b, n] fp32 with contiguous rows -> (ids, finite): per row the index torch.argmax gives over its
+        first `limit` columns (default all; the first maximum, or the first NaN) and whether all n are finite."""
+        b, n = scores.shape
+        limit = n if limit is None else min(limit, n)
+        if scores.dtype != torch.float32 or (n > 1 and scores.stride(1) != 1):
+            raise ValueError("greedy needs fp32 scores with contiguous rows")
+        out = torch.empty(2, b, dtype=torch.int32)
+        self.lib.greedy_rows(scores.data_ptr(), scores.stride(0), b, n, limit, out[0].data_ptr(), out[1].data_ptr())
+        ids, finite = out.tolist()
+        return ids, [bool(f) for f in finite]
 
     def quantize_activations(self, x, split):
         """The q kernels' activation quantization, for tests: x [m, k] float32 -> (int8 [m, nb * 64],

@@ -2146,3 +2146,54 @@ void silu_mul_f32(const float *h, float *out, int rows, int f) {
         for (; i < f; i++) o[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
     }
 }
+
+/* The greedy choice of each of `rows` rows of scores (row r at x + r * stride): ids[r] = the index torch.argmax
+ * gives over x[r, 0:limit) (the first maximum; the first NaN when there is one), finite[r] = whether every
+ * x[r, 0:n) is finite (limit <= n). One pass finds the maximum and any NaN or infinity, a second the first index
+ * holding it; torch's argmax and isfinite over 65024 scores take 60-130 us a row on 2 threads, this about 10. */
+void greedy_rows(const float *x, long stride, int rows, int n, int limit, int *ids, int *finite) {
+    for (int r = 0; r < rows; r++) {
+        const float *p = x + (size_t)r * stride;
+        float mx = -INFINITY;
+        int nan = 0, bad = 0, i = 0;
+#ifdef USE_AVX2
+        __m256 vm = _mm256_set1_ps(-INFINITY), vnan = _mm256_setzero_ps(), vbad = _mm256_setzero_ps();
+        for (; i + 8 <= limit; i += 8) {
+            __m256 v = _mm256_loadu_ps(p + i);
+            vm = _mm256_max_ps(vm, v);
+            vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            __m256 d = _mm256_sub_ps(v, v); /* NaN for NaN and +-inf */
+            vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(d, d, _CMP_UNORD_Q));
+        }
+        float lanes[8];
+        _mm256_storeu_ps(lanes, vm);
+        for (int l = 0; l < 8; l++) mx = lanes[l] > mx ? lanes[l] : mx;
+        nan = _mm256_movemask_ps(vnan) != 0;
+        bad = _mm256_movemask_ps(vbad) != 0;
+#endif
+        for (; i < limit; i++) {
+            float v = p[i];
+            nan |= v != v;
+            bad |= !(v - v == 0.f);
+            mx = v > mx ? v : mx;
+        }
+        for (i = limit; i < n; i++) bad |= !(p[i] - p[i] == 0.f);
+        int at = 0;
+        if (nan) {
+            while (at < limit && p[at] == p[at]) at++;
+        } else {
+            i = 0;
+#ifdef USE_AVX2
+            __m256 vmx = _mm256_set1_ps(mx);
+            for (; i + 8 <= limit; i += 8) {
+                int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + i), vmx, _CMP_EQ_OQ));
+                if (mask) break;
+            }
+#endif
+            while (i < limit && p[i] != mx) i++;
+            at = i < limit ? i : 0;
+        }
+        ids[r] = at;
+        finite[r] = !bad;
+    }
+}

@@ -16,6 +16,7 @@ import chatglm
 from chatglm import engine as engine_module
 from chatglm.engine import Engine, EngineBusy, attach
 from chatglm.generation import generate_stream
+from chatglm.sampling import greedy_tokens
 from kernels.settings import settings
 
 PROMPTS = ["你好", "Hello world, how are you today? A longer prompt than the others, by far.", "What is 1 + 1?",
@@ -263,9 +264,18 @@ def test_requests_batched_together_on_cuda_get_their_replies_alone(tiny_dirs, ve
         engine.close()
 
 
-def test_chat_through_the_engine_is_the_chat_alone(tiny_dirs):
+def test_chat_through_the_engine_is_the_chat_alone(tiny_dirs, monkeypatch):
+    """Chats batched together get their replies alone; their greedy rows (the chat's own guards, no other
+    processor) get their tokens from one greedy_tokens call a step, not one choose() a row."""
     model, tok = _model(tiny_dirs, "v3")
     alone = [model.chat(tok, q, do_sample=False, max_length=64)[0] for q in PROMPTS[:3]]
+    rows_per_call = []
+
+    def counted(scores, *rule):
+        rows_per_call.append((scores.shape[0], rule))
+        return greedy_tokens(scores, *rule)
+
+    monkeypatch.setattr(engine_module, "greedy_tokens", counted)
     engine = attach(model, max_batch=4)
     try:
         got = [None] * 3
@@ -276,6 +286,8 @@ def test_chat_through_the_engine_is_the_chat_alone(tiny_dirs):
         for t in threads:
             t.join(timeout=120)
         assert got == alone
+        assert max(n for n, _ in rows_per_call) > 1
+        assert {rule for _, rule in rows_per_call} == {(True, tok.vocab_size)}
         # What the engine does not take (a cache passed in and asked back) runs beside it, under the model lock.
         response, history, past = model.stream_chat(tok, "你好", [], return_past_key_values=True,
                                                     do_sample=False, max_length=64).__next__()  # fmt: skip

@@ -484,6 +484,32 @@ def test_silu_mul_helper(kernel, f):
     assert torch.allclose(out.double(), ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("n", [1, 7, 8, 640, 65024])
+def test_greedy_helper_is_torch_argmax_and_isfinite_row_by_row(kernel, n):
+    """kernel.greedy: each row's torch.argmax over its first `limit` columns (the first maximum; the first NaN when
+    there is one) and whether the whole row is finite, rows at a stride, SIMD and tail elements alike."""
+    g = torch.Generator().manual_seed(n)
+    big = torch.randn(9, n + 5, generator=g)
+    s = big[:, :n]  # rows n + 5 apart
+    s[1, n // 2] = float("nan")  # a NaN: argmax takes it
+    s[1, n - 1] = float("nan")
+    s[2, -1] = float("inf")
+    s[3] = float("-inf")  # all -inf: index 0
+    s[4] = 0.0
+    s[4, n // 3] = s[4, n - 1] = 5.0  # a tie: the first
+    s[5, -1] = float("-inf")  # -inf is not finite either
+    s[6] = -0.0
+    s[6, -1] = 0.0  # signed zeros are equal: index 0
+    s[7, n - 1] = 1e30  # the maximum in the tail
+    for limit in {None, n, max(1, n - 3), 1}:
+        ids, finite = kernel.greedy(s, limit)
+        part = s if limit is None else s[:, :limit]
+        assert ids == part.argmax(dim=-1).tolist(), limit
+        assert finite == torch.isfinite(s).all(dim=-1).tolist()
+    with pytest.raises(ValueError, match="fp32"):
+        kernel.greedy(s.double())
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_glm2_decode_with_helpers_equals_torch_path(tiny_dirs, monkeypatch, dtype):
     """The tiny v2 model decodes with close logits (fp32: the same greedy tokens) with the kernel modules and with

@@ -65,3 +65,57 @@ def test_top_p_zero_keeps_the_most_likely_token():
     probs, ids = candidate_probs(scores, 0.8, 0, 0.0)
     assert (probs > 0).sum(-1).tolist() == [1, 1, 1]
     assert ids.gather(1, probs.argmax(-1, keepdim=True))[:, 0].tolist() == scores.argmax(-1).tolist()
+
+
+def _processed_alone(row, procs):
+    """A row's greedy token as GenerationPlan.choose gives it alone: the processors, then argmax."""
+    scores = row.float().clone()
+    for p in procs:
+        scores = p(None, scores)
+    return int(scores.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("kernels_on", [True, False])
+def test_greedy_tokens_are_each_rows_choice_alone_under_the_chat_guards(kernels_on):
+    """greedy_tokens (the CPU kernel, or torch) gives every row the token the chat's processors and argmax give that
+    row alone: a row with a NaN or an infinity is guarded on its own (token 5), the others are not; ids past the
+    tokenizer's vocabulary are never chosen; bf16 scores alike."""
+    from chatglm.sampling import (
+        InvalidScoreLogitsProcessor,
+        SuppressUndecodableLogitsProcessor,
+        greedy_rule,
+        greedy_tokens,
+    )
+    from kernels.settings import settings
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(6, 640, generator=g)
+    s[1, 7] = float("nan")
+    s[2, 600] = float("inf")
+    s[3, 630] = 50.0  # the maximum past the vocabulary: suppressed
+    s[4, 5] = float("-inf")
+    cases = [
+        [],
+        [InvalidScoreLogitsProcessor()],
+        [SuppressUndecodableLogitsProcessor(605)],
+        [InvalidScoreLogitsProcessor(), SuppressUndecodableLogitsProcessor(605)],
+    ]
+    with settings.override(cpu_kernels=kernels_on):
+        for procs in cases:
+            rule = greedy_rule(procs)
+            for scores in (s, s.bfloat16()):
+                tokens, ids = greedy_tokens(scores, *rule)
+                want = [_processed_alone(r[None], procs) for r in scores]
+                assert ids == want == tokens.tolist(), (procs, scores.dtype)
+    assert ids[1] == ids[2] == ids[4] == 5 and ids[3] != 630
+
+
+def test_greedy_rule_takes_only_the_chat_guards_in_their_order():
+    from chatglm.generation_config import RepetitionPenalty
+    from chatglm.sampling import InvalidScoreLogitsProcessor, SuppressUndecodableLogitsProcessor, greedy_rule
+
+    guard, suppress = InvalidScoreLogitsProcessor(), SuppressUndecodableLogitsProcessor(100)
+    assert greedy_rule([]) == (False, None)
+    assert greedy_rule([guard, suppress]) == (True, 100)
+    assert greedy_rule([suppress, guard]) is None  # the guard after -inf would always fire: choose() alone
+    assert greedy_rule([guard, RepetitionPenalty(1.2)]) is None

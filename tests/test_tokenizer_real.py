@@ -206,3 +206,34 @@ def test_decode_remembers_pieces_without_changing_the_text_or_the_errors(real):
         for _ in range(2):
             with pytest.raises(IndexError):
                 tok.decode([size + 100])
+
+
+def test_stream_decoder_gives_the_whole_replys_text_at_every_token(real):
+    """StreamDecoder decodes only the newest tokens of a growing reply; at every prefix of replies drawn from
+    pieces that join across tokens (bytes of one character, "<n>" and "<|blank_12|>" written in pieces, " n't" and
+    " ." for transformers' clean-up, spaces, special tokens) and from the whole vocabulary, it gives what decoding
+    the whole prefix gives (None while that ends in a broken character); also when a reply is cut back."""
+    from chatglm.generation import StreamDecoder
+
+    version, tok = real
+    size = tok.sp.vocab_size() if version != "v1" else tok.vocab_size
+    pool = [tok.sp.piece_to_id(f"<0x{b:02X}>") for b in "好😀".encode()]
+    for text in ["<", "n", ">", "<|", "blank", "_", "1", "2", "|>", "<n>", "<|blank_12|>", "<|tab|>", " n't", "'t",
+                 " 's", " .", ".", " ,", " ", "  ", "\n", "你好", "x = 1", "'", "?"]:  # fmt: skip
+        pool += tok.encode(text, add_special_tokens=False)
+    pool += [t for t in (tok.eos_token_id, tok.pad_token_id) if t is not None and t < size]
+    g = torch.Generator().manual_seed(11)
+
+    def want(ids):
+        text = tok.decode(ids)
+        return None if text.rstrip().endswith("\ufffd") else text
+
+    for reply in range(6):
+        picks = torch.randint(0, len(pool), (160,), generator=g).tolist()
+        noise = torch.randint(0, size, (160,), generator=g).tolist()
+        ids = [noise[i] if reply % 3 == 0 and i % 4 == 0 else pool[p] for i, p in enumerate(picks)]
+        decode = StreamDecoder(tok)
+        for n in range(len(ids) + 1):
+            assert decode(ids[:n]) == want(ids[:n]), (version, reply, n)
+        assert decode(ids[:50]) == want(ids[:50])  # cut back: decoded whole again
+        assert decode(ids[:60]) == want(ids[:60])
