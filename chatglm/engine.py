@@ -179,8 +179,10 @@ class Engine:
             and (plan.config.num_return_sequences or 1) == 1
         )
 
-    def stream(self, plan, input_ids):
-        """Yield the growing sequence [1, prompt + new] after every new token, as generate_stream does."""
+    def stream(self, plan, input_ids, every_token: bool = True):
+        """Yield the growing sequence [1, prompt + new] after every new token, as generate_stream does; without
+        `every_token`, only the newest of the sequences handed over together (a server turns each yield into
+        text and an event: at 8 streams of a tiny model those were most of the readers' time)."""
         if self._closed:
             raise EngineBusy("the engine is shut down")
         req = _Request(plan, input_ids, self.model._init_generation(input_ids))
@@ -193,12 +195,15 @@ class Engine:
             self._cv.notify()
         try:
             while True:
-                for item in req.out.get():
+                items = req.out.get()
+                last = len(items) - 1
+                for i, item in enumerate(items):
                     if item is _END:
                         return
                     if isinstance(item, BaseException):
                         raise item
-                    yield item
+                    if every_token or i == last or not isinstance(items[i + 1], torch.Tensor):
+                        yield item
         finally:
             with self._cv:
                 req.left = True

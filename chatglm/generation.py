@@ -47,9 +47,12 @@ def generate_stream(
     past_key_values=None,
     return_past_key_values=False,
     decode=None,
+    every_token=True,
     **options,
 ) -> Iterator:
     """Yield the growing sequences [b, prompt + new] after every new token (and the KV cache if asked).
+    every_token=False lets the model's engine yield several new tokens at once (the newest of those it hands over
+    together: chatglm/engine.py); without an engine it changes nothing.
 
     options: what transformers' `generate` takes (max_new_tokens, do_sample, streamer, stopping_criteria,
     generation_config, ...; see chatglm/generation_config.py), plus `generator` (a torch.Generator for sampling).
@@ -63,7 +66,7 @@ def generate_stream(
     engine = getattr(model, "engine", None)  # chatglm/engine.py: many requests batched together
     if engine is not None and engine.can_take(plan, input_ids, attention_mask, position_ids, past_key_values,
                                               return_past_key_values, decode):  # fmt: skip
-        yield from engine.stream(plan, input_ids)
+        yield from engine.stream(plan, input_ids, every_token)
         return
     steps = _generate(model, plan, input_ids, attention_mask, position_ids, past_key_values, return_past_key_values,
                       decode)  # fmt: skip
@@ -212,6 +215,15 @@ class StreamDecoder:
             self.marks.pop(0)  # the next window starts at the last mark CONTEXT characters back
         return text
 
+    def longest_whole(self, ids: list[int]) -> str | None:
+        """The text of the longest prefix of `ids` (longer than the ids last decoded) that ends in a whole
+        character, None when there is none: what a caller that skipped tokens would have seen last."""
+        for k in range(len(ids) - 1, len(self.ids), -1):
+            text = self(ids[:k])
+            if text is not None:
+                return text
+        return None
+
 
 def parse_tool_call(code: str) -> dict:
     """Parameters of a `tool_call(a=1, b="x")` expression, read with `ast` (never evaluated).
@@ -353,29 +365,33 @@ class ChatGLMGenerationMixin:
         return tokenizer([f"[Round 1]\n\n问：{query}\n\n答："], return_tensors="pt")
 
     def chat_steps(self, tokenizer, query: str, history=None, role: str = "user", past_key_values=None,
-                   return_past_key_values=False, **gen) -> Iterator[ChatStep]:  # fmt: skip
+                   return_past_key_values=False, every_token=True, **gen) -> Iterator[ChatStep]:  # fmt: skip
         """The one token stream under every chat surface: a `ChatStep` per generated token (ids, the reply's text
         with a trailing incomplete UTF-8 character and, for ChatGLM3, the last token (a role marker when it ends
         the reply) held back, the delta that text gained). `stream_chat` turns it into (response, history); the
-        servers (serving/events.py) into deltas and usage. Arguments (and generation options) as `stream_chat`."""
+        servers (serving/events.py) into deltas and usage, with every_token=False: under the model's engine a
+        step may then bring several tokens (generate_stream). Arguments (and generation options) as
+        `stream_chat`."""
         version = self._chat_version(tokenizer)
         if version != "v3" and role != "user":
             raise ValueError(f"role={role!r} needs a ChatGLM3 model and tokenizer")
         if version == "v1" and (past_key_values is not None or return_past_key_values):
             raise ValueError("ChatGLM-6B (v1) chat does not reuse past_key_values")
         inputs = self._chat_inputs(tokenizer, version, query, list(history or []), role, past_key_values)
-        yield from self._text_steps(tokenizer, version, inputs["input_ids"], gen, True, past_key_values=past_key_values,
+        yield from self._text_steps(tokenizer, version, inputs["input_ids"], gen, True, every_token,
+                                    past_key_values=past_key_values,
                                     return_past_key_values=return_past_key_values)  # fmt: skip
 
-    def completion_steps(self, tokenizer, prompt: str, **gen) -> Iterator[ChatStep]:
+    def completion_steps(self, tokenizer, prompt: str, every_token=True, **gen) -> Iterator[ChatStep]:
         """`chat_steps` for a raw text prompt (no chat template: the tokenizer's own special tokens only), as
         /v1/completions serves it; the same defaults, guards and stop tokens as chat."""
         version = self._chat_version(tokenizer)
         yield from self._text_steps(
-            tokenizer, version, tokenizer([prompt], return_tensors="pt")["input_ids"], gen, False
+            tokenizer, version, tokenizer([prompt], return_tensors="pt")["input_ids"], gen, False, every_token
         )
 
-    def _text_steps(self, tokenizer, version, input_ids, gen, chat: bool, **cache) -> Iterator[ChatStep]:
+    def _text_steps(self, tokenizer, version, input_ids, gen, chat: bool, every_token=True,
+                    **cache) -> Iterator[ChatStep]:  # fmt: skip
         """ChatSteps of one generation from input_ids. A chat's ChatGLM3 text always leaves out the last token (the
         original's rule: a role marker when it ends the reply); other text leaves out only a stop token."""
         gen = self._gen_kwargs(version, gen.pop("max_length", None), gen.pop("top_p", None),
@@ -392,11 +408,14 @@ class ChatGLMGenerationMixin:
         eos = self.reply_stop_ids(tokenizer)
         n_prompt = input_ids.shape[1]
         text = ""
-        for out in generate_stream(self, input_ids, attention_mask, None, **cache, **gen):
+        for out in generate_stream(self, input_ids, attention_mask, None, **cache, every_token=every_token, **gen):
             ids, past = out if cache.get("return_past_key_values") else (out, None)
             new = ids[0, n_prompt:].tolist()
             cut = new[-1:] and (version == "v3" if chat else new[-1] in eos)
-            piece = decode(new[:-1] if cut else new)
+            shown = new[:-1] if cut else new
+            piece = decode(shown)
+            if piece is None and not every_token:  # several tokens at once: the text a token-by-token stream
+                piece = decode.longest_whole(shown)  # would hold now (the newest whole-character one)
             grew = bool(piece)  # nothing printable yet, or a partial UTF-8 character: the text stays as it was
             delta = piece[len(text) :] if grew and piece.startswith(text) else ""
             text = piece if grew else text

@@ -102,6 +102,11 @@ int simd_level(void) {
 
 /* Rows of the weight per task: they share each load of x. */
 #define ROWS 4
+/* A call with less work than this (multiply-adds) runs on the calling thread alone: waking the OpenMP workers costs
+ * more than it saves there, and on 2 cores the woken workers then spin beside the threads serving requests (a tiny
+ * model's layers are 8-330 K multiply-adds; a 6B model's at least 18 M). */
+#define PAR_MIN_WORK 1048576
+#define PAR_IF(work) if ((double)(work) >= PAR_MIN_WORK)
 /* Activation quantization block, in columns of x. */
 #define QB 64
 
@@ -635,7 +640,7 @@ static int wq_rows_bs(const float *x, const int8_t *w, const float *scale, const
             vnni_pairs(q + (size_t)b * k, pairs, q2 + (size_t)b * k);
     }
     const float off = bits == 4 ? 8.f : 128.f;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) PAR_IF((double)m * n * k)
     for (int o0 = 0; o0 < n; o0 += 8) {
         const int8_t *wr = w + (size_t)o0 * stride;
         __m256 sc = _mm256_loadu_ps(scale + o0), bi = bias ? _mm256_loadu_ps(bias + o0) : _mm256_setzero_ps();
@@ -846,7 +851,7 @@ static int wq_rows_lanes(const float *x, const int8_t *w, const float *scale, co
         corr[b] = quantize_row(x + (size_t)b * k, k, bits == 4, nb, q + (size_t)b * qs, d + (size_t)b * nb);
     const float off = bits == 4 ? 8.f : 128.f;
     int groups = (n + 15) / 16;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) PAR_IF((double)m * n * k)
     for (int gi = 0; gi < groups; gi++) {
         int o0 = gi * 16, valid = n - o0 < 16 ? n - o0 : 16;
         __mmask16 cols = (__mmask16)((1u << valid) - 1);
@@ -908,7 +913,7 @@ static int wq_linear(const float *x, const int8_t *w, const float *scale, const 
 #ifndef USE_VNNI512 /* (VNNI builds took k % 64 == 0 above) */
     unpack = bits == 4 && m >= Q4_UNPACK_MIN_ROWS && k % QB == 0;
     if (bits == 4 && m == 1 && k % QB == 0) { /* decode: groups of 8 rows (the last partial group by q4_rows) */
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) PAR_IF((double)m * n * k)
         for (int o0 = 0; o0 < n; o0 += 8) {
             float sums[8];
             int rows = n - o0 < 8 ? n - o0 : 8;
@@ -927,7 +932,7 @@ static int wq_linear(const float *x, const int8_t *w, const float *scale, const 
     }
 #endif
 #endif
-#pragma omp parallel
+#pragma omp parallel PAR_IF((double)m * n * k)
     {
         /* (without the buffer, a thread unpacks per x row as decode does) */
         uint8_t *u = unpack ? (uint8_t *)malloc((size_t)ROWS * full * QB) : NULL;
@@ -1499,7 +1504,7 @@ int gemm_tiles(void) {
 
 void w8_linear_f(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m, int n,
                  int k) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) PAR_IF((double)m * n * k)
     for (int o0 = 0; o0 < n; o0 += ROWS) {
         int rows = n - o0 < ROWS ? n - o0 : ROWS;
         for (int b = 0; b < m; b++) {
@@ -1539,7 +1544,7 @@ void w8_linear_f(const float *x, const int8_t *w, const float *scale, const floa
 void w4_linear_f(const float *x_even, const float *x_odd, const int8_t *w, const float *scale, const float *bias,
                  float *y, int m, int n, int k) {
     int h = k / 2;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) PAR_IF((double)m * n * k)
     for (int o0 = 0; o0 < n; o0 += ROWS) {
         int rows = n - o0 < ROWS ? n - o0 : ROWS;
         for (int b = 0; b < m; b++) {
@@ -1716,7 +1721,7 @@ int float_linear(const float *x, const void *w, const float *bias, float *y, int
                 }
     }
 #endif
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) PAR_IF((double)m * n * k)
     for (int o0 = 0; o0 < n; o0 += ROWS) {
         int rows = n - o0 < ROWS ? n - o0 : ROWS;
         const char *wr = (const char *)w + (size_t)o0 * kk * esize;
@@ -1996,7 +2001,7 @@ static inline __attribute__((always_inline)) int attention_decode(const void *q,
     int per = heads / groups, units = b * groups, failed = 0;
     const int et = kv_bf16 ? W_BF16 : W_FP32;
     const size_t es = kv_bf16 ? 2 : 4;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) PAR_IF(2.0 * b * heads * T_all * d)
     for (int u = 0; u < units; u++) {
         int bi = u / groups, g = u % groups;
         const int T = lens ? (lens[bi] < T_all ? lens[bi] : T_all) : T_all; /* this row's keys */

@@ -71,7 +71,8 @@ def chat_events(model, tokenizer, query: str, history: list, role: str = "user",
     version = model.config.chatglm_version
     gen = dict(gen or {})
     kwargs = {"role": role} if version == "v3" else {}
-    steps = model.chat_steps(tokenizer, query, history, **kwargs, **gen)
+    # several tokens a step when the engine hands them over together: one decode and one delta for them all
+    steps = model.chat_steps(tokenizer, query, history, **kwargs, every_token=False, **gen)
     history = list(history or []) + ([{"role": role, "content": query}] if version == "v3" else [])
     sent, response, stopped, first_line = "", None, False, version != "v3"
     ids, prompt = [], 0
@@ -119,7 +120,7 @@ def completion_events(model, tokenizer, prompt: str, gen: dict | None = None, st
     back, then {"finish_reason", "usage", "ids"}."""
     gen = dict(gen or {})
     sent, text, stopped, ids, prompt_tokens = "", "", False, [], 0
-    for step in locked_steps(model, model.completion_steps(tokenizer, prompt, **gen), cancel):
+    for step in locked_steps(model, model.completion_steps(tokenizer, prompt, every_token=False, **gen), cancel):
         ids, prompt_tokens, text = step.ids, step.prompt_tokens, step.text
         if not step.grew:
             continue

@@ -357,3 +357,31 @@ def test_a_follow_up_reuses_the_kept_prefix_and_answers_as_alone(tiny_dirs, vers
         del model.engine
     assert got == _reply(model, follow, 6, {"do_sample": False})  # the same follow-up alone, no engine
     assert results["a"] == _reply(model, a, len(results["a"]), {"do_sample": False})
+
+
+def test_a_stream_without_every_token_yields_the_newest_of_the_tokens_handed_over_together(tiny_dirs):
+    """generate_stream(every_token=False) through the engine yields only the newest of the sequences handed over
+    at once (several tokens a yield when they pile up), ending on the same reply; the servers' chat_events give
+    the same text and usage from it; without an engine every token is yielded."""
+    from serving.events import chat_events
+
+    model, tok = _model(tiny_dirs, "v2")
+    ids = tok([PROMPTS[1]], return_tensors="pt")["input_ids"]
+    alone = list(generate_stream(model, ids, max_new_tokens=24, eos_token_id=[-1], do_sample=False, every_token=False))
+    assert len(alone) == 24  # no engine: every token
+    want_chat = list(chat_events(model, tok, PROMPTS[0], [], gen={"max_new_tokens": 24, "do_sample": False}))
+    engine = attach(model, max_batch=2, stream_interval=0.05)  # tokens pile up between handovers
+    try:
+        seqs = list(generate_stream(model, ids, max_new_tokens=24, eos_token_id=[-1], do_sample=False,
+                                    every_token=False))  # fmt: skip
+        assert 1 < len(seqs) < 24
+        assert torch.equal(seqs[-1], alone[-1])
+        assert all(torch.equal(b[:, : a.shape[1]], a) and b.shape[1] > a.shape[1] for a, b in zip(seqs, seqs[1:]))
+        every = list(generate_stream(model, ids, max_new_tokens=24, eos_token_id=[-1], do_sample=False))
+        assert len(every) == 24 and torch.equal(every[-1], alone[-1])
+        got = list(chat_events(model, tok, PROMPTS[0], [], gen={"max_new_tokens": 24, "do_sample": False}))
+        text = "".join(e.get("content", "") for e in got)
+        assert text == "".join(e.get("content", "") for e in want_chat)
+        assert got[-1]["usage"] == want_chat[-1]["usage"] and len(got) < len(want_chat)
+    finally:
+        engine.close()

@@ -364,6 +364,32 @@ def test_one_openmp_runtime():
         assert os.path.dirname(runtimes[0]) == torch_lib  # torch's own, not the system's
 
 
+def test_small_calls_stay_on_the_calling_thread():
+    """A kernel call with little work (a tiny model's layers) runs without OpenMP workers: in a fresh process,
+    small float and INT8 linears and a short attention start no thread; one 6B-sized layer does (2+ cpus).
+    Checked in a fresh process: /proc/self/task counts its threads."""
+    code = (
+        "import os, torch, kernels\n"
+        "torch.set_num_threads(2)\n"
+        "k = kernels.get_cpu_kernel()\n"
+        "n = lambda: len(os.listdir('/proc/self/task'))\n"
+        "before = n()\n"
+        "for _ in range(3):\n"
+        "    k.float_linear(torch.randn(8, 64), torch.randn(640, 64))\n"
+        "    k.linear(torch.randn(1, 64), torch.zeros(128, 64, dtype=torch.int8), torch.ones(128), 8)\n"
+        "    k.attention_decode(torch.randn(8, 64), torch.randn(8, 2, 40, 16), torch.randn(8, 2, 40, 16), 4, 0.25)\n"
+        "small = n()\n"
+        "k.float_linear(torch.randn(1, 4096), torch.randn(4608, 4096))\n"
+        "print(k.openmp, before, small, n())\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
+    openmp, before, small, big = out.stdout.split()
+    if openmp != "True" or (os.cpu_count() or 1) < 2:
+        pytest.skip("no OpenMP build or one cpu here")
+    assert int(small) == int(before) < int(big)
+
+
 def test_release_openmp_threads(kernel, threads):
     """The engine's attaching thread hands back its OpenMP workers (kernels.release_openmp_threads): every runtime
     loaded does, and the next parallel regions, in this thread and in another, start new workers and compute as

@@ -237,3 +237,10 @@ def test_stream_decoder_gives_the_whole_replys_text_at_every_token(real):
             assert decode(ids[:n]) == want(ids[:n]), (version, reply, n)
         assert decode(ids[:50]) == want(ids[:50])  # cut back: decoded whole again
         assert decode(ids[:60]) == want(ids[:60])
+        # several tokens at a time (a server's engine hands them over together): the newest whole text among them
+        decode, n = StreamDecoder(tok), 0
+        for jump in torch.randint(1, 6, (40,), generator=g).tolist():
+            prev, n = n, min(n + jump, len(ids))
+            got = decode(ids[:n])
+            got = decode.longest_whole(ids[:n]) if got is None else got
+            assert got == next((want(ids[:k]) for k in range(n, prev, -1) if want(ids[:k]) is not None), None)
