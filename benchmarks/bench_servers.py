@@ -3,6 +3,7 @@ abandoned requests, loopback only; then N streaming clients at once against one 
 
     python benchmarks/bench_servers.py [--clients 32] [--requests 8] [--abandoned 1000] [--version v2] [--dtype auto]
     python benchmarks/bench_servers.py --servers none --stream-clients 8 --model-path DIR --quantize 4
+    python benchmarks/bench_servers.py --servers none --stream-clients 0 --follow-up 1000 [--model-path DIR ...]
 
 Each server runs as a real process (`python api.py|stream_api.py|openai_api.py --port P`, batching through the
 engine as by default) on the built-in tiny model written to a temporary directory, in --dtype. Requests are greedy
@@ -20,6 +21,14 @@ changes speed between minutes, so each run of N is set against the one-client ru
 new to the server; each prompt's reply alone comes from an earlier server process. Every request streams (SSE, greedy, --stream-tokens
 max_tokens); generated tokens are the server's own usage count. Prints tokens/s of each, the ratio, and whether
 every reply of the N clients equals its prompt's reply alone.
+
+Follow-up turn (--follow-up TOKENS; 0, the default, skips it): the OpenAI API is stateless, so a second turn sends
+the whole conversation again. Three runs: a first turn of about TOKENS tokens, then the conversation with its reply
+and a new question (max_tokens 8, not streamed: the time is mostly the prompt's prefill), against a conversation
+of the same length whose first turn the server never saw (cold). Each follow-up turn's reply cold comes from an
+earlier server process; the cold one must equal it, the one after its first turn (its prompt read in two pieces)
+may differ by rounding where activations are bf16 or a greedy choice is a near-tie (chatglm/engine.py). Prints
+both times and their ratio (issue 32's target: at most 15% of cold).
 """
 
 from __future__ import annotations
@@ -258,6 +267,63 @@ def run(script, one, clients, requests, abandoned, model_dir, want, dtype) -> st
         stop(proc)
 
 
+def chat_once(base: str, messages: list, max_tokens: int) -> tuple[str, int, float]:
+    """One plain (non-streamed) greedy chat completion: (the reply, prompt tokens, wall seconds)."""
+    body = {"model": "chatglm", "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+    t = time.perf_counter()
+    status, out = post(base + "/v1/chat/completions", body, timeout=600)
+    if status != 200:
+        raise SystemExit(f"error: openai_api.py answered {status}")
+    return out["choices"][0]["message"]["content"], out["usage"]["prompt_tokens"], time.perf_counter() - t
+
+
+def follow_up(model_dir: str, server_args: list[str], history: int, reps: int = 3) -> None:
+    """A follow-up turn sent whole through the stateless OpenAI API after its first turn, against a conversation
+    of the same length whose first turn the server never saw (cold); see the docstring."""
+    from chatglm import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    with open(os.path.join(REPO, "chatglm", "data", "tiny_corpus.txt"), encoding="utf-8") as f:
+        corpus = tok.encode(f.read() * (1 + history // 200), add_special_tokens=False)
+
+    def first_turn(i):  # about `history` tokens, its own from the start
+        return f"第{i}段：" + tok.decode(corpus[i * 7 : i * 7 + history])
+
+    convs = [[{"role": "user", "content": first_turn(i)}] for i in range(2 * reps)]
+    second = {"role": "user", "content": "请用一句话总结上面的内容"}
+    proc, port = start_server("openai_api.py", model_dir, server_args)  # the first turns' replies
+    try:
+        for c in convs:
+            c.append({"role": "assistant", "content": chat_once(f"http://127.0.0.1:{port}", c, 16)[0]})
+            c.append(second)
+    finally:
+        stop(proc)
+    proc, port = start_server("openai_api.py", model_dir, server_args)  # each follow-up turn's reply cold
+    try:
+        cold_reply = [chat_once(f"http://127.0.0.1:{port}", c, 8)[0] for c in convs]
+    finally:
+        stop(proc)
+    proc, port = start_server("openai_api.py", model_dir, server_args)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        chat_once(base, [{"role": "user", "content": "预热"}], 4)  # warm up
+        print(f"follow-up turn through openai_api.py ({' '.join(server_args)}; {os.path.basename(model_dir)}): a "
+              f"first turn of ~{history} tokens, then the whole conversation again with a new question, max_tokens 8; "
+              f"cold = a conversation of the same length whose first turn this server never saw")  # fmt: skip
+        shares = []
+        for rep in range(reps):
+            warm, cold = convs[2 * rep], convs[2 * rep + 1]
+            chat_once(base, warm[:1], 16)  # its first turn: the engine keeps its keys
+            (text_w, n_w, t_w), (text_c, n_c, t_c) = chat_once(base, warm, 8), chat_once(base, cold, 8)
+            shares.append(t_w / t_c)
+            print(f"  run {rep + 1}: {n_w} / {n_c} prompt tokens: after its first turn {t_w * 1e3:.1f} ms, cold "
+                  f"{t_c * 1e3:.1f} ms = {100 * t_w / t_c:.1f}% of cold; replies as cold: {text_c == cold_reply[2 * rep + 1]} "
+                  f"(cold), {text_w == cold_reply[2 * rep]} (after its first turn)")  # fmt: skip
+        print(f"  median {100 * statistics.median(shares):.1f}% of cold")
+    finally:
+        stop(proc)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients (default 32)")
@@ -278,14 +344,16 @@ def main():
     parser.add_argument("--model-path", default=None,
                         help="a checkpoint for the streaming run (default: the tiny model)")  # fmt: skip
     parser.add_argument("--quantize", type=int, default=0, choices=[0, 4, 8], help="its --quantize (default 0)")
+    parser.add_argument("--follow-up", type=int, default=0, metavar="TOKENS",
+                        help="also time a follow-up turn after a first turn of about TOKENS tokens (0: skip)")  # fmt: skip
     args = parser.parse_args()
     if args.model_path and not os.path.isfile(os.path.join(args.model_path, "config.json")):
         parser.error(f"--model-path {args.model_path}: no config.json there")
     unknown = set(args.servers.split(",")) - {"none", "api.py", "openai_api.py", "stream_api.py"}
     if unknown:
         parser.error(f"--servers: unknown {', '.join(sorted(unknown))} (api.py, openai_api.py, stream_api.py, none)")
-    if args.stream_clients < 0 or args.stream_tokens < 1:
-        parser.error("--stream-clients must be >= 0 and --stream-tokens >= 1")
+    if args.stream_clients < 0 or args.stream_tokens < 1 or args.follow_up < 0:
+        parser.error("--stream-clients and --follow-up must be >= 0 and --stream-tokens >= 1")
 
     from chatglm.tiny import make_tiny_checkpoint
     from kernels import cpu_summary
@@ -300,6 +368,9 @@ def main():
             if args.model_path:
                 server_args += ["--quantize", str(args.quantize)]
             streaming(args.model_path or model_dir, server_args, args.stream_clients, args.stream_tokens)
+        if args.follow_up:
+            server_args = ["--dtype", args.dtype] + (["--quantize", str(args.quantize)] if args.model_path else [])
+            follow_up(args.model_path or model_dir, server_args, args.follow_up)
 
 
 def load_test(args, model_dir: str) -> None:

@@ -42,7 +42,11 @@ def create_app(model, tokenizer, max_body_bytes: int = DEFAULT_MAX_BODY, concurr
                                 field(data, "temperature", "number"))  # fmt: skip
         await runner.check(lambda: check_prompt(model, tokenizer, prompt, history, gen=gen))
         response, history = await runner.run(
-            lambda cancel: last_step(model, model.stream_chat(tokenizer, prompt, history, **gen), cancel), request
+            # only the last step is answered: the engine's tokens handed over together are one step
+            lambda cancel: last_step(
+                model, model.stream_chat(tokenizer, prompt, history, every_token=False, **gen), cancel
+            ),
+            request,
         )
         time = now_string()
         # what people said stays out of the log unless asked for (--log-level debug)

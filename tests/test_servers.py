@@ -157,7 +157,9 @@ def test_api_passes_parameters_and_keeps_the_model_defaults(tiny):
         client.post("/", json={"prompt": "hi", "history": None, "max_length": None})
         client.post("/", json={"prompt": "hi", "max_length": 100, "top_p": 0.5, "temperature": 0.3})
         client.post("/", json={"prompt": "hi", "temperature": 0})
-    # nothing given -> nothing passed: chat() applies the original 2048 / 0.7 / 0.95
+    # nothing given -> nothing passed: chat() applies the original 2048 / 0.7 / 0.95; only the last step is
+    # answered, so a step may bring several tokens (the engine's)
+    assert all(c.pop("every_token") is False for c in spy.calls)
     assert spy.calls == [{}, {}, {"max_length": 100, "top_p": 0.5, "temperature": 0.3}, {"do_sample": False}]
 
 
@@ -817,9 +819,11 @@ def test_benchmark_help_describes_every_option_and_column(script):
 
 def test_bench_servers_streams_several_clients_through_openai_api_with_the_replies_they_get_alone():
     """The streaming run of bench_servers (2 clients, 6 tokens, the tiny model): real server processes, every reply
-    of the batched clients checked against its prompt's reply alone, tokens counted by the server."""
+    of the batched clients checked against its prompt's reply alone, tokens counted by the server; then the
+    follow-up turn (a first turn of ~60 tokens), timed after its first turn and cold, replies checked too."""
     proc = subprocess.run([sys.executable, "benchmarks/bench_servers.py", "--servers", "none", "--stream-clients", "2",
-                           "--stream-tokens", "6"], cwd=str(REPO), capture_output=True, text=True, timeout=600)  # fmt: skip
+                           "--stream-tokens", "6", "--follow-up", "60", "--dtype", "fp32"], cwd=str(REPO),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     runs = re.findall(r"run \d: one client +([\d.]+) tok/s, then 2 clients +([\d.]+) tok/s \((\d+) tokens in "
                       r"[\d.]+ s\) = ([\d.]+)x; replies as alone: (\w+)", proc.stdout)  # fmt: skip
@@ -828,6 +832,12 @@ def test_bench_servers_streams_several_clients_through_openai_api_with_the_repli
         assert same == "True" and 0 < int(tokens) <= 12  # at most max_tokens each, counted by the server
         assert float(one) > 0 and abs(float(two) / float(one) - float(ratio)) < 0.01 + 0.01 * float(ratio)
     assert re.search(r"median [\d.]+x one client", proc.stdout)
+    turns = re.findall(r"run \d: (\d+) / (\d+) prompt tokens: after its first turn ([\d.]+) ms, cold ([\d.]+) ms = "
+                       r"([\d.]+)% of cold; replies as cold: (\w+) \(cold\), (\w+)", proc.stdout)  # fmt: skip
+    assert len(turns) == 3, proc.stdout
+    for warm, cold, t_warm, t_cold, share, same, same_warm in turns:  # (fp32 on the tiny model: no near-tie)
+        assert same == same_warm == "True" and 60 < int(warm) and abs(int(warm) - int(cold)) <= 2
+        assert abs(100 * float(t_warm) / float(t_cold) - float(share)) < 0.5 + 0.02 * float(share)
     bad = subprocess.run([sys.executable, "benchmarks/bench_servers.py", "--servers", "api.py,nope"], cwd=str(REPO),
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bad.returncode == 2 and "unknown nope" in bad.stderr
