@@ -341,6 +341,12 @@ def test_float_activations_env(monkeypatch):
     _check(a, ref, x.double().abs() @ dequantize(q, scale, 4).double().abs().t() + bias.double().abs())
 
 
+def _in_a_fresh_process(code: str) -> str:
+    """The standard output of `code` run by a new Python process at the repository's root."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True).stdout
+
+
 def test_one_openmp_runtime():
     """torch ships its own libgomp; ours must bind to the same one (one thread pool). Checked in a fresh process
     (other libraries, e.g. sentencepiece's wheel, bring their own runtime into this one)."""
@@ -350,9 +356,7 @@ def test_one_openmp_runtime():
         "k.linear(torch.randn(1, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8), 8)\n"
         "print(k.openmp, kernels.openmp_runtimes())\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
-    openmp, runtimes = out.stdout.strip().split(" ", 1)
+    openmp, runtimes = _in_a_fresh_process(code).strip().split(" ", 1)
     if openmp != "True":
         pytest.skip("no OpenMP build here")
     runtimes = ast.literal_eval(runtimes)
@@ -382,9 +386,7 @@ def test_small_calls_stay_on_the_calling_thread():
         "k.float_linear(torch.randn(1, 4096), torch.randn(4608, 4096))\n"
         "print(k.openmp, before, small, n())\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
-    openmp, before, small, big = out.stdout.split()
+    openmp, before, small, big = _in_a_fresh_process(code).split()
     if openmp != "True" or (os.cpu_count() or 1) < 2:
         pytest.skip("no OpenMP build or one cpu here")
     assert int(small) == int(before) < int(big)
