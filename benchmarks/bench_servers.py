@@ -34,6 +34,7 @@ both times and their ratio (issue 32's target: at most 15% of cold).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -148,6 +149,16 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
+@contextlib.contextmanager
+def server(script: str, model_dir: str, args: list[str]):
+    """start_server's process, its port and base URL; stopped on leaving."""
+    proc, port = start_server(script, model_dir, args)
+    try:
+        yield proc, port, f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
 def streaming(model_dir: str, server_args: list[str], clients: int, max_tokens: int, reps: int = 3) -> None:
     """N streaming clients at once against one alone, through openai_api.py batching N (see the docstring)."""
     # Every prompt is new to the server that times it: a prompt sent again would reuse its kept keys (no prefill)
@@ -160,15 +171,9 @@ def streaming(model_dir: str, server_args: list[str], clients: int, max_tokens: 
     def at_once(base, ps):
         return all_at_once(lambda i: stream_openai(base, ps[i], max_tokens), len(ps))
 
-    proc, port = start_server("openai_api.py", model_dir, args)
-    try:
-        base = f"http://127.0.0.1:{port}"
+    with server("openai_api.py", model_dir, args) as (_, _, base):
         want = {p: at_once(base, [p])[0][0][0] for ps in batches for p in ps}
-    finally:
-        stop(proc)
-    proc, port = start_server("openai_api.py", model_dir, args)
-    try:
-        base = f"http://127.0.0.1:{port}"
+    with server("openai_api.py", model_dir, args) as (_, _, base):
         at_once(base, ["预热"])  # warm up
         print(f"streaming through openai_api.py ({' '.join(args)}; {os.path.basename(model_dir)}), max_tokens "
               f"{max_tokens}, greedy; each run: one client alone, then {clients} at once, every prompt new")  # fmt: skip
@@ -183,8 +188,6 @@ def streaming(model_dir: str, server_args: list[str], clients: int, max_tokens: 
             print(f"  run {rep + 1}: one client {rate1:6.1f} tok/s, then {clients} clients {rate:7.1f} tok/s "
                   f"({tokens} tokens in {t:.2f} s) = {rate / rate1:.2f}x; replies as alone: {same}")  # fmt: skip
         print(f"  median {statistics.median(ratios):.2f}x one client")
-    finally:
-        stop(proc)
 
 
 def rss_mb(pid: int) -> float:
@@ -231,9 +234,7 @@ def abandon(script: str, base: str, port: int, n: int) -> None:
 
 def run(script, one, clients, requests, abandoned, model_dir, want, dtype) -> str:
     extra = ["--dtype", dtype] + (["--unread-ttl", str(UNREAD_TTL)] if script == "stream_api.py" else [])
-    proc, port = start_server(script, model_dir, extra)
-    base = f"http://127.0.0.1:{port}"
-    try:
+    with server(script, model_dir, extra) as (proc, port, base):
         latencies, wrong, errors, lock = [], 0, 0, threading.Lock()
 
         def client(c):
@@ -263,8 +264,6 @@ def run(script, one, clients, requests, abandoned, model_dir, want, dtype) -> st
         return (f"{script:<15} {len(lat) / wall:8.1f} {statistics.median(lat) * 1e3:9.0f} "
                 f"{p99 * 1e3:9.0f} {len(lat):6d} {wrong:6d} {errors:4d} {before:9.0f} {after:9.0f}  "
                 f"{'yes' if alive else 'NO'}")  # fmt: skip
-    finally:
-        stop(proc)
 
 
 def chat_once(base: str, messages: list, max_tokens: int) -> tuple[str, int, float]:
@@ -291,21 +290,13 @@ def follow_up(model_dir: str, server_args: list[str], history: int, reps: int = 
 
     convs = [[{"role": "user", "content": first_turn(i)}] for i in range(2 * reps)]
     second = {"role": "user", "content": "请用一句话总结上面的内容"}
-    proc, port = start_server("openai_api.py", model_dir, server_args)  # the first turns' replies
-    try:
+    with server("openai_api.py", model_dir, server_args) as (_, _, base):  # the first turns' replies
         for c in convs:
-            c.append({"role": "assistant", "content": chat_once(f"http://127.0.0.1:{port}", c, 16)[0]})
+            c.append({"role": "assistant", "content": chat_once(base, c, 16)[0]})
             c.append(second)
-    finally:
-        stop(proc)
-    proc, port = start_server("openai_api.py", model_dir, server_args)  # each follow-up turn's reply cold
-    try:
-        cold_reply = [chat_once(f"http://127.0.0.1:{port}", c, 8)[0] for c in convs]
-    finally:
-        stop(proc)
-    proc, port = start_server("openai_api.py", model_dir, server_args)
-    try:
-        base = f"http://127.0.0.1:{port}"
+    with server("openai_api.py", model_dir, server_args) as (_, _, base):  # each follow-up turn's reply cold
+        cold_reply = [chat_once(base, c, 8)[0] for c in convs]
+    with server("openai_api.py", model_dir, server_args) as (_, _, base):
         chat_once(base, [{"role": "user", "content": "预热"}], 4)  # warm up
         print(f"follow-up turn through openai_api.py ({' '.join(server_args)}; {os.path.basename(model_dir)}): a "
               f"first turn of ~{history} tokens, then the whole conversation again with a new question, max_tokens 8; "
@@ -320,8 +311,6 @@ def follow_up(model_dir: str, server_args: list[str], history: int, reps: int = 
                   f"{t_c * 1e3:.1f} ms = {100 * t_w / t_c:.1f}% of cold; replies as cold: {text_c == cold_reply[2 * rep + 1]} "
                   f"(cold), {text_w == cold_reply[2 * rep]} (after its first turn)")  # fmt: skip
         print(f"  median {100 * statistics.median(shares):.1f}% of cold")
-    finally:
-        stop(proc)
 
 
 def main():
@@ -363,13 +352,10 @@ def main():
         model_dir = make_tiny_checkpoint(os.path.join(tmp, "tiny"), args.version)
         if args.servers != "none":
             load_test(args, model_dir)
+        server_args = ["--dtype", args.dtype] + (["--quantize", str(args.quantize)] if args.model_path else [])
         if args.stream_clients:
-            server_args = ["--dtype", args.dtype]
-            if args.model_path:
-                server_args += ["--quantize", str(args.quantize)]
             streaming(args.model_path or model_dir, server_args, args.stream_clients, args.stream_tokens)
         if args.follow_up:
-            server_args = ["--dtype", args.dtype] + (["--quantize", str(args.quantize)] if args.model_path else [])
             follow_up(args.model_path or model_dir, server_args, args.follow_up)
 
 

@@ -7,6 +7,8 @@ import threading
 
 import torch
 
+GUARD_TOKEN = 5  # where the original's guard puts all the mass of nan/inf scores
+
 
 class InvalidScoreLogitsProcessor:
     """The original guard: on nan/inf scores, put all the mass on token 5."""
@@ -14,7 +16,7 @@ class InvalidScoreLogitsProcessor:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if not bool(torch.isfinite(scores).all()):  # one read back to the host per step, not two
             scores.zero_()
-            scores[..., 5] = 5e4
+            scores[..., GUARD_TOKEN] = 5e4
         return scores
 
 
@@ -132,7 +134,8 @@ def greedy_rule(processors) -> tuple[bool, int | None] | None:
     `greedy_tokens`; None for any other processor."""
     procs, guard, limit = list(processors), False, None
     if procs and type(procs[0]) is InvalidScoreLogitsProcessor:
-        guard = procs.pop(0) is not None
+        procs.pop(0)
+        guard = True
     if procs and type(procs[0]) is SuppressUndecodableLogitsProcessor:
         limit = procs.pop(0).vocab_size
     return None if procs else (guard, limit)
@@ -150,7 +153,7 @@ def greedy_tokens(scores: torch.Tensor, guard: bool = False, limit: int | None =
     if kernel is not None:
         ids, finite = kernel.greedy(s if s.stride(-1) == 1 else s.contiguous(), limit)
         if guard:
-            ids = [i if ok else 5 for i, ok in zip(ids, finite)]
+            ids = [i if ok else GUARD_TOKEN for i, ok in zip(ids, finite)]
         return torch.tensor(ids), ids
     return greedy_tokens_reference(s, guard, limit)
 
@@ -160,7 +163,7 @@ def greedy_tokens_reference(scores: torch.Tensor, guard: bool = False, limit: in
     if guard:
         bad = ~torch.isfinite(scores).all(dim=-1, keepdim=True)
         fixed = torch.zeros_like(scores)
-        fixed[:, 5] = 5e4
+        fixed[:, GUARD_TOKEN] = 5e4
         scores = torch.where(bad, fixed, scores)
     if limit is not None and limit < scores.shape[-1]:
         scores = torch.cat([scores[:, :limit], torch.full_like(scores[:, limit:], float("-inf"))], dim=-1)
