@@ -14,9 +14,12 @@ request's greedy reply is the one it gets alone. One thread runs the steps; each
      them that is free or still prefilling gets a dummy token whose output is ignored and whose key is written
      where that slot writes next anyway (a free slot: just past what it keeps);
   5. hand the new tokens to their readers: a request's first token and its end at once, the others at most
-     every `stream_interval` seconds (4 ms), several at a time when steps are faster than that (each handover
-     wakes a reader's thread: with 8 requests on a model whose steps take under a millisecond, those wakeups
-     and GIL handoffs cost a fifth of the engine's time). The reader still yields after every token.
+     every `stream_interval` seconds (1/30 s, a video frame), several at a time when steps are faster than that
+     (each handover wakes a reader's thread, which then decodes, formats and writes to its socket, taking the GIL
+     between the engine's torch ops: with 8 streams of the tiny model through openai_api.py a handover cost
+     ~0.6 ms of the engine's time, and 8 streams got 2.4-3.5x one stream's tokens/s at 4 ms against 5-6x at
+     32 ms). A full-size model's steps are longer than the interval on a CPU, so every step hands over. The
+     reader still yields after every token.
 
 Prefix reuse: a slot keeps the keys and values of its last request (prompt and reply) until another request
 needs it. A new request goes to the free slot whose kept tokens share the longest prefix with its prompt, and
@@ -106,7 +109,9 @@ class EngineBusy(RuntimeError):
 
 
 _END = object()
-STREAM_INTERVAL = 0.004  # seconds: a running request's new tokens are handed to its reader at most this often
+# seconds: a running request's new tokens are handed to its reader at most this often (a 30 Hz frame: text arrives
+# as smoothly as video; each handover costs the engine a thread wakeup and GIL handoffs, see the module docstring)
+STREAM_INTERVAL = 1 / 30
 IDS_ROOM = 1024  # room for new tokens a request's ids buffer starts with
 
 
