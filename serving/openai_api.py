@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import time
@@ -230,9 +229,9 @@ def create_app(model, tokenizer, model_name: str | None = None, max_body_bytes: 
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model or model_name}
         logprobs = None if recorder is None else ChatLogprobs(tokenizer, recorder, eos)
         if req.stream:
-            items = runner.stream(events)  # admitted now: a full server answers 503 before any stream
+            items = runner.stream(events, keepalive)  # admitted now: a full server answers 503 before any stream
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse_response(sse(items, head, usage, logprobs, "chat.completion.chunk", keepalive))
+            return _sse_response(sse(items, head, usage, logprobs, "chat.completion.chunk"))
         result = await runner.run(lambda cancel: list(events(cancel)), request)
         content = "".join(ev.get("content", "") for ev in result)
         calls = [tool_call(ev["tool_call"]) for ev in result if "tool_call" in ev]
@@ -266,9 +265,9 @@ def create_app(model, tokenizer, model_name: str | None = None, max_body_bytes: 
         logprobs = None if recorder is None else CompletionLogprobs(tokenizer, recorder, eos)
         echo = prompt if req.echo else ""
         if req.stream:
-            items = runner.stream(events)
+            items = runner.stream(events, keepalive)
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse_response(sse(items, head, usage, logprobs, "text_completion", keepalive, echo))
+            return _sse_response(sse(items, head, usage, logprobs, "text_completion", echo))
         result = await runner.run(lambda cancel: list(events(cancel)), request)
         end = result[-1]
         text = echo + "".join(ev.get("content", "") for ev in result)
@@ -390,33 +389,10 @@ def _sse_response(body) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
 
 
-async def _with_keepalive(items, seconds: float):
-    """The items of an async iterator, and None whenever `seconds` pass without one."""
-    it = items.__aiter__()
-    pending = None
-    try:
-        while True:
-            pending = pending or asyncio.ensure_future(it.__anext__())
-            done, _ = await asyncio.wait({pending}, timeout=seconds)
-            if not done:
-                yield None
-                continue
-            task, pending = pending, None
-            try:
-                yield task.result()
-            except StopAsyncIteration:
-                return
-    finally:  # the client left (or the stream ended): stop waiting, then close the items (which cancels the work)
-        if pending is not None:
-            pending.cancel()
-            await asyncio.wait({pending})
-        await it.aclose()
-
-
 async def sse(items, head: dict, include_usage: bool, logprobs=None, kind: str = "chat.completion.chunk",
-              keepalive: float = KEEPALIVE_SECONDS, echo: str = ""):  # fmt: skip
+              echo: str = ""):  # fmt: skip
     """Server-sent events: (chat) a role chunk, content / tool-call chunks, a finish chunk, [usage], then [DONE];
-    an SSE comment line whenever `keepalive` seconds pass with nothing to send."""
+    an SSE comment line for each None among the items (AsyncRunner.stream's keep-alive when nothing came)."""
     chat = kind == "chat.completion.chunk"
 
     def chunk(delta=None, finish=None, lp=None, **extra):
@@ -435,7 +411,7 @@ async def sse(items, head: dict, include_usage: bool, logprobs=None, kind: str =
         yield chunk({"content": echo})
     n_calls = 0
     try:
-        async for ev in _with_keepalive(items, keepalive):
+        async for ev in items:
             if ev is None:
                 yield ": keep-alive\n\n"
             elif "content" in ev:

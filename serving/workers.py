@@ -146,8 +146,9 @@ class AsyncRunner:
         """fn() on a checker thread (request checks that take time), without holding a generation slot."""
         return await asyncio.wrap_future(self.checker.submit(fn))
 
-    def stream(self, events: Callable[[threading.Event], Iterator]):
-        """Start events(cancel) on a worker thread now (503 if full); return an async iterator of its items.
+    def stream(self, events: Callable[[threading.Event], Iterator], idle: float | None = None):
+        """Start events(cancel) on a worker thread now (503 if full); return an async iterator of its items, and
+        of None whenever `idle` seconds pass without one (a keep-alive for the stream).
 
         Leaving the iterator early (client gone) sets `cancel`, which stops the generation at its next step.
         """
@@ -173,17 +174,33 @@ class AsyncRunner:
                 put("end", None)
 
         fut = self._submit(job)
+        last = loop.time()  # when the consumer last took something
+        timer = None
+
+        def tick():  # one timer per stream, not one per item: an idle marker once `idle` seconds pass quietly
+            nonlocal timer
+            due = last + idle - loop.time()
+            if due <= 0:
+                queue.put_nowait(("idle", None))
+                due = idle
+            timer = loop.call_later(due, tick)
 
         async def items():
+            nonlocal last
+            if idle is not None and idle > 0:
+                tick()
             try:
                 while True:
                     kind, value = await queue.get()
+                    last = loop.time()
                     if kind == "end":
                         return
                     if kind == "error":
                         raise value
-                    yield value
-            finally:
+                    yield None if kind == "idle" else value
+            finally:  # the stream ended, or its consumer left (or was cancelled) while waiting
+                if timer is not None:
+                    timer.cancel()
                 cancel.set()
                 fut.cancel()  # not started yet: never starts
                 self._cancels.discard(cancel)

@@ -875,3 +875,41 @@ def test_servers_keep_the_tiny_models_replies_short(capsys):
     with TestClient(openai_api.create_app(model, tokenizer)) as client:  # the real model stops there
         usage = client.post("/v1/chat/completions", json={"messages": messages, "temperature": 0}).json()["usage"]
         assert usage["completion_tokens"] <= 256
+
+
+def test_async_runner_stream_marks_quiet_gaps_and_cancels_when_left():
+    """AsyncRunner.stream yields the worker's items in order and a None for every `idle` seconds without one (the
+    SSE keep-alive: one timer per stream); a consumer that leaves early sets the work's cancel event."""
+    import asyncio
+
+    from serving.workers import AsyncRunner
+
+    runner = AsyncRunner(concurrency=2)
+    seen_cancel = threading.Event()
+
+    def slow(cancel):
+        yield "a"
+        time.sleep(0.35)  # a long prefill: nothing to send
+        yield "b"
+
+    def endless(cancel):
+        while not cancel.is_set():
+            yield "x"
+            time.sleep(0.01)
+        seen_cancel.set()
+
+    async def main():
+        got = [item async for item in runner.stream(slow, idle=0.1)]
+        quiet = [item async for item in runner.stream(slow)]  # no idle: no markers
+        items = runner.stream(endless, idle=0.1)
+        first = await items.__anext__()
+        await items.aclose()  # the client left
+        return got, quiet, first
+
+    try:
+        got, quiet, first = asyncio.run(main())
+    finally:
+        runner.close()
+    assert got[0] == "a" and got[-1] == "b" and 2 <= got.count(None) <= 4 and len(got) == got.count(None) + 2
+    assert quiet == ["a", "b"] and first == "x"
+    assert seen_cancel.wait(5)
