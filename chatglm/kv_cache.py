@@ -230,23 +230,17 @@ class KVCache:
 
     def _flat_positions(self, buf: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """Where row r's head h position lengths[r] + j is in a (contiguous) buffer seen as [-1, d], in the order
-        of the new keys [rows, heads, n, d]; made once per snapshot and shape (every layer's buffer has the same)."""
+        of the new keys [rows, heads, n, d]; made once per snapshot and shape (every layer's buffer has the same),
+        from Python ints (a decode step's few dozen positions: one tensor made, not eight small ops)."""
         slots, heads, cap, _ = buf.shape
         n = new.shape[2]
         key = (slots, heads, cap, n, buf.device)
         if self._index is None or self._index[0] != key:
-            rows = self._row_numbers(new)[:, None, None]
-            lengths = torch.tensor(self.lengths, device=buf.device)[:, None, None]
-            h = torch.arange(heads, device=buf.device)[None, :, None]
-            self._index = (key, ((rows * heads + h) * cap + lengths + torch.arange(n, device=buf.device)).reshape(-1))
+            rows = self.rows if self.rows is not None else range(new.shape[0])
+            flat = [(r * heads + h) * cap + length + j
+                    for r, length in zip(rows, self.lengths) for h in range(heads) for j in range(n)]  # fmt: skip
+            self._index = (key, torch.tensor(flat, device=buf.device))
         return self._index[1]
-
-    def _row_numbers(self, t: torch.Tensor) -> torch.Tensor:
-        return (
-            torch.tensor(self.rows, device=t.device)
-            if self.rows is not None
-            else torch.arange(t.shape[0], device=t.device)
-        )
 
     def _write_slice(self, i: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         end = start + k.shape[2]

@@ -183,6 +183,13 @@ def test_scattered_rows_read_and_write_only_their_slots():
     assert torch.equal(buf[2, 0, 3], k[0, 0, 0]) and torch.equal(buf[0, 0, 1], k[1, 0, 0])
     assert torch.equal(kk[0, 0, 3], k[0, 0, 0]) and torch.equal(kk[1, 0, 1], k[1, 0, 0])
     assert not buf[1].any()
+    # several heads and several new keys a row: each row's keys land at its own length, head by head
+    cache = KVCache.empty(1, 8, slots=3)
+    k = torch.randn(2, 2, 3, 4)  # rows (slot 2 at 3, slot 0 at 1), 2 heads, 3 new keys
+    kk, _ = cache.select([2, 0], (3, 1)).append(0, k, -k)
+    buf = cache._storage.k[0]
+    assert torch.equal(buf[2, :, 3:6], k[0]) and torch.equal(buf[0, :, 1:4], k[1]) and not buf[1].any()
+    assert torch.equal(kk[0, :, 3:6], k[0]) and torch.equal(kk[1, :, 1:4], k[1]) and kk.shape == (2, 2, 6, 4)
     with pytest.raises(ValueError, match="distinct slots"):
         cache.select([0, 0], 0)
     with pytest.raises(ValueError, match="distinct slots"):
