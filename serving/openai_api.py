@@ -405,24 +405,27 @@ async def sse(items, head: dict, include_usage: bool, logprobs=None, kind: str =
         body = dict(head, object=kind, choices=choices, **extra)
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    if chat:
-        yield chunk({"role": "assistant", "content": ""})
-    elif echo:
-        yield chunk({"content": echo})
-    n_calls = 0
     try:
-        async for ev in items:
-            if ev is None:
-                yield ": keep-alive\n\n"
-            elif "content" in ev:
-                yield chunk({"content": ev["content"]}, lp=logprobs and logprobs.delta(ev["tokens"]))
-            elif "tool_call" in ev:
-                yield chunk({"tool_calls": [tool_call(ev["tool_call"], n_calls)]})
-                n_calls += 1
-            else:
-                yield chunk({}, ev["finish_reason"], lp=logprobs and logprobs.final(ev))
-                if include_usage:
-                    yield chunk(usage=ev["usage"])
-    except Exception as e:  # noqa: BLE001  (the status line is sent: report in the stream)
-        yield f"data: {json.dumps(error_body(f'generation failed: {e}', 'server_error'), ensure_ascii=False)}\n\n"
-    yield "data: [DONE]\n\n"
+        if chat:
+            yield chunk({"role": "assistant", "content": ""})
+        elif echo:
+            yield chunk({"content": echo})
+        n_calls = 0
+        try:
+            async for ev in items:
+                if ev is None:
+                    yield ": keep-alive\n\n"
+                elif "content" in ev:
+                    yield chunk({"content": ev["content"]}, lp=logprobs and logprobs.delta(ev["tokens"]))
+                elif "tool_call" in ev:
+                    yield chunk({"tool_calls": [tool_call(ev["tool_call"], n_calls)]})
+                    n_calls += 1
+                else:
+                    yield chunk({}, ev["finish_reason"], lp=logprobs and logprobs.final(ev))
+                    if include_usage:
+                        yield chunk(usage=ev["usage"])
+        except Exception as e:  # noqa: BLE001  (the status line is sent: report in the stream)
+            yield f"data: {json.dumps(error_body(f'generation failed: {e}', 'server_error'), ensure_ascii=False)}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:  # however the stream ends (its client gone before the first chunk too), its work stops
+        await items.aclose()

@@ -83,6 +83,28 @@ class ClientGone(Exception):
     """The client disconnected before its reply was ready; its work was cancelled."""
 
 
+class _Items:
+    """AsyncRunner.stream's items: closing them stops the work even when they were never started (an async
+    generator closed before its first step skips its `finally`: a client gone during the first SSE chunk would
+    leave its generation running to max_tokens)."""
+
+    def __init__(self, gen, stop):
+        self._gen, self._stop = gen, stop
+
+    def __aiter__(self):
+        return self
+
+    def __anext__(self):
+        return self._gen.__anext__()
+
+    async def aclose(self):
+        self._stop()
+        await self._gen.aclose()
+
+    def __del__(self):  # dropped unstarted and unclosed (a response that never ran): stop all the same
+        self._stop()
+
+
 class AsyncRunner:
     """Worker threads for an async app: `concurrency` generations at once, `max_waiting` more queued, 503 beyond."""
 
@@ -181,9 +203,17 @@ class AsyncRunner:
             nonlocal timer
             due = last + idle - loop.time()
             if due <= 0:
-                queue.put_nowait(("idle", None))
+                if queue.empty():  # items waiting (a slow consumer) need no marker, nor does one already queued
+                    queue.put_nowait(("idle", None))
                 due = idle
             timer = loop.call_later(due, tick)
+
+        def stop():  # the stream ended, or its consumer left (or was cancelled, or closed it before starting)
+            if timer is not None:
+                timer.cancel()
+            cancel.set()
+            fut.cancel()  # not started yet: never starts
+            self._cancels.discard(cancel)
 
         async def items():
             nonlocal last
@@ -198,14 +228,10 @@ class AsyncRunner:
                     if kind == "error":
                         raise value
                     yield None if kind == "idle" else value
-            finally:  # the stream ended, or its consumer left (or was cancelled) while waiting
-                if timer is not None:
-                    timer.cancel()
-                cancel.set()
-                fut.cancel()  # not started yet: never starts
-                self._cancels.discard(cancel)
+            finally:
+                stop()
 
-        return items()
+        return _Items(items(), stop)
 
     def close(self):
         """Stop: queued work never starts, running generations stop at their next step."""

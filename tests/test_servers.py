@@ -879,37 +879,75 @@ def test_servers_keep_the_tiny_models_replies_short(capsys):
 
 def test_async_runner_stream_marks_quiet_gaps_and_cancels_when_left():
     """AsyncRunner.stream yields the worker's items in order and a None for every `idle` seconds without one (the
-    SSE keep-alive: one timer per stream); a consumer that leaves early sets the work's cancel event."""
+    SSE keep-alive: one timer per stream); a consumer that leaves early, or closes the items before taking any
+    (a client gone during the first SSE chunk), sets the work's cancel event."""
     import asyncio
 
     from serving.workers import AsyncRunner
 
     runner = AsyncRunner(concurrency=2)
-    seen_cancel = threading.Event()
+    go_on = threading.Event()
+    started, stopped = [threading.Event(), threading.Event()], [threading.Event(), threading.Event()]
 
     def slow(cancel):
         yield "a"
-        time.sleep(0.35)  # a long prefill: nothing to send
+        go_on.wait(10)  # a long prefill: nothing to send until the consumer has seen two keep-alives
         yield "b"
 
-    def endless(cancel):
-        while not cancel.is_set():
-            yield "x"
-            time.sleep(0.01)
-        seen_cancel.set()
+    more, produced = threading.Event(), threading.Event()
+
+    def ready(cancel):
+        try:
+            yield from range(3)
+            more.wait(10)
+            yield 3
+        finally:
+            produced.set()
+
+    def endless(cancel, i):
+        started[i].set()
+        try:
+            while not cancel.is_set():
+                yield "x"
+                time.sleep(0.01)
+        finally:
+            stopped[i].set()
 
     async def main():
-        got = [item async for item in runner.stream(slow, idle=0.1)]
+        got = []
+        async for item in runner.stream(slow, idle=0.05):
+            got.append(item)
+            if got.count(None) == 2:
+                go_on.set()
+        go_on.clear()
+        threading.Timer(0.2, go_on.set).start()
         quiet = [item async for item in runner.stream(slow)]  # no idle: no markers
-        items = runner.stream(endless, idle=0.1)
+        behind = []
+        async for item in runner.stream(ready, idle=0.05):  # a slow consumer: items wait, no marker is added
+            behind.append(item)
+            if item == 2:
+                more.set()
+                produced.wait(10)  # blocking the loop: item 3 is queued before any timer runs
+            await asyncio.sleep(0.12)
+        items = runner.stream(lambda cancel: endless(cancel, 0), idle=0.05)
         first = await items.__anext__()
         await items.aclose()  # the client left
-        return got, quiet, first
+        assert await asyncio.to_thread(stopped[0].wait, 10)
+        unread = runner.stream(lambda cancel: endless(cancel, 1), idle=0.05)
+        await asyncio.to_thread(started[1].wait, 10)  # its work runs (work closed before it starts never starts)
+        await unread.aclose()  # left before taking the first item
+        assert await asyncio.to_thread(stopped[1].wait, 10)  # at once, not when the items are dropped
+        return got, quiet, first, behind
 
     try:
-        got, quiet, first = asyncio.run(main())
+        got, quiet, first, behind = asyncio.run(main())
     finally:
+        go_on.set()
         runner.close()
-    assert got[0] == "a" and got[-1] == "b" and 2 <= got.count(None) <= 4 and len(got) == got.count(None) + 2
-    assert quiet == ["a", "b"] and first == "x"
-    assert seen_cancel.wait(5)
+    assert [x for x in got if x is not None] == ["a", "b"] and got.count(None) >= 2 and got[-1] == "b"
+    assert quiet == ["a", "b"] and first in ("x", None) and behind == [0, 1, 2, 3]
+    for _ in range(100):
+        if runner.active == 0:
+            break
+        time.sleep(0.05)
+    assert runner.active == 0 and not runner._cancels
