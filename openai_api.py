@@ -23,6 +23,7 @@ raw prompt (no chat template). --api-key (or CHATGLM_API_KEY) makes every route 
 import argparse
 import os
 
+from serving.fastapi_app import run_app
 from serving.openai_api import create_app
 from serving.requests import add_server_args, allowed_hosts, exit_unless_listenable
 from serving.workers import add_batch_args, check_batch_args
@@ -45,13 +46,10 @@ def main(argv=None):
     check_batch_args(parser, args)
     exit_unless_listenable(args.host, args.port)
     model, tokenizer = load_or_exit(args)
-    import uvicorn
-
     app = create_app(model, tokenizer, args.model_name, args.max_body_bytes, max_waiting=args.max_waiting,
                      max_batch=args.max_batch, allowed_hosts=allowed_hosts(args.host, args.allow_host),
                      api_key=args.api_key)  # fmt: skip
-    # On SIGINT/SIGTERM: 3 s for replies to finish, then running generations are cancelled.
-    uvicorn.run(app, host=args.host, port=args.port, workers=1, timeout_graceful_shutdown=3)
+    run_app(app, args.host, args.port)  # SIGINT/SIGTERM: replies in flight get 2 s, then end (fastapi_app.run_app)
 
 
 if __name__ == "__main__":

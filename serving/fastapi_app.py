@@ -3,6 +3,7 @@ in the app's own error shape, the Host guard."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
@@ -13,6 +14,30 @@ from chatglm.engine import detach
 
 from .requests import BearerAuth, HostGuard, RequestError
 from .workers import AsyncRunner, ClientGone, use_engine
+
+GRACE_SECONDS = 2.0  # after SIGINT/SIGTERM, how long replies in flight may take to finish before their work stops
+
+
+def run_app(app: FastAPI, host: str, port: int) -> None:
+    """Serve `app` (made by base_app) with uvicorn until SIGINT/SIGTERM. Then replies in flight get GRACE_SECONDS
+    to finish; after that their work is cancelled and each ends in the API's own way (a plain request a 503, a
+    stream an error event and its end), so the server exits within seconds, without uvicorn cancelling tasks
+    mid-write (an ERROR line and a traceback, streams cut without their end). Ctrl+C exits with status 130."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if not self.should_exit:
+                timer = threading.Timer(GRACE_SECONDS, app.state.runner.close)
+                timer.daemon = True  # an idle server exits at once
+                timer.start()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, workers=1, timeout_graceful_shutdown=GRACE_SECONDS + 5)
+    try:
+        Server(config).run()
+    except KeyboardInterrupt:  # uvicorn raises the SIGINT it caught again once it has stopped
+        raise SystemExit(130) from None
 
 
 def base_app(title: str, model, error_json: Callable[[RequestError], dict], *, concurrency: int, max_waiting: int,

@@ -425,7 +425,8 @@ async def sse(items, head: dict, include_usage: bool, logprobs=None, kind: str =
                     if include_usage:
                         yield chunk(usage=ev["usage"])
         except Exception as e:  # noqa: BLE001  (the status line is sent: report in the stream)
-            yield f"data: {json.dumps(error_body(f'generation failed: {e}', 'server_error'), ensure_ascii=False)}\n\n"
+            message = e.message if isinstance(e, RequestError) else f"generation failed: {e}"  # shutting down
+            yield f"data: {json.dumps(error_body(message, 'server_error'), ensure_ascii=False)}\n\n"
         yield "data: [DONE]\n\n"
     finally:  # however the stream ends (its client gone before the first chunk too), its work stops
         await items.aclose()

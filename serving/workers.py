@@ -118,6 +118,7 @@ class AsyncRunner:
         self._lock = threading.Lock()
         self.active = 0  # admitted and not done (running or waiting)
         self._cancels: set[threading.Event] = set()  # of the work admitted and not done: close() sets them all
+        self.closed = False
 
     def _submit(self, fn):
         with self._lock:
@@ -150,7 +151,10 @@ class AsyncRunner:
                 await asyncio.wait({waiter}, timeout=poll)
                 if not waiter.done() and request is not None and await request.is_disconnected():
                     raise ClientGone
-            return waiter.result()
+            result = waiter.result()
+            if self.closed:  # its work was cut short (cancel set by close): not a reply
+                raise RequestError(503, "server is shutting down")
+            return result
         except EngineBusy as e:
             raise RequestError(503, f"server busy: {e}") from None
         finally:
@@ -190,6 +194,8 @@ class AsyncRunner:
                     if cancel.is_set():
                         break
                     put("item", item)
+                if self.closed:  # cut short by close(): the stream says so instead of just ending
+                    put("error", RequestError(503, "server is shutting down"))
             except Exception as e:  # noqa: BLE001  (handed to the consumer)
                 put("error", e)
             finally:
@@ -234,7 +240,9 @@ class AsyncRunner:
         return _Items(items(), stop)
 
     def close(self):
-        """Stop: queued work never starts, running generations stop at their next step."""
+        """Stop: queued work never starts, running generations stop at their next step (a plain request then gets
+        a 503, a stream an error event before its end)."""
+        self.closed = True
         for cancel in list(self._cancels):
             cancel.set()
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -328,8 +328,11 @@ def test_a_client_that_leaves_a_plain_request_cancels_its_work(tiny, server):
         assert time.monotonic() - start < 10
 
 
-@pytest.mark.parametrize("script", ["api.py", "openai_api.py", "stream_api.py"])
-def test_sigterm_stops_running_work_and_the_server_exits_in_seconds(tiny_dirs, tmp_path, script):
+@pytest.mark.parametrize("script, sig, stream", [("api.py", signal.SIGTERM, False), ("openai_api.py", signal.SIGTERM, False),
+                                               ("openai_api.py", signal.SIGINT, True), ("stream_api.py", signal.SIGTERM, False)])  # fmt: skip
+def test_a_signal_stops_running_work_and_the_server_exits_in_seconds(tiny_dirs, tmp_path, script, sig, stream):
+    """SIGTERM or Ctrl+C while a long reply runs: the FastAPI servers give it 2 s, then end it in the API's own way
+    (a plain request a 503, a stream an error event and [DONE]) and exit without a traceback."""
     port = free_port()
     env = dict(os.environ, MODEL_PATH=str(tiny_dirs["v2"]), CHATGLM_CACHE=str(tmp_path), CHATGLM_NO_PROGRESS="1")
     log = open(tmp_path / "server.log", "w+")
@@ -345,7 +348,8 @@ def test_sigterm_stops_running_work_and_the_server_exits_in_seconds(tiny_dirs, t
         until(up, timeout=60, step=0.2)
         path, body = {
             "api.py": ("/", {"prompt": "写一篇长文", "max_length": 8000}),
-            "openai_api.py": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "写"}], "max_tokens": 8000}),
+            "openai_api.py": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "写"}],
+                                                       "max_tokens": 8000, "stream": stream}),
             "stream_api.py": ("/chat", {"query": "写一篇长文", "max_length": 8000}),
         }[script]  # fmt: skip
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
@@ -356,13 +360,28 @@ def test_sigterm_stops_running_work_and_the_server_exits_in_seconds(tiny_dirs, t
         conn.close()
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
         conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = conn.getresponse() if stream or script == "stream_api.py" else None
         if script == "stream_api.py":
-            assert json.loads(conn.getresponse().read())["code"] == 0
+            assert json.loads(response.read())["code"] == 0
         time.sleep(1.0)  # generating: 8000 tokens would take tens of seconds
         start = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
+        if script != "stream_api.py":
+            response = response or conn.getresponse()
+            answer = response.read().decode()
+            if stream:  # the stream ends in its own way: an error event, then [DONE]
+                events = [line[6:] for line in answer.splitlines() if line.startswith("data: ")]
+                assert (
+                    events[-1] == "[DONE]" and json.loads(events[-2])["error"]["message"] == "server is shutting down"
+                )
+            else:
+                assert response.status == 503 and "shutting down" in answer
         proc.wait(timeout=10)
         assert time.monotonic() - start < 8, (tmp_path / "server.log").read_text()[-2000:]
+        text = (tmp_path / "server.log").read_text()
+        assert "Traceback" not in text and "ERROR" not in text, text[-2000:]
+        if sig == signal.SIGINT:
+            assert proc.returncode == 130
         conn.close()
     finally:
         if proc.poll() is None:
