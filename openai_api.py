@@ -21,6 +21,7 @@ raw prompt (no chat template). --api-key (or CHATGLM_API_KEY) makes every route 
 """
 
 import argparse
+import logging
 import os
 
 from serving.fastapi_app import run_app
@@ -44,6 +45,7 @@ def main(argv=None):
     add_batch_args(parser)
     args = parser.parse_args(argv)
     check_batch_args(parser, args)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # what was loaded, as api.py says it
     exit_unless_listenable(args.host, args.port)
     model, tokenizer = load_or_exit(args)
     app = create_app(model, tokenizer, args.model_name, args.max_body_bytes, max_waiting=args.max_waiting,

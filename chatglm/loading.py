@@ -78,7 +78,7 @@ def _index_files(path: str, index: str) -> list[str]:
             raise ValueError(f"{index}: shard {f!r} lies outside the checkpoint directory; refused")
     missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
     if missing:
-        raise FileNotFoundError(f"{index} lists shards that are missing: {', '.join(missing)}")
+        raise FileNotFoundError(f"{index} lists shards that are missing: {', '.join(sorted(missing))}")
     return [os.path.join(path, f) for f in files]
 
 

@@ -75,8 +75,10 @@ def add_batch_args(parser, default_batch: int = 8):
 
 
 def check_batch_args(parser, args) -> None:
-    if args.max_batch < 1 or args.max_waiting < 0:
-        parser.error("--max-batch must be >= 1 and --max-waiting >= 0")
+    if args.max_batch < 1:
+        parser.error(f"--max-batch must be >= 1, not {args.max_batch}")
+    if args.max_waiting < 0:
+        parser.error(f"--max-waiting must be >= 0, not {args.max_waiting}")
 
 
 class ClientGone(Exception):

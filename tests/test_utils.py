@@ -335,6 +335,18 @@ def test_add_model_args_reads_the_environment(monkeypatch):
         utils.add_model_args(argparse.ArgumentParser()).parse_args(["--quantize", "5"])
 
 
+@pytest.mark.parametrize("argv, message", [(["--max-batch", "0"], "--max-batch must be >= 1, not 0"),
+                                           (["--max-waiting", "-1"], "--max-waiting must be >= 0, not -1")])  # fmt: skip
+def test_batch_args_name_the_bad_one(argv, message, capsys):
+    from serving.workers import add_batch_args, check_batch_args
+
+    parser = argparse.ArgumentParser()
+    add_batch_args(parser)
+    with pytest.raises(SystemExit):
+        check_batch_args(parser, parser.parse_args(argv))
+    assert capsys.readouterr().err.strip().endswith(message)
+
+
 def test_load_from_args(tiny_dirs, monkeypatch):
     seen = {}
     monkeypatch.setattr(utils, "load_model_and_tokenizer", lambda **kw: seen.update(kw) or ("m", "t"))
