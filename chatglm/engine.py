@@ -337,9 +337,9 @@ class Engine:
             if req is not None and req.greedy is not None:
                 groups.setdefault(req.greedy, []).append(i)
         chosen = {}
-        for rule, rows in groups.items():
-            tokens, ids = greedy_tokens(logits if len(rows) == len(batch) else logits[rows], *rule)
-            chosen.update((i, (tokens[j : j + 1], ids[j])) for j, i in enumerate(rows))
+        for rule, members in groups.items():
+            tokens, ids = greedy_tokens(logits if len(members) == len(batch) else logits[members], *rule)
+            chosen.update((i, (tokens[j : j + 1], ids[j])) for j, i in enumerate(members))
         for i, req in enumerate(batch):
             if req is not None:
                 req.length += 1

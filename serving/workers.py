@@ -85,6 +85,10 @@ class ClientGone(Exception):
     """The client disconnected before its reply was ready; its work was cancelled."""
 
 
+def _shutting_down() -> RequestError:
+    return RequestError(503, "server is shutting down")
+
+
 class _Items:
     """AsyncRunner.stream's items: closing them stops the work even when they were never started (an async
     generator closed before its first step skips its `finally`: a client gone during the first SSE chunk would
@@ -131,7 +135,7 @@ class AsyncRunner:
             fut = self.executor.submit(fn)
         except RuntimeError:  # shut down
             self._release(None)
-            raise RequestError(503, "server is shutting down") from None
+            raise _shutting_down() from None
         fut.add_done_callback(self._release)  # also when cancelled before it ran
         return fut
 
@@ -155,7 +159,7 @@ class AsyncRunner:
                     raise ClientGone
             result = waiter.result()
             if self.closed:  # its work was cut short (cancel set by close): not a reply
-                raise RequestError(503, "server is shutting down")
+                raise _shutting_down()
             return result
         except EngineBusy as e:
             raise RequestError(503, f"server busy: {e}") from None
@@ -196,8 +200,8 @@ class AsyncRunner:
                     if cancel.is_set():
                         break
                     put("item", item)
-                if self.closed:  # cut short by close(): the stream says so instead of just ending
-                    put("error", RequestError(503, "server is shutting down"))
+                if cancel.is_set() and self.closed:  # cut short by close(): the stream says so, not just ending
+                    put("error", _shutting_down())
             except Exception as e:  # noqa: BLE001  (handed to the consumer)
                 put("error", e)
             finally:
