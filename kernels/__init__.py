@@ -190,9 +190,9 @@ class CpuKernel:
         # AMX int8 tiles: built where the CPU has them (level 6) and granted by Linux (asked here, once)
         self.lib.set_amx.argtypes = [i]
         self.amx = level == 6 and bool(self.lib.gemm_tiles())
-        # INT8/INT4 weights in the lanes16 layout (quantization.ops.to_lanes16): the AVX-512 VNNI kernels' own, not
-        # AMX builds' (whose tiles read THUDM's layout)
-        self.packed_layout = level == 5
+        # INT8/INT4 weights in the lanes16 layout (quantization.ops.to_lanes16): the AVX-512 VNNI and AVX2 kernels'
+        # own, not AMX builds' (whose tiles read THUDM's layout) nor the portable C's
+        self.packed_layout = 2 <= level <= 5
         self._amx_on = None
         self.simd = {
             0: "portable C",

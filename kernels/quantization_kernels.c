@@ -672,6 +672,25 @@ static int wq_rows_amx(const float *x, const int8_t *w, const float *scale, cons
                        int n, int k, int bits);
 #endif
 
+#ifdef USE_AVX2
+#ifndef XPAD /* bytes between quantized x rows beyond k: rows 4 KB apart share L1 sets (INT8 65024 x 4096, 8 rows: 5%) */
+#define XPAD 256
+#endif
+/* The lanes16 layout (wq_rows_packed): each thread reads its groups as one sequential stream, prefetched this many
+ * bytes ahead into L2. One or two x rows (memory-bound): 1 KB; more (compute-bound, x rows to keep in L1): 8 KB.
+ * Measured on a Zen 4, 2 threads, ChatGLM2 shapes at 8 rows: INT8 65024 x 4096 5.6 ms at 8 or 16 KB ahead, 5.7 at
+ * 6 KB, 6.8 at 4 KB (INT4 the same from 4 KB on); 2 KB ahead costs 10-35%, no prefetch 45-60%, T0 hints 10-25%;
+ * at one or two rows T0 or 512 bytes ahead cost up to 5%. */
+#ifndef AHEAD_FEW
+#define AHEAD_FEW 1024
+#endif
+#ifndef AHEAD_MANY
+#define AHEAD_MANY 8192
+#endif
+#define PACKED_PREFETCH(src, i, nx)                                                                            \
+    _mm_prefetch((const char *)((src) + ((nx) <= 2 ? AHEAD_FEW : AHEAD_MANY) + 64 * (i)), _MM_HINT_T1)
+#endif
+
 #ifdef USE_VNNI512
 /* The "lanes" kernels (AVX-512 VNNI builds; on AMX builds with the tiles switched off): INT4 and INT8 for 3 x rows
  * and more (decode batches, below the GEMM's row count), with the GEMM's arithmetic. Per 64-column block, 16
@@ -692,22 +711,6 @@ static int wq_rows_amx(const float *x, const int8_t *w, const float *scale, cons
 #define LANES_MIN_ROWS 3 /* x rows from which the lanes kernels take over from wq_rows_bs (INT4 and INT8) */
 #endif
 #define LX 8 /* x rows per pass over a group of 16 weight rows */
-#ifndef XPAD /* bytes between quantized x rows beyond k: rows 4 KB apart share L1 sets (INT8 65024 x 4096, 8 rows: 5%) */
-#define XPAD 256
-#endif
-/* The lanes16 layout (wq_rows_packed): each thread reads its groups as one sequential stream, prefetched this many
- * bytes ahead into L2. One or two x rows (memory-bound): 1 KB; more (compute-bound, x rows to keep in L1): 8 KB.
- * Measured on a Zen 4, 2 threads, ChatGLM2 shapes at 8 rows: INT8 65024 x 4096 5.6 ms at 8 or 16 KB ahead, 5.7 at
- * 6 KB, 6.8 at 4 KB (INT4 the same from 4 KB on); 2 KB ahead costs 10-35%, no prefetch 45-60%, T0 hints 10-25%;
- * at one or two rows T0 or 512 bytes ahead cost up to 5%. */
-#ifndef AHEAD_FEW
-#define AHEAD_FEW 1024
-#endif
-#ifndef AHEAD_MANY
-#define AHEAD_MANY 8192
-#endif
-#define PACKED_PREFETCH(src, i, nx)                                                                            \
-    _mm_prefetch((const char *)((src) + ((nx) <= 2 ? AHEAD_FEW : AHEAD_MANY) + 64 * (i)), _MM_HINT_T1)
 
 /* 8x8 dword transposes in both 256-bit halves of a[0..7] (a[i] = [row i | row i + 8], 8 dwords each) -> a[g] = dword
  * g of rows 0 .. 15, row order in the lanes. */
@@ -1468,15 +1471,173 @@ int wq_gemm_vnni(const float *x, const int8_t *w, const float *scale, const floa
     return wq_gemm_impl(x, w, scale, bias, y, m, n, k, bits, 0);
 }
 
-/* The weights in the "lanes16" layout (AVX-512 VNNI builds; quantization/ops.py to_lanes16): per group of 16 rows,
- * per 4 bytes of a row (INT8: 4 columns; INT4: 8), the 16 rows' 4 bytes, row after row (64 bytes), so the lanes
- * kernels load what they would otherwise transpose, one sequential stream a thread. The same bits as w8_linear /
- * w4_linear and wq_gemm_vnni on THUDM's layout (tests/test_kernels.py), at any number of rows (as fast as the GEMM
- * from 128 rows to 512, so prompts take it too). n % 16 == 0, k % 64 == 0; else, and on other builds, -2. */
+#if defined(USE_AVX2) && !defined(USE_VNNI512)
+/* The lanes16 layout on AVX2 (no VNNI): each 64 bytes of a group (16 weight rows x 4 bytes) are two 256-bit vectors,
+ * rows 0-7 and rows 8-15, one int32 lane a row, as the VNNI lanes kernel holds them in one. A broadcast of 4 int8
+ * activations against such a vector: maddubs gives each row two int16 sums of two products. INT4 (s + 8 in 0..15 by
+ * XOR 0x88, against x in -127..127: at most 3810 a pair) sums 8 such products in int16 (at most 30480) before one
+ * madd widens them; INT8 multiplies |w| by sign(x, w) (at most 32512 a pair) and widens each. Each block's integer
+ * sum is exact and the same as the VNNI kernel's (INT8: plus 128 times the block's activation sum, the w + 128 it
+ * sums there), and the fp32 steps are the same, so this build gets the VNNI build's bits, at every row count.
+ * Where the time goes against the THUDM-layout AVX2 kernels: per x row and 8 weight rows of a 64-column block, 16
+ * maddubs + 14 int16 adds + 2 madd + 1 cvt + 1 fma (INT4), where those take per weight row 2 maddubs, an add, a
+ * madd, a cvt and an fma; the weights' unpacking is shared by LX2 x rows. */
+#define LX2 4 /* x rows per pass over a group */
+/* Prefetch into L2 1 KB ahead for one x row, 8 KB for more (Zen 4, AVX2 build, four blocks' INT4 matrices at 2 rows:
+ * 19 ms at 1 KB, 14-15 at 8 KB). */
+#ifndef LANES2_AHEAD
+#define LANES2_AHEAD(nx) ((nx) <= 1 ? AHEAD_FEW : AHEAD_MANY)
+#endif
+#define LANES2_PREFETCH(src, i, nx) _mm_prefetch((const char *)((src) + LANES2_AHEAD(nx) + 64 * (i)), _MM_HINT_T1)
+
+static inline __attribute__((always_inline)) void lanes2_group(const int8_t *gp, int bits, const int8_t *q, size_t k,
+                                                               const float *d, const int *qsum, size_t nb, int nx,
+                                                               __m256 *f) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8((char)0x88), one = _mm256_set1_epi16(1);
+#ifndef LANES2_HN
+#define LANES2_HN(nx) ((nx) == 1 ? 2 : 1)
+#endif
+    /* halves (8 weight rows each) per pass: both for one x row (4 int16 sums); one from two rows on, where both
+     * spill registers (2 rows: 34 ms against 22, as above) */
+    const int hn = LANES2_HN(nx);
+    for (int r = 0; r < 2 * nx; r++) f[r] = _mm256_setzero_ps();
+    for (size_t b = 0; b < nb; b++) {
+        const int8_t *qb = q + b * QB;
+        if (bits == 4) {
+            const int8_t *src = gp + b * 512;
+            for (int i = 0; i < 8; i++) LANES2_PREFETCH(src, i, nx);
+            for (int h0 = 0; h0 < 2; h0 += hn) {
+                __m256i ah[LX2 * 2], al[LX2 * 2];
+                for (int i = 0; i < nx * hn; i++) ah[i] = al[i] = _mm256_setzero_si256();
+#pragma GCC unroll 1 /* unrolled, gcc kept the unpacked weights on the stack: 4 rows 29 ms, not 20 */
+                for (int g = 0; g < 8; g++)
+                    for (int h = 0; h < hn; h++) {
+                        const __m256i *wv = (const __m256i *)(src + 64 * g + 32 * (h0 + h));
+                        __m256i v = _mm256_xor_si256(_mm256_loadu_si256(wv), flip);
+                        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), lo = _mm256_and_si256(v, m4);
+                        for (int r = 0; r < nx; r++) {
+                            __m256i xe = _mm256_set1_epi32(*(const int32_t *)(qb + r * k + 4 * g));
+                            __m256i xo = _mm256_set1_epi32(*(const int32_t *)(qb + r * k + 32 + 4 * g));
+                            ah[r * hn + h] = _mm256_add_epi16(ah[r * hn + h], _mm256_maddubs_epi16(hi, xe));
+                            al[r * hn + h] = _mm256_add_epi16(al[r * hn + h], _mm256_maddubs_epi16(lo, xo));
+                        }
+                    }
+                for (int r = 0; r < nx; r++)
+                    for (int h = 0; h < hn; h++) {
+                        __m256i t = _mm256_add_epi32(_mm256_madd_epi16(ah[r * hn + h], one),
+                                                     _mm256_madd_epi16(al[r * hn + h], one));
+                        __m256 *a = f + 2 * r + h0 + h;
+                        *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(d[r * nb + b]), *a);
+                    }
+            }
+        } else {
+            const int8_t *src = gp + b * 1024;
+            for (int i = 0; i < 16; i++) LANES2_PREFETCH(src, i, nx);
+            for (int h0 = 0; h0 < 2; h0 += hn) {
+                __m256i s[LX2 * 2];
+                for (int i = 0; i < nx * hn; i++) s[i] = _mm256_setzero_si256();
+#pragma GCC unroll 1
+                for (int g = 0; g < 16; g++)
+                    for (int h = 0; h < hn; h++) {
+                        __m256i v = _mm256_loadu_si256((const __m256i *)(src + 64 * g + 32 * (h0 + h)));
+                        __m256i a = _mm256_abs_epi8(v);
+                        for (int r = 0; r < nx; r++) {
+                            __m256i xb = _mm256_set1_epi32(*(const int32_t *)(qb + r * k + 4 * g));
+                            __m256i p = _mm256_maddubs_epi16(a, _mm256_sign_epi8(xb, v));
+                            s[r * hn + h] = _mm256_add_epi32(s[r * hn + h], _mm256_madd_epi16(p, one));
+                        }
+                    }
+                for (int r = 0; r < nx; r++)
+                    for (int h = 0; h < hn; h++) {
+                        __m256i t = _mm256_add_epi32(s[r * hn + h], _mm256_set1_epi32(128 * qsum[r * nb + b]));
+                        __m256 *a = f + 2 * r + h0 + h;
+                        *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(d[r * nb + b]), *a);
+                    }
+            }
+        }
+    }
+}
+
+static void lanes2_groups(const int8_t *gp, int bits, const int8_t *q, size_t k, const float *d, const int *qsum,
+                          size_t nb, int nx, __m256 *f) {
+    switch (nx) { /* one instance per x-row count and width: the sums stay in registers */
+#define LANES2_CASE(N)                                                                                         \
+    case N:                                                                                                    \
+        if (bits == 4)                                                                                         \
+            lanes2_group(gp, 4, q, k, d, qsum, nb, N, f);                                                      \
+        else                                                                                                   \
+            lanes2_group(gp, 8, q, k, d, qsum, nb, N, f);                                                      \
+        break;
+        LANES2_CASE(1) LANES2_CASE(2) LANES2_CASE(3) LANES2_CASE(4)
+#undef LANES2_CASE
+    }
+}
+
+/* wq_rows_packed on AVX2: k % 64 == 0, n % 16 == 0. */
+static int wq_rows_lanes2(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m,
+                          int n, int k, int bits) {
+    int nb = k / QB;
+    size_t stride = bits == 4 ? (size_t)(k / 2) : (size_t)k;
+    size_t qs = (size_t)k + XPAD;
+    int8_t *q = (int8_t *)malloc((size_t)m * qs + 64);
+    float *d = (float *)malloc(((size_t)m * nb + 1) * sizeof(float));
+    float *corr = (float *)malloc(((size_t)m + 1) * sizeof(float));
+    int *qsum = (int *)malloc(((size_t)m * nb + 1) * sizeof(int));
+    if (!q || !d || !corr || !qsum) {
+        free(q), free(d), free(corr), free(qsum);
+        return -1;
+    }
+    for (int b = 0; b < m; b++) {
+        const int8_t *qr = q + (size_t)b * qs;
+        corr[b] = quantize_row(x + (size_t)b * k, k, bits == 4, nb, q + (size_t)b * qs, d + (size_t)b * nb);
+        for (int j = 0; j < nb; j++) {
+            int s = 0;
+            for (int i = 0; i < QB; i++) s += qr[j * QB + i];
+            qsum[(size_t)b * nb + j] = s;
+        }
+    }
+    const float off = bits == 4 ? 8.f : 128.f;
+    int groups = n / 16;
+#pragma omp parallel for schedule(static) PAR_IF((double)m * n * k)
+    for (int gi = 0; gi < groups; gi++) {
+        int o0 = gi * 16;
+        const int8_t *gp = w + (size_t)o0 * stride;
+        __m256 sc[2], bi[2];
+        for (int h = 0; h < 2; h++) {
+            sc[h] = _mm256_loadu_ps(scale + o0 + 8 * h);
+            bi[h] = bias ? _mm256_loadu_ps(bias + o0 + 8 * h) : _mm256_setzero_ps();
+        }
+        for (int r0 = 0; r0 < m; r0 += LX2) {
+            int nx = m - r0 < LX2 ? m - r0 : LX2;
+            __m256 f[2 * LX2];
+            lanes2_groups(gp, bits, q + (size_t)r0 * qs, qs, d + (size_t)r0 * nb, qsum + (size_t)r0 * nb,
+                          (size_t)nb, nx, f);
+            for (int r = 0; r < nx; r++) {
+                __m256 c = _mm256_set1_ps(off * corr[r0 + r]);
+                for (int h = 0; h < 2; h++)
+                    _mm256_storeu_ps(y + (size_t)(r0 + r) * n + o0 + 8 * h,
+                                     _mm256_fmadd_ps(_mm256_sub_ps(f[2 * r + h], c), sc[h], bi[h]));
+            }
+        }
+    }
+    free(q), free(d), free(corr), free(qsum);
+    return 0;
+}
+#endif
+
+/* The weights in the "lanes16" layout (AVX-512 VNNI and AVX2 builds; quantization/ops.py to_lanes16): per group of
+ * 16 rows, per 4 bytes of a row (INT8: 4 columns; INT4: 8), the 16 rows' 4 bytes, row after row (64 bytes), so the
+ * lanes kernels load what they would otherwise transpose, one sequential stream a thread. On VNNI the same bits as
+ * w8_linear / w4_linear and wq_gemm_vnni on THUDM's layout (tests/test_kernels.py), at any number of rows (as fast
+ * as the GEMM from 128 rows to 512, so prompts take it too); on AVX2 (wq_rows_lanes2) the VNNI build's bits, which
+ * THUDM's layout does not get there (its kernels sum each row's 8 lanes in fp32 across the blocks), at any number of
+ * rows, faster than those kernels at every row count. n % 16 == 0, k % 64 == 0; else, and on other builds, -2. */
 int wq_rows_packed(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int m, int n,
                    int k, int bits) {
 #ifdef USE_VNNI512
     if (k % QB == 0 && n % 16 == 0 && m > 0) return wq_rows_lanes(x, w, scale, bias, y, m, n, k, bits, 1);
+#elif defined(USE_AVX2)
+    if (k % QB == 0 && n % 16 == 0 && m > 0) return wq_rows_lanes2(x, w, scale, bias, y, m, n, k, bits);
 #endif
     (void)x, (void)w, (void)scale, (void)bias, (void)y, (void)m, (void)n, (void)k, (void)bits;
     return -2;

@@ -12,7 +12,7 @@ class QuantizedLinear(nn.Module):
     """A weight-only INT8/INT4 linear layer. The weight is int8 [out, in] (INT8) or packed [out, in/2]
     (INT4); activations and the output keep the input's dtype.
 
-    On a CPU whose kernels have their own layout (AVX-512 VNNI), `pack_for_cpu()` rearranges the weight's bytes
+    On a CPU whose kernels have their own layout (AVX-512 VNNI, AVX2), `pack_for_cpu()` rearranges the weight's bytes
     into it (weight_layout "lanes16", ops.to_lanes16; same shape and dtype): loading a model for the CPU does it.
     state_dict() gives THUDM's layout whatever the layout in memory, `thudm_weight()` too, and moving or casting
     the module (`.to()`, `.half()`) first puts THUDM's layout back."""

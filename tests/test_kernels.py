@@ -220,15 +220,24 @@ def test_quantized_gemm(kernel, threads, bits, shape):
     assert kernel.gemm(x[:, :-1].contiguous(), q[:, : q.shape[1] - 1], scale.float(), bits) is None  # k % 64
 
 
+@pytest.fixture(scope="module")
+def vnni_kernel():
+    """A build with the AVX-512 VNNI kernels where this CPU runs them (-march=native), else None."""
+    k = kernels.build_cpu_kernel("native") if "avx512_vnni" in kernels.cpu_flags() else None
+    return k if k is not None and k.has_gemm else None
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 # 48 x 4096: three groups of 16 rows; 16 x 192: one, 3 blocks (odd); 32 x 4160: 65 blocks, the GEMM's panel of 32;
 # 64 x 13696: ChatGLM2's dense_4h_to_h width (the GEMM's four passes over k)
 @pytest.mark.parametrize("m, k, n", [(9, 4096, 48), (17, 192, 16), (70, 4160, 32), (3, 13696, 64)])
-def test_lanes16_layout_gets_the_thudm_layouts_bits(kernel, threads, bits, m, k, n):
-    """The AVX-512 VNNI build's own weight layout (quantization.ops.to_lanes16): a permutation of THUDM's bytes that
-    from_lanes16 undoes, in which every row count gets the bits THUDM's layout gets, alone and in any batch, from
-    the row kernels and from the GEMM (prompts take the lanes16 kernel there too); other builds, and shapes it does
-    not cover, are refused."""
+def test_lanes16_layout_gets_the_same_bits_at_every_row_count(kernel, vnni_kernel, threads, bits, m, k, n):
+    """The kernels' own weight layout (quantization.ops.to_lanes16; AVX-512 VNNI and AVX2 builds): a permutation of
+    THUDM's bytes that from_lanes16 undoes, in which a row gets the same bits alone and in any batch (prompts take it
+    too), within fp32 accumulation of the exact emulation. Those bits are the VNNI build's: on VNNI the bits THUDM's
+    layout gets there from the row kernels and the GEMM; on AVX2 the same again (exact integer sums per block, the
+    same fp32 steps), checked against the VNNI build where this CPU runs it (THUDM's layout keeps its own bits on
+    AVX2). The portable build, and shapes it does not cover, are refused."""
     from quantization.ops import from_lanes16, to_lanes16
 
     w, x, bias = _data((m, k, n), bits * k + n + m)
@@ -243,12 +252,22 @@ def test_lanes16_layout_gets_the_thudm_layouts_bits(kernel, threads, bits, m, k,
         return
     with pytest.raises(ValueError, match="lanes16"):  # rows not a multiple of 16
         kernel.linear(x, p[: n - 8], s[: n - 8], bits, packed=True)
+    wq = dequantize(q, scale, bits).double()
+    qx, d = quantize_activations_reference(x, split=0)
+    xq = (qx.double().view(m, -1, QB) * d.double()[..., None]).view(m, -1)[:, :k]
     for b in (bias, None):
-        ref = kernel.linear(x, q, s, bits, b)
-        for r in sorted({1, 2, 3, 4, 8, 9, m}):
+        y = kernel.linear(x, p, s, bits, b, packed=True)
+        bd = torch.zeros(n, dtype=torch.float64) if b is None else b.double()
+        _check(y, xq @ wq.t() + bd, xq.abs() @ wq.abs().t() + bd.abs())
+        for r in sorted({1, 2, 3, 4, 5, 8, 9, m}):
             if r <= m:
-                assert torch.equal(kernel.linear(x[:r], p, s, bits, b, packed=True), ref[:r]), r
-        assert torch.equal(kernel.linear(x, p, s, bits, b, packed=True), kernel.gemm(x, q, s, bits, b, tiles=False))
+                assert torch.equal(kernel.linear(x[:r], p, s, bits, b, packed=True), y[:r]), r
+        assert torch.equal(torch.cat([kernel.linear(x[i : i + 1], p, s, bits, b, packed=True) for i in range(m)]), y)
+        if kernel.has_gemm:  # VNNI: THUDM's layout's bits, from the row kernels and from the GEMM
+            assert torch.equal(kernel.linear(x, q, s, bits, b), y)
+            assert torch.equal(kernel.gemm(x, q, s, bits, b, tiles=False), y)
+        elif vnni_kernel is not None:  # AVX2: the VNNI build's bits
+            assert torch.equal(vnni_kernel.linear(x, p, s, bits, b, packed=True), y)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

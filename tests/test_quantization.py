@@ -262,11 +262,22 @@ def test_output_layer_int8_quantized_while_loading_saves_and_loads_back(tiny_dir
         set_output_layer(loaded, "int4")
 
 
+def _same(a, b, bits):
+    """The same bits, or (bits False: two fp32 summation orders of the same exact integer sums) within 1e-5 of the
+    largest output."""
+    if bits:
+        assert torch.equal(a, b)
+    else:
+        assert a.shape == b.shape and (a - b).abs().max() <= 1e-5 * b.abs().max(), (a - b).abs().max()
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_layer_in_the_cpu_kernels_layout_computes_and_saves_as_thudms(bits):
-    """QuantizedLinear.pack_for_cpu: where the kernels have their own layout (AVX-512 VNNI) the weight's bytes are
-    rearranged in place, the outputs keep their bits (decode rows, batches, the GEMM, fp32 activations), and
-    state_dict, load_state_dict and moves see THUDM's layout; elsewhere nothing changes."""
+    """QuantizedLinear.pack_for_cpu: where the kernels have their own layout (AVX-512 VNNI, AVX2) the weight's bytes
+    are rearranged in place, the outputs keep their bits on VNNI (decode rows, batches, the GEMM) and stay within
+    fp32 accumulation on AVX2 (where THUDM's layout sums in another order; tests/test_kernels.py), fp32 activations
+    keep theirs, and state_dict, load_state_dict and moves see THUDM's layout; elsewhere nothing
+    changes."""
 
     g = torch.Generator().manual_seed(bits)
     ref = QuantizedLinear.from_linear(torch.nn.Linear(256, 96), bits)
@@ -280,21 +291,22 @@ def test_layer_in_the_cpu_kernels_layout_computes_and_saves_as_thudms(bits):
     assert not layer.pack_for_cpu()  # once
     if can:
         assert not torch.equal(layer.weight, ref.weight) and torch.equal(layer.thudm_weight(), ref.weight)
+    same_bits = not can or kernel.has_gemm  # (AVX2: the packed kernels' bits are the VNNI build's)
     x = torch.randn(80, 256, generator=g)
     with torch.no_grad():
         for rows in (1, 2, 5, 80):  # 80: THUDM's layout takes the GEMM there
-            assert torch.equal(layer(x[:rows]), ref(x[:rows])), rows
+            _same(layer(x[:rows]), ref(x[:rows]), same_bits)
         with settings.override(cpu_float_activations=True):
             assert torch.equal(layer(x[:3]), ref(x[:3]))
         with settings.override(cpu_kernels=False):
-            assert torch.equal(layer(x[:3]), ref(x[:3]))
+            _same(layer(x[:3]), ref(x[:3]), same_bits)
     state = layer.state_dict()
     assert torch.equal(state["weight"], ref.weight) and torch.equal(state["weight_scale"], ref.weight_scale)
     other = QuantizedLinear.from_linear(torch.nn.Linear(256, 96), bits)
     layer.load_state_dict(other.state_dict())  # THUDM's bytes in, the layout kept
     assert layer.weight_layout == ("lanes16" if can else "thudm") and torch.equal(layer.thudm_weight(), other.weight)
     with torch.no_grad():
-        assert torch.equal(layer(x[:4]), other(x[:4]))
+        _same(layer(x[:4]), other(x[:4]), same_bits)
     layer.to(torch.float16)  # a cast that leaves int8 weights alone keeps the layout
     assert layer.weight_layout == ("lanes16" if can else "thudm") and layer.bias.dtype == torch.float16
     layer.to("meta")  # a move: THUDM's layout first
@@ -315,7 +327,7 @@ def test_model_loaded_for_the_cpu_holds_the_kernels_layout_and_saves_thudms(tiny
     assert {m.weight_layout for m in plain.modules() if isinstance(m, QuantizedLinear)} == {"thudm"}
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
     with torch.no_grad():
-        assert torch.equal(model(ids).logits, plain(ids).logits)
+        _same(model(ids).logits, plain(ids).logits, want == "thudm" or kernel.has_gemm)
     model.save_pretrained(tmp_path / "a")
     plain.save_pretrained(tmp_path / "b")
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
