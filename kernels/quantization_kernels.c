@@ -1475,14 +1475,16 @@ int wq_gemm_vnni(const float *x, const int8_t *w, const float *scale, const floa
 /* The lanes16 layout on AVX2 (no VNNI): each 64 bytes of a group (16 weight rows x 4 bytes) are two 256-bit vectors,
  * rows 0-7 and rows 8-15, one int32 lane a row, as the VNNI lanes kernel holds them in one. A broadcast of 4 int8
  * activations against such a vector: maddubs gives each row two int16 sums of two products. INT4 (s + 8 in 0..15 by
- * XOR 0x88, against x in -127..127: at most 3810 a pair) sums 8 such products in int16 (at most 30480) before one
- * madd widens them; INT8 multiplies |w| by sign(x, w) (at most 32512 a pair) and widens each. Each block's integer
+ * XOR 0x88, against x in -127..127: at most 3810 a pair) adds the even and the odd columns' maddubs and sums 4 such
+ * in int16 (at most 30480) before a madd widens them (one int16 sum per x row: with one for the even and one for the
+ * odd columns, gcc spilled and copied registers, 4 rows 21 ms against 18); INT8 multiplies |w| by sign(x, w) (at
+ * most 32512 a pair) and widens each. Each block's integer
  * sum is exact and the same as the VNNI kernel's (INT8: plus 128 times the block's activation sum, the w + 128 it
  * sums there), and the fp32 steps are the same, so this build gets the VNNI build's bits, at every row count.
  * Where the time goes against the THUDM-layout AVX2 kernels: per x row and 8 weight rows of a 64-column block, 16
- * maddubs + 14 int16 adds + 2 madd + 1 cvt + 1 fma (INT4), where those take per weight row 2 maddubs, an add, a
- * madd, a cvt and an fma; the weights' unpacking is shared by LX2 x rows. */
-#define LX2 4 /* x rows per pass over a group */
+ * maddubs + 16 int16 adds + 2 madd + 2 int32 adds + 1 cvt + 1 fma (INT4), where those take per weight row 2 maddubs,
+ * an add, a madd, a cvt and an fma; the weights' unpacking is shared by LX2 x rows. */
+#define LX2 4 /* x rows per pass over a group (8 measured the same at 8 rows) */
 /* Prefetch into L2 1 KB ahead for one x row, 8 KB for more (Zen 4, AVX2 build, four blocks' INT4 matrices at 2 rows:
  * 19 ms at 1 KB, 14-15 at 8 KB). */
 #ifndef LANES2_AHEAD
@@ -1507,27 +1509,34 @@ static inline __attribute__((always_inline)) void lanes2_group(const int8_t *gp,
             const int8_t *src = gp + b * 512;
             for (int i = 0; i < 8; i++) LANES2_PREFETCH(src, i, nx);
             for (int h0 = 0; h0 < 2; h0 += hn) {
-                __m256i ah[LX2 * 2], al[LX2 * 2];
-                for (int i = 0; i < nx * hn; i++) ah[i] = al[i] = _mm256_setzero_si256();
+                __m256i s32[LX2 * 2];
+                for (int i = 0; i < nx * hn; i++) s32[i] = _mm256_setzero_si256();
+                for (int c = 0; c < 8; c += 4) {
+                    __m256i a16[LX2 * 2];
+                    for (int i = 0; i < nx * hn; i++) a16[i] = _mm256_setzero_si256();
 #pragma GCC unroll 1 /* unrolled, gcc kept the unpacked weights on the stack: 4 rows 29 ms, not 20 */
-                for (int g = 0; g < 8; g++)
-                    for (int h = 0; h < hn; h++) {
-                        const __m256i *wv = (const __m256i *)(src + 64 * g + 32 * (h0 + h));
-                        __m256i v = _mm256_xor_si256(_mm256_loadu_si256(wv), flip);
-                        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), lo = _mm256_and_si256(v, m4);
-                        for (int r = 0; r < nx; r++) {
-                            __m256i xe = _mm256_set1_epi32(*(const int32_t *)(qb + r * k + 4 * g));
-                            __m256i xo = _mm256_set1_epi32(*(const int32_t *)(qb + r * k + 32 + 4 * g));
-                            ah[r * hn + h] = _mm256_add_epi16(ah[r * hn + h], _mm256_maddubs_epi16(hi, xe));
-                            al[r * hn + h] = _mm256_add_epi16(al[r * hn + h], _mm256_maddubs_epi16(lo, xo));
+                    for (int g = c; g < c + 4; g++)
+                        for (int h = 0; h < hn; h++) {
+                            const __m256i *wv = (const __m256i *)(src + 64 * g + 32 * (h0 + h));
+                            __m256i v = _mm256_xor_si256(_mm256_loadu_si256(wv), flip);
+                            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                            __m256i lo = _mm256_and_si256(v, m4);
+                            for (int r = 0; r < nx; r++) {
+                                __m256i xe = _mm256_set1_epi32(*(const int32_t *)(qb + r * k + 4 * g));
+                                __m256i xo = _mm256_set1_epi32(*(const int32_t *)(qb + r * k + 32 + 4 * g));
+                                __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(hi, xe),
+                                                             _mm256_maddubs_epi16(lo, xo));
+                                a16[r * hn + h] = _mm256_add_epi16(t, a16[r * hn + h]);
+                            }
                         }
-                    }
+                    for (int i = 0; i < nx * hn; i++)
+                        s32[i] = _mm256_add_epi32(s32[i], _mm256_madd_epi16(a16[i], one));
+                }
                 for (int r = 0; r < nx; r++)
                     for (int h = 0; h < hn; h++) {
-                        __m256i t = _mm256_add_epi32(_mm256_madd_epi16(ah[r * hn + h], one),
-                                                     _mm256_madd_epi16(al[r * hn + h], one));
                         __m256 *a = f + 2 * r + h0 + h;
-                        *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(d[r * nb + b]), *a);
+                        __m256 sum = _mm256_cvtepi32_ps(s32[r * hn + h]);
+                        *a = _mm256_fmadd_ps(sum, _mm256_set1_ps(d[r * nb + b]), *a);
                     }
             }
         } else {
