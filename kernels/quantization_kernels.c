@@ -1492,6 +1492,13 @@ int wq_gemm_vnni(const float *x, const int8_t *w, const float *scale, const floa
 #endif
 #define LANES2_PREFETCH(src, i, nx) _mm_prefetch((const char *)((src) + LANES2_AHEAD(nx) + 64 * (i)), _MM_HINT_T1)
 
+/* 4 int8 activations at p in every int32 lane (memcpy: p is an int8 buffer; one vpbroadcastd from memory) */
+static inline __m256i bcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return _mm256_set1_epi32(v);
+}
+
 static inline __attribute__((always_inline)) void lanes2_group(const int8_t *gp, int bits, const int8_t *q, size_t k,
                                                                const float *d, const int *qsum, size_t nb, int nx,
                                                                __m256 *f) {
@@ -1522,8 +1529,8 @@ static inline __attribute__((always_inline)) void lanes2_group(const int8_t *gp,
                             __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
                             __m256i lo = _mm256_and_si256(v, m4);
                             for (int r = 0; r < nx; r++) {
-                                __m256i xe = _mm256_set1_epi32(*(const int32_t *)(qb + r * k + 4 * g));
-                                __m256i xo = _mm256_set1_epi32(*(const int32_t *)(qb + r * k + 32 + 4 * g));
+                                __m256i xe = bcast4(qb + r * k + 4 * g);
+                                __m256i xo = bcast4(qb + r * k + 32 + 4 * g);
                                 __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(hi, xe),
                                                              _mm256_maddubs_epi16(lo, xo));
                                 a16[r * hn + h] = _mm256_add_epi16(t, a16[r * hn + h]);
@@ -1551,7 +1558,7 @@ static inline __attribute__((always_inline)) void lanes2_group(const int8_t *gp,
                         __m256i v = _mm256_loadu_si256((const __m256i *)(src + 64 * g + 32 * (h0 + h)));
                         __m256i a = _mm256_abs_epi8(v);
                         for (int r = 0; r < nx; r++) {
-                            __m256i xb = _mm256_set1_epi32(*(const int32_t *)(qb + r * k + 4 * g));
+                            __m256i xb = bcast4(qb + r * k + 4 * g);
                             __m256i p = _mm256_maddubs_epi16(a, _mm256_sign_epi8(xb, v));
                             s[r * hn + h] = _mm256_add_epi32(s[r * hn + h], _mm256_madd_epi16(p, one));
                         }
@@ -1599,7 +1606,7 @@ static int wq_rows_lanes2(const float *x, const int8_t *w, const float *scale, c
     for (int b = 0; b < m; b++) {
         const int8_t *qr = q + (size_t)b * qs;
         corr[b] = quantize_row(x + (size_t)b * k, k, bits == 4, nb, q + (size_t)b * qs, d + (size_t)b * nb);
-        for (int j = 0; j < nb; j++) {
+        for (int j = 0; j < (bits == 8 ? nb : 0); j++) { /* INT8's block sums of x (the w + 128 of VNNI) */
             int s = 0;
             for (int i = 0; i < QB; i++) s += qr[j * QB + i];
             qsum[(size_t)b * nb + j] = s;
