@@ -227,7 +227,7 @@ class CpuKernel:
         """x [m, k] float32, weight int8 [n, k] or [n, k/2], scale_f32 [n] -> [m, n] float32.
         quantize_activations: None for the default (QUANTIZE_ACTIVATIONS), True for the int8-activation
         kernel, False for the fp32-activation one. packed: the weight is in the lanes16 layout (packed_layout
-        builds; int8 activations, the bits the THUDM layout gets)."""
+        builds; int8 activations; the VNNI build's bits, which THUDM's layout gets there too but not on AVX2)."""
         self._sync_threads()
         m, k = x.shape
         n = weight.shape[0]

@@ -1506,8 +1506,8 @@ static inline __attribute__((always_inline)) void lanes2_group(const int8_t *gp,
 #ifndef LANES2_HN
 #define LANES2_HN(nx) ((nx) == 1 ? 2 : 1)
 #endif
-    /* halves (8 weight rows each) per pass: both for one x row (4 int16 sums); one from two rows on, where both
-     * spill registers (2 rows: 34 ms against 22, as above) */
+    /* halves (8 weight rows each) per pass: both for one x row; one from two rows on, where both spilled registers
+     * (2 rows: 34 ms against 22, measured with two int16 sums per row and half) */
     const int hn = LANES2_HN(nx);
     for (int r = 0; r < 2 * nx; r++) f[r] = _mm256_setzero_ps();
     for (size_t b = 0; b < nb; b++) {

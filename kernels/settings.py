@@ -44,7 +44,7 @@ class Settings:
     # GEMM for prefill, INT8 decode, INT4 batches. Off: the AVX-512 VNNI code (other bits, same precision).
     cpu_amx: bool = dataclasses.field(default_factory=lambda: not _set("CHATGLM_NO_AMX"))
     # INT8/INT4 weights on an AVX-512 VNNI (not AMX) or AVX2 CPU held in the kernels' lanes16 layout
-    # (quantization/ops.py) from load on: decode batches 1.2-1.5x faster. state_dict() and saved checkpoints keep
+    # (quantization/ops.py) from load on: decode batches 1.2-1.6x faster. state_dict() and saved checkpoints keep
     # THUDM's layout. Off: THUDM's layout in memory too (VNNI: the kernels transpose it as they read, same bits;
     # AVX2: THUDM-layout kernels, whose fp32 sums run in another order).
     cpu_packed_weights: bool = dataclasses.field(default_factory=lambda: not _set("CHATGLM_NO_PACKED_WEIGHTS"))

@@ -67,8 +67,8 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 # 4096 -> 65024 INT8 9.41 -> 7.20; one or two rows as fast or faster; docs/benchmarks.md). A permutation of THUDM's
 # bytes, same shape: [n, kb] viewed [n/16, 16, kb/4, 4] with the middle dimensions swapped. The AVX2 build reads it
 # too, as two 256-bit vectors of 8 rows (wq_rows_lanes2: the VNNI build's bits; THUDM's layout has other ones there):
-# on a Zen 4 with the AVX2 build, four ChatGLM2 blocks' INT4 matrices at 1 / 4 / 8 / 512 rows took 11 / 20 / 40 / 658
-# ms against 14 / 36 / 56 / 785 in THUDM's layout, the INT8 output layer at 8 rows 17-23 against 22-29.
+# on a Zen 4 with the AVX2 build, four ChatGLM2 blocks' INT4 matrices at 1 / 4 / 8 rows took 13 / 18 / 34 ms against
+# 15 / 36 / 59 in THUDM's layout, one block's at 512 rows 658 against 785, the INT8 output layer at 8 rows 17 / 23.
 LANES = 16
 
 

@@ -252,10 +252,12 @@ def test_lanes16_layout_gets_the_same_bits_at_every_row_count(kernel, vnni_kerne
         return
     with pytest.raises(ValueError, match="lanes16"):  # rows not a multiple of 16
         kernel.linear(x, p[: n - 8], s[: n - 8], bits, packed=True)
-    wq = dequantize(q, scale, bits).double()
     qx, d = quantize_activations_reference(x, split=0)
     xq = (qx.double().view(m, -1, QB) * d.double()[..., None]).view(m, -1)[:, :k]
-    for b in (bias, None):
+    # and every byte, which quantize_weight never writes: INT8 -128, INT4 nibbles of -8 (the widest int16 sums)
+    every_byte = torch.randint(-128, 128, q.shape, dtype=torch.int8, generator=torch.Generator().manual_seed(m))
+    for q, b in ((q, bias), (q, None), (every_byte, bias)):
+        p, wq = to_lanes16(q), dequantize(q, scale, bits).double()
         y = kernel.linear(x, p, s, bits, b, packed=True)
         bd = torch.zeros(n, dtype=torch.float64) if b is None else b.double()
         _check(y, xq @ wq.t() + bd, xq.abs() @ wq.abs().t() + bd.abs())
