@@ -677,7 +677,8 @@ static int wq_rows_amx(const float *x, const int8_t *w, const float *scale, cons
 #define XPAD 256
 #endif
 /* The lanes16 layout (wq_rows_packed): each thread reads its groups as one sequential stream, prefetched this many
- * bytes ahead into L2. One or two x rows (memory-bound): 1 KB; more (compute-bound, x rows to keep in L1): 8 KB.
+ * bytes ahead into L2. Up to `few` x rows (memory-bound; VNNI 2, AVX2 1): 1 KB; more (compute-bound, x rows to keep
+ * in L1): 8 KB.
  * Measured on a Zen 4, 2 threads, ChatGLM2 shapes at 8 rows: INT8 65024 x 4096 5.6 ms at 8 or 16 KB ahead, 5.7 at
  * 6 KB, 6.8 at 4 KB (INT4 the same from 4 KB on); 2 KB ahead costs 10-35%, no prefetch 45-60%, T0 hints 10-25%;
  * at one or two rows T0 or 512 bytes ahead cost up to 5%. */
@@ -687,8 +688,8 @@ static int wq_rows_amx(const float *x, const int8_t *w, const float *scale, cons
 #ifndef AHEAD_MANY
 #define AHEAD_MANY 8192
 #endif
-#define PACKED_PREFETCH(src, i, nx)                                                                            \
-    _mm_prefetch((const char *)((src) + ((nx) <= 2 ? AHEAD_FEW : AHEAD_MANY) + 64 * (i)), _MM_HINT_T1)
+#define PACKED_PREFETCH(src, i, nx, few)                                                                       \
+    _mm_prefetch((const char *)((src) + ((nx) <= (few) ? AHEAD_FEW : AHEAD_MANY) + 64 * (i)), _MM_HINT_T1)
 #endif
 
 #ifdef USE_VNNI512
@@ -761,7 +762,7 @@ static inline __attribute__((always_inline)) void lanes_group(const int8_t *cons
          * and sharing the loops below measured 1% slower for INT4 and 28% for INT8 at 8 rows: 7.1 against 5.5 ms) */
         if (gp && bits == 4) {
             const int8_t *src = gp + b * 512;
-            for (int i = 0; i < 8; i++) PACKED_PREFETCH(src, i, nx);
+            for (int i = 0; i < 8; i++) PACKED_PREFETCH(src, i, nx, 2);
             for (int g = 0; g < 8; g++) {
                 __m512i v8 = _mm512_xor_si512(_mm512_loadu_si512((const void *)(src + 64 * g)), flip);
                 __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v8, 4), m4), lo = _mm512_and_si512(v8, m4);
@@ -772,7 +773,7 @@ static inline __attribute__((always_inline)) void lanes_group(const int8_t *cons
             }
         } else if (gp) {
             const int8_t *src = gp + b * 1024;
-            for (int i = 0; i < 16; i++) PACKED_PREFETCH(src, i, nx);
+            for (int i = 0; i < 16; i++) PACKED_PREFETCH(src, i, nx, 2);
             for (int g = 0; g < 16; g++) {
                 __m512i v8 = _mm512_xor_si512(_mm512_loadu_si512((const void *)(src + 64 * g)), flip);
                 for (int r = 0; r < nx; r++) LANES_DP(s[r * na + g % na], v8, qb + r * k + 4 * g);
@@ -1478,19 +1479,16 @@ int wq_gemm_vnni(const float *x, const int8_t *w, const float *scale, const floa
  * XOR 0x88, against x in -127..127: at most 3810 a pair) adds the even and the odd columns' maddubs and sums 4 such
  * in int16 (at most 30480) before a madd widens them (one int16 sum per x row: with one for the even and one for the
  * odd columns, gcc spilled and copied registers, 4 rows 21 ms against 18); INT8 multiplies |w| by sign(x, w) (at
- * most 32512 a pair) and widens each. Each block's integer
- * sum is exact and the same as the VNNI kernel's (INT8: plus 128 times the block's activation sum, the w + 128 it
- * sums there), and the fp32 steps are the same, so this build gets the VNNI build's bits, at every row count.
+ * most 32512 a pair) and widens each. Each block's integer sum is exact and the same as the VNNI kernel's (INT8:
+ * plus 128 times the block's activation sum, the w + 128 it sums there), and the fp32 steps are the same, so this
+ * build gets the VNNI build's bits, at every row count.
  * Where the time goes against the THUDM-layout AVX2 kernels: per x row and 8 weight rows of a 64-column block, 16
  * maddubs + 16 int16 adds + 2 madd + 2 int32 adds + 1 cvt + 1 fma (INT4), where those take per weight row 2 maddubs,
  * an add, a madd, a cvt and an fma; the weights' unpacking is shared by LX2 x rows. */
 #define LX2 4 /* x rows per pass over a group (8 measured the same at 8 rows) */
-/* Prefetch into L2 1 KB ahead for one x row, 8 KB for more (Zen 4, AVX2 build, four blocks' INT4 matrices at 2 rows:
+/* Prefetch 1 KB ahead for one x row only, 8 KB from two (Zen 4, AVX2 build, four blocks' INT4 matrices at 2 rows:
  * 19 ms at 1 KB, 14-15 at 8 KB). */
-#ifndef LANES2_AHEAD
-#define LANES2_AHEAD(nx) ((nx) <= 1 ? AHEAD_FEW : AHEAD_MANY)
-#endif
-#define LANES2_PREFETCH(src, i, nx) _mm_prefetch((const char *)((src) + LANES2_AHEAD(nx) + 64 * (i)), _MM_HINT_T1)
+#define LANES2_FEW 1
 
 /* 4 int8 activations at p in every int32 lane (memcpy: p is an int8 buffer; one vpbroadcastd from memory) */
 static inline __m256i bcast4(const int8_t *p) {
@@ -1503,18 +1501,15 @@ static inline __attribute__((always_inline)) void lanes2_group(const int8_t *gp,
                                                                const float *d, const int *qsum, size_t nb, int nx,
                                                                __m256 *f) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8((char)0x88), one = _mm256_set1_epi16(1);
-#ifndef LANES2_HN
-#define LANES2_HN(nx) ((nx) == 1 ? 2 : 1)
-#endif
     /* halves (8 weight rows each) per pass: both for one x row; one from two rows on, where both spilled registers
      * (2 rows: 34 ms against 22, measured with two int16 sums per row and half) */
-    const int hn = LANES2_HN(nx);
+    const int hn = nx == 1 ? 2 : 1;
     for (int r = 0; r < 2 * nx; r++) f[r] = _mm256_setzero_ps();
     for (size_t b = 0; b < nb; b++) {
         const int8_t *qb = q + b * QB;
         if (bits == 4) {
             const int8_t *src = gp + b * 512;
-            for (int i = 0; i < 8; i++) LANES2_PREFETCH(src, i, nx);
+            for (int i = 0; i < 8; i++) PACKED_PREFETCH(src, i, nx, LANES2_FEW);
             for (int h0 = 0; h0 < 2; h0 += hn) {
                 __m256i s32[LX2 * 2];
                 for (int i = 0; i < nx * hn; i++) s32[i] = _mm256_setzero_si256();
@@ -1548,7 +1543,7 @@ static inline __attribute__((always_inline)) void lanes2_group(const int8_t *gp,
             }
         } else {
             const int8_t *src = gp + b * 1024;
-            for (int i = 0; i < 16; i++) LANES2_PREFETCH(src, i, nx);
+            for (int i = 0; i < 16; i++) PACKED_PREFETCH(src, i, nx, LANES2_FEW);
             for (int h0 = 0; h0 < 2; h0 += hn) {
                 __m256i s[LX2 * 2];
                 for (int i = 0; i < nx * hn; i++) s[i] = _mm256_setzero_si256();
@@ -1606,7 +1601,7 @@ static int wq_rows_lanes2(const float *x, const int8_t *w, const float *scale, c
     for (int b = 0; b < m; b++) {
         const int8_t *qr = q + (size_t)b * qs;
         corr[b] = quantize_row(x + (size_t)b * k, k, bits == 4, nb, q + (size_t)b * qs, d + (size_t)b * nb);
-        for (int j = 0; j < (bits == 8 ? nb : 0); j++) { /* INT8's block sums of x (the w + 128 of VNNI) */
+        for (int j = 0; bits == 8 && j < nb; j++) { /* INT8's block sums of x (the w + 128 of VNNI) */
             int s = 0;
             for (int i = 0; i < QB; i++) s += qr[j * QB + i];
             qsum[(size_t)b * nb + j] = s;

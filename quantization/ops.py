@@ -61,8 +61,8 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([high, low], dim=-1).flatten(-2)
 
 
-# The AVX-512 VNNI and AVX2 kernels' weight layout ("lanes16"): per group of 16 rows, per 4 bytes of a row, the 16 rows' 4
-# bytes one after the other. Their decode-batch kernel otherwise transposes each 16 rows x 64 columns it reads, in
+# The AVX-512 VNNI and AVX2 kernels' weight layout ("lanes16"): per group of 16 rows, per 4 bytes of a row, the 16
+# rows' 4 bytes one after the other. Their decode-batch kernel otherwise transposes each 16 rows x 64 columns it reads, in
 # shuffles that take the cycles of its dot products (Zen 4, 2 threads, 8 rows: 4096 -> 27392 INT4 3.06 -> 2.30 ms,
 # 4096 -> 65024 INT8 9.41 -> 7.20; one or two rows as fast or faster; docs/benchmarks.md). A permutation of THUDM's
 # bytes, same shape: [n, kb] viewed [n/16, 16, kb/4, 4] with the middle dimensions swapped. The AVX2 build reads it
@@ -93,8 +93,8 @@ def from_lanes16(weight: torch.Tensor) -> torch.Tensor:
 
 def lanes16_takes(weight: torch.Tensor, in_features: int) -> bool:
     """Whether a QuantizedLinear weight goes to the lanes16 layout: on the CPU, where the kernels are built for
-    it (kernel.packed_layout: AVX-512 VNNI or AVX2, not AMX nor portable C), out features a multiple of 16, in features of 64, int8
-    activations (settings.cpu_float_activations off) and settings.cpu_packed_weights on."""
+    it (kernel.packed_layout: AVX-512 VNNI or AVX2, not AMX nor portable C), out features a multiple of 16, in
+    features of 64, int8 activations (settings.cpu_float_activations off) and settings.cpu_packed_weights on."""
     if not (settings.cpu_packed_weights and not settings.cpu_float_activations and weight.device.type == "cpu"):
         return False
     if weight.dim() != 2 or weight.shape[0] % LANES or in_features % 64 or not cpu_fast_paths():

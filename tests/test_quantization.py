@@ -276,8 +276,7 @@ def test_layer_in_the_cpu_kernels_layout_computes_and_saves_as_thudms(bits):
     """QuantizedLinear.pack_for_cpu: where the kernels have their own layout (AVX-512 VNNI, AVX2) the weight's bytes
     are rearranged in place, the outputs keep their bits on VNNI (decode rows, batches, the GEMM) and stay within
     fp32 accumulation on AVX2 (where THUDM's layout sums in another order; tests/test_kernels.py), fp32 activations
-    keep theirs, and state_dict, load_state_dict and moves see THUDM's layout; elsewhere nothing
-    changes."""
+    keep theirs, and state_dict, load_state_dict and moves see THUDM's layout; elsewhere nothing changes."""
 
     g = torch.Generator().manual_seed(bits)
     ref = QuantizedLinear.from_linear(torch.nn.Linear(256, 96), bits)
