@@ -46,13 +46,19 @@ def main(argv=None) -> int:
     max_length = args.max_length or (TINY_MAX_NEW_TOKENS if args.tiny else None)
     gen = generation_kwargs(model, max_length, args.top_p, args.temperature)  # the servers' rules (0: greedy)
     history, past = [], None
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is refused alone, not the buffer it came in
+        sys.stdin.reconfigure(errors="surrogateescape")
     print(welcome)
     while True:
         try:
             query = input("\n用户：").strip()
+            query.encode("utf-8")  # bytes that are not UTF-8 arrive as lone surrogates, which no tokenizer takes
         except (EOFError, KeyboardInterrupt):
             print()
             return 0
+        except UnicodeEncodeError:
+            print("error: that input is not UTF-8 text: set the terminal's encoding to UTF-8", file=sys.stderr)
+            continue
         if query == "stop":
             return 0
         if query == "clear":

@@ -215,10 +215,12 @@ def load_model_and_tokenizer(
     num_gpus = int(num_gpus or 1)
     path = _model_path(model_path, tiny_version)
     tok_path = require_directory(tokenizer_path or path, "tokenizer directory", " (--tokenizer-path / TOKENIZER_PATH)")
+    config = ChatGLMConfig.from_checkpoint(path)  # a directory that is no checkpoint says so first
+    tokenizer = ChatGLMTokenizer.from_pretrained(tok_path)  # before the weights: a wrong one fails in seconds
+    check_tokenizer(config, tokenizer, tok_path)
     prefix = None
     if ptuning_checkpoint:
-        prefix = read_ptuning_checkpoint(ptuning_checkpoint, pre_seq_len,
-                                         ChatGLMConfig.from_checkpoint(path).chatglm_version)  # fmt: skip
+        prefix = read_ptuning_checkpoint(ptuning_checkpoint, pre_seq_len, config.chatglm_version)
     elif pre_seq_len:
         logger.warning("--pre-seq-len %s without --ptuning-checkpoint is ignored", pre_seq_len)
     overrides = {} if prefix is None else {"pre_seq_len": prefix[1], "prefix_projection": prefix[2]}
@@ -265,7 +267,6 @@ def load_model_and_tokenizer(
         model = _place(model, device)
         if kind == "cpu":
             settle_on_cpu(model)
-    tokenizer = ChatGLMTokenizer.from_pretrained(tok_path)
     model.eval()
     check_model(model, decode)  # before the first chat: a split model, or cuda_graph off CUDA, is an error
     model.decode_mode = decode
@@ -281,6 +282,19 @@ def load_model_and_tokenizer(
         + (", output layer INT8" if isinstance(model.output_head(), QuantizedLinear) else ""),
     )
     return model, tokenizer
+
+
+def check_tokenizer(config: ChatGLMConfig, tokenizer, tok_path: str) -> None:
+    """ValueError (one line) when the tokenizer is not one the model can read: another generation's (whose chat
+    format the model does not know) or one with more tokens than the model has embedding rows (an id past them
+    fails at the first message, deep in the forward)."""
+    version, rows = config.chatglm_version, getattr(config, "padded_vocab_size", None) or config.vocab_size
+    if tokenizer.chatglm_version != version:
+        raise ValueError(f"the tokenizer in {tok_path} is {NAMES[tokenizer.chatglm_version]}'s and the model "
+                         f"{NAMES[version]}: point --tokenizer-path at the model's own tokenizer")  # fmt: skip
+    if len(tokenizer) > rows:
+        raise ValueError(f"the tokenizer in {tok_path} has {len(tokenizer)} tokens, more than the model's {rows} "
+                         "embedding rows: point --tokenizer-path at the model's own tokenizer")  # fmt: skip
 
 
 def _model_path(model_path, tiny_version: str) -> str:

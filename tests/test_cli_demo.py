@@ -105,3 +105,31 @@ def test_wrong_model_path_is_one_clear_error(tmp_path):
     finish(child, status=2)
     lines = [line for line in child.before.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "nope" in lines[0], lines
+
+
+@pytest.mark.parametrize("model, tokenizer, says", [("v2", "v1", "ChatGLM-6B's and the model ChatGLM2-6B"),
+                                                    ("v3", "real-v3", "more than the model's 640 embedding rows")])  # fmt: skip
+def test_a_tokenizer_that_is_not_the_models_is_one_clear_error(tiny_dirs, tmp_path, model, tokenizer, says):
+    """Refused at load, before the weights, not as a traceback at the first message."""
+    from .conftest import real_model_dir
+
+    path = real_model_dir("v3") if tokenizer == "real-v3" else tiny_dirs[tokenizer]
+    child = spawn(tmp_path, ["--tokenizer-path", str(path)], model=tiny_dirs[model])
+    finish(child, status=2)
+    lines = [line for line in child.before.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: the tokenizer in ") and says in lines[0], lines
+
+
+def test_input_that_is_not_utf8_is_one_line_and_the_session_goes_on(tiny_dirs, tmp_path):
+    """A GBK terminal's bytes (or any non-UTF-8 line) get one error line; the next line is answered."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", CHATGLM_NO_PROGRESS="1", CHATGLM_CACHE=str(tmp_path / "cache"),
+               MODEL_PATH=str(tiny_dirs["v2"]), PYTHONIOENCODING="utf-8")  # fmt: skip
+    gbk = "你好".encode("gbk") + b"\n\xff\xfe\nhi\nstop\n"
+    run = subprocess.run([sys.executable, "cli_demo.py", "--device", "cpu", "--max-length", "40"], cwd=str(REPO),
+                         env=env, input=gbk, capture_output=True, timeout=120)  # fmt: skip
+    out, err = run.stdout.decode("utf-8", "replace"), run.stderr.decode("utf-8", "replace")
+    assert run.returncode == 0 and "Traceback" not in out + err, err
+    assert err.count("error: that input is not UTF-8 text") == 2, err
+    assert out.count("ChatGLM：") == 1  # "hi" was answered, the bad lines were not sent to the model
