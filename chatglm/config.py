@@ -78,7 +78,8 @@ def detect_version(config: dict, tokenizer_config: dict | None = None, path: str
     explicit = settings.version or config.get("chatglm_version") or tokenizer_config.get("chatglm_version")
     if explicit:
         if explicit not in VERSIONS:
-            raise ValueError(f"chatglm_version must be one of {VERSIONS}, got {explicit!r}")
+            where = "CHATGLM_VERSION" if settings.version else "chatglm_version"
+            raise ValueError(f"{where} must be one of {', '.join(VERSIONS)}, got {explicit!r}")
         return explicit
     if any(k in config for k in GLM1_ONLY_KEYS):
         return "v1"
@@ -142,6 +143,14 @@ def check_fields(data: dict, file: str) -> None:
     bits = data.get("quantization_bit")
     if bits not in (None, 0, 4, 8):
         raise ValueError(f"{file}: 'quantization_bit' must be 0, 4 or 8, got {bits!r}")
+    check_version_field(data, file)
+
+
+def check_version_field(data: dict, file: str) -> None:
+    """An explicit 'chatglm_version' (config.json, tokenizer_config.json) must name a release."""
+    version = data.get("chatglm_version")
+    if version is not None and version not in VERSIONS:
+        raise ValueError(f"{file}: 'chatglm_version' must be one of {', '.join(VERSIONS)}, got {version!r}")
 
 
 def parameter_count(config) -> int:
@@ -235,6 +244,7 @@ class ChatGLMConfig(PretrainedConfig):
         check_fields(data, config_file)
         tok_file = os.path.join(path, "tokenizer_config.json")
         tok_cfg = read_json_object(tok_file) if os.path.isfile(tok_file) else {}
+        check_version_field(tok_cfg, tok_file)
         version = overrides.pop("chatglm_version", None) or detect_version(data, tok_cfg, path)
         data.update(overrides)
         config = cls(**{k: v for k, v in data.items() if k != "chatglm_version"}, chatglm_version=version)

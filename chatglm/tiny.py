@@ -101,8 +101,13 @@ def make_tiny_checkpoint(out: str, version: str = "v3", seed: int = 0, fmt: str 
     `force`, which replaces it whole; either way the checkpoint appears all at once (chatglm/atomic.py)."""
     if version not in ("v1", "v2", "v3"):
         raise ValueError(f"version must be v1, v2 or v3, got {version!r}")
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not force:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"{out!r} is a file, not a directory: choose a new directory")
+    if os.path.exists(out) and os.listdir(out) and not force:
         raise FileExistsError(f"{out!r} is not empty: choose a new directory, or pass --force to replace it whole")
+    here, target = os.path.realpath(os.getcwd()), os.path.realpath(out)
+    if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+        raise ValueError(f"{out!r} holds the current directory: --force replaces it whole; choose a new directory")
     with replacing_directory(out, keep=lambda name: False) as tmp:
         _write_tiny(tmp, version, seed, fmt, shards)
     return out
@@ -153,11 +158,15 @@ def main(argv=None) -> None:
     parser.add_argument("--shards", type=int, default=2, help="number of weight shards, with an index (default 2)")
     parser.add_argument("--force", action="store_true", help="replace OUT whole if it holds anything")
     args = parser.parse_args(argv)
+    if args.shards < 1:
+        parser.exit(2, f"error: --shards must be at least 1, got {args.shards}\n")
     try:
         make_tiny_checkpoint(args.out, args.version, args.seed, args.format, args.shards, force=args.force)
     except (OSError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")
-    print(f"wrote a tiny random ChatGLM {args.version} checkpoint to {args.out}")
+    shards = sum(name.endswith((".bin", ".safetensors")) for name in os.listdir(args.out))
+    note = f" (as many as its tensors split into; {args.shards} asked)" if shards < args.shards else ""
+    print(f"wrote a tiny random ChatGLM {args.version} checkpoint to {args.out}: {shards} weight shards{note}")
 
 
 if __name__ == "__main__":

@@ -136,6 +136,23 @@ def test_tiny_refuses_a_non_empty_directory(tmp_path, tiny_dirs):
     assert chatglm.load_model(str(out)).config.chatglm_version == "v1"
 
 
+def test_tiny_refuses_the_current_directory_a_file_and_no_shards(tmp_path):
+    """--force replaces OUT whole: never the directory the user stands in (or one above it), nor a file."""
+    here = tmp_path / "work"
+    here.mkdir()
+    (here / "notes.txt").write_text("mine")
+    cases = [(["--out", ".", "--force"], "holds the current directory"),
+             (["--out", str(tmp_path), "--force"], "holds the current directory"),
+             (["--out", "notes.txt"], "is a file, not a directory"),
+             (["--out", "new", "--shards", "0"], "--shards must be at least 1")]  # fmt: skip
+    for args, says in cases:
+        proc = subprocess.run([sys.executable, "-m", "chatglm.tiny", *args], cwd=here, capture_output=True, text=True,
+                              timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO)))  # fmt: skip
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+        assert says in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in here.iterdir()) == ["notes.txt"] and (here / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -147,6 +164,7 @@ def test_tiny_refuses_a_non_empty_directory(tmp_path, tiny_dirs):
         (lambda text, cfg: json.dumps(dict(cfg, num_layers=10**9)), r"config.json: its sizes \(num_layers=1000000000, .* more than its weight files"),
         (lambda text, cfg: json.dumps(dict(cfg, hidden_size=2**20)), r"more than its weight files"),
         (lambda text, cfg: json.dumps(dict(cfg, quantization_bit=3)), r"'quantization_bit' must be 0, 4 or 8"),
+        (lambda text, cfg: json.dumps(dict(cfg, chatglm_version="v9")), r"'chatglm_version' must be one of v1, v2, v3, got 'v9'"),
     ],
 )  # fmt: skip
 def test_broken_config_json_says_which_file_and_why(tiny_dirs, tmp_path, edit, message):
