@@ -12,7 +12,7 @@ import math
 import sys
 
 from serving.requests import MAX_TEMPERATURE, context_length, generation_kwargs
-from utils import TINY_MAX_NEW_TOKENS, add_model_args, load_or_exit
+from utils import add_model_args, load_or_exit
 
 NAMES = {"v1": "ChatGLM-6B", "v2": "ChatGLM2-6B", "v3": "ChatGLM3-6B"}
 
@@ -43,8 +43,9 @@ def main(argv=None) -> int:
         return 2
     version = model.config.chatglm_version
     welcome = f"欢迎使用 {NAMES[version]} 模型，输入内容即可进行对话，clear 清空对话历史，stop 终止程序"
-    max_length = args.max_length or (TINY_MAX_NEW_TOKENS if args.tiny else None)
-    gen = generation_kwargs(model, max_length, args.top_p, args.temperature)  # the servers' rules (0: greedy)
+    # the servers' rules (0: greedy); without --max-length the tiny model's replies are kept to its loader's
+    # default_max_new_tokens (as its note says), whatever the length of the conversation before them
+    gen = generation_kwargs(model, args.max_length, args.top_p, args.temperature)
     history, past = [], None
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is refused alone, not the buffer it came in
         sys.stdin.reconfigure(errors="surrogateescape")
