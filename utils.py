@@ -197,6 +197,28 @@ def load_from_args(args):
 # --- the original's multi-GPU helper ------------------------------------------------------------------------
 
 
+def turn_max_length(model, tokenizer, query, history, past, max_length: int, clear: str) -> tuple[int, str | None]:
+    """For the web demos: the max_length a turn generates under, or (0, a message for the chat) when the
+    conversation leaves no room for a reply. The prompt is the whole conversation, or with `past` (a ChatGLM2/3
+    cache of the earlier turns) the new round only, as stream_chat builds it; either way what the cache holds, the
+    prompt and the reply stay within the model's context. `clear` names the page's clear-history button."""
+    from chatglm.kv_cache import cache_length
+    from serving.requests import context_length
+
+    limit = context_length(model)
+    held = 0 if past is None else cache_length(past) - (model.config.pre_seq_len or 0)  # positions of earlier turns
+    version = model.config.chatglm_version
+    n = int(model._chat_inputs(tokenizer, version, query, list(history), "user", past)["input_ids"].shape[-1])
+    if held + n >= limit:
+        return 0, (f"This conversation is {held + n} tokens with your message, and the model's context is {limit} "
+                   f"tokens: there is no room left for a reply. Click {clear} to start a new conversation.")  # fmt: skip
+    if n >= max_length:
+        what = "The conversation with your message" if past is None else "Your message"
+        return 0, (f"{what} is {n} tokens: a maximum length of {max_length} leaves no room for a reply. Raise the "
+                   f"maximum length, or click {clear} to start a new conversation.")  # fmt: skip
+    return min(max_length, limit - held), None
+
+
 def load_model_on_gpus(checkpoint_path, num_gpus: int = 2, device_map=None, **kwargs):
     """The original helper: fp16 on one GPU (`num_gpus < 2`), else split over `num_gpus` GPUs with
     `auto_configure_device_map` (or the `device_map` given: a dict or "auto"). kwargs go to chatglm.load_model

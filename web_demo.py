@@ -2,10 +2,12 @@
 
 Behaves like THUDM/ChatGLM-6B and ChatGLM2-6B web_demo.py: the chat, an input box with Submit, "Clear History",
 and Maximum length / Top P / Temperature sliders starting at each generation's defaults; the reply streams in,
-rendered as markdown with code blocks and LaTeX. Every browser session has its own history. Up to --max-batch
-replies (default 4) are generated together by the model's engine (chatglm/engine.py), which keeps each
-conversation's keys between turns, so a follow-up prefills only its new tokens; more wait in Gradio's queue.
---max-batch 1 generates one reply at a time, each session keeping its own KV cache, as the original.
+rendered as markdown with code blocks and LaTeX. Maximum length goes up to the model's context (seq_length in its
+config), the most the CLI and the servers take; a conversation grown past it says so in the chat. Every browser
+session has its own history. Up to --max-batch replies (default 4) are generated together by the model's engine
+(chatglm/engine.py), which keeps each conversation's keys between turns, so a follow-up prefills only its new
+tokens; more wait in Gradio's queue. --max-batch 1 generates one reply at a time, each session keeping its own KV
+cache, as the original.
 
     python web_demo.py [--host 127.0.0.1] [--port 7860] [--share] [--max-batch 4] [--model-path DIR | MODEL_PATH=DIR]
 
@@ -20,9 +22,11 @@ import sys
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
 import gradio as gr  # noqa: E402
 
+from serving.requests import context_length  # noqa: E402
+from utils import turn_max_length  # noqa: E402
+
 NAMES = {"v1": "ChatGLM-6B", "v2": "ChatGLM2-6B", "v3": "ChatGLM3-6B"}
 DEFAULTS = {"v1": (2048, 0.7, 0.95), "v2": (8192, 0.8, 0.95), "v3": (8192, 0.8, 0.6)}  # max_length, top_p, temp
-SLIDER_MAX = {"v1": 4096, "v2": 32768, "v3": 32768}
 LATEX = [
     {"left": "$$", "right": "$$", "display": True},
     {"left": "$", "right": "$", "display": False},
@@ -37,9 +41,11 @@ def show(response) -> str:
 
 
 def build_demo(model, tokenizer, max_length: int | None = None, max_batch: int = 1) -> gr.Blocks:
-    """The page for one loaded model; `max_length` overrides the slider's starting value. With max_batch > 1 the
-    model gets an engine (chatglm/engine.py) that generates up to that many replies together."""
+    """The page for one loaded model; `max_length` overrides the slider's starting value (at most the model's
+    context, the slider's end). With max_batch > 1 the model gets an engine (chatglm/engine.py) that generates up to
+    that many replies together."""
     version = model.config.chatglm_version
+    context = context_length(model)
     if max_batch > 1:
         from chatglm.engine import attach
 
@@ -55,14 +61,21 @@ def build_demo(model, tokenizer, max_length: int | None = None, max_batch: int =
         if not query:
             yield chatbot, history, past
             return
+        max_length = max(1, min(int(max_length), context))  # the slider ends at the context; a caller may send more
         ids = tokenizer.encode(query, add_special_tokens=False)
-        limit = max(int(max_length) - 64, int(max_length) // 2, 1)  # leave the reply some room
+        limit = max(max_length - 64, max_length // 2, 1)  # leave the reply some room
         if len(ids) > limit:
             query = tokenizer.decode(ids[:limit])
             gr.Warning(f"The message was {len(ids)} tokens long: only its first {limit} were sent to the model.")
+        whole = version == "v1" or batched  # the whole conversation is sent (the engine reuses the keys it kept)
+        turn_max, notice = turn_max_length(model, tokenizer, query, history, None if whole else past, max_length,
+                                           "Clear History")  # fmt: skip
+        if notice:  # said in the chat, not an empty reply; the history stays as it was
+            yield chatbot + [{"role": "assistant", "content": notice}], history, past
+            return
         chatbot = chatbot + [{"role": "assistant", "content": ""}]
-        gen = dict(history=history, max_length=int(max_length), top_p=top_p, temperature=temperature)
-        if version == "v1" or batched:  # the whole conversation (the engine reuses the keys it kept)
+        gen = dict(history=history, max_length=turn_max, top_p=top_p, temperature=temperature)
+        if whole:
             stream = ((r, h, None) for r, h in model.stream_chat(tokenizer, query, **gen))
         else:
             stream = model.stream_chat(tokenizer, query, past_key_values=past, return_past_key_values=True, **gen)
@@ -89,7 +102,7 @@ def build_demo(model, tokenizer, max_length: int | None = None, max_batch: int =
                     submit = gr.Button("Submit", variant="primary", elem_id="submit")
             with gr.Column(scale=1):
                 clear = gr.Button("Clear History", elem_id="clear")
-                length = gr.Slider(1, SLIDER_MAX[version], value=max_length or d_len, step=1, label="Maximum length")
+                length = gr.Slider(1, context, value=min(max_length or d_len, context), step=1, label="Maximum length")
                 top_p = gr.Slider(0, 1, value=d_top_p, step=0.01, label="Top P")
                 temperature = gr.Slider(0.01, 1, value=d_temp, step=0.01, label="Temperature")
         history, past, pending = gr.State([]), gr.State(None), gr.State("")
@@ -131,6 +144,11 @@ def main(argv=None) -> int:
 
     exit_unless_listenable(args.host, args.port)
     model, tokenizer = load_or_exit(args)
+    limit = context_length(model)
+    if args.max_length is not None and args.max_length > limit:  # as cli_demo.py
+        print(f"error: --max-length must be at most {limit} (the model's context), got {args.max_length}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     if not args.model_path and args.max_length is None:
         args.max_length = TINY_MAX_NEW_TOKENS
     demo = build_demo(model, tokenizer, max_length=args.max_length, max_batch=args.max_batch)

@@ -2,10 +2,12 @@
 
 Behaves like THUDM/ChatGLM3 basic_demo/web_demo_streamlit.py, for all three generations: the conversation as
 chat messages, a chat input box, sidebar sliders max_length / top_p / temperature starting at each generation's
-defaults and a button that clears the history; the reply streams in. The model is loaded once per server process;
-up to --max-batch replies (default 4) of the sessions chatting at once are generated together by its engine
-(chatglm/engine.py), which keeps each conversation's keys between turns. With --max-batch 1 one reply is
-generated at a time and ChatGLM2/3 continue from each session's KV cache, as the original.
+defaults and a button that clears the history; the reply streams in. max_length goes up to the model's context
+(seq_length in its config), the most the CLI and the servers take; a conversation grown past it says so in the
+chat. The model is loaded once per server process; up to --max-batch replies (default 4) of the sessions chatting
+at once are generated together by its engine (chatglm/engine.py), which keeps each conversation's keys between
+turns. With --max-batch 1 one reply is generated at a time and ChatGLM2/3 continue from each session's KV cache, as
+the original.
 
     streamlit run web_demo_streamlit.py [-- --model-path DIR --device cpu ...]   (or MODEL_PATH=DIR, DEVICE=cpu)
 
@@ -21,7 +23,8 @@ import threading
 import streamlit as st
 
 from chatglm.engine import attach
-from utils import TINY_MAX_NEW_TOKENS, add_model_args, load_from_args
+from serving.requests import context_length
+from utils import TINY_MAX_NEW_TOKENS, add_model_args, load_from_args, turn_max_length
 
 NAMES = {"v1": "ChatGLM-6B", "v2": "ChatGLM2-6B", "v3": "ChatGLM3-6B"}
 DEFAULTS = {"v1": (2048, 0.7, 0.95), "v2": (8192, 0.8, 0.95), "v3": (8192, 0.8, 0.6)}  # max_length, top_p, temp
@@ -71,10 +74,14 @@ except (OSError, ValueError, RuntimeError, NotImplementedError) as e:
     st.stop()
 version = model.config.chatglm_version
 d_len, d_top_p, d_temp = DEFAULTS[version]
+context = context_length(model)
+if args.max_length is not None and args.max_length > context:  # as cli_demo.py
+    st.error(f"--max-length must be at most {context} (the model's context), got {args.max_length}")
+    st.stop()
 st.session_state.setdefault("history", [])
 st.session_state.setdefault("past_key_values", None)
 
-max_length = st.sidebar.slider("max_length", 1, 32768, args.max_length or d_len, step=1)
+max_length = st.sidebar.slider("max_length", 1, context, min(args.max_length or d_len, context), step=1)
 top_p = st.sidebar.slider("top_p", 0.0, 1.0, d_top_p, step=0.01)
 temperature = st.sidebar.slider("temperature", 0.01, 1.0, d_temp, step=0.01)
 if st.sidebar.button("清理会话历史 (clear history)", key="clean"):
@@ -101,10 +108,16 @@ if query and query.strip():
         query = tokenizer.decode(ids[:limit])
         st.warning(f"The message was {len(ids)} tokens long: only its first {limit} were sent to the model.")
     history, past = st.session_state.history, st.session_state.past_key_values
-    gen = dict(history=history, max_length=max_length, top_p=top_p, temperature=temperature)
     batched = getattr(model, "engine", None) is not None  # it batches the sessions' replies: no lock
+    whole = version == "v1" or batched  # the whole conversation is sent (the engine reuses the keys it kept)
+    turn_max, notice = turn_max_length(model, tokenizer, query, history, None if whole else past, max_length,
+                                       "清理会话历史 (clear history)")  # fmt: skip
+    if notice:  # said in the chat, not an empty reply; the history stays as it was
+        placeholder.warning(notice)
+        st.stop()
+    gen = dict(history=history, max_length=turn_max, top_p=top_p, temperature=temperature)
     with contextlib.nullcontext() if batched else generation_lock():
-        if version == "v1" or batched:  # the whole conversation (the engine reuses the keys it kept)
+        if whole:
             stream = ((r, h, None) for r, h in model.stream_chat(tokenizer, query, **gen))
         else:
             stream = model.stream_chat(tokenizer, query, past_key_values=past, return_past_key_values=True, **gen)

@@ -206,6 +206,7 @@ def test_streamlit_demo_with_apptest(tiny_dirs, tmp_path, monkeypatch, version, 
         at.sidebar.slider[0].set_value(32)
         at.chat_input[0].set_value("你好").run()
         at.chat_input[0].set_value("   ").run()  # an empty message is ignored
+        at.sidebar.slider[0].set_value(160)  # sent whole, the conversation so far counts: room for a reply
         at.chat_input[0].set_value("再说一遍").run()
         assert not at.exception
         assert [m.name for m in at.chat_message] == ["user", "assistant", "user", "assistant"]
@@ -237,10 +238,10 @@ def test_gradio_demo_handlers_every_generation(tiny, version):
     assert sliders == list(zip(["Maximum length", "Top P", "Temperature"], expected))
     fns = {f.name: f.fn for f in demo.fns.values()}
     chat, history, past = [], [], None
-    for text in ["你好", "   ", "再说一遍"]:
+    for text, max_length in [("你好", 32), ("   ", 32), ("再说一遍", 160)]:  # v1's history counts: room for a reply
         box, chat, pending = fns["take_input"](text, chat)
         assert box == ""
-        for chat, history, past in fns["predict"](pending, chat, 32, 0.8, 0.6, history, past):
+        for chat, history, past in fns["predict"](pending, chat, max_length, 0.8, 0.6, history, past):
             pass
     assert [m["role"] for m in chat] == ["user", "assistant", "user", "assistant"]
     assert len(history) == (2 if version != "v3" else 4)
@@ -337,5 +338,159 @@ def test_pages_say_when_the_tiny_model_runs(tmp_path, monkeypatch, capsys):
         at = AppTest.from_file(str(REPO / "web_demo_streamlit.py"), default_timeout=60).run()
         assert not at.exception
         assert [i.value for i in at.info] == [utils.tiny_notice("v3")]  # the page's default tiny model is v3
+    finally:
+        st.cache_resource.clear()
+
+
+CONTEXT = {"v1": 2048, "v2": 32768, "v3": 8192}  # the tiny models' context: the releases' configs
+
+
+def long_exchange(version, tokenizer, tokens: int) -> list:
+    """A history of one exchange of more than `tokens` tokens, in the generation's format."""
+    text = "很长的问题 " * (tokens // 8 + 1)
+    assert len(tokenizer.encode(text, add_special_tokens=False)) > tokens // 2
+    if version == "v3":
+        return [{"role": "user", "content": text}, {"role": "assistant", "metadata": "", "content": text}]
+    return [(text, text)]
+
+
+class Short(Greedy):
+    """The model, noting the max_length each reply is asked for and replying with a few tokens."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.asked = []
+
+    def stream_chat(self, *args, **kwargs):
+        self.asked.append(kwargs.pop("max_length"))
+        return self._model.stream_chat(*args, **dict(kwargs, max_new_tokens=4))
+
+
+@pytest.mark.parametrize("version", ["v1", "v2", "v3"])
+def test_gradio_demo_max_length_ends_at_the_models_context(tiny, version):
+    """The Maximum length slider ends at the model's context, as the CLI and the servers do (not the original's
+    4096 / 32768), and starts there when asked for more; Gradio refuses more from an API client, and the handler
+    itself clamps more to the context."""
+    gr = pytest.importorskip("gradio")
+    import web_demo
+    from serving.requests import context_length
+
+    model, tokenizer = tiny[version]
+    assert context_length(model) == CONTEXT[version]
+    short = Short(model)
+    demo = web_demo.build_demo(short, tokenizer, max_length=10**6)
+    slider = next(b for b in demo.blocks.values() if getattr(b, "label", None) == "Maximum length")
+    assert (slider.minimum, slider.maximum, slider.value) == (1, CONTEXT[version], CONTEXT[version])
+    with pytest.raises(gr.Error, match="greater than maximum"):
+        slider.preprocess(CONTEXT[version] + 1)  # what a gradio_client call (/predict) goes through
+    fns = {f.name: f.fn for f in demo.fns.values()}
+    _, chat, pending = fns["take_input"]("你好", [])
+    for chat, history, past in fns["predict"](pending, chat, 10**6, 0.8, 0.6, [], None):
+        pass
+    assert short.asked == [CONTEXT[version]] and len(history) == (1 if version != "v3" else 2)
+
+
+@pytest.mark.parametrize("version,max_batch", [("v1", 1), ("v2", 1), ("v3", 1), ("v3", 4)])
+def test_gradio_demo_says_when_the_conversation_no_longer_fits(tiny, version, max_batch):
+    """A conversation past the model's context, or past the Maximum length, gets a message in the chat saying so
+    (and to clear the history), not an empty reply; the history stays as it was."""
+    pytest.importorskip("gradio")
+    import web_demo
+
+    model, tokenizer = tiny[version]
+    demo = web_demo.build_demo(model, tokenizer, max_batch=max_batch)  # 4: the engine, the page's default
+    fns = {f.name: f.fn for f in demo.fns.values()}
+    history = long_exchange(version, tokenizer, CONTEXT[version])
+    shown = [{"role": "user", "content": "…"}, {"role": "assistant", "content": "…"}]
+    _, chat, pending = fns["take_input"]("再说一遍", shown)
+    *_, (chat, after, past) = fns["predict"](pending, chat, CONTEXT[version], 0.8, 0.6, history, None)
+    assert [m["role"] for m in chat] == ["user", "assistant", "user", "assistant"]
+    notice = chat[-1]["content"]
+    assert f"the model's context is {CONTEXT[version]} tokens" in notice and "Click Clear History" in notice
+    assert after == history and past is None
+    # within the context, but past a Maximum length that leaves no room for a reply (the original: one token, empty)
+    history = long_exchange(version, tokenizer, 32)
+    _, chat, pending = fns["take_input"]("你好", [])
+    *_, (chat, after, past) = fns["predict"](pending, chat, 16, 0.8, 0.6, history, None)
+    notice = chat[-1]["content"]
+    assert "a maximum length of 16 leaves no room for a reply" in notice and "click Clear History" in notice
+    assert after == history
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_gradio_demo_keeps_a_cached_conversation_within_the_context(tiny, version, monkeypatch):
+    """One reply at a time, ChatGLM2/3 continue from the session's KV cache, whose earlier turns max_length does
+    not count (as the original): the cache, prompt and reply still stay within the model's context, and once no
+    room is left the chat says so."""
+    pytest.importorskip("gradio")
+    import web_demo
+    from chatglm.kv_cache import cache_length
+
+    model, tokenizer = tiny[version]
+    monkeypatch.setattr(model.config, "seq_length", 64)  # a context a few turns fill
+    demo = web_demo.build_demo(model, tokenizer)
+    fns = {f.name: f.fn for f in demo.fns.values()}
+    chat, history, past = [], [], None
+    for turn in range(30):
+        before, kept = history, past
+        _, chat, pending = fns["take_input"](f"第{turn}个问题", chat)
+        for chat, history, past in fns["predict"](pending, chat, 48, 0.8, 0.6, history, past):
+            pass
+        if chat[-1]["content"].startswith("This conversation is"):
+            break
+        assert past is not None and cache_length(past) <= 64
+    else:
+        pytest.fail("the conversation never filled the context")
+    assert turn >= 1 and "the model's context is 64 tokens" in chat[-1]["content"]
+    assert history == before and past is kept  # nothing generated: the session stays as it was
+
+
+def test_gradio_demo_refuses_a_max_length_past_the_context(tiny_dirs, tmp_path, monkeypatch, capsys):
+    """--max-length past the model's context is an error, as in cli_demo.py."""
+    pytest.importorskip("gradio")
+    import web_demo
+
+    monkeypatch.setenv("MODEL_PATH", str(tiny_dirs["v3"]))
+    monkeypatch.setattr(settings, "model_cache", str(tmp_path))
+    assert web_demo.main(["--device", "cpu", "--port", str(free_port()), "--max-length", "32768"]) == 2
+    assert "error: --max-length must be at most 8192 (the model's context), got 32768" in capsys.readouterr().err
+
+
+def test_streamlit_demo_keeps_to_the_models_context(tiny_dirs, tmp_path, monkeypatch):
+    """The max_length slider ends at the model's context; a conversation past it, or past max_length, gets a
+    message in the chat instead of an empty reply; --max-length past the context is refused on the page."""
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    from chatglm import load_tokenizer
+
+    monkeypatch.setenv("MODEL_PATH", str(tiny_dirs["v3"]))
+    monkeypatch.setattr(settings, "model_cache", str(tmp_path))
+    monkeypatch.setenv("DEVICE", "cpu")
+    monkeypatch.setattr(sys, "argv", ["web_demo_streamlit.py"])
+    st.cache_resource.clear()
+    try:
+        at = AppTest.from_file(str(REPO / "web_demo_streamlit.py"), default_timeout=60).run()
+        assert not at.exception
+        assert (at.sidebar.slider[0].max, at.sidebar.slider[0].value) == (8192, 8192)
+        history = long_exchange("v3", load_tokenizer(str(tiny_dirs["v3"])), 8192)
+        at.session_state["history"] = history
+        at.chat_input[0].set_value("再说一遍").run()
+        assert not at.exception
+        assert [m.name for m in at.chat_message] == ["user", "assistant", "user", "assistant"]
+        notice = at.chat_message[-1].warning[0].value
+        assert "the model's context is 8192 tokens" in notice and "清理会话历史 (clear history)" in notice
+        assert at.session_state["history"] == history
+        history = long_exchange("v3", load_tokenizer(str(tiny_dirs["v3"])), 32)
+        at.session_state["history"] = history
+        at.sidebar.slider[0].set_value(16)
+        at.chat_input[0].set_value("你好").run()
+        assert not at.exception and at.session_state["history"] == history
+        assert "a maximum length of 16 leaves no room for a reply" in at.chat_message[-1].warning[0].value
+        st.cache_resource.clear()
+        monkeypatch.setattr(sys, "argv", ["web_demo_streamlit.py", "--max-length", "32768"])
+        at = AppTest.from_file(str(REPO / "web_demo_streamlit.py"), default_timeout=60).run()
+        assert not at.exception and not at.chat_input
+        assert [e.value for e in at.error] == ["--max-length must be at most 8192 (the model's context), got 32768"]
     finally:
         st.cache_resource.clear()
