@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from .fastapi_app import base_app
 from .requests import (
     DEFAULT_MAX_BODY,
+    check_body_limit,
     check_history,
     check_prompt,
     field,
@@ -27,7 +28,8 @@ def create_app(model, tokenizer, max_body_bytes: int = DEFAULT_MAX_BODY, concurr
     """The app around a loaded model. With max_batch > 1 the model's engine (chatglm/engine.py) batches up to
     max_batch requests together; else generation runs on `concurrency` threads one step at a time. `max_waiting`
     more requests may queue; beyond that, 503 with Retry-After. `allowed_hosts` (serving.requests.allowed_hosts;
-    None: any) are the Host headers served."""
+    None: any) are the Host headers served; a body over `max_body_bytes` (>= 1) gets a 413."""
+    check_body_limit(max_body_bytes)
     app = base_app("ChatGLM API", model, lambda e: {"detail": e.message, "status": e.status},
                    concurrency=concurrency, max_waiting=max_waiting, max_batch=max_batch,
                    allowed_hosts=allowed_hosts)  # fmt: skip

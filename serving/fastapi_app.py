@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from chatglm.engine import detach
 
@@ -45,8 +46,9 @@ def base_app(title: str, model, error_json: Callable[[RequestError], dict], *, c
     """A FastAPI app around `model`: with max_batch > 1 the model's engine (chatglm/engine.py) batches up to
     max_batch requests (taken off the model when the app stops), else `concurrency` threads generate one step at a
     time; `max_waiting` more may queue (app.state.runner). A RequestError is answered as error_json(e) with its
-    status (503 with Retry-After); a client that left gets 499; Host headers outside `allowed_hosts` are refused;
-    with `api_key`, requests without it as a Bearer token too (but /health)."""
+    status (503 with Retry-After); a client that left (while its body was read, or its reply made) gets 499, which
+    nobody reads, and no traceback in the log; Host headers outside `allowed_hosts` are refused; with `api_key`,
+    requests without it as a Bearer token too (but /health)."""
     batched, concurrency = use_engine(model, max_batch, max_waiting, concurrency)
     runner = AsyncRunner(concurrency, max_waiting)
 
@@ -66,7 +68,8 @@ def base_app(title: str, model, error_json: Callable[[RequestError], dict], *, c
         return JSONResponse(error_json(e), status_code=e.status, headers=headers)
 
     @app.exception_handler(ClientGone)
-    async def gone(request: Request, e: ClientGone):  # nobody reads this: the client closed the connection
+    @app.exception_handler(ClientDisconnect)  # read_body: the connection closed before the whole body came
+    async def gone(request: Request, e: ClientGone | ClientDisconnect):  # nobody reads this: the client left
         return JSONResponse({"detail": "client closed the request"}, status_code=499)
 
     if api_key:

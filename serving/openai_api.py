@@ -21,6 +21,7 @@ from .openai_messages import openai_to_chat
 from .requests import (
     DEFAULT_MAX_BODY,
     RequestError,
+    check_body_limit,
     check_prompt,
     check_prompt_length,
     check_tools,
@@ -150,7 +151,9 @@ def create_app(model, tokenizer, model_name: str | None = None, max_body_bytes: 
     max_batch requests together; else generation runs on `concurrency` threads one step at a time. `max_waiting`
     more requests may queue; beyond that, 503 with Retry-After. `allowed_hosts` (serving.requests.allowed_hosts;
     None: any) are the Host headers served; with `api_key` every route but /health wants it as a Bearer token. A
-    stream with nothing to send for `keepalive` seconds gets an SSE comment, so proxies keep it open."""
+    stream with nothing to send for `keepalive` seconds gets an SSE comment, so proxies keep it open. A body over
+    `max_body_bytes` (>= 1) gets a 413."""
+    check_body_limit(max_body_bytes)
     version = model.config.chatglm_version
     model_name = model_name or MODEL_NAMES[version]
     created = int(time.time())

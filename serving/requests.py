@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hmac
 import json
 import math
@@ -28,8 +29,12 @@ class RequestError(Exception):
 # --- request bodies and fields ------------------------------------------------------------------------------
 
 
+class _NotJSON(ValueError):
+    """A constant json.loads reads but JSON has not: NaN, Infinity, -Infinity."""
+
+
 def _no_constants(name):
-    raise ValueError(f"{name} is not valid JSON")
+    raise _NotJSON(f"{name} is not valid JSON")
 
 
 def _check_text(data):
@@ -49,9 +54,10 @@ def _check_text(data):
             stack.extend(value)
 
 
-def parse_json_body(raw: bytes, limit: int = DEFAULT_MAX_BODY) -> dict:
-    """The JSON object of a request body, or RequestError 413 (too big) / 400 (not a JSON object of text)."""
-    if limit and len(raw) > limit:
+def parse_json_body(raw: bytes, limit: int | None = DEFAULT_MAX_BODY) -> dict:
+    """The JSON object of a request body, or RequestError 413 (more than `limit` bytes; None: no limit) / 400 (not
+    a JSON object of text). The messages speak to the client: where the JSON is broken, never Python's advice."""
+    if limit is not None and len(raw) > limit:
         raise RequestError(413, f"request body is larger than {limit} bytes")
     if not raw.strip():
         raise RequestError(400, "request body is empty: send a JSON object")
@@ -59,23 +65,30 @@ def parse_json_body(raw: bytes, limit: int = DEFAULT_MAX_BODY) -> dict:
         data = json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
     except UnicodeDecodeError:
         raise RequestError(400, "request body is not UTF-8") from None
-    except (ValueError, RecursionError) as e:
+    except (json.JSONDecodeError, _NotJSON) as e:  # "Expecting value: line 1 column 9 (char 8)", "NaN is not ..."
         raise RequestError(400, f"request body is not valid JSON: {e}") from None
+    except ValueError:  # int() past sys.get_int_max_str_digits(), its message advising to raise that limit
+        raise RequestError(400, "request body is not valid JSON: a number has too many digits (more than "
+                                f"{sys.get_int_max_str_digits()})") from None  # fmt: skip
+    except RecursionError:  # "maximum recursion depth exceeded while decoding a JSON array ..."
+        raise RequestError(400, "request body is not valid JSON: lists/objects nest too deeply") from None
     if not isinstance(data, dict):
         raise RequestError(400, f"request body must be a JSON object, got {type(data).__name__}")
     _check_text(data)
     return data
 
 
-async def read_body(request, limit: int = DEFAULT_MAX_BODY) -> bytes:
-    """A Starlette request's body, refused (413) as soon as it passes `limit` bytes, chunked or not."""
+async def read_body(request, limit: int | None = DEFAULT_MAX_BODY) -> bytes:
+    """A Starlette request's body, refused (413) as soon as it passes `limit` bytes (None: no limit), chunked or
+    not. A client that leaves before the whole body came raises Starlette's ClientDisconnect (answered by
+    fastapi_app.base_app's apps without a word: nobody is left to read it)."""
     declared = request.headers.get("content-length")
-    if limit and declared and declared.isdigit() and int(declared) > limit:
+    if limit is not None and declared and declared.isdigit() and int(declared) > limit:
         raise RequestError(413, f"request body is larger than {limit} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if limit and size > limit:
+        if limit is not None and size > limit:
             raise RequestError(413, f"request body is larger than {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
@@ -224,12 +237,32 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def check_body_limit(limit: int) -> int:
+    """An app's max_body_bytes: a whole number of bytes, at least 1 (below that every body would be refused)."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"max_body_bytes must be an integer >= 1, not {limit!r}")
+    return limit
+
+
+def _body_bytes(text: str) -> int:
+    """--max-body-bytes as argparse reads it: refused at startup (one line, status 2) unless a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of bytes, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
+
+
 def add_server_args(parser, port: int):
     """--host, --port and the limits every server takes."""
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
     g.add_argument("--port", type=int, default=port, help=f"port (default {port})")
-    g.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, help="largest request body accepted")
+    g.add_argument("--max-body-bytes", type=_body_bytes, default=DEFAULT_MAX_BODY,
+                   help=f"largest request body accepted, in bytes (default {DEFAULT_MAX_BODY}); a larger one is "
+                        "refused with 413")  # fmt: skip
     g.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="a Host header to accept besides localhost and the bound address (repeatable; '*': any). "
                         "Other Hosts are refused, against DNS rebinding; a server bound to 0.0.0.0 or :: accepts "

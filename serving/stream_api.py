@@ -12,6 +12,7 @@ from .polling import PollingQueue
 from .requests import (
     DEFAULT_MAX_BODY,
     RequestError,
+    check_body_limit,
     check_history,
     check_host,
     check_prompt,
@@ -36,7 +37,8 @@ def create_app(model, tokenizer, workers: int = 4, max_waiting: int = 16, ttl: f
     first read, `abandon_ttl` seconds after it finished if never read. Request ids are issued by the server unless
     `client_ids` (the original protocol, where any client that knows or guesses an id reads that reply). At most
     `max_event_streams` /events streams are open at once. `allowed_hosts` (serving.requests.allowed_hosts; None:
-    any) are the Host headers served."""
+    any) are the Host headers served; a body over `max_body_bytes` (>= 1) gets a 413."""
+    check_body_limit(max_body_bytes)  # before the engine and the queue's threads start
     use_engine(model, workers, max_waiting, workers)
     queue = PollingQueue(model, tokenizer, workers, max_waiting, ttl, abandon_ttl)
     version = model.config.chatglm_version

@@ -2,7 +2,7 @@
 
 Each test drives a real server on 127.0.0.1 (the FastAPI apps under uvicorn, the Flask app under werkzeug, in
 threads of this process so that a test can look inside; the signal tests start the scripts as processes) on the
-tiny checkpoints, through an HTTP client.
+tiny checkpoints, through an HTTP client. The startup checks call the scripts' main().
 """
 
 import http.client
@@ -485,3 +485,93 @@ def test_stream_api_polls_the_same_deltas_as_the_openai_stream(tiny):
         replies = [e["response"] for e in events]
         assert replies[-1] == text and all(b.startswith(a) for a, b in zip(replies, replies[1:]))
         assert "".join(e["delta"] for e in events) == text
+
+
+# --- request bodies: the size limit, numbers past Python's digit limit, a body cut short ----------------------
+
+SERVER_MAINS = {"api.py": api.main, "stream_api.py": stream_api.main, "openai_api.py": openai_api.main}
+
+
+@pytest.mark.parametrize("script", SERVER_MAINS)
+@pytest.mark.parametrize("value", ["-5", "0"])
+def test_a_body_limit_below_one_byte_is_refused_at_startup(script, value, monkeypatch, capsys):
+    import utils
+
+    def started(args):
+        raise AssertionError(f"{script} went on to load the model with --max-body-bytes {value}")
+
+    monkeypatch.setattr(utils, "load_or_exit", started)
+    with pytest.raises(SystemExit) as e:
+        SERVER_MAINS[script](["--max-body-bytes", value, "--port", "0"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"--max-body-bytes: must be >= 1, not {value}")
+
+
+@pytest.mark.parametrize("script", SERVER_MAINS)
+def test_the_body_limit_says_its_default(script, capsys):
+    with pytest.raises(SystemExit) as e:
+        SERVER_MAINS[script](["--help"])
+    assert e.value.code == 0
+    assert f"(default {1 << 20})" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_apps_refuse_a_body_limit_below_one_byte(tiny):
+    model, tok = tiny["v2"]
+    for create in (api.create_app, openai_api.create_app, stream_api.create_app):
+        with pytest.raises(ValueError, match="max_body_bytes"):
+            create(model, tok, max_body_bytes=0)
+
+
+def test_a_number_past_the_digit_limit_is_a_client_error_in_http_terms(tiny):
+    """json.loads refuses an integer of over 4300 digits with advice to call sys.set_int_max_str_digits(): the
+    client gets what is wrong with its request instead (and no RecursionError text for one nested too deeply);
+    ordinary JSON errors keep saying where."""
+    model, tok = tiny["v2"]
+    huge = b'{"prompt": "a", "query": "a", "x": ' + b"1" * 5000 + b"}"
+    for app, path, message in ((api.create_app(model, tok), "/", lambda r: r.json()["detail"]),
+                               (openai_api.create_app(model, tok), "/v1/chat/completions",
+                                lambda r: r.json()["error"]["message"]),
+                               (stream_api.create_app(model, tok), "/chat", lambda r: r.json()["msg"])):  # fmt: skip
+        with live(app) as client:
+            r = client.post(path, content=huge, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400, r.text
+            assert message(r).startswith("request body is not valid JSON: a number has too many digits"), r.text
+            assert "sys." not in r.text and "int_max_str_digits" not in r.text, r.text
+            r = client.post(path, content=b'{"prompt": "a",, }', headers={"Content-Type": "application/json"})
+            assert r.status_code == 400 and message(r).startswith("request body is not valid JSON: "), r.text
+            assert "line 1 column 16" in message(r), r.text
+            r = client.post(path, content=b"[" * 100_000, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400 and "nest too deeply" in message(r) and "recursion" not in r.text, r.text
+
+
+@contextmanager
+def uvicorn_records():
+    """What uvicorn logs meanwhile (its error logger: 'Exception in ASGI application' and the traceback)."""
+    records, handler, logger = [], logging.Handler(), logging.getLogger("uvicorn.error")
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+@pytest.mark.parametrize("server", ["api", "openai"])
+def test_a_client_that_leaves_mid_body_costs_no_traceback(tiny, server):
+    """Content-Length promises 100 bytes, 15 come, then the socket closes: nobody is left to answer, and the log
+    gets at most a line, no traceback; the server goes on serving."""
+    model, tok = tiny["v2"]
+    app, path = (api.create_app(model, tok), "/") if server == "api" else (openai_api.create_app(model, tok),
+                                                                            "/v1/chat/completions")  # fmt: skip
+    with serve(app) as url, uvicorn_records() as records:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
+            s.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: 100\r\n\r\n".encode() + b'{"prompt": "hi"')  # fmt: skip
+            time.sleep(0.3)  # the app waits for the rest of the body
+        time.sleep(0.5)  # the server sees the connection close
+        with pytest.raises(urllib.error.HTTPError) as e:  # still serving
+            http_json(url + path, {})
+        assert e.value.code == 400
+        assert not [r for r in records if r.exc_info or r.levelno >= logging.ERROR], [r.getMessage() for r in records]
+        assert len(records) <= 1
