@@ -8,7 +8,8 @@ request's greedy reply is the one it gets alone. One thread runs the steps; each
   2. admit waiting requests into free slots;
   3. prefill one chunk (at most `prefill_chunk` tokens) of the oldest request still reading its prompt, so the
      running streams keep getting tokens while a long prompt is read (ChatGLM-6B, whose prompt attends both ways,
-     is prefilled whole);
+     is prefilled whole); a ChatGLM2/3 prompt's last token is left to step 4 as a decode row, so that its logits
+     (the first token's) have a decode row's bits however the rest was read;
   4. decode one token for every request past its prompt, in one forward: each row at its own position. The rows
      run are the slots from the lowest running one to the highest (a view of the cache, no copy); a slot between
      them that is free or still prefilling gets a dummy token whose output is ignored and whose key is written
@@ -39,7 +40,8 @@ depends on where the prompt was cut, on a CPU with native bf16 matmuls bf16 weig
 bf16 GEMM for prompts, and INT8/INT4 weights (32+ rows, settings.cpu_quantized_gemm) a GEMM: ours on AVX-512 VNNI
 or AMX tiles (each row the bits it gets alone), else torch's bf16 one. With fp32 activations that is a last-bit
 difference; with bf16 activations (bf16 weights on a CPU with native bf16) a reply after a kept prefix can differ
-from the reply alone by rounding. Either way a prompt's keys never depend on the other requests: each prompt is read in its own
+from the reply alone by rounding. Not the same request sent again: it keeps all its prompt's keys but the last
+token's, which a cold read takes as a decode row too (step 3), so it gets the first reply's bits. Either way a prompt's keys never depend on the other requests: each prompt is read in its own
 forward (reading prompts that arrived together in one forward of several rows was tried: it changed the last bits
 of every row, through torch's fp32 GEMMs and SDPA).
 
@@ -309,14 +311,22 @@ class Engine:
         req = next((r for r in self.slots if r is not None and r.next is None), None)
         if req is None:
             return
-        self._flush(everything=True)  # no token waits through a prompt chunk (seconds on a CPU)
         n = req.prompt.shape[1]
-        end = min(n, req.read + self.prefill_chunk) if self.chunked else n
-        out = self.model(input_ids=req.prompt[:, req.read : end], position_ids=req.position_ids[..., req.read : end],
-                         past_key_values=self.cache.select([req.slot], req.length), return_last_logit=True)  # fmt: skip
-        req.length, req.read = out.past_key_values.length, end
-        if end == n:
-            self._emit(req, out.logits[:, -1])
+        # v2/v3: the prompt's last token is read as a decode row (the next step's), so its logits have a decode
+        # row's bits whether the rest of the prompt was read now or kept from an earlier request: the same request
+        # sent again gets the same greedy reply (read whole, then only that token, the bits differed)
+        stop = n - 1 if self.chunked and n > 1 else n
+        if req.read < stop:
+            self._flush(everything=True)  # no token waits through a prompt chunk (seconds on a CPU)
+            end = min(stop, req.read + self.prefill_chunk) if self.chunked else n
+            out = self.model(input_ids=req.prompt[:, req.read : end], position_ids=req.position_ids[..., req.read : end],
+                             past_key_values=self.cache.select([req.slot], req.length), return_last_logit=True)  # fmt: skip
+            req.length, req.read = out.past_key_values.length, end
+            if end == n:
+                self._emit(req, out.logits[:, -1])
+        if req.read == stop < n:
+            req.next = {"input_ids": req.prompt[:, stop:], "position_ids": req.position_ids[..., stop:]}
+            req.read = n
 
     def _decode(self) -> None:
         rows = [r for r in self.slots if r is not None and r.next is not None]
