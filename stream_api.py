@@ -15,6 +15,7 @@ reads it. Malformed requests get HTTP 400/413 with a "msg"; a prompt longer than
 """
 
 import argparse
+import logging
 
 from serving.requests import add_server_args, allowed_hosts, exit_unless_listenable
 from serving.stream_api import create_app
@@ -43,6 +44,7 @@ def main(argv=None):
     if args.workers < 1 or args.queue_size < 0 or args.ttl < 0 or args.unread_ttl < 0 or args.max_event_streams < 1:
         parser.error("--workers and --max-event-streams must be >= 1; --queue-size, --ttl, --unread-ttl >= 0")
     exit_unless_listenable(args.host, args.port, every_address=False)  # werkzeug binds one socket
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # what was loaded, as api.py says it
     model, tokenizer = load_or_exit(args)
     app = create_app(model, tokenizer, args.workers, args.queue_size, args.ttl, args.unread_ttl,
                      args.max_body_bytes, args.client_ids, args.max_event_streams,
