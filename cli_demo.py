@@ -11,8 +11,8 @@ import json
 import math
 import sys
 
-from serving.requests import MAX_TEMPERATURE, context_length, generation_kwargs
-from utils import add_model_args, load_or_exit
+from serving.requests import MAX_TEMPERATURE, generation_kwargs
+from utils import add_model_args, load_or_exit, max_length_error
 
 NAMES = {"v1": "ChatGLM-6B", "v2": "ChatGLM2-6B", "v3": "ChatGLM3-6B"}
 
@@ -36,10 +36,9 @@ def main(argv=None) -> int:
         if value is not None and not (math.isfinite(value) and ok(value)):
             parser.error(f"{flag} must be {rule}, got {value:g}")
     model, tokenizer = load_or_exit(args)
-    limit = context_length(model)
-    if args.max_length is not None and args.max_length > limit:
-        print(f"error: --max-length must be at most {limit} (the model's context), got {args.max_length}",
-              file=sys.stderr)  # fmt: skip
+    error = max_length_error(model, args.max_length)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     version = model.config.chatglm_version
     welcome = f"欢迎使用 {NAMES[version]} 模型，输入内容即可进行对话，clear 清空对话历史，stop 终止程序"

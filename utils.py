@@ -194,7 +194,17 @@ def load_from_args(args):
     return model, tokenizer
 
 
-# --- the original's multi-GPU helper ------------------------------------------------------------------------
+# --- the demos' length rules ---------------------------------------------------------------------------------
+
+
+def max_length_error(model, max_length) -> str | None:
+    """The one line every demo refuses a --max-length past the model's context with (None: it fits)."""
+    from serving.requests import context_length
+
+    limit = context_length(model)
+    if max_length is not None and max_length > limit:
+        return f"--max-length must be at most {limit} (the model's context), got {max_length}"
+    return None
 
 
 def turn_max_length(model, tokenizer, query, history, past, max_length: int, clear: str) -> tuple[int, str | None]:
@@ -217,6 +227,9 @@ def turn_max_length(model, tokenizer, query, history, past, max_length: int, cle
         return 0, (f"{what} is {n} tokens: a maximum length of {max_length} leaves no room for a reply. Raise the "
                    f"maximum length, or click {clear} to start a new conversation.")  # fmt: skip
     return min(max_length, limit - held), None
+
+
+# --- the original's multi-GPU helper ------------------------------------------------------------------------
 
 
 def load_model_on_gpus(checkpoint_path, num_gpus: int = 2, device_map=None, **kwargs):

@@ -23,7 +23,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from
 import gradio as gr  # noqa: E402
 
 from serving.requests import context_length  # noqa: E402
-from utils import turn_max_length  # noqa: E402
+from utils import max_length_error, turn_max_length  # noqa: E402
 
 NAMES = {"v1": "ChatGLM-6B", "v2": "ChatGLM2-6B", "v3": "ChatGLM3-6B"}
 DEFAULTS = {"v1": (2048, 0.7, 0.95), "v2": (8192, 0.8, 0.95), "v3": (8192, 0.8, 0.6)}  # max_length, top_p, temp
@@ -144,10 +144,9 @@ def main(argv=None) -> int:
 
     exit_unless_listenable(args.host, args.port)
     model, tokenizer = load_or_exit(args)
-    limit = context_length(model)
-    if args.max_length is not None and args.max_length > limit:  # as cli_demo.py
-        print(f"error: --max-length must be at most {limit} (the model's context), got {args.max_length}",
-              file=sys.stderr)  # fmt: skip
+    error = max_length_error(model, args.max_length)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     if not args.model_path and args.max_length is None:
         args.max_length = TINY_MAX_NEW_TOKENS

@@ -24,7 +24,7 @@ import streamlit as st
 
 from chatglm.engine import attach
 from serving.requests import context_length
-from utils import TINY_MAX_NEW_TOKENS, add_model_args, load_from_args, turn_max_length
+from utils import TINY_MAX_NEW_TOKENS, add_model_args, load_from_args, max_length_error, turn_max_length
 
 NAMES = {"v1": "ChatGLM-6B", "v2": "ChatGLM2-6B", "v3": "ChatGLM3-6B"}
 DEFAULTS = {"v1": (2048, 0.7, 0.95), "v2": (8192, 0.8, 0.95), "v3": (8192, 0.8, 0.6)}  # max_length, top_p, temp
@@ -75,8 +75,8 @@ except (OSError, ValueError, RuntimeError, NotImplementedError) as e:
 version = model.config.chatglm_version
 d_len, d_top_p, d_temp = DEFAULTS[version]
 context = context_length(model)
-if args.max_length is not None and args.max_length > context:  # as cli_demo.py
-    st.error(f"--max-length must be at most {context} (the model's context), got {args.max_length}")
+if error := max_length_error(model, args.max_length):
+    st.error(error)
     st.stop()
 st.session_state.setdefault("history", [])
 st.session_state.setdefault("past_key_values", None)
